@@ -1,0 +1,22 @@
+"""g3n: run, fine-tune, slice and export Google's Gemma 3n models on your own hardware."""
+
+__version__ = "0.1.0"
+
+from .errors import G3nError  # noqa: E402
+
+
+def load(path_or_name="tiny", dtype=None, device=None, ple_device=None):
+    """Load `(model, tokenizer)` from a checkpoint directory, a cached HF id, or 'tiny'.
+
+    `model(input_ids)` returns logits (batch x seq x vocab). dtype: None (automatic), "float32",
+    "bfloat16" or "float16" (or a torch.dtype); device: None (CUDA when present), "cpu", "cuda".
+    """
+    from .model.load import load_model, resolve_model_dir
+    from .tokenizer import Tokenizer
+
+    model_dir = resolve_model_dir(path_or_name)
+    model = load_model(model_dir, dtype=dtype, device=device, ple_device=ple_device)
+    return model, Tokenizer.from_dir(model_dir)
+
+
+__all__ = ["load", "G3nError", "__version__"]

@@ -1,0 +1,218 @@
+"""The `g3n` command. Each subcommand parses its options and calls into the package; no logic here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .errors import G3nError
+
+DESCRIPTION = """\
+g3n runs, fine-tunes, slices and exports Google's Gemma 3n models on your own hardware.
+
+MODEL (--model) is a local checkpoint directory (config.json, *.safetensors, tokenizer.model),
+a Hugging Face id already in your local HF cache (e.g. google/gemma-3n-E4B-it), or `tiny`, the
+small model shipped inside the package (the default)."""
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="tiny", help="checkpoint directory, cached HF id, or 'tiny' (default)")
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights and compute dtype (auto: bfloat16 on GPU, float32 on CPU for small models)",
+    )
+    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (defaults are Google's recommendation for Gemma 3n)")
+    g.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 means greedy (1.0)")
+    g.add_argument("--top-k", type=int, default=64, help="keep the k most likely tokens; 0 = off (64)")
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (0.95)")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability (0.0)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="1.0 = off (1.0)")
+    g.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    g.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same output")
+    g.add_argument("--max-new-tokens", type=int, default=256, help="stop after this many new tokens (256)")
+
+
+def _sampling(args):
+    from .generate import SamplingParams
+
+    return SamplingParams(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        greedy=args.greedy,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+    )
+
+
+def _load(args):
+    from . import load
+
+    start = time.perf_counter()
+    model, tok = load(args.model, dtype=args.dtype, device=args.device)
+    print(
+        f"[g3n] loaded {args.model} ({model.config.num_hidden_layers} layers, {model.dtype}, {model.device})"
+        f" in {time.perf_counter() - start:.1f}s",
+        file=sys.stderr,
+    )
+    return model, tok
+
+
+def _print_stream(pieces) -> str:
+    out = []
+    for piece in pieces:
+        out.append(piece)
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return "".join(out)
+
+
+def cmd_generate(args) -> int:
+    from .generate import stream_text
+
+    params = _sampling(args)
+    model, tok = _load(args)
+    if args.raw:
+        ids = tok.encode(args.prompt, add_bos=True)
+    else:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.prompt}
+        ]
+        ids = tok.encode_chat(messages)
+    _print_stream(stream_text(model, tok, ids, params))
+    return 0
+
+
+CHAT_HELP = "commands: /reset (forget the conversation), /system TEXT (set a system prompt), /quit, /help"
+
+
+def cmd_chat(args) -> int:
+    from .generate import stream_text
+
+    params = _sampling(args)
+    model, tok = _load(args)
+    system = args.system
+    history: list[dict] = []
+    interactive = sys.stdin.isatty()
+    print(f"[g3n] chatting with {args.model}. {CHAT_HELP}", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/quit", "/exit", "/q"):
+            break
+        if text == "/help":
+            print(CHAT_HELP)
+            continue
+        if text == "/reset":
+            history.clear()
+            print("[conversation reset]")
+            continue
+        if text.startswith("/system"):
+            system = text[len("/system") :].strip() or None
+            history.clear()
+            print("[system prompt set, conversation reset]" if system else "[system prompt cleared]")
+            continue
+        if text.startswith("/"):
+            print(f"unknown command {text.split()[0]!r}; {CHAT_HELP}")
+            continue
+        history.append({"role": "user", "content": text})
+        messages = ([{"role": "system", "content": system}] if system else []) + history
+        sys.stdout.write("model> ")
+        reply = _print_stream(stream_text(model, tok, tok.encode_chat(messages), params))
+        history.append({"role": "assistant", "content": reply})
+    return 0
+
+
+DEMO_QUESTIONS = ["Hello!", "What is 1+1?", "What is the capital of France?", "What color is the sky?"]
+
+
+def cmd_demo(args) -> int:
+    """The main job on the tiny model; grows as fine-tuning and export land."""
+    from .generate import SamplingParams, stream_text
+
+    model, tok = _load(args)
+    params = SamplingParams(seed=args.seed, max_new_tokens=64)
+    print(f"== chat with {args.model} (Google's sampling defaults, seed {args.seed}) ==")
+    for question in DEMO_QUESTIONS:
+        print(f"you> {question}")
+        sys.stdout.write("model> ")
+        _print_stream(stream_text(model, tok, tok.encode_chat([{"role": "user", "content": question}]), params))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="g3n", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"g3n {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "generate",
+        help="generate a reply to one prompt, streamed to the terminal",
+        description="Generate a reply to one prompt (formatted as a chat user turn unless --raw) "
+        "and stream it to the terminal. Stops at <end_of_turn>, eos, or --max-new-tokens.",
+    )
+    _add_model_args(p)
+    p.add_argument("--prompt", required=True, help="the prompt text")
+    p.add_argument("--system", default=None, help="a system prompt (folded into the user turn)")
+    p.add_argument("--raw", action="store_true", help="continue the prompt as plain text, no chat template")
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "chat",
+        help="interactive multi-turn chat",
+        description="Interactive multi-turn chat that keeps the conversation. " + CHAT_HELP + ". "
+        "Reads stdin, so a file of lines can be piped in.",
+    )
+    _add_model_args(p)
+    p.add_argument("--system", default=None, help="a system prompt for the conversation")
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser(
+        "demo",
+        help="the whole path on the tiny model (for now: chat)",
+        description="Run g3n's main job on a model (the tiny one by default): a short chat with "
+        "Google's sampling defaults. Fine-tuning and export join as they land.",
+    )
+    _add_model_args(p)
+    p.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except G3nError as e:
+        print(f"g3n: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

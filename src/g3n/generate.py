@@ -1,0 +1,170 @@
+"""Token generation: Google's recommended sampling, a KV cache, batching by left padding, streaming.
+
+Defaults are Google's recommendation for Gemma 3n: temperature 1.0, top_k 64, top_p 0.95,
+min_p 0.0, repetition penalty 1.0 (off). The logits pass the filters in transformers' order
+(repetition penalty, temperature, top-k, top-p, min-p), so the same settings mean the same thing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .errors import G3nError
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0
+    top_k: int = 64
+    top_p: float = 0.95
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    greedy: bool = False
+    max_new_tokens: int = 256
+    seed: int | None = None
+
+    def __post_init__(self):
+        checks = {
+            "temperature": self.temperature >= 0,
+            "top_k": self.top_k >= 0,
+            "top_p": 0 < self.top_p <= 1,
+            "min_p": 0 <= self.min_p <= 1,
+            "repetition_penalty": self.repetition_penalty > 0,
+            "max_new_tokens": self.max_new_tokens >= 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise G3nError(f"invalid {name}: {getattr(self, name)!r}")
+        if self.temperature == 0:
+            self.greedy = True
+
+
+def filter_logits(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply repetition penalty, temperature, top-k, top-p and min-p to (batch, vocab) logits.
+
+    Removed entries become -inf; `seen` (batch, vocab) bool marks tokens already in the sequence.
+    """
+    logits = logits.float()
+    if p.repetition_penalty != 1.0 and seen is not None:
+        penalized = torch.where(logits < 0, logits * p.repetition_penalty, logits / p.repetition_penalty)
+        logits = torch.where(seen, penalized, logits)
+    if p.temperature not in (0.0, 1.0):
+        logits = logits / p.temperature
+    if p.top_k and p.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, p.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cumulative <= 1 - p.top_p
+        drop_sorted[..., -1:] = False  # always keep the most likely token
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    if p.min_p > 0.0:
+        probs = logits.softmax(-1)
+        threshold = p.min_p * probs.max(dim=-1, keepdim=True).values
+        logits = logits.masked_fill(probs < threshold, float("-inf"))
+    return logits
+
+
+def next_tokens(logits, p: SamplingParams, seen=None, generator=None) -> torch.Tensor:
+    """One token per row: argmax when greedy, else a draw from the filtered distribution."""
+    if p.greedy:
+        return logits.argmax(-1)
+    probs = filter_logits(logits, p, seen).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(x) for x in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.bool)
+    for row, x in enumerate(prompts):
+        ids[row, width - len(x) :] = torch.tensor(x, dtype=torch.long)
+        mask[row, width - len(x) :] = True
+    return ids.to(device), mask.to(device)
+
+
+@torch.inference_mode()
+def generate_steps(
+    model, prompts: list[list[int]], params: SamplingParams, stop_ids=(), pad_id: int = 0
+) -> Iterator[list[int | None]]:
+    """Yield, per step, one new token per prompt (None for prompts that already stopped).
+
+    A prompt stops after producing one of `stop_ids` (which is yielded) or after max_new_tokens.
+    """
+    if not prompts or any(len(x) == 0 for x in prompts):
+        raise G3nError("every prompt needs at least one token")
+    device = model.device
+    limit = model.config.max_position_embeddings
+    longest = max(len(x) for x in prompts)
+    if longest >= limit:
+        raise G3nError(f"prompt of {longest} tokens does not fit the model's context of {limit}")
+    max_new = min(params.max_new_tokens, limit - longest)
+
+    ids, mask = _left_pad(prompts, pad_id, device)
+    generator = None
+    if params.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(params.seed)
+    vocab = model.config.vocab_size
+    seen = None
+    if params.repetition_penalty != 1.0:
+        seen = torch.zeros(len(prompts), vocab, dtype=torch.bool, device=device)
+        seen.scatter_(1, torch.where(mask, ids, 0), mask)
+    stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+
+    cache = model.new_cache()
+    logits = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1]
+    step_mask = torch.ones(len(prompts), 1, dtype=torch.bool, device=device)
+    for step in range(max_new):
+        tok = next_tokens(logits, params, seen, generator)
+        yield [None if d else int(t) for t, d in zip(tok.tolist(), done.tolist())]
+        done |= torch.isin(tok, stops)
+        if bool(done.all()) or step == max_new - 1:
+            return
+        if seen is not None:
+            seen[torch.arange(len(prompts), device=device), tok] = True
+        logits = model(tok[:, None], attention_mask=step_mask, cache=cache, logits_to_keep=1)[:, -1]
+
+
+def generate(model, prompts: list[list[int]], params: SamplingParams, stop_ids=(), pad_id: int = 0):
+    """The new tokens of every prompt (stop tokens excluded), generated together as one batch."""
+    out: list[list[int]] = [[] for _ in prompts]
+    stop_ids = set(stop_ids)
+    for step in generate_steps(model, prompts, params, stop_ids, pad_id):
+        for row, tok in enumerate(step):
+            if tok is not None and tok not in stop_ids:
+                out[row].append(tok)
+    return out
+
+
+class TextStreamer:
+    """Turns a growing list of token ids into new pieces of text, holding back broken UTF-8."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.printed = 0
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+            return ""
+        new, self.printed = text[self.printed :], len(text)
+        return new
+
+
+def stream_text(model, tokenizer, prompt_ids: list[int], params: SamplingParams) -> Iterator[str]:
+    """Pieces of the reply's text as they are generated; stops at eos or <end_of_turn>."""
+    streamer = TextStreamer(tokenizer)
+    stops = tokenizer.stop_ids
+    for (tok,) in generate_steps(model, [prompt_ids], params, stops, tokenizer.pad_id):
+        if tok is None or tok in stops:
+            return
+        piece = streamer.push(tok)
+        if piece:
+            yield piece

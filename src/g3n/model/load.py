@@ -1,0 +1,190 @@
+"""Find a checkpoint, read its text weights by name, and build the decoder.
+
+A model is named by a local checkpoint directory, a Hugging Face id already in the local HF cache
+(downloaded when the network allows), or `tiny` (the model shipped in the package). Only the text
+decoder's tensors are read: vision and audio weights stay on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..config import TextConfig, read_text_config
+from ..errors import G3nError
+from .text import Gemma3nForCausalLM, RotaryEmbedding
+
+TINY_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny"
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# Where transformers keeps the text decoder: multimodal checkpoints first, then text-only ones.
+TEXT_PREFIXES = ("model.language_model.", "model.")
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}  # fmt: skip
+
+
+def resolve_model_dir(name: str | os.PathLike) -> Path:
+    """Turn what a user typed after --model into a checkpoint directory."""
+    name = str(name)
+    if name == "tiny":
+        return TINY_DIR
+    path = Path(name).expanduser()
+    if path.suffix.lower() == ".gguf":
+        raise G3nError(f"{name}: GGUF files are not supported here yet; pass an HF checkpoint directory")
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise G3nError(f"{name}: not a directory (expected a checkpoint directory with config.json)")
+    if _looks_like_hub_id(name):
+        return _from_hf_cache(name)
+    raise G3nError(f"{name}: no such directory, and not a Hugging Face model id or 'tiny'")
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+
+
+def _from_hf_cache(repo_id: str) -> Path:
+    """The local snapshot of a Hugging Face model, downloading it only when not cached."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "tokenizer.model"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        raise G3nError(f"{repo_id}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set")
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:
+        raise G3nError(f"{repo_id}: not in the local Hugging Face cache and could not be downloaded ({e})") from None
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    try:
+        return DTYPES[dtype.lower()]
+    except KeyError:
+        raise G3nError(f"unknown dtype {dtype!r}; choose one of float32, bfloat16, float16, auto") from None
+
+
+def default_dtype(cfg: TextConfig, device: torch.device, n_params: int) -> torch.dtype:
+    """bfloat16 on GPUs that have it (float16 otherwise); float32 on CPU for small models."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if n_params * 4 <= 8 * 2**30:
+        return torch.float32
+    return DTYPES.get(str(cfg.torch_dtype), torch.bfloat16)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class TensorIndex:
+    """Which safetensors file holds which tensor, from the index file or the single file's header."""
+
+    def __init__(self, model_dir: Path):
+        self.dir = model_dir
+        index, single = model_dir / INDEX_FILE, model_dir / SINGLE_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise G3nError(f"{index}: not a valid safetensors index ({e})") from None
+            self.file_of = {name: model_dir / fname for name, fname in weight_map.items()}
+        elif single.is_file():
+            self.file_of = {name: single for name in self._open(single).keys()}
+        else:
+            raise G3nError(f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE} found")
+        self._handles: dict[Path, object] = {}
+
+    @staticmethod
+    def _open(path: Path):
+        if not path.is_file():
+            raise G3nError(f"{path}: shard listed in the index is missing")
+        try:
+            return safe_open(str(path), framework="pt")
+        except (SafetensorError, OSError) as e:
+            raise G3nError(f"{path}: cannot read safetensors file, truncated or corrupt? ({e})") from None
+
+    def handle(self, path: Path):
+        if path not in self._handles:
+            self._handles[path] = self._open(path)
+        return self._handles[path]
+
+    def find(self, name: str) -> str | None:
+        """The checkpoint key holding our parameter `name` ('model.x' in our naming)."""
+        rest = name[len("model.") :]
+        for prefix in TEXT_PREFIXES:
+            if prefix + rest in self.file_of:
+                return prefix + rest
+        return None
+
+    def read(self, key: str, expected_shape: torch.Size) -> torch.Tensor:
+        path = self.file_of[key]
+        f = self.handle(path)
+        if key not in f.keys():
+            raise G3nError(f"{path}: tensor '{key}' listed in the index is missing from the file")
+        shape = tuple(f.get_slice(key).get_shape())
+        if shape != tuple(expected_shape):
+            raise G3nError(f"{path}: tensor '{key}' has shape {list(shape)}, expected {list(expected_shape)}")
+        try:
+            return f.get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise G3nError(f"{path}: cannot read tensor '{key}', truncated or corrupt? ({e})") from None
+
+
+def load_model(
+    path_or_name: str | os.PathLike,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    ple_device: str | torch.device | None = None,
+) -> Gemma3nForCausalLM:
+    """Build the text decoder from a checkpoint, reading only the text weights.
+
+    `ple_device` places the per-layer embedding table elsewhere (e.g. "cpu" beside a GPU model);
+    by default it sits with the rest of the model.
+    """
+    model_dir = resolve_model_dir(path_or_name)
+    if not model_dir.is_dir():
+        raise G3nError(f"{model_dir}: no such directory")
+    cfg = read_text_config(model_dir / "config.json")
+    device = torch.device(device) if device is not None else default_device()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise G3nError(f"device {device} requested but CUDA is not available")
+
+    with torch.device("meta"):
+        model = Gemma3nForCausalLM(cfg)
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+    dtype = parse_dtype(dtype) or default_dtype(cfg, device, sum(s.numel() for s in shapes.values()))
+    ple_name = "model.embed_tokens_per_layer.weight"
+    ple_device = torch.device(ple_device) if ple_device is not None else device
+
+    index = TensorIndex(model_dir)
+    missing = [name for name in shapes if index.find(name) is None]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise G3nError(f"{model_dir}: checkpoint lacks tensor(s) {', '.join(missing[:3])}{more}")
+
+    state = {}
+    for name, shape in shapes.items():
+        tensor = index.read(index.find(name), shape)
+        state[name] = tensor.to(dtype=dtype, device=ple_device if name == ple_name else device)
+    model.load_state_dict(state, assign=True, strict=True)
+    model.model.rotary_emb = RotaryEmbedding(cfg).to(device)
+    model.requires_grad_(False)
+    return model.eval()

@@ -1,0 +1,431 @@
+"""Gemma 3n text decoder in plain PyTorch.
+
+One readable file, transformers' parameter names (so checkpoints load by name), and the same
+arithmetic as transformers' `Gemma3nForCausalLM` (the reference our tests compare against):
+
+- AltUp: the hidden state is `altup_num_inputs` parallel streams; each layer predicts all streams
+  from a router, runs the real block on the active stream, then corrects the others.
+- Laurel: a low-rank residual beside attention, output (attn + laurel) / sqrt(2).
+- Per-layer embeddings (PLE): a second, per-layer token table mixed with a projection of the main
+  embedding; each layer gates its slice into streams 1.. of AltUp. The table may live on another
+  device (CPU) than the rest of the model: only the rows of the current tokens move.
+- KV sharing: the last `num_kv_shared_layers` layers have no K/V of their own; they attend to the
+  K/V of the last earlier layer of their own type (sliding or full).
+- Activation sparsity: a Gaussian top-k on the gate activations of the sparse layers.
+- Attention: q/k norms, weightless v norm, scaling 1.0, sliding window on sliding layers.
+- Final logits soft-capped; lm_head tied to embed_tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import FULL, SLIDING, TextConfig
+
+ACTIVATIONS = {
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "silu": F.silu,
+}
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * w, computed in float32 (no +1 offset, unlike Gemma 3)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, with_scale: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+        if self.weight is not None:
+            h = h * self.weight.float()
+        return h.type_as(x)
+
+
+class Laurel(nn.Module):
+    """Learned augmented residual: x + norm(right(left(x)))."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.linear_left = nn.Linear(cfg.hidden_size, cfg.laurel_rank, bias=False)
+        self.linear_right = nn.Linear(cfg.laurel_rank, cfg.hidden_size, bias=False)
+        self.post_laurel_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.post_laurel_norm(self.linear_right(self.linear_left(x)))
+
+
+def _std_multiplier(sparsity: float) -> float:
+    """Phi^-1(sparsity) in float32, as transformers' Normal(0, 1).icdf computes it (CPU even under meta)."""
+    target = torch.tensor(sparsity, dtype=torch.float32, device="cpu")
+    return (torch.erfinv(2 * target - 1) * math.sqrt(2)).item()
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        width = cfg.intermediate_size[layer]
+        self.gate_proj = nn.Linear(cfg.hidden_size, width, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, width, bias=False)
+        self.down_proj = nn.Linear(width, cfg.hidden_size, bias=False)
+        self.act = ACTIVATIONS[cfg.hidden_activation]
+        sparsity = cfg.activation_sparsity_pattern[layer]
+        self.std_multiplier = _std_multiplier(sparsity) if sparsity > 0.0 else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.gate_proj(x)
+        if self.std_multiplier is not None:
+            # Gaussian top-k: keep what lies above mean + std * Phi^-1(sparsity) (biased std).
+            mult = torch.tensor(self.std_multiplier, dtype=torch.float32).to(gate.dtype)
+            cutoff = gate.mean(-1, keepdim=True) + gate.std(-1, keepdim=True, unbiased=False) * mult
+            gate = F.relu(gate - cutoff)
+        return self.down_proj(self.act(gate) * self.up_proj(x))
+
+
+class AltUp(nn.Module):
+    """Alternating updates over `altup_num_inputs` streams (predict before, correct after a layer)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        n = cfg.altup_num_inputs
+        self.cfg = cfg
+        self.correct_output_scale = nn.Parameter(torch.zeros(cfg.hidden_size))
+        self.correction_coefs = nn.Linear(n, n, bias=False)
+        self.prediction_coefs = nn.Linear(n, n * n, bias=False)
+        self.modality_router = nn.Linear(cfg.hidden_size, n, bias=False)
+        self.router_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def _modalities(self, x: torch.Tensor) -> torch.Tensor:
+        scale = torch.tensor(self.cfg.hidden_size**-1.0).to(x.dtype)
+        routed = self.modality_router(self.router_norm(x) * scale)
+        return torch.tanh(routed.float()).type_as(x)
+
+    def predict(self, streams: torch.Tensor) -> torch.Tensor:
+        """streams: (n, batch, seq, hidden) -> predictions of the same shape."""
+        n, clip = self.cfg.altup_num_inputs, self.cfg.altup_coef_clip
+        modalities = self._modalities(streams[self.cfg.altup_active_idx])
+        if self.training and clip is not None:
+            self.prediction_coefs.weight.data.clamp_(-clip, clip)
+        coefs = self.prediction_coefs(modalities).reshape(*modalities.shape[:-1], n, n).permute(0, 1, 3, 2)
+        predictions = torch.matmul(streams.permute(1, 2, 3, 0), coefs).permute(3, 0, 1, 2)
+        return (predictions + streams).contiguous().type_as(streams)
+
+    def correct(self, predictions: torch.Tensor, activated: torch.Tensor) -> torch.Tensor:
+        clip = self.cfg.altup_coef_clip
+        modalities = self._modalities(activated)
+        innovation = activated - predictions[self.cfg.altup_active_idx]
+        weight = self.correction_coefs.weight
+        if self.training and clip is not None:
+            weight = weight.clamp(-clip, clip)
+        coefs = (F.linear(modalities, weight) + 1.0).permute(2, 0, 1).unsqueeze(-1)
+        return (innovation.unsqueeze(0) * coefs + predictions).contiguous().type_as(activated)
+
+    def scale_corrected_output(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.type_as(self.correct_output_scale) * self.correct_output_scale).type_as(x)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (batch, seq, heads, dim); cos/sin: (batch, seq, dim)."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.head_dim = cfg.head_dim
+        self.n_heads, self.n_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.kv_shared = layer >= cfg.first_kv_shared_layer
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        if not self.kv_shared:
+            self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+            self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.v_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, with_scale=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def project_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """New keys and values for x, shaped (batch, kv_heads, seq, dim)."""
+        shape = (*x.shape[:-1], -1, self.head_dim)
+        k = apply_rope(self.k_norm(self.k_proj(x).view(shape)), cos, sin).transpose(1, 2)
+        v = self.v_norm(self.v_proj(x).view(shape)).transpose(1, 2)
+        return k, v
+
+    def forward(self, x, cos, sin, k, v, mask):
+        """Attend x's queries to k/v (already including cached and shared states)."""
+        shape = (*x.shape[:-1], -1, self.head_dim)
+        q = apply_rope(self.q_norm(self.q_proj(x).view(shape)), cos, sin).transpose(1, 2)
+        if self.n_heads != self.n_kv_heads:
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+        return self.o_proj(out.transpose(1, 2).reshape(*x.shape[:-1], -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        self.cfg = cfg
+        self.layer = layer
+        self.self_attn = Attention(cfg, layer)
+        self.mlp = MLP(cfg, layer)
+        h, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.input_layernorm = RMSNorm(h, eps)
+        self.post_attention_layernorm = RMSNorm(h, eps)
+        self.pre_feedforward_layernorm = RMSNorm(h, eps)
+        self.post_feedforward_layernorm = RMSNorm(h, eps)
+        self.altup = AltUp(cfg)
+        self.laurel = Laurel(cfg)
+        self.per_layer_input_gate = nn.Linear(h, cfg.hidden_size_per_layer_input, bias=False)
+        self.per_layer_projection = nn.Linear(cfg.hidden_size_per_layer_input, h, bias=False)
+        self.post_per_layer_input_norm = RMSNorm(h, eps)
+        self.act = ACTIVATIONS[cfg.hidden_activation]
+
+    def forward(self, streams, per_layer_input, cos, sin, kv_for, mask):
+        """streams: (n, batch, seq, hidden). kv_for(normed) returns the K/V this layer attends to."""
+        active = self.cfg.altup_active_idx
+        predictions = self.altup.predict(streams)
+        x = predictions[active]
+        normed = self.input_layernorm(x)
+        laurel = self.laurel(normed)
+        k, v = kv_for(self.self_attn, normed)
+        attn = self.post_attention_layernorm(self.self_attn(normed, cos, sin, k, v, mask))
+        h = (x + attn + laurel) / math.sqrt(2)
+        h = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        corrected = self.altup.correct(predictions, h)
+
+        first = corrected[active]
+        if self.cfg.altup_correct_scale:
+            first = self.altup.scale_corrected_output(first)
+        gated = self.act(self.per_layer_input_gate(first)) * per_layer_input
+        ple = self.post_per_layer_input_norm(self.per_layer_projection(gated))
+        rest = corrected[1:] + ple
+        return torch.cat([corrected[:1], rest], dim=0)
+
+
+class KVCache:
+    """K/V of earlier tokens for incremental decoding.
+
+    Full-attention layers keep every position; sliding layers keep only the last
+    `sliding_window` positions; KV-shared layers keep nothing (they read their source layer's).
+    `valid` marks real tokens (False for left padding) for every position seen so far.
+    """
+
+    def __init__(self, cfg: TextConfig):
+        self.cfg = cfg
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.valid: torch.Tensor | None = None  # (batch, seen) bool
+
+    @property
+    def seq_len(self) -> int:
+        return 0 if self.valid is None else self.valid.shape[1]
+
+    def kept(self, kind: str) -> int:
+        """How many past positions a layer of this kind keeps."""
+        return self.seq_len if kind == FULL else min(self.seq_len, self.cfg.sliding_window)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Append new K/V for a layer; return the K/V to attend to (cached + new)."""
+        if layer in self.keys:
+            k = torch.cat([self.keys[layer], k], dim=2)
+            v = torch.cat([self.values[layer], v], dim=2)
+        keep = k.shape[2] if self.cfg.layer_types[layer] == FULL else self.cfg.sliding_window
+        self.keys[layer], self.values[layer] = k[:, :, -keep:], v[:, :, -keep:]
+        return k, v
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep only the batch rows in `index` (e.g. drop finished sequences)."""
+        for d in (self.keys, self.values):
+            for i in d:
+                d[i] = d[i][index]
+        if self.valid is not None:
+            self.valid = self.valid[index]
+
+
+def build_mask(q_index, k_index, k_valid, window):
+    """(batch, 1, q, k) bool: causal by cache index, within `window`, and only real keys.
+
+    Rows with no allowed key (queries that are themselves padding) may attend everywhere, so the
+    softmax stays finite; their outputs are never used.
+    """
+    diff = q_index[:, None] - k_index[None, :]
+    allowed = diff >= 0
+    if window is not None:
+        allowed = allowed & (diff < window)
+    allowed = allowed[None, None] & k_valid[:, None, None, :]
+    return allowed | ~allowed.any(-1, keepdim=True)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        dim = cfg.head_dim
+        for kind, theta in ((FULL, cfg.rope_theta), (SLIDING, cfg.rope_local_base_freq)):
+            inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+            self.register_buffer(f"{kind}_inv_freq", inv, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, kind: str, dtype: torch.dtype):
+        inv = getattr(self, f"{kind}_inv_freq").to(position_ids.device)
+        freqs = position_ids[..., None].float() * inv
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class TextModel(nn.Module):
+    """The decoder body: everything but the (tied) output projection."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        h, L, P = cfg.hidden_size, cfg.num_hidden_layers, cfg.hidden_size_per_layer_input
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, h, padding_idx=cfg.pad_token_id)
+        self.embed_tokens_per_layer = nn.Embedding(cfg.vocab_size_per_layer_input, L * P, padding_idx=cfg.pad_token_id)
+        self.per_layer_model_projection = nn.Linear(h, L * P, bias=False)
+        self.per_layer_projection_norm = RMSNorm(P, cfg.rms_norm_eps)
+        self.altup_projections = nn.ModuleList(
+            nn.Linear(h, h, bias=False) for _ in range(cfg.altup_num_inputs - 1)
+        )
+        self.altup_unembed_projections = nn.ModuleList(
+            nn.Linear(h, h, bias=False) for _ in range(cfg.altup_num_inputs - 1)
+        )
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(L))
+        self.norm = RMSNorm(h, cfg.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(cfg)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        w = self.embed_tokens.weight
+        return F.embedding(input_ids, w) * torch.tensor(self.cfg.hidden_size**0.5).to(w.dtype)
+
+    def per_layer_inputs(self, input_ids: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        """(batch, seq, layers, P): PLE rows (ids past the table use row 0) mixed with the embedding."""
+        cfg = self.cfg
+        L, P = cfg.num_hidden_layers, cfg.hidden_size_per_layer_input
+        table = self.embed_tokens_per_layer.weight
+        ids = torch.where((input_ids >= 0) & (input_ids < cfg.vocab_size_per_layer_input), input_ids, 0)
+        rows = F.embedding(ids.to(table.device), table) * torch.tensor(P**0.5).to(table.dtype)
+        rows = rows.to(embeds.device, embeds.dtype).reshape(*ids.shape, L, P)
+        proj = self.per_layer_model_projection(embeds) * torch.tensor(cfg.hidden_size**-0.5).to(embeds.dtype)
+        proj = self.per_layer_projection_norm(proj.reshape(*ids.shape, L, P))
+        return (proj + rows) * torch.rsqrt(torch.tensor(2.0)).to(embeds.dtype)
+
+    @staticmethod
+    def _match_magnitude(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        mag = torch.sqrt(torch.mean(x**2, dim=-1, keepdim=True).clamp(min=1e-5))
+        return x * target / mag
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
+        """Final normed hidden states (batch, seq, hidden). Updates `cache` in place when given."""
+        cfg = self.cfg
+        B, T = input_ids.shape
+        device = self.embed_tokens.weight.device
+        input_ids = input_ids.to(device)
+        past = cache.seq_len if cache is not None else 0
+        valid = (
+            torch.ones(B, T, dtype=torch.bool, device=device)
+            if attention_mask is None
+            else attention_mask.to(device=device, dtype=torch.bool)
+        )
+        all_valid = valid if cache is None or cache.valid is None else torch.cat([cache.valid, valid], dim=1)
+        if position_ids is None:
+            # Positions count real tokens only, so left-padded rows start at 0 like unpadded ones.
+            position_ids = (all_valid.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+        position_ids = position_ids.to(device)
+
+        embeds = self.embed(input_ids)
+        per_layer = self.per_layer_inputs(input_ids, embeds)
+        target = torch.mean(embeds**2, dim=-1, keepdim=True) ** 0.5
+        streams = [embeds] + [self._match_magnitude(p(embeds), target) for p in self.altup_projections]
+        streams = torch.stack(streams, dim=0)
+
+        rope = {kind: self.rotary_emb(position_ids, kind, embeds.dtype) for kind in set(cfg.layer_types)}
+        q_index = torch.arange(past, past + T, device=device)
+        masks = {}
+        for kind in set(cfg.layer_types):
+            kept = cache.kept(kind) if cache is not None else 0
+            k_index = torch.arange(past - kept, past + T, device=device)
+            window = cfg.sliding_window if kind == SLIDING else None
+            masks[kind] = build_mask(q_index, k_index, all_valid[:, all_valid.shape[1] - kept - T :], window)
+
+        produced: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def kv_for(attn: Attention, normed: torch.Tensor):
+            layer = attn.layer
+            if attn.kv_shared:
+                return produced[cfg.kv_source(layer)]
+            cos, sin = rope[cfg.layer_types[layer]]
+            k, v = attn.project_kv(normed, cos, sin)
+            if cache is not None:
+                k, v = cache.update(layer, k, v)
+            produced[layer] = (k, v)
+            return k, v
+
+        for i, layer in enumerate(self.layers):
+            kind = cfg.layer_types[i]
+            cos, sin = rope[kind]
+            streams = layer(streams, per_layer[:, :, i, :], cos, sin, kv_for, masks[kind])
+
+        if cache is not None:
+            cache.valid = all_valid
+
+        target = torch.mean(streams[0] ** 2, dim=-1, keepdim=True) ** 0.5
+        outs = [streams[0]] + [
+            self._match_magnitude(p(streams[i + 1]), target) for i, p in enumerate(self.altup_unembed_projections)
+        ]
+        return self.norm(torch.stack(outs).mean(dim=0))
+
+
+class Gemma3nForCausalLM(nn.Module):
+    """Text-only Gemma 3n. `model(input_ids)` returns logits (batch, seq, vocab)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = TextModel(cfg)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.config)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Tied output projection plus the final soft-cap."""
+        logits = F.linear(hidden, self.model.embed_tokens.weight)
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        logits_to_keep: int = 0,
+    ) -> torch.Tensor:
+        """Logits for every position, or for the last `logits_to_keep` positions when > 0."""
+        hidden = self.model(input_ids, attention_mask, position_ids, cache)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        return self.logits(hidden)

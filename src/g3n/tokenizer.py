@@ -1,0 +1,171 @@
+"""Gemma's SentencePiece tokenizer, the chat template, and the single-BOS rule.
+
+Gemma 3n chat turns look like
+
+    <bos><start_of_turn>user
+    {text}<end_of_turn>
+    <start_of_turn>model
+    {reply}<end_of_turn>
+
+Assistant turns are called `model`; a system message is folded into the first user turn followed by
+a blank line. Exactly one `<bos>` starts every sequence we encode: a prompt that already starts with
+`<bos>` (as text or as an id) does not get a second one, because two quietly degrade the output.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import sentencepiece as spm
+
+from .errors import G3nError
+
+START_OF_TURN, END_OF_TURN = "<start_of_turn>", "<end_of_turn>"
+ROLES = {"user": "user", "assistant": "model", "model": "model"}
+
+
+class Tokenizer:
+    def __init__(self, sp: spm.SentencePieceProcessor, added_tokens: dict[str, int] | None = None):
+        self.sp = sp
+        # Tokens that plain SentencePiece will not match in text (control symbols such as <bos>)
+        # or that live outside its vocabulary (added tokens), matched before SentencePiece runs.
+        self.special: dict[str, int] = {
+            sp.id_to_piece(i): i for i in range(sp.get_piece_size()) if sp.is_control(i)
+        }
+        self.special.update(added_tokens or {})
+        self.id_to_special = {i: t for t, i in self.special.items()}
+        names = sorted(self.special, key=len, reverse=True)
+        self._split = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
+        self.bos_id, self.eos_id, self.pad_id = sp.bos_id(), sp.eos_id(), max(sp.pad_id(), 0)
+        self.start_of_turn_id = self.token_id(START_OF_TURN)
+        self.end_of_turn_id = self.token_id(END_OF_TURN)
+        self.turn_ids = {self.start_of_turn_id, self.end_of_turn_id}
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> "Tokenizer":
+        model_dir = Path(model_dir)
+        path = model_dir / "tokenizer.model"
+        if not path.is_file():
+            raise G3nError(f"{path}: tokenizer.model not found (Gemma's SentencePiece model is required)")
+        sp = spm.SentencePieceProcessor()
+        try:
+            sp.load(str(path))
+        except (OSError, RuntimeError) as e:
+            raise G3nError(f"{path}: not a SentencePiece model ({e})") from None
+        return cls(sp, _added_tokens(model_dir, sp))
+
+    @property
+    def vocab_size(self) -> int:
+        return max(self.sp.get_piece_size(), max(self.id_to_special, default=0) + 1)
+
+    def token_id(self, token: str) -> int:
+        if token in self.special:
+            return self.special[token]
+        i = self.sp.piece_to_id(token)
+        if i == self.sp.unk_id() and token != self.sp.id_to_piece(i):
+            raise G3nError(f"tokenizer has no token {token!r}")
+        return i
+
+    @property
+    def stop_ids(self) -> set[int]:
+        """Instruction-tuned Gemma stops on eos or <end_of_turn>."""
+        return {self.eos_id, self.end_of_turn_id}
+
+    # ---- text <-> ids ---------------------------------------------------------------------
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """Token ids of text; special tokens written in the text become their ids.
+
+        With add_bos the result starts with exactly one BOS, whether or not the text had one.
+        """
+        ids: list[int] = []
+        for part in self._split.split(text) if self._split else [text]:
+            if not part:
+                continue
+            if part in self.special:
+                ids.append(self.special[part])
+            else:
+                ids.extend(self.sp.encode(part))
+        return with_single_bos(ids, self.bos_id) if add_bos else ids
+
+    def is_special(self, i: int) -> bool:
+        """Control, added and turn-marker tokens: not part of the readable text."""
+        n = self.sp.get_piece_size()
+        return i in self.id_to_special or i >= n or self.sp.is_control(i) or i in self.turn_ids
+
+    def decode(self, ids, skip_special: bool = True) -> str:
+        out, run = [], []
+        for i in map(int, ids):
+            if self.is_special(i):
+                if run:
+                    out.append(self.sp.decode(run))
+                    run = []
+                if not skip_special:
+                    out.append(self.id_to_special.get(i) or self.sp.id_to_piece(i))
+            else:
+                run.append(i)
+        if run:
+            out.append(self.sp.decode(run))
+        return "".join(out)
+
+    # ---- chat -----------------------------------------------------------------------------
+    def format_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The Gemma 3n chat template, without the leading <bos> (encode adds it)."""
+        messages = list(messages)
+        prefix = ""
+        if messages and messages[0].get("role") == "system":
+            prefix = _content(messages.pop(0), 0).strip() + "\n\n"
+        text = []
+        for n, msg in enumerate(messages):
+            role = ROLES.get(msg.get("role"))
+            if role is None:
+                raise G3nError(f"message {n}: unknown role {msg.get('role')!r} (use system, user or assistant)")
+            expected = "user" if n % 2 == 0 else "model"
+            if role != expected:
+                raise G3nError(f"message {n}: expected a {expected} turn (turns alternate user/assistant)")
+            body = (prefix if n == 0 else "") + _content(msg, n).strip()
+            text.append(f"{START_OF_TURN}{role}\n{body}{END_OF_TURN}\n")
+        if add_generation_prompt:
+            text.append(f"{START_OF_TURN}model\n")
+        return "".join(text)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        return self.encode(self.format_chat(messages, add_generation_prompt), add_bos=True)
+
+
+def with_single_bos(ids: list[int], bos_id: int) -> list[int]:
+    """Exactly one BOS at the start, however many the input had."""
+    start = 0
+    while start < len(ids) and ids[start] == bos_id:
+        start += 1
+    return [bos_id] + list(ids[start:])
+
+
+def _content(msg: dict, n: int) -> str:
+    content = msg.get("content")
+    if isinstance(content, list):  # OpenAI-style parts: keep the text ones
+        texts = [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        if len(texts) != len(content):
+            raise G3nError(f"message {n}: only text content is supported for now")
+        content = "".join(texts)
+    if not isinstance(content, str):
+        raise G3nError(f"message {n}: 'content' must be a string")
+    return content
+
+
+def _added_tokens(model_dir: Path, sp: spm.SentencePieceProcessor) -> dict[str, int]:
+    """Special tokens from tokenizer_config.json's added_tokens_decoder (ids past SentencePiece's)."""
+    path = model_dir / "tokenizer_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        decoder = json.loads(path.read_text()).get("added_tokens_decoder", {})
+    except json.JSONDecodeError as e:
+        raise G3nError(f"{path}: not valid JSON ({e})") from None
+    out = {}
+    for key, tok in decoder.items():
+        i, content = int(key), tok.get("content")
+        if content and tok.get("special", False) and (i >= sp.get_piece_size() or sp.is_control(i)):
+            out[content] = i
+    return out
