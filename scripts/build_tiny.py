@@ -160,13 +160,24 @@ def init_weights(model: Gemma3nForCausalLM, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
 
-def encode_examples(tok: Tokenizer, pairs):
-    """ids and labels (-100 outside the model turn, whose <end_of_turn> is learned too)."""
+def conversations(pairs, seed: int, n_multi: int = 1500) -> list[list[tuple[str, str]]]:
+    """Every pair as a one-turn chat, plus multi-turn chats of random pairs (so chat sessions work)."""
+    rng = random.Random(seed + 1)
+    return [[p] for p in pairs] + [rng.sample(pairs, rng.randint(2, 4)) for _ in range(n_multi)]
+
+
+def encode_examples(tok: Tokenizer, convs):
+    """ids and labels (-100 outside the model turns, whose <end_of_turn> is learned too)."""
     out = []
-    for q, a in pairs:
-        prompt = tok.encode_chat([{"role": "user", "content": q}])
-        reply = tok.encode(a, add_bos=False) + [tok.end_of_turn_id]
-        out.append((prompt + reply, [-100] * len(prompt) + reply))
+    for conv in convs:
+        ids, labels = [tok.bos_id], [-100]
+        for q, a in conv:
+            prompt = tok.encode(f"<start_of_turn>user\n{q}<end_of_turn>\n<start_of_turn>model\n", add_bos=False)
+            reply = tok.encode(a, add_bos=False) + [tok.end_of_turn_id]
+            newline = tok.encode("\n", add_bos=False)
+            ids += prompt + reply + newline
+            labels += [-100] * len(prompt) + reply + [-100] * len(newline)
+        out.append((ids, labels))
     return out
 
 
@@ -207,7 +218,7 @@ def main() -> None:
     else:
         train_tokenizer(pairs, work)
     tok = Tokenizer.from_dir(work)
-    examples = encode_examples(tok, pairs)
+    examples = encode_examples(tok, conversations(pairs, args.seed))
     print(f"{len(pairs)} examples, longest {max(len(x) for x, _ in examples)} tokens", flush=True)
 
     if args.init:

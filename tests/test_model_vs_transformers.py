@@ -127,7 +127,7 @@ def test_default_layer_pattern_and_sharing():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_as_accurate_as_transformers(hf_model, hf_dir, ours, dtype):
-    """Random weights amplify rounding, so the bound is transformers' own error in that dtype."""
+    """Random weights amplify rounding, so the bound is transformers' own mean error in that dtype."""
     import copy
 
     from g3n.model.load import load_model
@@ -139,24 +139,33 @@ def test_low_precision_as_accurate_as_transformers(hf_model, hf_dir, ours, dtype
     with torch.no_grad():
         ref = ours(ids)
         got = low(ids)
-        hf_err = (hf_low(ids).logits.float() - ref).abs().max().item()
+        hf_err = (hf_low(ids).logits.float() - ref).abs().mean().item()
     assert got.dtype == dtype and torch.isfinite(got).all()
-    err = (got.float() - ref).abs().max().item()
-    assert err < 1.5 * hf_err + 1e-3, (err, hf_err)
+    err = (got.float() - ref).abs().mean().item()
+    assert err < 1.5 * hf_err, (err, hf_err)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_cuda_matches_cpu(hf_dir, ours, dtype):
+def test_cuda_matches_cpu(hf_model, hf_dir, ours, dtype):
+    """On the GPU: float32 equals the CPU result; low precision is as accurate as transformers'
+    own on the same GPU; cached decoding follows the full forward."""
+    import copy
+
     from g3n.model.load import load_model
 
     gpu = load_model(hf_dir, dtype=dtype, device="cuda")
-    ids = _ids(2, 40, seed=8)
+    hf_gpu = copy.deepcopy(hf_model).to("cuda", dtype)
+    ids = _ids(2, 40, seed=8).clamp(max=255)  # older transformers index PLE out of range on CUDA
     with torch.no_grad():
         ref = ours(ids)
         got = gpu(ids).float().cpu()
+        hf_err = (hf_gpu(ids.cuda()).logits.float().cpu() - ref).abs().mean().item()
         cache = gpu.new_cache()
         stepped = torch.cat([gpu(ids[:, i : i + 1], cache=cache) for i in range(40)], dim=1).float().cpu()
-    tol = {torch.float32: 1e-3, torch.bfloat16: 0.15, torch.float16: 0.03}[dtype]
-    assert (got - ref).abs().max().item() < tol
-    assert (stepped - ref).abs().max().item() < tol
+    if dtype == torch.float32:
+        assert (got - ref).abs().max().item() < 1e-3 and (stepped - ref).abs().max().item() < 1e-3
+    else:  # random weights amplify rounding: bound by transformers' own mean error
+        assert torch.isfinite(got).all() and torch.isfinite(stepped).all()
+        assert (got - ref).abs().mean().item() < 1.5 * hf_err, hf_err
+        assert (stepped - ref).abs().mean().item() < 1.5 * hf_err, hf_err

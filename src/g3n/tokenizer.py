@@ -115,7 +115,7 @@ class Tokenizer:
         messages = list(messages)
         prefix = ""
         if messages and messages[0].get("role") == "system":
-            prefix = _content(messages.pop(0), 0).strip() + "\n\n"
+            prefix = _content(messages.pop(0), 0) + "\n\n"  # not trimmed, as in Google's template
         text = []
         for n, msg in enumerate(messages):
             role = ROLES.get(msg.get("role"))

@@ -1,0 +1,97 @@
+"""The g3n command: help texts, generate, chat, demo, and one-line errors."""
+
+import subprocess
+import sys
+
+import pytest
+
+from g3n.cli import main
+
+
+def run_cli(args, capsys, stdin=None, monkeypatch=None):
+    if stdin is not None:
+        import io
+
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    rc = main(args)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "demo"])
+def test_help_explains(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--model" in out and "tiny" in out
+    if command != "demo":
+        for flag in ("--temperature", "--top-k", "--top-p", "--min-p", "--repetition-penalty", "--seed", "--max-new-tokens"):
+            assert flag in out
+
+
+def test_generate_answers_on_topic(capsys):
+    rc, out, _ = run_cli(["generate", "--prompt", "What is the capital of France?", "--greedy", "--device", "cpu"], capsys)
+    assert rc == 0 and "Paris" in out
+
+
+def test_generate_seed_reproduces(capsys):
+    args = ["generate", "--prompt", "Tell me a fact.", "--seed", "7", "--temperature", "1.5", "--device", "cpu"]
+    _, a, _ = run_cli(args, capsys)
+    _, b, _ = run_cli(args, capsys)
+    assert a == b and a.strip()
+
+
+def test_chat_keeps_conversation_and_commands(capsys, monkeypatch):
+    import g3n.generate as gen
+
+    seen = []
+
+    original = gen.stream_text
+
+    def spy(model, tok, ids, params):
+        seen.append(tok.decode(ids, skip_special=False))
+        return original(model, tok, ids, params)
+
+    monkeypatch.setattr(gen, "stream_text", spy)
+    script = "What is 2+2?\nWhat is the capital of Peru?\n/reset\nHi\n/nonsense\n/quit\nnever read\n"
+    rc, out, _ = run_cli(["chat", "--greedy", "--device", "cpu"], capsys, script, monkeypatch)
+    assert rc == 0
+    assert len(seen) == 3
+    assert "What is 2+2?" in seen[1] and "Peru" in seen[1]  # second turn sees the first
+    assert "2+2" not in seen[2]  # /reset forgot it
+    assert seen[1].count("<bos>") == 1
+    assert "Lima" in out and "[conversation reset]" in out and "unknown command '/nonsense'" in out
+
+
+def test_demo_runs_on_tiny(capsys):
+    rc, out, _ = run_cli(["demo", "--device", "cpu"], capsys)
+    assert rc == 0
+    assert "Paris" in out and out.count("model>") == 4
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["generate", "--model", "/no/such/dir", "--prompt", "x"], "/no/such/dir: no such directory"),
+        (["generate", "--prompt", "x", "--top-p", "0"], "invalid top_p"),
+        (["generate", "--model", "model.gguf", "--prompt", "x"], "GGUF"),
+    ],
+)
+def test_errors_are_one_line(args, needle, capsys):
+    rc, out, err = run_cli(args, capsys)
+    assert rc == 2
+    assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_unknown_option_subprocess():
+    r = subprocess.run([sys.executable, "-m", "g3n", "generate", "--prompt", "x", "--bogus"], capture_output=True, text=True)
+    assert r.returncode == 2 and "unrecognized arguments: --bogus" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_checkpoint_subprocess(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    r = subprocess.run([sys.executable, "-m", "g3n", "generate", "--model", str(tmp_path), "--prompt", "x"],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == f"g3n: error: {tmp_path}/config.json: model_type is 'llama', not a Gemma 3n model ('gemma3n' or 'gemma3n_text')"

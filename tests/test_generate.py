@@ -1,0 +1,138 @@
+"""Generation: sampling filters equal transformers' warpers, greedy equals the full forward's argmax,
+batched equals one-by-one, seeds reproduce, stop tokens stop."""
+
+import pytest
+import torch
+
+from g3n.errors import G3nError
+from g3n.generate import SamplingParams, TextStreamer, filter_logits, generate, generate_steps, stream_text
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    import g3n
+
+    return g3n.load("tiny", dtype="float32", device="cpu")
+
+
+def _hf_filter(logits, p, input_ids):
+    from transformers import (
+        LogitsProcessorList,
+        MinPLogitsWarper,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    procs = LogitsProcessorList()
+    if p.repetition_penalty != 1.0:
+        procs.append(RepetitionPenaltyLogitsProcessor(p.repetition_penalty))
+    if p.temperature != 1.0:
+        procs.append(TemperatureLogitsWarper(p.temperature))
+    if p.top_k:
+        procs.append(TopKLogitsWarper(p.top_k))
+    if p.top_p < 1.0:
+        procs.append(TopPLogitsWarper(p.top_p))
+    if p.min_p > 0:
+        procs.append(MinPLogitsWarper(p.min_p))
+    return procs(input_ids, logits.clone())
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(),  # Google's defaults
+        SamplingParams(temperature=0.7, top_k=10, top_p=0.8),
+        SamplingParams(top_k=0, top_p=1.0, min_p=0.05),
+        SamplingParams(top_k=5, top_p=0.5, min_p=0.1, repetition_penalty=1.3, temperature=1.5),
+    ],
+)
+def test_filters_match_transformers(params):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 500, generator=g) * 4
+    input_ids = torch.randint(0, 500, (3, 12), generator=g)
+    seen = torch.zeros(3, 500, dtype=torch.bool).scatter_(1, input_ids, True)
+    ours = filter_logits(logits, params, seen)
+    ref = _hf_filter(logits, params, input_ids)
+    assert torch.equal(torch.isinf(ours), torch.isinf(ref))
+    finite = torch.isfinite(ref)
+    assert torch.allclose(ours[finite], ref[finite], atol=1e-6)
+
+
+def test_defaults_are_googles():
+    p = SamplingParams()
+    assert (p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty) == (1.0, 64, 0.95, 0.0, 1.0)
+    assert not p.greedy
+
+
+@pytest.mark.parametrize("field,value", [("top_p", 0.0), ("temperature", -1.0), ("top_k", -2), ("min_p", 1.5)])
+def test_invalid_sampling_params(field, value):
+    with pytest.raises(G3nError, match=f"invalid {field}"):
+        SamplingParams(**{field: value})
+
+
+def test_greedy_equals_argmax_of_full_forward(tiny):
+    model, tok = tiny
+    prompt = tok.encode_chat([{"role": "user", "content": "What is the capital of Italy?"}])
+    (new,) = generate(model, [prompt], SamplingParams(greedy=True, max_new_tokens=12), stop_ids=())
+    assert len(new) == 12
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + new]))
+    expected = logits[0, len(prompt) - 1 : -1].argmax(-1).tolist()
+    assert new == expected
+
+
+def test_batched_equals_one_by_one(tiny):
+    model, tok = tiny
+    questions = ["Hi", "What is 12+7?", "What is the opposite of hot?", "What sound does a duck make?"]
+    prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in questions]
+    assert len({len(p) for p in prompts}) > 1
+    params = SamplingParams(greedy=True, max_new_tokens=20)
+    batched = generate(model, prompts, params, tok.stop_ids)
+    alone = [generate(model, [p], params, tok.stop_ids)[0] for p in prompts]
+    assert batched == alone
+
+
+def test_seed_reproduces(tiny):
+    model, tok = tiny
+    prompt = tok.encode("Once", add_bos=True)
+    params = lambda seed: SamplingParams(seed=seed, max_new_tokens=15, temperature=1.5, top_k=0, top_p=1.0)  # noqa: E731
+    a = generate(model, [prompt], params(1))[0]
+    b = generate(model, [prompt], params(1))[0]
+    others = [generate(model, [prompt], params(s))[0] for s in (2, 3, 4)]
+    assert a == b
+    assert any(o != a for o in others)
+
+
+def test_stops_on_end_of_turn(tiny):
+    model, tok = tiny
+    prompt = tok.encode_chat([{"role": "user", "content": "Hello!"}])
+    steps = list(generate_steps(model, [prompt], SamplingParams(greedy=True, max_new_tokens=50), tok.stop_ids))
+    assert len(steps) < 50 and steps[-1][0] == tok.end_of_turn_id
+    text = "".join(stream_text(model, tok, prompt, SamplingParams(greedy=True, max_new_tokens=50)))
+    assert text == tok.decode([s[0] for s in steps[:-1]])
+    assert "<end_of_turn>" not in text
+
+
+def test_finished_rows_yield_none(tiny):
+    model, tok = tiny
+    prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in ("Hi", "What is the largest planet?")]
+    steps = list(generate_steps(model, prompts, SamplingParams(greedy=True, max_new_tokens=40), tok.stop_ids))
+    first_stop = next(i for i, s in enumerate(steps) if s[0] in tok.stop_ids)
+    assert all(s[0] is None for s in steps[first_stop + 1 :])
+
+
+def test_streamer_holds_back_partial_utf8(tiny):
+    _, tok = tiny
+    ids = tok.encode("🙂!", add_bos=False)  # byte-fallback pieces for the emoji
+    streamer = TextStreamer(tok)
+    pieces = [streamer.push(i) for i in ids]
+    assert "".join(pieces) == "🙂!"
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_prompt_too_long(tiny):
+    model, tok = tiny
+    with pytest.raises(G3nError, match="does not fit"):
+        list(generate_steps(model, [[2] * 5000], SamplingParams()))
