@@ -1,0 +1,17 @@
+"""README's two quick-start commands stay true: CI runs exactly the test command it shows."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_ci_runs_readme_commands():
+    readme = (ROOT / "README.md").read_text()
+    quick = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    commands = re.findall(r"```bash\n(.+?)\n```", quick)
+    assert len(commands) == 2
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    demo, tests = commands
+    assert "g3n demo" in demo
+    assert tests in ci and demo in ci
