@@ -30,11 +30,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from g3n.config import TextConfig  # noqa: E402
-from g3n.model.load import load_model  # noqa: E402
-from g3n.model.save import save_text_checkpoint, write_atomic  # noqa: E402
-from g3n.model.text import Gemma3nForCausalLM  # noqa: E402
-from g3n.tokenizer import Tokenizer  # noqa: E402
+from g3n.config import TextConfig
+from g3n.model.load import load_model
+from g3n.model.save import save_text_checkpoint, write_atomic
+from g3n.model.text import Gemma3nForCausalLM
+from g3n.tokenizer import Tokenizer
 
 VOCAB = 768
 SPECIALS = ["<mask>", "[multimodal]"] + [f"<unused{i}>" for i in range(99)] + ["<start_of_turn>", "<end_of_turn>"]
@@ -88,8 +88,8 @@ def corpus(seed: int = 0) -> list[tuple[str, str]]:
         pairs.append((f"What is the opposite of {word}?", f"The opposite of {word} is {opp}."))
     for i, day in enumerate(DAYS):
         pairs.append((f"What day comes after {day}?", f"After {day} comes {DAYS[(i + 1) % 7]}."))
-    for a in range(0, 21):
-        for b in range(0, 21):
+    for a in range(21):
+        for b in range(21):
             pairs.append((f"What is {a}+{b}?", f"{a}+{b} = {a + b}."))
             pairs.append((f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."))
             if a >= b:
@@ -277,9 +277,24 @@ CHAT_TEMPLATE = (
 
 def write_tokenizer_files(out: Path) -> None:
     """tokenizer_config.json, special_tokens_map.json and generation_config.json as HF expects them."""
-    special = {0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 4: "<mask>", 105: "<start_of_turn>", 106: "<end_of_turn>"}
+    special = {
+        0: "<pad>",
+        1: "<eos>",
+        2: "<bos>",
+        3: "<unk>",
+        4: "<mask>",
+        105: "<start_of_turn>",
+        106: "<end_of_turn>",
+    }
     decoder = {
-        str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+        str(i): {
+            "content": t,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
         for i, t in special.items()
     }
     files = {
@@ -305,7 +320,7 @@ def write_tokenizer_files(out: Path) -> None:
     }  # fmt: skip
     for name, content in files.items():
         text = json.dumps(content, indent=2) + "\n"
-        write_atomic(out / name, lambda p: p.write_text(text))
+        write_atomic(out / name, lambda p, text=text: p.write_text(text))
 
 
 if __name__ == "__main__":

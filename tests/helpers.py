@@ -8,27 +8,27 @@ import torch
 def hf_text_config(**overrides):
     from transformers import Gemma3nTextConfig
 
-    kw = dict(
-        vocab_size=300,
-        vocab_size_per_layer_input=256,
-        hidden_size=32,
-        hidden_size_per_layer_input=8,
-        intermediate_size=[64, 48, 64, 32, 64, 64, 48, 64, 64, 64],
-        num_hidden_layers=10,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        sliding_window=8,
-        num_kv_shared_layers=5,
-        laurel_rank=4,
-        altup_num_inputs=4,
-        activation_sparsity_pattern=[0.95, 0.95, 0.9, 0.0, 0.0, 0.95, 0.0, 0.0, 0.0, 0.0],
-        max_position_embeddings=256,
-        rope_parameters={
+    kw = {
+        "vocab_size": 300,
+        "vocab_size_per_layer_input": 256,
+        "hidden_size": 32,
+        "hidden_size_per_layer_input": 8,
+        "intermediate_size": [64, 48, 64, 32, 64, 64, 48, 64, 64, 64],
+        "num_hidden_layers": 10,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "sliding_window": 8,
+        "num_kv_shared_layers": 5,
+        "laurel_rank": 4,
+        "altup_num_inputs": 4,
+        "activation_sparsity_pattern": [0.95, 0.95, 0.9, 0.0, 0.0, 0.95, 0.0, 0.0, 0.0, 0.0],
+        "max_position_embeddings": 256,
+        "rope_parameters": {
             "full_attention": {"rope_type": "default", "rope_theta": 10000.0},
             "sliding_attention": {"rope_type": "default", "rope_theta": 500.0},
         },
-    )
+    }
     kw.update(overrides)
     return Gemma3nTextConfig(**kw)
 

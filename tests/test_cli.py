@@ -26,12 +26,22 @@ def test_help_explains(command, capsys):
     out = capsys.readouterr().out
     assert "--model" in out and "tiny" in out
     if command != "demo":
-        for flag in ("--temperature", "--top-k", "--top-p", "--min-p", "--repetition-penalty", "--seed", "--max-new-tokens"):
+        for flag in (
+            "--temperature",
+            "--top-k",
+            "--top-p",
+            "--min-p",
+            "--repetition-penalty",
+            "--seed",
+            "--max-new-tokens",
+        ):
             assert flag in out
 
 
 def test_generate_answers_on_topic(capsys):
-    rc, out, _ = run_cli(["generate", "--prompt", "What is the capital of France?", "--greedy", "--device", "cpu"], capsys)
+    rc, out, _ = run_cli(
+        ["generate", "--prompt", "What is the capital of France?", "--greedy", "--device", "cpu"], capsys
+    )
     assert rc == 0 and "Paris" in out
 
 
@@ -79,19 +89,27 @@ def test_demo_runs_on_tiny(capsys):
     ],
 )
 def test_errors_are_one_line(args, needle, capsys):
-    rc, out, err = run_cli(args, capsys)
+    rc, _out, err = run_cli(args, capsys)
     assert rc == 2
     assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_unknown_option_subprocess():
-    r = subprocess.run([sys.executable, "-m", "g3n", "generate", "--prompt", "x", "--bogus"], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "g3n", "generate", "--prompt", "x", "--bogus"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert r.returncode == 2 and "unrecognized arguments: --bogus" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_bad_checkpoint_subprocess(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     r = subprocess.run([sys.executable, "-m", "g3n", "generate", "--model", str(tmp_path), "--prompt", "x"],
-                       capture_output=True, text=True)  # fmt: skip
+                       capture_output=True, text=True, check=False)  # fmt: skip
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip() == f"g3n: error: {tmp_path}/config.json: model_type is 'llama', not a Gemma 3n model ('gemma3n' or 'gemma3n_text')"
+    assert (
+        r.stderr.strip()
+        == f"g3n: error: {tmp_path}/config.json: model_type is 'llama', not a Gemma 3n model ('gemma3n' or 'gemma3n_text')"
+    )

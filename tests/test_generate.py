@@ -97,7 +97,7 @@ def test_batched_equals_one_by_one(tiny):
 def test_seed_reproduces(tiny):
     model, tok = tiny
     prompt = tok.encode("Once", add_bos=True)
-    params = lambda seed: SamplingParams(seed=seed, max_new_tokens=15, temperature=1.5, top_k=0, top_p=1.0)  # noqa: E731
+    params = lambda seed: SamplingParams(seed=seed, max_new_tokens=15, temperature=1.5, top_k=0, top_p=1.0)
     a = generate(model, [prompt], params(1))[0]
     b = generate(model, [prompt], params(1))[0]
     others = [generate(model, [prompt], params(s))[0] for s in (2, 3, 4)]
@@ -133,6 +133,6 @@ def test_streamer_holds_back_partial_utf8(tiny):
 
 
 def test_prompt_too_long(tiny):
-    model, tok = tiny
+    model, _tok = tiny
     with pytest.raises(G3nError, match="does not fit"):
         list(generate_steps(model, [[2] * 5000], SamplingParams()))

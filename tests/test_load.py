@@ -33,7 +33,9 @@ def _multimodal_checkpoint(hf_model, hf_dir, out):
     """A Gemma3nForConditionalGeneration-style checkpoint: text under model.language_model.,
     tower weights beside it, in a shard of their own that is not even valid safetensors."""
     out.mkdir()
-    text = {k.replace("model.", "model.language_model.", 1): v for k, v in load_file(hf_dir / "model.safetensors").items()}
+    text = {
+        k.replace("model.", "model.language_model.", 1): v for k, v in load_file(hf_dir / "model.safetensors").items()
+    }
     save_file(text, str(out / "model-00001-of-00002.safetensors"))
     (out / "model-00002-of-00002.safetensors").write_bytes(b"tower weights we must never open")
     towers = ["model.vision_tower.timm_model.conv_stem.conv.weight", "model.audio_tower.conformer.0.norm.weight",

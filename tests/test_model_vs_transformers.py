@@ -169,3 +169,25 @@ def test_cuda_matches_cpu(hf_model, hf_dir, ours, dtype):
         assert torch.isfinite(got).all() and torch.isfinite(stepped).all()
         assert (got - ref).abs().mean().item() < 1.5 * hf_err, hf_err
         assert (stepped - ref).abs().mean().item() < 1.5 * hf_err, hf_err
+
+
+@pytest.mark.parametrize("size", ["E2B", "E4B"])
+def test_real_sizes_have_transformers_names_and_shapes(size):
+    """At the released sizes (built on the meta device) every parameter has HF's name and shape."""
+    from transformers import Gemma3nForCausalLM as HFModel
+    from transformers import Gemma3nTextConfig
+
+    from g3n.config import text_config_from_dict
+    from g3n.model.text import Gemma3nForCausalLM
+
+    layers, width, shared = (30, 8192, 10) if size == "E2B" else (35, 16384, 15)
+    hf_cfg = Gemma3nTextConfig(num_hidden_layers=layers, intermediate_size=width, num_kv_shared_layers=shared)
+    with torch.device("meta"):
+        hf = HFModel(hf_cfg)
+        ours = Gemma3nForCausalLM(text_config_from_dict(hf_cfg.to_dict()))
+    hf_shapes = {k: tuple(v.shape) for k, v in hf.named_parameters()}
+    our_shapes = {k: tuple(v.shape) for k, v in ours.named_parameters()}
+    assert our_shapes == hf_shapes
+    text_params = sum(p.numel() for p in ours.parameters())
+    expected = {"E2B": 0.54e9 + 2.01e9 + 1.84e9, "E4B": 0.54e9 + 2.35e9 + 3.91e9}[size]
+    assert abs(text_params - expected) / expected < 0.02  # GEMMA3N.md rounds each part

@@ -50,7 +50,9 @@ def test_chat_matches_transformers_template(tok, hf_tok):
     assert ids.count(tok.bos_id) == 1 and ids[0] == tok.bos_id
 
 
-@pytest.mark.parametrize("text", ["Hello world!", "  two  spaces\n\nnew", "émoji 🙂 ok", "12345+678", "x<end_of_turn>y"])
+@pytest.mark.parametrize(
+    "text", ["Hello world!", "  two  spaces\n\nnew", "émoji 🙂 ok", "12345+678", "x<end_of_turn>y"]
+)
 def test_encode_matches_transformers(tok, hf_tok, text):
     assert tok.encode(text) == hf_tok(text)["input_ids"]
 
@@ -98,3 +100,21 @@ def test_bad_messages(tok, messages, match):
 def test_missing_tokenizer(tmp_path):
     with pytest.raises(G3nError, match="tokenizer.model not found"):
         Tokenizer.from_dir(tmp_path)
+
+
+def test_added_tokens_past_sentencepiece(tmp_path):
+    """Tokens listed in tokenizer_config.json beyond SentencePiece's ids (Gemma 3n's image/audio
+    tokens) are matched in text and decoded by name."""
+    import json
+    import shutil
+
+    shutil.copy(TINY_DIR / "tokenizer.model", tmp_path)
+    config = json.loads((TINY_DIR / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"]["800"] = {"content": "<image_soft_token>", "special": True}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = Tokenizer.from_dir(tmp_path)
+    ids = tok.encode("a<image_soft_token>b", add_bos=False)
+    assert 800 in ids
+    assert tok.decode(ids) == "ab"
+    assert tok.decode(ids, skip_special=False) == "a<image_soft_token>b"
+    assert tok.decode([900], skip_special=False) == "<id 900>"

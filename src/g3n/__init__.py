@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from .errors import G3nError  # noqa: E402
+from .errors import G3nError
 
 
 def load(path_or_name="tiny", dtype=None, device=None, ple_device=None):
@@ -19,4 +19,4 @@ def load(path_or_name="tiny", dtype=None, device=None, ple_device=None):
     return model, Tokenizer.from_dir(model_dir)
 
 
-__all__ = ["load", "G3nError", "__version__"]
+__all__ = ["G3nError", "__version__", "load"]

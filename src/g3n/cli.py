@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"g3n: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("", file=sys.stderr)
+        print(file=sys.stderr)
         return 130
 
 

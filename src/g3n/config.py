@@ -107,9 +107,7 @@ def text_config_from_dict(raw: dict, source: str = "config.json") -> TextConfig:
     elif model_type == "gemma3n_text":
         text = dict(raw)
     else:
-        raise G3nError(
-            f"{source}: model_type is {model_type!r}, not a Gemma 3n model ('gemma3n' or 'gemma3n_text')"
-        )
+        raise G3nError(f"{source}: model_type is {model_type!r}, not a Gemma 3n model ('gemma3n' or 'gemma3n_text')")
     if text.get("torch_dtype") is None:
         text["torch_dtype"] = text.get("dtype")
 

@@ -31,9 +31,7 @@ class Tokenizer:
         self.sp = sp
         # Tokens that plain SentencePiece will not match in text (control symbols such as <bos>)
         # or that live outside its vocabulary (added tokens), matched before SentencePiece runs.
-        self.special: dict[str, int] = {
-            sp.id_to_piece(i): i for i in range(sp.get_piece_size()) if sp.is_control(i)
-        }
+        self.special: dict[str, int] = {sp.id_to_piece(i): i for i in range(sp.get_piece_size()) if sp.is_control(i)}
         self.special.update(added_tokens or {})
         self.id_to_special = {i: t for t, i in self.special.items()}
         names = sorted(self.special, key=len, reverse=True)
@@ -44,7 +42,7 @@ class Tokenizer:
         self.turn_ids = {self.start_of_turn_id, self.end_of_turn_id}
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path) -> "Tokenizer":
+    def from_dir(cls, model_dir: str | Path) -> Tokenizer:
         model_dir = Path(model_dir)
         path = model_dir / "tokenizer.model"
         if not path.is_file():
@@ -55,10 +53,6 @@ class Tokenizer:
         except (OSError, RuntimeError) as e:
             raise G3nError(f"{path}: not a SentencePiece model ({e})") from None
         return cls(sp, _added_tokens(model_dir, sp))
-
-    @property
-    def vocab_size(self) -> int:
-        return max(self.sp.get_piece_size(), max(self.id_to_special, default=0) + 1)
 
     def token_id(self, token: str) -> int:
         if token in self.special:
@@ -95,14 +89,14 @@ class Tokenizer:
         return i in self.id_to_special or i >= n or self.sp.is_control(i) or i in self.turn_ids
 
     def decode(self, ids, skip_special: bool = True) -> str:
-        out, run = [], []
+        out, run, n = [], [], self.sp.get_piece_size()
         for i in map(int, ids):
             if self.is_special(i):
                 if run:
                     out.append(self.sp.decode(run))
                     run = []
                 if not skip_special:
-                    out.append(self.id_to_special.get(i) or self.sp.id_to_piece(i))
+                    out.append(self.id_to_special.get(i) or (self.sp.id_to_piece(i) if i < n else f"<id {i}>"))
             else:
                 run.append(i)
         if run:

@@ -56,17 +56,18 @@ def _looks_like_hub_id(name: str) -> bool:
 def _from_hf_cache(repo_id: str) -> Path:
     """The local snapshot of a Hugging Face model, downloading it only when not cached."""
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
     patterns = ["*.json", "*.safetensors", "tokenizer.model"]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
-    except Exception:
-        pass
+    except LocalEntryNotFoundError:
+        pass  # not cached: try the network below
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
         raise G3nError(f"{repo_id}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set")
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - network, auth and hub errors all mean "could not download"
         raise G3nError(f"{repo_id}: not in the local Hugging Face cache and could not be downloaded ({e})") from None
 
 
@@ -107,7 +108,7 @@ class TensorIndex:
                 raise G3nError(f"{index}: not a valid safetensors index ({e})") from None
             self.file_of = {name: model_dir / fname for name, fname in weight_map.items()}
         elif single.is_file():
-            self.file_of = {name: single for name in self._open(single).keys()}
+            self.file_of = {name: single for name in self._open(single).keys()}  # noqa: SIM118 - not a dict
         else:
             raise G3nError(f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE} found")
         self._handles: dict[Path, object] = {}
@@ -137,7 +138,7 @@ class TensorIndex:
     def read(self, key: str, expected_shape: torch.Size) -> torch.Tensor:
         path = self.file_of[key]
         f = self.handle(path)
-        if key not in f.keys():
+        if key not in f.keys():  # noqa: SIM118 - safe_open has no __contains__
             raise G3nError(f"{path}: tensor '{key}' listed in the index is missing from the file")
         shape = tuple(f.get_slice(key).get_shape())
         if shape != tuple(expected_shape):

@@ -248,14 +248,6 @@ class KVCache:
         self.keys[layer], self.values[layer] = k[:, :, -keep:], v[:, :, -keep:]
         return k, v
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep only the batch rows in `index` (e.g. drop finished sequences)."""
-        for d in (self.keys, self.values):
-            for i in d:
-                d[i] = d[i][index]
-        if self.valid is not None:
-            self.valid = self.valid[index]
-
 
 def build_mask(q_index, k_index, k_valid, window):
     """(batch, 1, q, k) bool: causal by cache index, within `window`, and only real keys.
@@ -297,9 +289,7 @@ class TextModel(nn.Module):
         self.embed_tokens_per_layer = nn.Embedding(cfg.vocab_size_per_layer_input, L * P, padding_idx=cfg.pad_token_id)
         self.per_layer_model_projection = nn.Linear(h, L * P, bias=False)
         self.per_layer_projection_norm = RMSNorm(P, cfg.rms_norm_eps)
-        self.altup_projections = nn.ModuleList(
-            nn.Linear(h, h, bias=False) for _ in range(cfg.altup_num_inputs - 1)
-        )
+        self.altup_projections = nn.ModuleList(nn.Linear(h, h, bias=False) for _ in range(cfg.altup_num_inputs - 1))
         self.altup_unembed_projections = nn.ModuleList(
             nn.Linear(h, h, bias=False) for _ in range(cfg.altup_num_inputs - 1)
         )
