@@ -33,8 +33,11 @@ def hf_text_config(**overrides):
     return Gemma3nTextConfig(**kw)
 
 
-def randomize_(model, seed=0):
-    """Random weights everywhere (transformers inits norms to 1 and some scales to 0)."""
+def randomize_(model, seed=0, scale=0.5):
+    """Random weights everywhere (transformers inits norms to 1 and some scales to 0).
+
+    `scale` sets matrix weights to scale / sqrt(fan_in): deep models need less to stay tame.
+    """
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -43,13 +46,13 @@ def randomize_(model, seed=0):
             elif "correct_output_scale" in name:
                 p.copy_(0.5 + 0.5 * torch.rand(p.shape, generator=g))
             else:
-                p.copy_(torch.randn(p.shape, generator=g) * (0.5 / p.shape[-1] ** 0.5 if p.dim() > 1 else 0.1))
+                p.copy_(torch.randn(p.shape, generator=g) * (scale / p.shape[-1] ** 0.5 if p.dim() > 1 else 0.1))
     return model
 
 
-def make_hf_model(seed=0, **overrides):
+def make_hf_model(seed=0, scale=0.5, **overrides):
     from transformers import Gemma3nForCausalLM
 
     torch.manual_seed(seed)
     model = Gemma3nForCausalLM(hf_text_config(**overrides)).float().eval()
-    return randomize_(model, seed)
+    return randomize_(model, seed, scale)

@@ -59,7 +59,7 @@ def test_multimodal_checkpoint_reads_text_only(hf_model, hf_dir, tmp_path, monke
     ckpt = _multimodal_checkpoint(hf_model, hf_dir, tmp_path / "mm")
     read = []
     original = TensorIndex.read
-    monkeypatch.setattr(TensorIndex, "read", lambda self, key, shape: read.append(key) or original(self, key, shape))
+    monkeypatch.setattr(TensorIndex, "read", lambda self, key, *a: read.append(key) or original(self, key, *a))
     model = load_model(ckpt, dtype="float32", device="cpu")
     assert _same_logits(model, hf_model)
     assert read and all(k.startswith("model.language_model.") for k in read)

@@ -26,6 +26,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="weights and compute dtype (auto: bfloat16 on GPU, float32 on CPU for small models)",
     )
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
+    g.add_argument(
+        "--matformer",
+        default=None,
+        metavar="PLAN",
+        help="run a MatFormer sub-model straight from the parent's weights: a built-in plan "
+        "(E2B, E1.96B, E2.54B, E4B) or a plan file (.yaml/.csv); see `g3n slice --help`",
+    )
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -59,9 +66,10 @@ def _load(args):
     from . import load
 
     start = time.perf_counter()
-    model, tok = load(args.model, dtype=args.dtype, device=args.device)
+    model, tok = load(args.model, dtype=args.dtype, device=args.device, matformer=getattr(args, "matformer", None))
+    sub = f", MatFormer plan {args.matformer}" if getattr(args, "matformer", None) else ""
     print(
-        f"[g3n] loaded {args.model} ({model.config.num_hidden_layers} layers, {model.dtype}, {model.device})"
+        f"[g3n] loaded {args.model} ({model.config.num_hidden_layers} layers{sub}, {model.dtype}, {model.device})"
         f" in {time.perf_counter() - start:.1f}s",
         file=sys.stderr,
     )
@@ -157,6 +165,52 @@ def cmd_demo(args) -> int:
     return 0
 
 
+SLICE_HELP = """\
+Write a MatFormer sub-model of a Gemma 3n checkpoint (normally E4B) as a plain HF checkpoint.
+
+PLAN is a built-in name or a plan file:
+  E2B      FFN 8192 (half of E4B's) everywhere, layers 20-24 skipped   (Google's E2B, 1.91 B effective)
+  E1.96B   as E2B with layer 4 at full width
+  E2.54B   35 layers: layers 4 and 20-24 at full width, the rest at half
+  E4B      the parent unchanged
+  plan.yaml:  ffn_widths: [8192, 16384, ...]  (one per parent layer, or one number for all)
+              skip_layers: [20, 21, 22, 23, 24]
+  plan.csv:   layer,ffn_width   (one row per parent layer; width 0 or 'skip' skips the layer)
+
+The output keeps the parent's tokenizer, towers and other files; config.json gets the new
+num_hidden_layers, intermediate_size list, num_kv_shared_layers, layer_types and sparsity pattern;
+the per-layer embedding table and its projection keep only the kept layers. Tensors are streamed
+in chunks, so memory stays far below the model's size."""
+
+
+def format_params(n: int) -> str:
+    return f"{n / 1e9:.3f} B" if n >= 1e8 else f"{n / 1e6:.3f} M"
+
+
+def cmd_slice(args) -> int:
+    import resource
+
+    from .slicer import slice_checkpoint
+
+    if not args.plan or not args.out:
+        raise G3nError("g3n slice needs --plan and --out (see g3n slice --help)")
+    start = time.perf_counter()
+
+    def progress(done, total, name):
+        print(f"[g3n] shard {min(done + 1, total)}/{total}: {name}", file=sys.stderr, flush=True)
+
+    result = slice_checkpoint(args.model, args.plan, args.out, overwrite=args.overwrite, progress=progress)
+    cfg = result.config
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"wrote {result.out_dir} in {time.perf_counter() - start:.1f}s (peak memory {peak:.2f} GiB)")
+    print(f"plan {result.plan.name}: {cfg.num_hidden_layers} layers ({cfg.num_kv_shared_layers} KV-shared), "
+          f"FFN widths {sorted(set(cfg.intermediate_size))}, skipped {result.plan.skip_layers or 'none'}")  # fmt: skip
+    print(f"effective parameters: {format_params(result.effective_params)} (without embeddings and towers)")
+    for w in result.warnings:
+        print(f"warning: llama.cpp cannot run this model ({w}); GGUF export will be refused", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -189,6 +243,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="a system prompt for the conversation")
     _add_sampling_args(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser(
+        "slice",
+        help="cut a MatFormer sub-model (E2B, custom) out of E4B",
+        description=SLICE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="the parent checkpoint (directory or cached HF id)")
+    p.add_argument("--plan", help="built-in plan name or plan file (.yaml/.csv)")
+    p.add_argument("--out", help="output directory for the sub-model checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_slice)
 
     p = sub.add_parser(
         "demo",

@@ -16,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..config import TextConfig, read_text_config
 from ..errors import G3nError
+from ..matformer import Source, load_plan, sub_config, tensor_source
 from .text import Gemma3nForCausalLM, RotaryEmbedding
 
 TINY_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny"
@@ -127,26 +128,33 @@ class TensorIndex:
             self._handles[path] = self._open(path)
         return self._handles[path]
 
-    def find(self, name: str) -> str | None:
-        """The checkpoint key holding our parameter `name` ('model.x' in our naming)."""
-        rest = name[len("model.") :]
+    def find(self, suffix: str) -> str | None:
+        """The checkpoint key of the text-model tensor `suffix` (e.g. 'layers.0.mlp.up_proj.weight')."""
         for prefix in TEXT_PREFIXES:
-            if prefix + rest in self.file_of:
-                return prefix + rest
+            if prefix + suffix in self.file_of:
+                return prefix + suffix
         return None
 
-    def read(self, key: str, expected_shape: torch.Size) -> torch.Tensor:
+    def open_slice(self, key: str, expected_shape):
+        """The lazy safetensors slice of `key`, after checking its shape against the config's."""
         path = self.file_of[key]
         f = self.handle(path)
         if key not in f.keys():  # noqa: SIM118 - safe_open has no __contains__
             raise G3nError(f"{path}: tensor '{key}' listed in the index is missing from the file")
-        shape = tuple(f.get_slice(key).get_shape())
+        sl = f.get_slice(key)
+        shape = tuple(sl.get_shape())
         if shape != tuple(expected_shape):
             raise G3nError(f"{path}: tensor '{key}' has shape {list(shape)}, expected {list(expected_shape)}")
+        return sl
+
+    def read(self, key: str, expected_shape, pieces=((),), dim: int = 0) -> torch.Tensor:
+        """The tensor `key`, or only the given slices of it joined on `dim` (nothing else is read)."""
+        sl = self.open_slice(key, expected_shape)
         try:
-            return f.get_tensor(key)
+            parts = [sl[piece] if piece else sl[:] for piece in pieces]
         except (SafetensorError, OSError, RuntimeError) as e:
-            raise G3nError(f"{path}: cannot read tensor '{key}', truncated or corrupt? ({e})") from None
+            raise G3nError(f"{self.file_of[key]}: cannot read tensor '{key}', truncated or corrupt? ({e})") from None
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
 def load_model(
@@ -154,16 +162,20 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     ple_device: str | torch.device | None = None,
+    matformer=None,
 ) -> Gemma3nForCausalLM:
     """Build the text decoder from a checkpoint, reading only the text weights.
 
     `ple_device` places the per-layer embedding table elsewhere (e.g. "cpu" beside a GPU model);
-    by default it sits with the rest of the model.
+    by default it sits with the rest of the model. `matformer` (a plan name, plan file or Plan)
+    builds that MatFormer sub-model straight from the parent's weights, reading only its slices.
     """
     model_dir = resolve_model_dir(path_or_name)
     if not model_dir.is_dir():
         raise G3nError(f"{model_dir}: no such directory")
-    cfg = read_text_config(model_dir / "config.json")
+    parent = read_text_config(model_dir / "config.json")
+    plan = load_plan(matformer, parent) if matformer is not None else None
+    cfg = sub_config(parent, plan) if plan is not None else parent
     device = torch.device(device) if device is not None else default_device()
     if device.type == "cuda" and not torch.cuda.is_available():
         raise G3nError(f"device {device} requested but CUDA is not available")
@@ -175,15 +187,25 @@ def load_model(
     ple_name = "model.embed_tokens_per_layer.weight"
     ple_device = torch.device(ple_device) if ple_device is not None else device
 
+    parent_shapes = shapes
+    if plan is not None:
+        with torch.device("meta"):
+            parent_shapes = {n: p.shape for n, p in Gemma3nForCausalLM(parent).named_parameters()}
+    sources = {
+        name: tensor_source(name.removeprefix("model."), parent, plan)
+        if plan
+        else Source(name.removeprefix("model."), [()])
+        for name in shapes
+    }
     index = TensorIndex(model_dir)
-    missing = [name for name in shapes if index.find(name) is None]
+    missing = ["model." + src.name for src in sources.values() if index.find(src.name) is None]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise G3nError(f"{model_dir}: checkpoint lacks tensor(s) {', '.join(missing[:3])}{more}")
 
     state = {}
-    for name, shape in shapes.items():
-        tensor = index.read(index.find(name), shape)
+    for name, src in sources.items():
+        tensor = index.read(index.find(src.name), parent_shapes["model." + src.name], src.pieces, src.dim)
         state[name] = tensor.to(dtype=dtype, device=ple_device if name == ple_name else device)
     model.load_state_dict(state, assign=True, strict=True)
     model.model.rotary_emb = RotaryEmbedding(cfg).to(device)
