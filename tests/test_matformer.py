@@ -5,19 +5,22 @@ transformers. Its weights are scaled down so that float32 rounding is not amplif
 """
 
 import json
+import shutil
 
 import pytest
 import torch
 
 from g3n.errors import G3nError
 from g3n.matformer import Plan, effective_parameters, load_plan, sub_config
-from g3n.model.load import load_model
+from g3n.model.load import TINY_DIR, load_model
 from g3n.slicer import slice_checkpoint
 from helpers import make_hf_model
 
 TOL = 1e-4
-E4B_SHAPE = dict(num_hidden_layers=35, num_kv_shared_layers=15, intermediate_size=64, sliding_window=8,
-                 activation_sparsity_pattern=[0.95] * 10 + [0.0] * 25)  # fmt: skip
+E4B_SHAPE = {  # vocab of the shipped tokenizer, so the parent can read text
+    "num_hidden_layers": 35, "num_kv_shared_layers": 15, "intermediate_size": 64, "sliding_window": 8,
+    "activation_sparsity_pattern": [0.95] * 10 + [0.0] * 25, "vocab_size": 768, "vocab_size_per_layer_input": 768,
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +28,7 @@ def parent(tmp_path_factory):
     hf = make_hf_model(seed=21, scale=0.15, attn_implementation="eager", **E4B_SHAPE)
     d = tmp_path_factory.mktemp("e4b_parent")
     hf.save_pretrained(d, max_shard_size="300KB")  # several shards
-    (d / "tokenizer.model").write_bytes(b"copied unchanged")
+    shutil.copy(TINY_DIR / "tokenizer.model", d)
     return hf, d
 
 
@@ -58,7 +61,7 @@ def test_e2b_plan_gives_e2b_structure(parent, tmp_path):
     assert cfg["intermediate_size"] == [32] * 30
     assert cfg["activation_sparsity_pattern"] == [0.95] * 10 + [0.0] * 20
     assert cfg["layer_types"] == ["full_attention" if (i + 1) % 5 == 0 else "sliding_attention" for i in range(30)]
-    assert (result.out_dir / "tokenizer.model").read_bytes() == b"copied unchanged"
+    assert (result.out_dir / "tokenizer.model").read_bytes() == (TINY_DIR / "tokenizer.model").read_bytes()
     assert (result.out_dir / "model.safetensors.index.json").is_file()
 
 
@@ -221,3 +224,85 @@ def test_elastic_tiny_chat(capsys):
     assert model.config.num_hidden_layers == 23 and model.config.intermediate_size == [128] * 23
     assert main(["generate", "--prompt", "Hi", "--greedy", "--max-new-tokens", "5", "--matformer", "E2B"]) == 2
     assert "E4B-shaped" in capsys.readouterr().err
+
+
+# ---- slice search ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory):
+    d = tmp_path_factory.mktemp("calib")
+    rows = [
+        {"text": "The capital of France is Paris. The sky is blue."},
+        {"messages": [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "2+3 = 5."}]},
+        {"text": "Water boils at 100 degrees Celsius."},
+    ]
+    path = d / "calib.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_perplexity_equals_transformers_loss(parent, calib):
+    import math
+
+    import g3n
+    from g3n.slice_search import perplexity, read_calibration
+
+    hf, d = parent
+    model, tok = g3n.load(d, dtype="float32", device="cpu")
+    seqs = read_calibration(calib, tok, max_tokens=10_000, max_len=64)
+    nll = 0.0
+    with torch.no_grad():
+        for ids in seqs:
+            x = torch.tensor([ids])
+            nll += hf(x, labels=x).loss.item() * (len(ids) - 1)
+    expected = math.exp(nll / sum(len(s) - 1 for s in seqs))
+    assert perplexity(model, seqs) == pytest.approx(expected, rel=1e-4)
+
+
+def test_sub_model_shares_weights_and_equals_elastic(parent):
+    from g3n.matformer import sub_model
+
+    _, d = parent
+    full = load_model(d, dtype="float32", device="cpu")
+    sub = sub_model(full, load_plan("E2B", full.config))
+    assert sub.model.layers[0].mlp.gate_proj.weight.data_ptr() == full.model.layers[0].mlp.gate_proj.weight.data_ptr()
+    with torch.no_grad():
+        assert torch.equal(sub(_ids()), load_model(d, dtype="float32", device="cpu", matformer="E2B")(_ids()))
+
+
+def test_search_cli(parent, calib, tmp_path, capsys):
+    from g3n.cli import main
+    from g3n.slice_search import candidate_plans
+
+    _, d = parent
+    plan_out, plot_out = tmp_path / "best.yaml", tmp_path / "pareto.png"
+    parent_cfg = load_model(d, device="cpu").config
+    budget = effective_parameters(sub_config(parent_cfg, load_plan("E2.54B", parent_cfg)))
+    args = ["slice", "search", "--model", str(d), "--budget", str(budget), "--data", str(calib), "--device", "cpu"]
+    assert main([*args, "--plan-out", str(plan_out), "--plot", str(plot_out)]) == 0
+    out = capsys.readouterr().out
+    table = [line.split() for line in out.splitlines()[1:] if line and not line.startswith("best")]
+    assert len(table) == len(candidate_plans(parent_cfg))
+    assert any(row[-2:] == ["over", "budget"] for row in table)  # E4B itself does not fit
+    evaluated = {row[0]: float(row[-1]) for row in table if row[-1] != "budget"}
+    best = load_plan(str(plan_out), parent_cfg)
+    assert evaluated[best.name] == min(evaluated.values())
+    assert effective_parameters(sub_config(parent_cfg, best)) <= budget
+    assert plot_out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["slice", "--model", str(d), "--plan", str(plan_out), "--out", str(tmp_path / "best")]) == 0
+
+
+def test_search_bad_input(parent, calib, tmp_path, capsys):
+    from g3n.cli import main
+
+    _, d = parent
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"txt": "no"}\n')
+    base = ["slice", "search", "--model", str(d), "--device", "cpu"]
+    assert main([*base, "--budget", "lots", "--data", str(calib)]) == 2
+    assert "budget 'lots'" in capsys.readouterr().err
+    assert main([*base, "--budget", "1M", "--data", str(bad)]) == 2
+    assert "bad.jsonl:2: expected an object with 'text' or 'messages'" in capsys.readouterr().err
+    assert main([*base, "--budget", "10", "--data", str(calib)]) == 2
+    assert "no candidate fits the budget" in capsys.readouterr().err

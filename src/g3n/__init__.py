@@ -17,7 +17,11 @@ def load(path_or_name="tiny", dtype=None, device=None, ple_device=None, matforme
 
     model_dir = resolve_model_dir(path_or_name)
     model = load_model(model_dir, dtype=dtype, device=device, ple_device=ple_device, matformer=matformer)
-    return model, Tokenizer.from_dir(model_dir)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    n_tokens, vocab = tokenizer.sp.get_piece_size(), model.config.vocab_size
+    if n_tokens > vocab:
+        raise G3nError(f"{model_dir}: tokenizer.model has {n_tokens} tokens but config.json's vocab_size is {vocab}")
+    return model, tokenizer
 
 
 __all__ = ["G3nError", "__version__", "load"]

@@ -192,8 +192,8 @@ def cmd_slice(args) -> int:
 
     from .slicer import slice_checkpoint
 
-    if not args.plan or not args.out:
-        raise G3nError("g3n slice needs --plan and --out (see g3n slice --help)")
+    if not args.model or not args.plan or not args.out:
+        raise G3nError("g3n slice needs --model, --plan and --out (see g3n slice --help)")
     start = time.perf_counter()
 
     def progress(done, total, name):
@@ -208,6 +208,31 @@ def cmd_slice(args) -> int:
     print(f"effective parameters: {format_params(result.effective_params)} (without embeddings and towers)")
     for w in result.warnings:
         print(f"warning: llama.cpp cannot run this model ({w}); GGUF export will be refused", file=sys.stderr)
+    return 0
+
+
+def cmd_slice_search(args) -> int:
+    from .matformer import save_plan
+    from .slice_search import parse_budget, plot, read_calibration, search
+
+    budget = parse_budget(args.budget)
+    model, tok = _load(args)
+    seqs = read_calibration(args.data, tok, args.max_tokens, args.max_length)
+    print(f"[g3n] {sum(map(len, seqs))} calibration tokens in {len(seqs)} sequences", file=sys.stderr)
+
+    def progress(done, total, name):
+        print(f"[g3n] candidate {done}/{total}: {name}", file=sys.stderr, flush=True)
+
+    cands = search(model, seqs, budget, progress)
+    print(f"{'plan':32} {'layers':>6} {'effective':>12} {'perplexity':>11}")
+    for c in sorted(cands, key=lambda c: c.effective_params):
+        ppl = f"{c.perplexity:11.3f}" if c.perplexity is not None else "over budget"
+        print(f"{c.plan.name:32} {len(c.plan.kept_layers):6d} {format_params(c.effective_params):>12} {ppl:>11}")
+    best = cands[0]
+    save_plan(best.plan, args.plan_out)
+    plot(cands, budget, args.plot)
+    print(f"best under {format_params(budget)}: {best.plan.name} ({format_params(best.effective_params)}, "
+          f"perplexity {best.perplexity:.3f}); plan written to {args.plan_out}, plot to {args.plot}")  # fmt: skip
     return 0
 
 
@@ -250,11 +275,28 @@ def build_parser() -> argparse.ArgumentParser:
         description=SLICE_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", required=True, help="the parent checkpoint (directory or cached HF id)")
+    p.add_argument("--model", help="the parent checkpoint (directory or cached HF id)")
     p.add_argument("--plan", help="built-in plan name or plan file (.yaml/.csv)")
     p.add_argument("--out", help="output directory for the sub-model checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_slice)
+    slice_sub = p.add_subparsers(dest="slice_command", metavar="search")
+    s = slice_sub.add_parser(
+        "search",
+        help="find the best slice under a parameter budget",
+        description="Evaluate candidate MatFormer plans (Google's published ones and generated ones: "
+        "uniform FFN widths, wide sparse layers, skipped KV-shared blocks) by perplexity on calibration "
+        "data; print a table of effective parameters vs perplexity, save a Pareto plot, and write the "
+        "best plan under the budget as a plan file for `g3n slice --plan`.",
+    )
+    _add_model_args(s)
+    s.add_argument("--budget", required=True, help="effective parameters allowed, e.g. 2B, 900M, 1.5e9")
+    s.add_argument("--data", required=True, help='calibration JSONL: {"text": ...} or {"messages": [...]} per line')
+    s.add_argument("--max-tokens", type=int, default=20000, help="calibration tokens to use (20000)")
+    s.add_argument("--max-length", type=int, default=1024, help="tokens per calibration sequence (1024)")
+    s.add_argument("--plan-out", default="best_plan.yaml", help="where to write the best plan (best_plan.yaml)")
+    s.add_argument("--plot", default="matformer_pareto.png", help="where to save the Pareto plot (PNG)")
+    s.set_defaults(func=cmd_slice_search)
 
     p = sub.add_parser(
         "demo",

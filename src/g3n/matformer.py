@@ -226,3 +226,36 @@ def effective_parameters(cfg: TextConfig) -> int:
     layers = sum(attention + 3 * h * w + altup + laurel + per_layer + norms for w in cfg.intermediate_size)
     top = h * L * P + P + 2 * (n - 1) * h * h + h  # PLE projection + its norm, altup (un)embed, final norm
     return layers + top
+
+
+def save_plan(plan: Plan, path: str | Path) -> Path:
+    """Write a plan as YAML that `load_plan` (and `g3n slice --plan`) reads back."""
+    import yaml
+
+    path = Path(path)
+    data = {"name": plan.name, "ffn_widths": list(plan.ffn_widths), "skip_layers": sorted(plan.skip_layers)}
+    path.write_text(yaml.safe_dump(data, default_flow_style=None, sort_keys=False))
+    return path
+
+
+def sub_model(model, plan: Plan):
+    """The sub-model of an in-memory parent, sharing its weights (slices are views where possible)."""
+    import torch
+
+    from .model.text import Gemma3nForCausalLM, RotaryEmbedding
+
+    parent = model.config
+    validate_plan(plan, parent)
+    child_cfg = sub_config(parent, plan)
+    params = dict(model.named_parameters())
+    with torch.device("meta"):
+        child = Gemma3nForCausalLM(child_cfg)
+    state = {}
+    for name in dict(child.named_parameters()):
+        src = tensor_source(name.removeprefix("model."), parent, plan)
+        full = params["model." + src.name]
+        parts = [full[piece] for piece in src.pieces]
+        state[name] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=src.dim)
+    child.load_state_dict(state, assign=True, strict=True)
+    child.model.rotary_emb = RotaryEmbedding(child_cfg).to(model.device)
+    return child.eval()
