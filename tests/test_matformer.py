@@ -49,6 +49,7 @@ def test_identity_plan_reproduces_parent(parent, tmp_path):
     same = load_model(d, dtype="float32", device="cpu")
     with torch.no_grad():
         assert torch.equal(ours(_ids()), same(_ids()))
+        assert (ours(_ids()) - hf(_ids()).logits).abs().max().item() < TOL
     for name, p in same.state_dict().items():
         assert torch.equal(p, ours.state_dict()[name]), name
 

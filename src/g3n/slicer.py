@@ -1,8 +1,9 @@
 """Write a MatFormer sub-model as a plain HF checkpoint, streaming shard by shard.
 
-Each parent shard becomes one output shard. Tensors are read through safetensors' lazy slices and
-written in row chunks of at most CHUNK_BYTES, straight into a safetensors file whose header is
-computed up front, so peak memory stays near one chunk whatever the model's size. Vision/audio
+Each parent shard becomes one output shard. Tensors are read in row chunks of at most CHUNK_BYTES
+with plain file reads (a memory map would count the whole file as resident) and written straight
+into a safetensors file whose header is computed up front, so peak memory stays near one chunk
+whatever the model's size. Vision/audio
 towers, the tokenizer and every other file are copied unchanged. Everything is written into a
 temporary directory beside the output and renamed into place at the end.
 """
@@ -18,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from .config import TextConfig, read_text_config
 from .errors import G3nError
@@ -67,35 +67,74 @@ def _plan_text_tensor(suffix: str, parent: TextConfig, plan: Plan) -> tuple[str,
     return suffix, tensor_source(suffix, parent, plan)
 
 
-def _write_shard(src_path: Path, dst_path: Path, entries: list[tuple[str, str, Source]]) -> None:
+TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+
+
+class _Shard:
+    """Reads row ranges of a safetensors file with plain reads (no memory map), so memory use is
+    what is asked for, not the file's size."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = open(path, "rb")  # noqa: SIM115 - closed by close()
+        try:
+            (n,) = struct.unpack("<Q", self.file.read(8))
+            self.header = json.loads(self.file.read(n))
+        except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+            self.file.close()
+            raise G3nError(f"{path}: not a safetensors file ({e})") from None
+        self.header.pop("__metadata__", None)
+        self.base = 8 + n
+
+    def close(self):
+        self.file.close()
+
+    def info(self, key: str) -> tuple[str, list[int]]:
+        meta = self.header[key]
+        return meta["dtype"], meta["shape"]
+
+    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        dtype, shape = self.info(key)
+        row_bytes = math.prod(shape[1:]) * DTYPE_SIZES[dtype] if shape else DTYPE_SIZES[dtype]
+        offset = self.base + self.header[key]["data_offsets"][0] + start * row_bytes
+        data = bytearray(os.pread(self.file.fileno(), (stop - start) * row_bytes, offset))
+        if len(data) != (stop - start) * row_bytes:
+            raise G3nError(f"{self.path}: tensor '{key}' is cut short, truncated file?")
+        t = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        return t.view(TORCH_DTYPES[dtype]).reshape([stop - start, *shape[1:]] if shape else [])
+
+
+def _write_shard(shard: _Shard, dst_path: Path, entries: list[tuple[str, str, Source]]) -> None:
     """Write `entries` (output name, input name, source) from one input shard into one output shard."""
-    with safe_open(str(src_path), framework="pt") as f:
-        slices = {key: f.get_slice(key) for _, key, _ in entries}
-        header, offset = {"__metadata__": {"format": "pt"}}, 0
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for out_name, key, src in entries:
+        dtype, shape = shard.info(key)
+        out_shape = _output_shape(shape, src)
+        nbytes = math.prod(out_shape) * DTYPE_SIZES[dtype]
+        header[out_name] = {"dtype": dtype, "shape": out_shape, "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(dst_path, "wb") as out:
+        out.write(struct.pack("<Q", len(blob)))
+        out.write(blob)
         for out_name, key, src in entries:
-            sl = slices[key]
-            shape = _output_shape(list(sl.get_shape()), src)
-            nbytes = math.prod(shape) * DTYPE_SIZES[sl.get_dtype()]
-            header[out_name] = {"dtype": sl.get_dtype(), "shape": shape, "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)
-        with open(dst_path, "wb") as out:
-            out.write(struct.pack("<Q", len(blob)))
-            out.write(blob)
-            for out_name, key, src in entries:
-                written = _stream_tensor(slices[key], src, out)
-                start, end = header[out_name]["data_offsets"]
-                if written != end - start:
-                    raise G3nError(f"{src_path}: tensor '{key}' gave {written} bytes, expected {end - start}")
+            written = _stream_tensor(shard, key, src, out)
+            start, end = header[out_name]["data_offsets"]
+            if written != end - start:
+                raise G3nError(f"{shard.path}: tensor '{key}' gave {written} bytes, expected {end - start}")
 
 
-def _stream_tensor(sl, src: Source, out) -> int:
-    """Write the source's slices of `sl` in row chunks; return the bytes written."""
-    shape = list(sl.get_shape())
+def _stream_tensor(shard: _Shard, key: str, src: Source, out) -> int:
+    """Write the source's slices of tensor `key` in row chunks; return the bytes written."""
+    dtype, shape = shard.info(key)
     if not shape:
-        return _write(sl[:], out)
-    row_bytes = max(1, math.prod(shape[1:]) * DTYPE_SIZES[sl.get_dtype()])
+        return _write(shard.rows(key, 0, 1), out)
+    row_bytes = max(1, math.prod(shape[1:]) * DTYPE_SIZES[dtype])
     step = max(1, CHUNK_BYTES // row_bytes)
     pieces = [p + (slice(None),) * (len(shape) - len(p)) for p in src.pieces]
     written = 0
@@ -103,17 +142,17 @@ def _stream_tensor(sl, src: Source, out) -> int:
         for piece in pieces:
             rows = range(*piece[0].indices(shape[0]))
             for r in range(0, len(rows), step):
-                chunk = (slice(rows.start + r, rows.start + min(r + step, len(rows))),) + piece[1:]
-                written += _write(sl[chunk], out)
+                chunk = shard.rows(key, rows.start + r, rows.start + min(r + step, len(rows)))
+                written += _write(chunk[(slice(None),) + piece[1:]], out)
     else:  # pieces side by side: join each chunk of rows across them
         for r in range(0, shape[0], step):
-            rows = slice(r, min(r + step, shape[0]))
-            written += _write(torch.cat([sl[(rows,) + p[1:]] for p in pieces], dim=src.dim), out)
+            chunk = shard.rows(key, r, min(r + step, shape[0]))
+            written += _write(torch.cat([chunk[(slice(None),) + p[1:]] for p in pieces], dim=src.dim), out)
     return written
 
 
 def _write(t: torch.Tensor, out) -> int:
-    data = t.contiguous().view(torch.uint8).numpy() if t.dim() else t.reshape(1).view(torch.uint8).numpy()
+    data = t.contiguous().reshape(-1).view(torch.uint8).numpy()
     out.write(data.tobytes())
     return data.nbytes
 
@@ -168,7 +207,11 @@ def slice_checkpoint(model, plan_spec, out_dir, overwrite: bool = False, progres
         for i, path in enumerate(files):
             if progress:
                 progress(i, len(files), path.name)
-            _write_shard(path, tmp / path.name, sorted(by_file[path]))
+            shard = _Shard(path)
+            try:
+                _write_shard(shard, tmp / path.name, sorted(by_file[path]))
+            finally:
+                shard.close()
         if len(files) > 1 or (model_dir / INDEX_FILE).is_file():
             weight_map = {name: path.name for path, entries in by_file.items() for name, _, _ in entries}
             total = sum((tmp / p.name).stat().st_size for p in files)
