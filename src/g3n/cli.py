@@ -66,8 +66,8 @@ def _load(args):
     from . import load
 
     start = time.perf_counter()
-    model, tok = load(args.model, dtype=args.dtype, device=args.device, matformer=getattr(args, "matformer", None))
-    sub = f", MatFormer plan {args.matformer}" if getattr(args, "matformer", None) else ""
+    model, tok = load(args.model, dtype=args.dtype, device=args.device, matformer=args.matformer)
+    sub = f", MatFormer plan {args.matformer}" if args.matformer else ""
     print(
         f"[g3n] loaded {args.model} ({model.config.num_hidden_layers} layers{sub}, {model.dtype}, {model.device})"
         f" in {time.perf_counter() - start:.1f}s",

@@ -188,9 +188,11 @@ def _runs(indices: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def tensor_source(suffix: str, parent: TextConfig, plan: Plan) -> Source | None:
-    """Where the sub-model's text tensor `suffix` (name inside the text model, e.g. 'layers.3.mlp.up_proj.weight')
-    comes from in the parent. None for parent tensors of skipped layers when asked by parent name."""
+def tensor_source(suffix: str, parent: TextConfig, plan: Plan | None) -> Source:
+    """Where the sub-model's text tensor `suffix` (its name inside the text model, e.g.
+    'layers.3.mlp.up_proj.weight') comes from in the parent; the whole tensor when plan is None."""
+    if plan is None:
+        return Source(suffix, [()])
     kept = plan.kept_layers
     P = parent.hidden_size_per_layer_input
     blocks = [(a * P, b * P) for a, b in _runs(kept)]

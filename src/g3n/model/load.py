@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..config import TextConfig, read_text_config
 from ..errors import G3nError
-from ..matformer import Source, load_plan, sub_config, tensor_source
+from ..matformer import load_plan, sub_config, tensor_source
 from .text import Gemma3nForCausalLM, RotaryEmbedding
 
 TINY_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny"
@@ -191,12 +191,7 @@ def load_model(
     if plan is not None:
         with torch.device("meta"):
             parent_shapes = {n: p.shape for n, p in Gemma3nForCausalLM(parent).named_parameters()}
-    sources = {
-        name: tensor_source(name.removeprefix("model."), parent, plan)
-        if plan
-        else Source(name.removeprefix("model."), [()])
-        for name in shapes
-    }
+    sources = {name: tensor_source(name.removeprefix("model."), parent, plan) for name in shapes}
     index = TensorIndex(model_dir)
     missing = ["model." + src.name for src in sources.values() if index.find(src.name) is None]
     if missing:
