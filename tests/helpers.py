@@ -33,7 +33,7 @@ def hf_text_config(**overrides):
     return Gemma3nTextConfig(**kw)
 
 
-def randomize_(model, seed=0, scale=0.5):
+def randomize_(model, seed=0, scale=0.4):
     """Random weights everywhere (transformers inits norms to 1 and some scales to 0).
 
     `scale` sets matrix weights to scale / sqrt(fan_in): deep models need less to stay tame.
@@ -50,7 +50,7 @@ def randomize_(model, seed=0, scale=0.5):
     return model
 
 
-def make_hf_model(seed=0, scale=0.5, **overrides):
+def make_hf_model(seed=0, scale=0.4, **overrides):
     from transformers import Gemma3nForCausalLM
 
     torch.manual_seed(seed)
