@@ -249,8 +249,9 @@ class KVCache:
         return k, v
 
 
-def build_mask(q_index, k_index, k_valid, window):
-    """(batch, 1, q, k) bool: causal by cache index, within `window`, and only real keys.
+def build_mask(q_index, k_index, k_valid, window, segments=None):
+    """(batch, 1, q, k) bool: causal by cache index, within `window`, and only real keys; with
+    `segments` (batch, seq) also only keys of the query's own segment (packed samples).
 
     Rows with no allowed key (queries that are themselves padding) may attend everywhere, so the
     softmax stays finite; their outputs are never used.
@@ -260,7 +261,17 @@ def build_mask(q_index, k_index, k_valid, window):
     if window is not None:
         allowed = allowed & (diff < window)
     allowed = allowed[None, None] & k_valid[:, None, None, :]
+    if segments is not None:
+        allowed = allowed & (segments[:, None, :, None] == segments[:, None, None, :])
     return allowed | ~allowed.any(-1, keepdim=True)
+
+
+def segment_positions(segments: torch.Tensor) -> torch.Tensor:
+    """Positions that restart at 0 where the segment id changes (packed samples)."""
+    index = torch.arange(segments.shape[1], device=segments.device).expand_as(segments)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    return index - torch.where(starts, index, 0).cummax(-1).values
 
 
 class RotaryEmbedding(nn.Module):
@@ -318,13 +329,23 @@ class TextModel(nn.Module):
         mag = torch.sqrt(torch.mean(x**2, dim=-1, keepdim=True).clamp(min=1e-5))
         return x * target / mag
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
-        """Final normed hidden states (batch, seq, hidden). Updates `cache` in place when given."""
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None, segment_ids=None):
+        """Final normed hidden states (batch, seq, hidden). Updates `cache` in place when given.
+
+        `segment_ids` (batch, seq) packs several samples into one row: tokens attend only within
+        their segment and positions restart at each segment's start.
+        """
         cfg = self.cfg
         B, T = input_ids.shape
         device = self.embed_tokens.weight.device
         input_ids = input_ids.to(device)
         past = cache.seq_len if cache is not None else 0
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids (packed samples) cannot be combined with a KV cache")
+            segment_ids = segment_ids.to(device)
+            if position_ids is None:
+                position_ids = segment_positions(segment_ids)
         valid = (
             torch.ones(B, T, dtype=torch.bool, device=device)
             if attention_mask is None
@@ -349,7 +370,8 @@ class TextModel(nn.Module):
             kept = cache.kept(kind) if cache is not None else 0
             k_index = torch.arange(past - kept, past + T, device=device)
             window = cfg.sliding_window if kind == SLIDING else None
-            masks[kind] = build_mask(q_index, k_index, all_valid[:, all_valid.shape[1] - kept - T :], window)
+            k_valid = all_valid[:, all_valid.shape[1] - kept - T :]
+            masks[kind] = build_mask(q_index, k_index, k_valid, window, segment_ids)
 
         produced: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -413,9 +435,12 @@ class Gemma3nForCausalLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         logits_to_keep: int = 0,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits for every position, or for the last `logits_to_keep` positions when > 0."""
-        hidden = self.model(input_ids, attention_mask, position_ids, cache)
+        """Logits for every position, or for the last `logits_to_keep` positions when > 0.
+
+        `segment_ids` marks packed samples (see TextModel.forward)."""
+        hidden = self.model(input_ids, attention_mask, position_ids, cache, segment_ids)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         return self.logits(hidden)
