@@ -35,6 +35,7 @@ from g3n.model.load import load_model
 from g3n.model.save import save_text_checkpoint, write_atomic
 from g3n.model.text import Gemma3nForCausalLM
 from g3n.tokenizer import Tokenizer
+from g3n.train.data import tokenize
 
 VOCAB = 768
 SPECIALS = ["<mask>", "[multimodal]"] + [f"<unused{i}>" for i in range(99)] + ["<start_of_turn>", "<end_of_turn>"]
@@ -167,17 +168,12 @@ def conversations(pairs, seed: int, n_multi: int = 1500) -> list[list[tuple[str,
 
 
 def encode_examples(tok: Tokenizer, convs):
-    """ids and labels (-100 outside the model turns, whose <end_of_turn> is learned too)."""
+    """(ids, labels): loss on the model turns only, as g3n's fine-tuning data does it."""
     out = []
     for conv in convs:
-        ids, labels = [tok.bos_id], [-100]
-        for q, a in conv:
-            prompt = tok.encode(f"<start_of_turn>user\n{q}<end_of_turn>\n<start_of_turn>model\n", add_bos=False)
-            reply = tok.encode(a, add_bos=False) + [tok.end_of_turn_id]
-            newline = tok.encode("\n", add_bos=False)
-            ids += prompt + reply + newline
-            labels += [-100] * len(prompt) + reply + [-100] * len(newline)
-        out.append((ids, labels))
+        messages = [m for q, a in conv for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+        ex = tokenize(tok, messages)
+        out.append((ex.ids, ex.labels))
     return out
 
 

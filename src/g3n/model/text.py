@@ -329,7 +329,9 @@ class TextModel(nn.Module):
         mag = torch.sqrt(torch.mean(x**2, dim=-1, keepdim=True).clamp(min=1e-5))
         return x * target / mag
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None, segment_ids=None):
+    def forward(
+        self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None, segment_ids=None
+    ):
         """Final normed hidden states (batch, seq, hidden). Updates `cache` in place when given.
 
         `segment_ids` (batch, seq) packs several samples into one row: tokens attend only within

@@ -1,0 +1,179 @@
+"""Chat datasets for fine-tuning: read files, normalise formats to Gemma 3n turns, tokenize with
+response-only labels, truncate with a count, and pack samples into rows.
+
+Formats (one record each): OpenAI-style {"messages": [{"role", "content"}]}, ShareGPT
+{"conversations": [{"from": human|gpt|system, "value"}]}, Alpaca {"instruction", "input", "output"}
+and plain {"text"}. Files: JSONL, JSON (a list of records), CSV and Parquet (one record per row).
+Labels follow transformers' convention (aligned with the ids; the loss shifts them); -100 marks
+tokens without loss.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import G3nError
+from ..tokenizer import END_OF_TURN, ROLES, START_OF_TURN
+
+IGNORE = -100
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def read_records(path: str | Path) -> Iterator[tuple[str, dict]]:
+    """(where, record) pairs; `where` names the file and line or row for error messages."""
+    path = Path(path)
+    if not path.is_file():
+        raise G3nError(f"{path}: dataset file not found")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        with path.open() as f:
+            for n, line in enumerate(f, start=1):
+                if line.strip():
+                    try:
+                        yield f"{path}:{n}", json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise G3nError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    elif suffix == ".json":
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise G3nError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(data, list):
+            raise G3nError(f"{path}: expected a JSON list of records")
+        for n, record in enumerate(data):
+            yield f"{path}[{n}]", record
+    elif suffix == ".csv":
+        with path.open(newline="") as f:
+            for n, row in enumerate(csv.DictReader(f), start=2):
+                yield f"{path}:{n}", dict(row)
+    elif suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise G3nError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+        for n, row in enumerate(pq.read_table(path).to_pylist()):
+            yield f"{path} row {n}", row
+    else:
+        raise G3nError(f"{path}: unknown dataset format {suffix!r} (use .jsonl, .json, .csv or .parquet)")
+
+
+def to_messages(record, where: str) -> list[dict] | str:
+    """Gemma chat messages for a record, or plain text for {"text": ...} records."""
+    if not isinstance(record, dict):
+        raise G3nError(f"{where}: expected an object, got {type(record).__name__}")
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise G3nError(f"{where}: 'messages' must be a list of {{role, content}} objects")
+        return [{"role": m.get("role"), "content": m.get("content")} for m in messages]
+    if "conversations" in record:
+        turns = record["conversations"]
+        if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+            raise G3nError(f"{where}: 'conversations' must be a list of {{from, value}} objects")
+        out = []
+        for t in turns:
+            role = SHAREGPT_ROLES.get(t.get("from"))
+            if role is None:
+                raise G3nError(f"{where}: unknown ShareGPT speaker {t.get('from')!r} (human, gpt or system)")
+            out.append({"role": role, "content": t.get("value")})
+        return out
+    if "instruction" in record and "output" in record:
+        prompt = str(record["instruction"])
+        if record.get("input"):
+            prompt += "\n\n" + str(record["input"])
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": str(record["output"])}]
+    if isinstance(record.get("text"), str):
+        return record["text"]
+    raise G3nError(f"{where}: unknown record format (expected messages, conversations, instruction/output or text)")
+
+
+@dataclass
+class Example:
+    ids: list[int]
+    labels: list[int]
+
+
+def tokenize(tok, sample: list[dict] | str, responses_only: bool = True, where: str = "") -> Example:
+    """Token ids (one BOS) and labels. With responses_only, only model turns (their text and
+    <end_of_turn>) carry labels; otherwise every token but the BOS does."""
+    if isinstance(sample, str):
+        ids = tok.encode(sample) + [tok.eos_id]
+        return Example(ids, [IGNORE] + ids[1:])
+    try:
+        text = tok.format_chat(sample, add_generation_prompt=False)  # validates roles and order
+    except G3nError as e:
+        raise G3nError(f"{where}: {e}") from None
+    ids, labels = [tok.bos_id], [IGNORE]
+    for turn in text.split(END_OF_TURN + "\n")[:-1]:
+        head, body = turn.split("\n", 1)
+        role = head.removeprefix(START_OF_TURN)
+        prompt = tok.encode(head + "\n", add_bos=False)
+        reply = tok.encode(body, add_bos=False) + [tok.end_of_turn_id]
+        newline = tok.encode("\n", add_bos=False)
+        ids += prompt + reply + newline
+        labels += _labels(prompt, not responses_only) + _labels(reply, role == ROLES["assistant"] or not responses_only)
+        labels += _labels(newline, not responses_only)
+    return Example(ids, labels)
+
+
+def _labels(tokens: list[int], learn: bool) -> list[int]:
+    return list(tokens) if learn else [IGNORE] * len(tokens)
+
+
+@dataclass
+class DataStats:
+    samples: int = 0
+    truncated: int = 0
+    without_labels: list[str] = field(default_factory=list)
+
+
+def load_examples(paths, tok, max_length: int, responses_only: bool = True) -> tuple[list[Example], DataStats]:
+    """Every record of the files, tokenized and cut to max_length (cuts are counted, never silent);
+    samples left without any label are dropped and listed."""
+    stats, out = DataStats(), []
+    for path in [paths] if isinstance(paths, (str, Path)) else paths:
+        for where, record in read_records(path):
+            ex = tokenize(tok, to_messages(record, where), responses_only, where)
+            stats.samples += 1
+            if len(ex.ids) > max_length:
+                stats.truncated += 1
+                ex = Example(ex.ids[:max_length], ex.labels[:max_length])
+            if all(label == IGNORE for label in ex.labels):
+                stats.without_labels.append(where)
+                continue
+            out.append(ex)
+    return out, stats
+
+
+@dataclass
+class PackedRow:
+    ids: list[int]
+    labels: list[int]
+    segment_ids: list[int]
+
+
+def pack(examples: list[Example], max_length: int) -> list[PackedRow]:
+    """Greedy first-fit packing of whole examples into rows of at most max_length tokens.
+
+    Each example keeps its own segment id; the model restarts positions and blocks attention at
+    segment borders, and every example starts with an unlabelled BOS, so no loss crosses samples.
+    """
+    rows: list[PackedRow] = []
+    for ex in sorted(examples, key=lambda e: -len(e.ids)):
+        if len(ex.ids) > max_length:
+            raise G3nError(f"an example of {len(ex.ids)} tokens is longer than max_length {max_length}")
+        for row in rows:
+            if len(row.ids) + len(ex.ids) <= max_length:
+                break
+        else:
+            row = PackedRow([], [], [])
+            rows.append(row)
+        seg = (row.segment_ids[-1] + 1) if row.segment_ids else 0
+        row.ids += ex.ids
+        row.labels += ex.labels
+        row.segment_ids += [seg] * len(ex.ids)
+    return rows
