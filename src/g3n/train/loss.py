@@ -1,0 +1,91 @@
+"""Cross-entropy of soft-capped logits without materialising (tokens x vocab) logits.
+
+Gemma 3n's vocabulary is 262,400 wide: the logits of one 8K-token sequence take 8.6 GB in float32,
+and autograd keeps several copies. This loss walks the tokens in chunks: the forward keeps only
+each chunk's log-sum-exp, and the backward recomputes the chunk's logits to form its gradients,
+so at most one chunk of logits exists at a time. Pure PyTorch, so it runs on CPU and GPU alike
+(fused GPU kernels can replace it where they pay).
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE = -100
+
+
+def _chunk_tanh(h: torch.Tensor, weight: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """tanh(logits / softcap) (or the raw logits without a cap), float32, computed in place."""
+    t = (h @ weight.t()).float()
+    return t.div_(softcap).tanh_() if softcap else t
+
+
+class _ChunkedCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, softcap, chunk):
+        n = hidden.shape[0]
+        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        target = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+        valid = labels != IGNORE
+        safe = torch.where(valid, labels, 0)
+        for s in range(0, n, chunk):
+            logits = _chunk_tanh(hidden[s : s + chunk], weight, softcap)
+            if softcap:
+                logits.mul_(softcap)
+            lse[s : s + chunk] = torch.logsumexp(logits, dim=-1)
+            target[s : s + chunk] = logits.gather(1, safe[s : s + chunk, None]).squeeze(1)
+            del logits
+        count = valid.sum().clamp(min=1)
+        loss = ((lse - target) * valid).sum() / count
+        ctx.save_for_backward(hidden, weight, safe, valid, lse, count)
+        ctx.softcap, ctx.chunk = softcap, chunk
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, safe, valid, lse, count = ctx.saved_tensors
+        softcap, chunk = ctx.softcap, ctx.chunk
+        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_w = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        )
+        scale = grad_out / count
+        for s in range(0, hidden.shape[0], chunk):
+            h = hidden[s : s + chunk]
+            t = _chunk_tanh(h, weight, softcap)
+            g = (t * softcap if softcap else t).sub_(lse[s : s + chunk, None]).exp_()  # softmax
+            g.scatter_add_(1, safe[s : s + chunk, None], -torch.ones_like(g[:, :1]))
+            g.mul_((valid[s : s + chunk, None] * scale).float())
+            if softcap:
+                g.mul_(t.square_().neg_().add_(1))  # d(c tanh(x/c))/dx = 1 - tanh^2
+            del t
+            g = g.to(hidden.dtype)
+            if grad_h is not None:
+                grad_h[s : s + chunk] = g @ weight
+            if grad_w is not None:
+                grad_w += (g.t() @ h).float()
+        return grad_h, (grad_w.to(weight.dtype) if grad_w is not None else None), None, None, None
+
+
+def chunked_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    softcap: float | None = 30.0,
+    chunk: int = 512,
+) -> torch.Tensor:
+    """Mean cross-entropy of softcap(hidden @ weight.T) against labels (-100 = ignored).
+
+    hidden (tokens, dim), weight (vocab, dim), labels (tokens,): already shifted so that hidden[i]
+    predicts labels[i].
+    """
+    return _ChunkedCE.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), softcap, chunk)
+
+
+def causal_lm_loss(model, input_ids, labels, attention_mask=None, segment_ids=None, chunk: int = 512):
+    """Next-token loss of a g3n model on (batch, seq) ids with transformers-style unshifted labels."""
+    hidden = model.model(input_ids, attention_mask, None, None, segment_ids)
+    shifted = labels[:, 1:].to(hidden.device)
+    return chunked_cross_entropy(
+        hidden[:, :-1], model.model.embed_tokens.weight, shifted, model.config.final_logit_softcapping, chunk
+    )
