@@ -1,0 +1,113 @@
+"""LoRA on g3n's decoder through PEFT, saved in PEFT's adapter format, and merged back.
+
+g3n's decoder uses transformers' module names, so PEFT's LoRA layers wrap the same modules and an
+adapter saved here loads into transformers' `Gemma3nForCausalLM` with `PeftModel.from_pretrained`
+(and the reverse).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..errors import G3nError
+from ..model.save import save_text_checkpoint, write_atomic
+
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+MLP = ["gate_proj", "up_proj", "down_proj"]
+PEFT_PREFIX = "base_model.model."  # what PeftModel puts before the model's own names
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError:
+        raise G3nError("LoRA needs PEFT: pip install peft") from None
+    return peft
+
+
+def target_modules(attention: bool = True, mlp: bool = True) -> str:
+    """A PEFT regex selecting the language model's attention and/or MLP projections."""
+    names = (ATTENTION if attention else []) + (MLP if mlp else [])
+    if not names:
+        raise G3nError("LoRA needs at least one of the attention or MLP modules")
+    return rf"model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(names)})"
+
+
+def add_lora(model, r: int = 16, alpha: int = 16, dropout: float = 0.0, attention: bool = True, mlp: bool = True):
+    """Wrap the chosen projections with trainable LoRA adapters (base weights frozen)."""
+    peft = _peft()
+    config = peft.LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules(attention, mlp), bias="none"
+    )
+    model.requires_grad_(False)
+    peft.inject_adapter_in_model(config, model)
+    model.lora_config = config
+    return model
+
+
+def save_adapter(model, out_dir: str | Path, base_model: str = "") -> Path:
+    """adapter_model.safetensors + adapter_config.json, as PeftModel.save_pretrained writes them."""
+    from safetensors.torch import save_file
+
+    peft = _peft()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = peft.get_peft_model_state_dict(model)
+    tensors = {PEFT_PREFIX + k: v.detach().cpu().contiguous() for k, v in state.items()}
+    write_atomic(out / "adapter_model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    config = model.lora_config.to_dict()
+    config.update(base_model_name_or_path=base_model, task_type="CAUSAL_LM", peft_type="LORA")
+    config["target_modules"] = model.lora_config.target_modules
+    text = json.dumps(config, indent=2, default=lambda o: sorted(o) if isinstance(o, set) else str(o)) + "\n"
+    write_atomic(out / "adapter_config.json", lambda p: p.write_text(text))
+    return out
+
+
+def load_adapter(model, adapter_dir: str | Path):
+    """Add a saved PEFT LoRA adapter (ours or transformers + PEFT's) to a g3n model."""
+    from safetensors.torch import load_file
+
+    peft = _peft()
+    adapter_dir = Path(adapter_dir)
+    config_path = adapter_dir / "adapter_config.json"
+    if not config_path.is_file():
+        raise G3nError(f"{config_path}: not found (a PEFT adapter directory is expected)")
+    config = peft.LoraConfig.from_pretrained(str(adapter_dir))
+    model.requires_grad_(False)
+    peft.inject_adapter_in_model(config, model)
+    model.lora_config = config
+    state = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(adapter_dir / "adapter_model.safetensors").items()}
+    result = peft.set_peft_model_state_dict(model, state)
+    if getattr(result, "unexpected_keys", None):
+        raise G3nError(f"{adapter_dir}: adapter tensors that fit no module: {result.unexpected_keys[:3]}")
+    return model
+
+
+@torch.no_grad()
+def merge_lora(model):
+    """Fold the adapters into the base weights and remove the LoRA layers (in place)."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, module.get_base_layer())
+    if hasattr(model, "lora_config"):
+        del model.lora_config
+    return model
+
+
+def save_merged(model, out_dir: str | Path, tokenizer_dir: str | Path | None = None, dtype=torch.bfloat16) -> Path:
+    """Merge the adapters and write an HF checkpoint (with the tokenizer files copied)."""
+    merge_lora(model)
+    out = save_text_checkpoint(model, out_dir, dtype)
+    if tokenizer_dir is not None:
+        for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+            if (Path(tokenizer_dir) / name).is_file():
+                shutil.copy2(Path(tokenizer_dir) / name, out / name)
+    return out

@@ -1,0 +1,78 @@
+"""LoRA adapters: PEFT's format both ways with transformers, and merging."""
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+
+from g3n.model.load import load_model  # noqa: E402
+from g3n.train.lora import add_lora, load_adapter, merge_lora, save_adapter, save_merged  # noqa: E402
+
+TOL = 1e-4
+
+
+def _ids():
+    return torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(5))
+
+
+def _lora_model(hf_dir, **kw):
+    model = add_lora(load_model(hf_dir, dtype="float32", device="cpu"), r=4, alpha=8, **kw)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # LoRA B starts at zero: give the adapter an effect to compare
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+def test_only_adapters_train(hf_dir):
+    model = _lora_model(hf_dir, mlp=False)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert all(".self_attn." in n for n in trainable)
+    assert not any(".mlp." in n for n in trainable)
+
+
+def test_adapter_loads_in_transformers_peft(hf_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import Gemma3nForCausalLM
+
+    model = _lora_model(hf_dir)
+    save_adapter(model, tmp_path / "adapter", base_model=str(hf_dir))
+    hf = Gemma3nForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
+    hf = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        ours, ref = model(_ids()), hf(_ids()).logits
+        base = load_model(hf_dir, dtype="float32", device="cpu")(_ids())
+    assert (ours - base).abs().max().item() > 1e-2  # the adapter matters
+    assert (ours - ref).abs().max().item() < TOL
+
+
+def test_transformers_adapter_loads_in_g3n(hf_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import Gemma3nForCausalLM
+
+    hf = Gemma3nForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
+    hf = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    hf.save_pretrained(tmp_path / "hf_adapter")
+    ours = load_adapter(load_model(hf_dir, dtype="float32", device="cpu"), tmp_path / "hf_adapter")
+    with torch.no_grad():
+        assert (ours(_ids()) - hf.eval()(_ids()).logits).abs().max().item() < TOL
+
+
+def test_merge_equals_adapter_and_transformers_loads_it(hf_dir, tmp_path):
+    from transformers import Gemma3nForCausalLM
+
+    model = _lora_model(hf_dir)
+    with torch.no_grad():
+        before = model(_ids())
+        merged = merge_lora(model)(_ids())
+    assert (merged - before).abs().max().item() < TOL
+    out = save_merged(_lora_model(hf_dir), tmp_path / "merged", dtype=torch.float32)
+    hf = Gemma3nForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        assert (hf(_ids()).logits - before).abs().max().item() < TOL
