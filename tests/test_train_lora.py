@@ -5,8 +5,8 @@ import torch
 
 pytest.importorskip("peft")
 
-from g3n.model.load import load_model  # noqa: E402
-from g3n.train.lora import add_lora, load_adapter, merge_lora, save_adapter, save_merged  # noqa: E402
+from g3n.model.load import load_model
+from g3n.train.lora import add_lora, load_adapter, merge_lora, save_adapter, save_merged
 
 TOL = 1e-4
 
