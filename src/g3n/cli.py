@@ -236,6 +236,21 @@ def cmd_slice_search(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .train.config import load_train_config
+    from .train.loop import train
+
+    cfg = load_train_config(args.config, args.set or [])
+    history = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    last = history[-1] if history else {}
+    evals = [h for h in history if "eval_loss" in h]
+    print(f"done: step {last.get('step')}, train loss {last.get('loss')}", end="")
+    if evals:
+        print(f", eval loss {evals[0]['eval_loss']} -> {evals[-1]['eval_loss']}", end="")
+    print(f"; outputs in {cfg.output_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -268,6 +283,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="a system prompt for the conversation")
     _add_sampling_args(p)
     p.set_defaults(func=cmd_chat)
+
+    from .train.config import settings_help
+
+    p = sub.add_parser(
+        "train",
+        help="fine-tune (LoRA or full) on chat data",
+        description="Fine-tune a model on chat datasets. CONFIG is a YAML file of settings; --set "
+        "key=value overrides any of them. A run writes checkpoints (resumable with --resume), "
+        "metrics.jsonl, loss.png and, for LoRA, a PEFT adapter into output_dir.\n\nsettings:\n" + settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", nargs="?", help="YAML file of settings (optional with --set)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in output_dir")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
         "slice",

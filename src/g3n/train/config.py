@@ -1,0 +1,147 @@
+"""Fine-tuning settings: one dataclass, read from YAML, overridable with --set key=value."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import G3nError
+
+
+@dataclass
+class TrainConfig:
+    # model and method
+    model: str = "tiny"  # checkpoint directory, cached HF id, or tiny
+    lora: bool = True  # false: full fine-tuning
+    lora_r: int = 16
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    finetune_attention_modules: bool = True
+    finetune_mlp_modules: bool = True
+    finetune_language_layers: bool = True
+    # data
+    train_data: list[str] = field(default_factory=list)  # JSONL / JSON / CSV / Parquet files
+    eval_data: list[str] = field(default_factory=list)  # empty: hold out eval_fraction of train_data
+    eval_fraction: float = 0.05
+    responses_only: bool = True  # loss on model turns only
+    max_length: int = 1024
+    packing: bool = True
+    skip_bad: bool = False  # skip (and count) malformed records instead of stopping
+    # optimisation
+    learning_rate: float = 2e-4
+    lr_scheduler: str = "linear"  # linear, cosine or constant (after warmup)
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    epochs: float = 1.0
+    max_steps: int = 0  # > 0 overrides epochs
+    batch_size: int = 2
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    dtype: str = "auto"
+    device: str | None = None
+    seed: int = 0
+    # output
+    output_dir: str = "runs/g3n"
+    save_steps: int = 50
+    eval_steps: int = 50
+
+    def __post_init__(self):
+        for name in ("train_data", "eval_data"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                setattr(self, name, [value])
+        if self.lr_scheduler not in ("linear", "cosine", "constant"):
+            raise G3nError(f"lr_scheduler {self.lr_scheduler!r}: use linear, cosine or constant")
+        checks = {
+            "max_length": self.max_length > 1, "batch_size": self.batch_size >= 1, "grad_accum": self.grad_accum >= 1,
+            "learning_rate": self.learning_rate > 0, "eval_fraction": 0 <= self.eval_fraction < 1,
+            "lora_r": self.lora_r >= 1, "save_steps": self.save_steps >= 1, "eval_steps": self.eval_steps >= 1,
+        }  # fmt: skip
+        for name, ok in checks.items():
+            if not ok:
+                raise G3nError(f"config: invalid {name} {getattr(self, name)!r}")
+        if not self.finetune_language_layers:
+            raise G3nError("config: only the language layers can be fine-tuned for now (vision/audio arrive later)")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+HELP = {
+    "model": "checkpoint directory, cached HF id, or tiny",
+    "lora": "true: LoRA adapters (PEFT format); false: full fine-tuning",
+    "lora_r": "LoRA rank", "lora_alpha": "LoRA alpha (scale = alpha / r)", "lora_dropout": "LoRA dropout",
+    "finetune_attention_modules": "LoRA on q/k/v/o projections",
+    "finetune_mlp_modules": "LoRA on gate/up/down projections",
+    "finetune_language_layers": "tune the language model (vision/audio parts arrive later)",
+    "train_data": "JSONL/JSON/CSV/Parquet files: messages, ShareGPT conversations, Alpaca or text records",
+    "eval_data": "held-out files (empty: hold out eval_fraction of train_data)",
+    "eval_fraction": "share of train_data held out for eval when eval_data is empty",
+    "responses_only": "loss on model turns only (false: on every token)",
+    "max_length": "tokens per row; longer samples are cut and counted",
+    "packing": "pack several samples per row (no attention across them)",
+    "skip_bad": "reserved: skip malformed records (not implemented yet; bad records stop the run)",
+    "learning_rate": "AdamW learning rate", "lr_scheduler": "linear, cosine or constant (after warmup)",
+    "warmup_steps": "linear warmup steps", "weight_decay": "AdamW weight decay",
+    "epochs": "passes over the data (ignored when max_steps > 0)", "max_steps": "optimizer steps (0: use epochs)",
+    "batch_size": "rows per micro-batch", "grad_accum": "micro-batches per optimizer step",
+    "max_grad_norm": "gradient clipping", "dtype": "auto, float32, bfloat16 or float16",
+    "device": "cpu, cuda (default: cuda when present)", "seed": "seed for data order and initialisation",
+    "output_dir": "where checkpoints, metrics.jsonl, loss.png and the adapter go (relative to the current directory)",
+    "save_steps": "checkpoint every N steps", "eval_steps": "eval every N steps",
+}  # fmt: skip
+
+
+def settings_help() -> str:
+    lines = []
+    for name, f in FIELDS.items():
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"  {name} = {default!r}\n      {HELP[name]}")
+    return "\n".join(lines)
+
+
+def _check_keys(data: dict, where: str) -> None:
+    for key in data:
+        if key not in FIELDS:
+            close = difflib.get_close_matches(key, FIELDS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise G3nError(f"{where}: unknown setting {key!r}{hint}")
+
+
+def load_train_config(
+    path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None
+) -> TrainConfig:
+    """Settings from a YAML file (relative data paths resolved against it), then key=value overrides."""
+    import yaml
+
+    data = dict(base or {})
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise G3nError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            raise G3nError(f"{path}{f':{mark.line + 1}' if mark else ''}: not valid YAML") from None
+        if not isinstance(loaded, dict):
+            raise G3nError(f"{path}: expected a mapping of settings")
+        _check_keys(loaded, str(path))
+        for key in ("train_data", "eval_data"):
+            if key in loaded:
+                files = [loaded[key]] if isinstance(loaded[key], str) else loaded[key]
+                loaded[key] = [str((path.parent / f).resolve()) if not Path(f).is_absolute() else f for f in files]
+        data.update(loaded)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise G3nError(f"--set {item!r}: expected key=value")
+        _check_keys({key: None}, "--set")
+        data[key] = yaml.safe_load(value) if value else ""
+    try:
+        return TrainConfig(**data)
+    except TypeError as e:
+        raise G3nError(f"config: {e}") from None

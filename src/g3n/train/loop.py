@@ -1,0 +1,267 @@
+"""The fine-tuning loop: LoRA or full, gradient accumulation, clipping, AdamW, schedules, eval,
+metrics, atomic checkpoints and exact resume.
+
+Exact resume: the data order of every epoch is a permutation drawn from (seed, epoch), and a
+checkpoint stores the step, the trainable weights, the optimizer and scheduler states and the RNG
+state, so a resumed run takes the same batches and reaches the same losses as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import G3nError
+from ..model.save import write_atomic
+from .config import TrainConfig
+from .data import IGNORE, Example, load_examples, pack
+from .loss import causal_lm_loss
+
+STATE_FILE = "trainer_state.json"
+CONFIG_FILE = "train_config.json"
+
+
+@dataclass
+class Batch:
+    ids: torch.Tensor
+    labels: torch.Tensor
+    mask: torch.Tensor
+    segments: torch.Tensor | None
+    tokens: int
+
+
+def make_rows(examples: list[Example], cfg: TrainConfig) -> list[tuple[list[int], list[int], list[int]]]:
+    if cfg.packing:
+        return [(r.ids, r.labels, r.segment_ids) for r in pack(examples, cfg.max_length)]
+    return [(e.ids, e.labels, [0] * len(e.ids)) for e in examples]
+
+
+def collate(rows, pad_id: int) -> Batch:
+    width = max(len(r[0]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    segments = torch.full((len(rows), width), -1, dtype=torch.long)
+    for i, (x, y, s) in enumerate(rows):  # right padding; padding is its own segment
+        ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)], segments[i, : len(s)] = (
+            torch.tensor(x), torch.tensor(y), True, torch.tensor(s),
+        )  # fmt: skip
+    return Batch(ids, labels, mask, segments, int(mask.sum()))
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+
+
+def lr_lambda(cfg: TrainConfig, total: int):
+    def f(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+        return {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}[
+            cfg.lr_scheduler
+        ]
+
+    return f
+
+
+@torch.no_grad()
+def evaluate(model, rows, cfg: TrainConfig, pad_id: int) -> float:
+    """Mean loss over the eval rows (token-weighted)."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(rows), cfg.batch_size):
+        b = collate(rows[i : i + cfg.batch_size], pad_id)
+        n = int((b.labels[:, 1:] != IGNORE).sum())
+        if n:
+            loss = causal_lm_loss(model, b.ids.to(model.device), b.labels, b.mask, b.segments)
+            total += loss.item() * n
+            count += n
+    model.train()
+    return total / max(count, 1)
+
+
+def trainable_state(model) -> dict:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(out: Path, model, opt, sched, step: int, history: list) -> Path:
+    """checkpoint-STEP/ written under a temporary name, then renamed; latest.json points to it."""
+    final = out / f"checkpoint-{step}"
+    tmp = out / f".checkpoint-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save(
+        {
+            "model": trainable_state(model),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "rng": torch.get_rng_state(),
+        },
+        tmp / "state.pt",
+    )
+    (tmp / STATE_FILE).write_text(json.dumps({"step": step, "history": history}))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    write_atomic(out / "latest.json", lambda p: p.write_text(json.dumps({"checkpoint": final.name, "step": step})))
+    return final
+
+
+def prepare_output(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
+    out = Path(cfg.output_dir)
+    saved = out / CONFIG_FILE
+    if saved.is_file() and not (resume or overwrite):
+        raise G3nError(f"{out}: holds an earlier run; pass --resume to continue it or --overwrite to replace it")
+    if resume:
+        if not (out / "latest.json").is_file():
+            raise G3nError(f"{out}: no checkpoint to resume from")
+        before = json.loads(saved.read_text())
+        changed = sorted(k for k, v in cfg.to_dict().items() if before.get(k) != v and k != "max_steps")
+        if changed:
+            raise G3nError(f"{out}: the run was started with other settings ({', '.join(changed)}); cannot resume")
+    elif overwrite and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(saved, lambda p: p.write_text(json.dumps(cfg.to_dict(), indent=2)))
+    return out
+
+
+def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progress: bool = True, stop_after=None):
+    """Run the fine-tune; returns the history (list of per-step dicts). `stop_after` (a step)
+    interrupts the run there, as a kill would (used by tests)."""
+    from .. import load
+    from .lora import add_lora, save_adapter
+
+    if not cfg.train_data:
+        raise G3nError("config: train_data names no file")
+    out = prepare_output(cfg, resume, overwrite)
+    torch.manual_seed(cfg.seed)
+    model, tok = load(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    if cfg.lora:
+        add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
+                 cfg.finetune_attention_modules, cfg.finetune_mlp_modules)  # fmt: skip
+    else:
+        model.requires_grad_(True)
+    model.train()
+
+    examples, stats = load_examples(cfg.train_data, tok, cfg.max_length, cfg.responses_only)
+    if cfg.eval_data:
+        eval_examples, _ = load_examples(cfg.eval_data, tok, cfg.max_length, cfg.responses_only)
+    else:
+        order = epoch_order(len(examples), cfg.seed, -1)
+        n_eval = int(len(examples) * cfg.eval_fraction)
+        eval_examples = [examples[i] for i in order[:n_eval]]
+        examples = [examples[i] for i in order[n_eval:]]
+    rows, eval_rows = make_rows(examples, cfg), make_rows(eval_examples, cfg)
+    if not rows:
+        raise G3nError("no training examples left (all were held out or had no labels)")
+    batches_per_epoch = math.ceil(len(rows) / cfg.batch_size)
+    steps_per_epoch = max(1, batches_per_epoch // cfg.grad_accum)
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
+    step, history = 0, []
+    if resume:
+        latest = json.loads((out / "latest.json").read_text())
+        ckpt = out / latest["checkpoint"]
+        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+        with torch.no_grad():
+            named = dict(model.named_parameters())
+            for n, t in state["model"].items():
+                named[n].copy_(t)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        meta = json.loads((ckpt / STATE_FILE).read_text())
+        step, history = meta["step"], meta["history"]
+
+    summary = (
+        f"[g3n] {stats.samples} samples ({stats.truncated} cut to {cfg.max_length} tokens, "
+        f"{len(stats.without_labels)} without labels dropped), {len(rows)} rows, {len(eval_rows)} eval rows; "
+        f"{total} steps of {cfg.batch_size} x {cfg.grad_accum} rows; "
+        f"{sum(p.numel() for p in params):,} trainable parameters"
+    )
+    print(summary, flush=True)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    metrics = (out / "metrics.jsonl").open("a")
+    try:
+        while step < total:
+            start, tokens, loss_sum = time.perf_counter(), 0, 0.0
+            for micro in range(cfg.grad_accum):
+                k = step * cfg.grad_accum + micro
+                epoch, pos = divmod(k, batches_per_epoch)
+                order = epoch_order(len(rows), cfg.seed, epoch)
+                chosen = order[pos * cfg.batch_size : (pos + 1) * cfg.batch_size]
+                b = collate([rows[i] for i in chosen], tok.pad_id)
+                loss = causal_lm_loss(model, b.ids.to(model.device), b.labels, b.mask, b.segments)
+                (loss / cfg.grad_accum).backward()
+                loss_sum += loss.item() / cfg.grad_accum
+                tokens += b.tokens
+            if not math.isfinite(loss_sum):
+                raise G3nError(f"loss became {loss_sum} at step {step + 1}; the last good checkpoint is kept in {out}")
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            if not torch.isfinite(grad_norm):
+                raise G3nError(f"gradients became non-finite at step {step + 1}; the last good checkpoint is in {out}")
+            lr = sched.get_last_lr()[0]
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            record = {"step": step, "loss": round(loss_sum, 6), "lr": lr, "grad_norm": round(float(grad_norm), 4),
+                      "tokens_per_s": round(tokens / (time.perf_counter() - start), 1)}  # fmt: skip
+            if eval_rows and (step % cfg.eval_steps == 0 or step == total):
+                record["eval_loss"] = round(evaluate(model, eval_rows, cfg, tok.pad_id), 6)
+                record["eval_perplexity"] = round(math.exp(record["eval_loss"]), 4)
+            history.append(record)
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            if bar:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if step % cfg.save_steps == 0 or step == total:
+                save_checkpoint(out, model, opt, sched, step, history)
+            if stop_after is not None and step >= stop_after:
+                return history
+    finally:
+        metrics.close()
+        if bar:
+            bar.close()
+
+    if cfg.lora:
+        save_adapter(model, out / "adapter", base_model=str(cfg.model))
+    plot_losses(history, out / "loss.png")
+    return history
+
+
+def plot_losses(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train loss")
+    evals = [h for h in history if "eval_loss" in h]
+    if evals:
+        ax.plot([h["step"] for h in evals], [h["eval_loss"] for h in evals], "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
