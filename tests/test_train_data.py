@@ -168,3 +168,11 @@ def test_bad_files(tmp_path):
     (tmp_path / "d.txt").write_text("x")
     with pytest.raises(G3nError, match="unknown dataset format '.txt'"):
         list(read_records(tmp_path / "d.txt"))
+
+
+def test_skip_bad_counts_and_lists(tmp_path, tiny):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "ok"}\n{broken\n{"prompt": "x"}\n{"text": "fine too"}\n')
+    examples, stats = load_examples(path, tiny[1], max_length=64, skip_bad=True)
+    assert len(examples) == 2 and stats.samples == 2
+    assert [s.split(":")[1] for s in stats.skipped] == ["2", "3"]

@@ -83,7 +83,7 @@ HELP = {
     "responses_only": "loss on model turns only (false: on every token)",
     "max_length": "tokens per row; longer samples are cut and counted",
     "packing": "pack several samples per row (no attention across them)",
-    "skip_bad": "reserved: skip malformed records (not implemented yet; bad records stop the run)",
+    "skip_bad": "skip malformed records (counted and listed) instead of stopping at the first",
     "learning_rate": "AdamW learning rate", "lr_scheduler": "linear, cosine or constant (after warmup)",
     "warmup_steps": "linear warmup steps", "weight_decay": "AdamW weight decay",
     "epochs": "passes over the data (ignored when max_steps > 0)", "max_steps": "optimizer steps (0: use epochs)",

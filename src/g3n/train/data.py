@@ -129,15 +129,25 @@ class DataStats:
     samples: int = 0
     truncated: int = 0
     without_labels: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # bad records passed over with skip_bad
 
 
-def load_examples(paths, tok, max_length: int, responses_only: bool = True) -> tuple[list[Example], DataStats]:
+def load_examples(
+    paths, tok, max_length: int, responses_only: bool = True, skip_bad: bool = False
+) -> tuple[list[Example], DataStats]:
     """Every record of the files, tokenized and cut to max_length (cuts are counted, never silent);
-    samples left without any label are dropped and listed."""
+    samples left without any label are dropped and listed. A bad record stops with an error naming
+    its file and line, or with skip_bad is passed over and listed."""
     stats, out = DataStats(), []
     for path in [paths] if isinstance(paths, (str, Path)) else paths:
-        for where, record in read_records(path):
-            ex = tokenize(tok, to_messages(record, where), responses_only, where)
+        for where, record in _records(path, stats if skip_bad else None):
+            try:
+                ex = tokenize(tok, to_messages(record, where), responses_only, where)
+            except G3nError as e:
+                if not skip_bad:
+                    raise
+                stats.skipped.append(str(e))
+                continue
             stats.samples += 1
             if len(ex.ids) > max_length:
                 stats.truncated += 1
@@ -147,6 +157,20 @@ def load_examples(paths, tok, max_length: int, responses_only: bool = True) -> t
                 continue
             out.append(ex)
     return out, stats
+
+
+def _records(path, stats: DataStats | None):
+    """read_records, but with stats given, lines that are not valid JSON are skipped and listed."""
+    if stats is None or Path(path).suffix.lower() not in (".jsonl", ".ndjson"):
+        yield from read_records(path)
+        return
+    with Path(path).open() as f:
+        for n, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    yield f"{path}:{n}", json.loads(line)
+                except json.JSONDecodeError as e:
+                    stats.skipped.append(f"{path}:{n}: not valid JSON ({e.msg})")
 
 
 @dataclass

@@ -151,9 +151,9 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
         model.requires_grad_(True)
     model.train()
 
-    examples, stats = load_examples(cfg.train_data, tok, cfg.max_length, cfg.responses_only)
+    examples, stats = load_examples(cfg.train_data, tok, cfg.max_length, cfg.responses_only, cfg.skip_bad)
     if cfg.eval_data:
-        eval_examples, _ = load_examples(cfg.eval_data, tok, cfg.max_length, cfg.responses_only)
+        eval_examples, _ = load_examples(cfg.eval_data, tok, cfg.max_length, cfg.responses_only, cfg.skip_bad)
     else:
         order = epoch_order(len(examples), cfg.seed, -1)
         n_eval = int(len(examples) * cfg.eval_fraction)
@@ -186,11 +186,14 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
 
     summary = (
         f"[g3n] {stats.samples} samples ({stats.truncated} cut to {cfg.max_length} tokens, "
-        f"{len(stats.without_labels)} without labels dropped), {len(rows)} rows, {len(eval_rows)} eval rows; "
+        f"{len(stats.without_labels)} without labels dropped, {len(stats.skipped)} bad skipped), "
+        f"{len(rows)} rows, {len(eval_rows)} eval rows; "
         f"{total} steps of {cfg.batch_size} x {cfg.grad_accum} rows; "
         f"{sum(p.numel() for p in params):,} trainable parameters"
     )
     print(summary, flush=True)
+    for problem in stats.skipped[:5]:
+        print(f"[g3n] skipped: {problem}", flush=True)
     bar = None
     if progress:
         from tqdm import tqdm
