@@ -22,6 +22,14 @@ def hf_model():
 
 
 @pytest.fixture(scope="session")
+def tiny():
+    """The shipped tiny model and its tokenizer, in float32 (read-only: tests must not change it)."""
+    import g3n
+
+    return g3n.load("tiny", dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
 def hf_dir(hf_model, tmp_path_factory):
     """That model saved by transformers as a single-file checkpoint."""
     d = tmp_path_factory.mktemp("hf_causal")

@@ -8,13 +8,6 @@ from g3n.errors import G3nError
 from g3n.generate import SamplingParams, TextStreamer, filter_logits, generate, generate_steps, stream_text
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    import g3n
-
-    return g3n.load("tiny", dtype="float32", device="cpu")
-
-
 def _hf_filter(logits, p, input_ids):
     from transformers import (
         LogitsProcessorList,

@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import g3n
 from g3n.errors import G3nError
 from g3n.train.data import IGNORE, load_examples, pack, read_records, to_messages, tokenize
 
@@ -17,11 +16,6 @@ CHAT = [
     {"role": "user", "content": "And the capital of Peru?"},
     {"role": "assistant", "content": "Lima."},
 ]
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return g3n.load("tiny", dtype="float32", device="cpu")
 
 
 @pytest.mark.parametrize(

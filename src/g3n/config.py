@@ -133,6 +133,18 @@ def text_config_from_dict(raw: dict, source: str = "config.json") -> TextConfig:
         raise G3nError(f"{source}: {e}") from None
 
 
+def read_yaml(path: Path):
+    """A YAML file's content; a syntax error names the file and line."""
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise G3nError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+
+
 def read_text_config(path: str | Path) -> TextConfig:
     path = Path(path)
     if not path.is_file():

@@ -14,7 +14,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import TextConfig
+from .config import TextConfig, read_yaml
 from .errors import G3nError
 
 # Google's published configurations whose layer plans are known, for an E4B-shaped parent (35 layers).
@@ -81,14 +81,7 @@ def _read_plan_file(path: Path, parent: TextConfig) -> Plan:
         raise G3nError(f"{path}: plan file not found")
     if path.suffix.lower() == ".csv":
         return _read_plan_csv(path, parent)
-    import yaml
-
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise G3nError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise G3nError(f"{path}: a plan is a mapping with 'ffn_widths' and optionally 'skip_layers'")
     unknown = set(raw) - {"name", "ffn_widths", "skip_layers"}

@@ -3,9 +3,9 @@
 Each parent shard becomes one output shard. Tensors are read in row chunks of at most CHUNK_BYTES
 with plain file reads (a memory map would count the whole file as resident) and written straight
 into a safetensors file whose header is computed up front, so peak memory stays near one chunk
-whatever the model's size. Vision/audio
-towers, the tokenizer and every other file are copied unchanged. Everything is written into a
-temporary directory beside the output and renamed into place at the end.
+whatever the model's size. Vision/audio towers, the tokenizer and every other file are copied
+unchanged. Everything is written into a temporary directory beside the output and renamed into
+place at the end.
 """
 
 from __future__ import annotations
@@ -27,8 +27,12 @@ from .matformer import Plan, Source, effective_parameters, load_plan, sub_config
 from .model.load import INDEX_FILE, SINGLE_FILE, TEXT_PREFIXES, TensorIndex, resolve_model_dir
 
 CHUNK_BYTES = 64 * 2**20
-DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-DTYPE_SIZES.update({"F8_E4M3": 1, "F8_E5M2": 1})
+TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+DTYPE_SIZES = {name: dtype.itemsize for name, dtype in TORCH_DTYPES.items()}
 
 
 @dataclass
@@ -65,13 +69,6 @@ def _plan_text_tensor(suffix: str, parent: TextConfig, plan: Plan) -> tuple[str,
         out = f"layers.{new}." + suffix.split(".", 2)[2]
         return out, tensor_source(out, parent, plan)
     return suffix, tensor_source(suffix, parent, plan)
-
-
-TORCH_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}  # fmt: skip
 
 
 class _Shard:

@@ -7,6 +7,7 @@ import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import read_yaml
 from ..errors import G3nError
 
 
@@ -122,11 +123,7 @@ def load_train_config(
         path = Path(path)
         if not path.is_file():
             raise G3nError(f"{path}: config file not found")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            raise G3nError(f"{path}{f':{mark.line + 1}' if mark else ''}: not valid YAML") from None
+        loaded = read_yaml(path) or {}
         if not isinstance(loaded, dict):
             raise G3nError(f"{path}: expected a mapping of settings")
         _check_keys(loaded, str(path))

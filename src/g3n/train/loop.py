@@ -8,6 +8,7 @@ state, so a resumed run takes the same batches and reaches the same losses as an
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -56,8 +57,10 @@ def collate(rows, pad_id: int) -> Batch:
     return Batch(ids, labels, mask, segments, int(mask.sum()))
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+@functools.lru_cache(maxsize=2)
+def epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    """The data order of one epoch (cached: every micro-batch of the epoch asks for it)."""
+    return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist())
 
 
 def lr_lambda(cfg: TrainConfig, total: int):
