@@ -1,5 +1,6 @@
 """The g3n command: help texts, generate, chat, demo, and one-line errors."""
 
+import re
 import subprocess
 import sys
 
@@ -18,14 +19,14 @@ def run_cli(args, capsys, stdin=None, monkeypatch=None):
     return rc, out, err
 
 
-@pytest.mark.parametrize("command", ["generate", "chat", "demo"])
+@pytest.mark.parametrize("command", ["generate", "chat", "demo", "export"])
 def test_help_explains(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "--model" in out and "tiny" in out
-    if command != "demo":
+    if command not in ("demo", "export"):
         for flag in (
             "--temperature",
             "--top-k",
@@ -74,10 +75,18 @@ def test_chat_keeps_conversation_and_commands(capsys, monkeypatch):
     assert "Lima" in out and "[conversation reset]" in out and "unknown command '/nonsense'" in out
 
 
-def test_demo_runs_on_tiny(capsys):
-    rc, out, _ = run_cli(["demo", "--device", "cpu"], capsys)
+def test_demo_runs_on_tiny(tmp_path, capsys):
+    """The whole path: chat, fine-tune (held-out loss falls), export, and the export answers as the
+    fine-tuned model does."""
+    rc, out, _ = run_cli(["demo", "--device", "cpu", "--out", str(tmp_path / "demo")], capsys)
     assert rc == 0
     assert "Paris" in out and out.count("model>") == 4
+    before, after = (float(x) for x in re.search(r"held-out loss .*: ([\d.]+) -> ([\d.]+)", out).groups())
+    assert after < before - 0.3
+    assert "answers the 10 questions exactly as the fine-tuned model" in out
+    assert float(re.search(r"export vs adapter: ([\d.e+-]+)", out).group(1)) < 1e-3
+    assert (tmp_path / "demo" / "merged" / "model.safetensors").is_file()
+    assert (tmp_path / "demo" / "run" / "loss.png").is_file()
 
 
 @pytest.mark.parametrize(
@@ -113,3 +122,55 @@ def test_bad_checkpoint_subprocess(tmp_path):
         r.stderr.strip()
         == f"g3n: error: {tmp_path}/config.json: model_type is 'llama', not a Gemma 3n model ('gemma3n' or 'gemma3n_text')"
     )
+
+
+def test_export_merges_an_adapter(tmp_path, capsys, monkeypatch):
+    """`g3n export --adapter` writes base + LoRA as an HF checkpoint with the adapted model's logits;
+    an existing output is refused, and a failed export leaves nothing under the final name."""
+    import torch
+
+    import g3n
+    from g3n.train.lora import add_lora, load_adapter, save_adapter
+
+    model, tok = g3n.load("tiny", dtype="float32", device="cpu")
+    add_lora(model, r=4, alpha=8)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
+    save_adapter(model, tmp_path / "adapter", base_model="tiny")
+    out = tmp_path / "merged"
+    args = [
+        "export",
+        "--model",
+        "tiny",
+        "--adapter",
+        str(tmp_path / "adapter"),
+        "--out",
+        str(out),
+        "--dtype",
+        "float32",
+    ]
+    rc, stdout, _ = run_cli(args, capsys)
+    assert rc == 0 and "exported" in stdout
+    merged, merged_tok = g3n.load(out, dtype="float32", device="cpu")
+    reference, _ = g3n.load("tiny", dtype="float32", device="cpu")
+    load_adapter(reference, tmp_path / "adapter")
+    ids = torch.tensor([tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])])
+    with torch.no_grad():
+        diff = (merged(ids) - reference(ids)).abs().max().item()
+        assert diff < 1e-4 and (reference(ids) - model.eval()(ids)).abs().max() < 1e-4
+    assert merged_tok.encode("Hello") == tok.encode("Hello")
+
+    rc, _, err = run_cli(args, capsys)
+    assert rc == 2 and "output directory exists (pass --overwrite" in err
+
+    from g3n.train import lora
+
+    def disk_full(*a, **k):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(lora, "save_text_checkpoint", disk_full)
+    with pytest.raises(OSError):
+        main(["export", "--model", "tiny", "--out", str(tmp_path / "failed")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "merged"]

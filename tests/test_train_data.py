@@ -170,3 +170,25 @@ def test_skip_bad_counts_and_lists(tmp_path, tiny):
     examples, stats = load_examples(path, tiny[1], max_length=64, skip_bad=True)
     assert len(examples) == 2 and stats.samples == 2
     assert [s.split(":")[1] for s in stats.skipped] == ["2", "3"]
+
+
+def test_datasets_directories(tmp_path, tiny):
+    """Directories written by `datasets`' save_to_disk: a Dataset and a DatasetDict (train split)."""
+    datasets = pytest.importorskip("datasets")
+    _, tok = tiny
+    records = [
+        {"messages": [{"role": "user", "content": f"What is {i}+2?"}, {"role": "assistant", "content": f"{i + 2}."}]}
+        for i in range(5)
+    ]
+    datasets.Dataset.from_list(records).save_to_disk(str(tmp_path / "ds"))
+    assert [r for _, r in read_records(tmp_path / "ds")] == records
+    split = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(records[:3]), "test": datasets.Dataset.from_list(records[3:])}
+    )
+    split.save_to_disk(str(tmp_path / "dd"))
+    examples, stats = load_examples(tmp_path / "dd", tok, max_length=64)
+    assert stats.samples == 3 and len(examples) == 3
+    assert [r for _, r in read_records(tmp_path / "dd" / "test")] == records[3:]
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(G3nError, match="plain: a directory, but not one written by datasets' save_to_disk"):
+        list(read_records(tmp_path / "plain"))

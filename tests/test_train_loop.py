@@ -44,12 +44,11 @@ def _cfg(dataset, out, **kw):
 def test_lora_run_lowers_eval_loss(dataset, tmp_path):
     history = train(_cfg(dataset, tmp_path / "run", max_steps=12, save_steps=6, eval_steps=6), progress=False)
     evals = [h["eval_loss"] for h in history if "eval_loss" in h]
-    assert len(history) == 12 and len(evals) == 2
-    first = train(_cfg(dataset, tmp_path / "zero", max_steps=1, learning_rate=1e-9), progress=False)[0]["eval_loss"]
-    assert evals[-1] < 0.8 * first  # 12 small steps: a measurable fall
+    assert [h["step"] for h in history] == list(range(13)) and len(evals) == 3  # eval at steps 0, 6, 12
+    assert evals[-1] < 0.8 * evals[0]  # 12 small steps: a measurable fall
     out = tmp_path / "run"
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "loss.png").is_file()
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 12
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 13
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-6"]
 
 
@@ -57,10 +56,10 @@ def test_resume_continues_the_same_curve(dataset, tmp_path):
     whole = train(_cfg(dataset, tmp_path / "a"), progress=False)
     cfg = _cfg(dataset, tmp_path / "b")
     part = train(cfg, progress=False, stop_after=4)  # killed after step 4; last checkpoint at 3
-    assert len(part) == 4
+    assert len(part) == 5  # the step-0 eval and steps 1-4
     resumed = train(cfg, resume=True, progress=False)
-    assert [h["step"] for h in resumed] == [1, 2, 3, 4, 5, 6]
-    assert [h["loss"] for h in resumed] == [h["loss"] for h in whole]
+    assert [h["step"] for h in resumed] == [0, 1, 2, 3, 4, 5, 6]
+    assert [h.get("loss") for h in resumed] == [h.get("loss") for h in whole]
     assert resumed[-1]["eval_loss"] == whole[-1]["eval_loss"]
 
 
@@ -70,7 +69,7 @@ def test_output_dir_guard(dataset, tmp_path):
         train(_cfg(dataset, tmp_path / "r", max_steps=1), progress=False)
     with pytest.raises(G3nError, match=r"other settings \(learning_rate\)"):
         train(_cfg(dataset, tmp_path / "r", max_steps=1, learning_rate=1.0), resume=True, progress=False)
-    assert len(train(_cfg(dataset, tmp_path / "r", max_steps=1), overwrite=True, progress=False)) == 1
+    assert len(train(_cfg(dataset, tmp_path / "r", max_steps=1), overwrite=True, progress=False)) == 2
 
 
 def test_config_errors(tmp_path):
@@ -85,3 +84,77 @@ def test_config_errors(tmp_path):
     cfg = load_train_config(tmp_path / "ok.yaml", ["lora_r=8", "packing=false"])
     assert cfg.lora_r == 8 and cfg.packing is False
     assert cfg.train_data == [str((tmp_path / "data" / "train.jsonl").resolve())]
+
+
+def test_config_value_types(tmp_path):
+    with pytest.raises(G3nError, match="config: lora_r must be int, got 'eight'"):
+        load_train_config(None, ["lora_r=eight"])
+    with pytest.raises(G3nError, match="config: packing must be bool, got 1"):
+        load_train_config(None, ["packing=1"])
+    with pytest.raises(G3nError, match="config: optim 'sgd': use adamw, adamw_8bit"):
+        load_train_config(None, ["optim=sgd"])
+    with pytest.raises(G3nError, match="vision or audio tower"):
+        load_train_config(None, ["finetune_vision_layers=true"])
+    assert load_train_config(None, ["learning_rate=1"]).learning_rate == 1  # an int where a float goes is fine
+
+
+def test_adamw_8bit_needs_cuda(dataset, tmp_path):
+    with pytest.raises(G3nError, match="adamw_8bit needs a CUDA GPU"):
+        train(_cfg(dataset, tmp_path / "r", optim="adamw_8bit"), progress=False)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(dataset, tmp_path, monkeypatch):
+    import torch
+
+    from g3n.train import loop
+
+    real, calls = loop.causal_lm_loss, []
+
+    def nan_at_third_step(*args, **kwargs):
+        loss = real(*args, **kwargs)
+        if torch.is_grad_enabled():  # a training step, not an eval
+            calls.append(1)
+        return loss * float("nan") if len(calls) == 3 and torch.is_grad_enabled() else loss
+
+    monkeypatch.setattr(loop, "causal_lm_loss", nan_at_third_step)
+    out = tmp_path / "nan"
+    with pytest.raises(G3nError, match=r"loss became nan at step 3; the last good checkpoint is kept"):
+        train(_cfg(dataset, out, save_steps=1, eval_steps=100), progress=False)
+    assert json.loads((out / "latest.json").read_text())["step"] == 2
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+
+
+def test_float16_training_with_loss_scaling(dataset, tmp_path):
+    import math
+
+    import torch
+
+    out = tmp_path / "fp16"
+    history = train(_cfg(dataset, out, dtype="float16", max_steps=4, save_steps=4, eval_steps=2), progress=False)
+    assert all(math.isfinite(h["loss"]) for h in history if "loss" in h)
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    assert math.isfinite(evals[-1]) and evals[-1] < evals[0]
+    state = torch.load(out / "checkpoint-4" / "state.pt", weights_only=False)
+    assert state["scaler"]["scale"] > 0  # the loss scale is saved for an exact resume
+    assert {t.dtype for t in state["model"].values()} == {torch.float32}  # adapters train in float32
+    with pytest.raises(G3nError, match="full fine-tuning in float16"):
+        train(_cfg(dataset, tmp_path / "full16", dtype="float16", lora=False), progress=False)
+
+
+def test_save_merged_writes_a_loadable_checkpoint(dataset, tmp_path):
+    import torch
+
+    import g3n
+    from g3n.train.lora import load_adapter
+
+    out = tmp_path / "m"
+    train(_cfg(dataset, out, max_steps=3, save_merged=True), progress=False)
+    merged, _ = g3n.load(out / "merged", dtype="float32", device="cpu")
+    base, tok = g3n.load("tiny", dtype="float32", device="cpu")
+    load_adapter(base, out / "adapter")
+    ids = torch.tensor([tok.encode_chat([{"role": "user", "content": "What is the capital of Zork?"}])])
+    with torch.no_grad():
+        a, b = merged(ids), base(ids)
+    assert (a - b).abs().max() < 0.15  # merged weights are stored in bfloat16
+    assert torch.equal(a[0, -1].argmax(), b[0, -1].argmax())
+    assert (out / "merged" / "tokenizer.model").is_file()

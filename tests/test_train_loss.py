@@ -45,3 +45,26 @@ def test_model_loss_equals_transformers(hf_model, ours):
         ref = hf_model(ids, labels=labels).loss
         got = causal_lm_loss(ours, ids, labels, chunk=8)
     assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_gradient_checkpointing_keeps_loss_and_gradients(hf_dir):
+    """Recomputing layers in backward (with KV-shared layers reading the sources' K/V) changes nothing."""
+    from g3n.model.load import load_model
+
+    model = load_model(hf_dir, dtype="float32", device="cpu").requires_grad_(True).train()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 300, (2, 24), generator=g)
+    labels = ids.clone()
+    segments = torch.tensor([[0] * 10 + [1] * 14, [0] * 24])
+    results = []
+    for checkpointing in (False, True):
+        model.model.gradient_checkpointing = checkpointing
+        model.zero_grad()
+        loss = causal_lm_loss(model, ids, labels, torch.ones_like(ids, dtype=torch.bool), segments)
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert loss_a == pytest.approx(loss_b, abs=1e-6)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 100
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-5, rtol=1e-4, msg=name)

@@ -25,6 +25,7 @@ from .errors import G3nError
 from .llama_cpp_limits import llama_cpp_problems
 from .matformer import Plan, Source, effective_parameters, load_plan, sub_config, tensor_source
 from .model.load import INDEX_FILE, SINGLE_FILE, TEXT_PREFIXES, TensorIndex, resolve_model_dir
+from .model.save import atomic_dir
 
 CHUNK_BYTES = 64 * 2**20
 TORCH_DTYPES = {
@@ -174,8 +175,6 @@ def slice_checkpoint(model, plan_spec, out_dir, overwrite: bool = False, progres
     plan = load_plan(plan_spec, parent)
     child = sub_config(parent, plan)
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise G3nError(f"{out}: output directory exists (pass --overwrite to replace it)")
     if out.resolve() == model_dir.resolve():
         raise G3nError(f"{out}: the output directory must differ from the parent checkpoint")
 
@@ -196,10 +195,7 @@ def slice_checkpoint(model, plan_spec, out_dir, overwrite: bool = False, progres
     for path in by_file:
         index.handle(path)  # a missing or corrupt shard fails here, before anything is written
 
-    tmp = out.with_name(f".{out.name}.slicing-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out, overwrite) as tmp:
         files = sorted(by_file)
         for i, path in enumerate(files):
             if progress:
@@ -223,9 +219,4 @@ def slice_checkpoint(model, plan_spec, out_dir, overwrite: bool = False, progres
                 shutil.copy2(item, tmp / item.name)
         if progress:
             progress(len(files), len(files), "done")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return SliceResult(out, plan, child, effective_parameters(child), llama_cpp_problems(child))

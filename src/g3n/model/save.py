@@ -6,14 +6,17 @@ leaves a half-written checkpoint under the final name.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from ..config import FULL, SLIDING, TextConfig
+from ..errors import G3nError
 
 
 def hf_config_dict(cfg: TextConfig, dtype: torch.dtype) -> dict:
@@ -46,6 +49,25 @@ def write_atomic(path: Path, write) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | Path, overwrite: bool = False):
+    """Yield a temporary directory beside `out`; when the block succeeds it replaces `out` by a
+    rename, so an interrupted write never leaves a partial directory under the final name."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise G3nError(f"{out}: output directory exists (pass --overwrite to replace it)")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_text_checkpoint(model, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:

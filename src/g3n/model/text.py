@@ -22,6 +22,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from ..config import FULL, SLIDING, TextConfig
@@ -307,6 +308,7 @@ class TextModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(L))
         self.norm = RMSNorm(h, cfg.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(cfg)
+        self.gradient_checkpointing = False  # training: recompute each layer in backward
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         w = self.embed_tokens.weight
@@ -388,10 +390,17 @@ class TextModel(nn.Module):
             produced[layer] = (k, v)
             return k, v
 
+        checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
             kind = cfg.layer_types[i]
             cos, sin = rope[kind]
-            streams = layer(streams, per_layer[:, :, i, :], cos, sin, kv_for, masks[kind])
+            args = (streams, per_layer[:, :, i, :], cos, sin, kv_for, masks[kind])
+            if checkpointing:
+                # Recomputing a layer calls kv_for again: a K/V-computing layer recomputes its own K/V
+                # (same values), a shared layer reads the source's K/V kept from the first pass.
+                streams = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+            else:
+                streams = layer(*args)
 
         if cache is not None:
             cache.valid = all_valid

@@ -22,6 +22,8 @@ class TrainConfig:
     finetune_attention_modules: bool = True
     finetune_mlp_modules: bool = True
     finetune_language_layers: bool = True
+    finetune_vision_layers: bool = False  # needs the vision tower (multimodal issue)
+    finetune_audio_layers: bool = False  # needs the audio tower (multimodal issue)
     # data
     train_data: list[str] = field(default_factory=list)  # JSONL / JSON / CSV / Parquet files
     eval_data: list[str] = field(default_factory=list)  # empty: hold out eval_fraction of train_data
@@ -40,21 +42,30 @@ class TrainConfig:
     batch_size: int = 2
     grad_accum: int = 1
     max_grad_norm: float = 1.0
+    optim: str = "adamw"  # adamw, or adamw_8bit (bitsandbytes, CUDA)
     dtype: str = "auto"
     device: str | None = None
+    gradient_checkpointing: bool = True
+    ple_on_cpu: bool = True  # per-layer embedding table stays in CPU memory
     seed: int = 0
     # output
     output_dir: str = "runs/g3n"
     save_steps: int = 50
     eval_steps: int = 50
+    save_merged: bool = False  # also write the merged model (HF checkpoint) to output_dir/merged
 
     def __post_init__(self):
         for name in ("train_data", "eval_data"):
             value = getattr(self, name)
             if isinstance(value, str):
                 setattr(self, name, [value])
-        if self.lr_scheduler not in ("linear", "cosine", "constant"):
-            raise G3nError(f"lr_scheduler {self.lr_scheduler!r}: use linear, cosine or constant")
+        for name, f in FIELDS.items():
+            _check_type(name, f.type, getattr(self, name))
+        choices = {"lr_scheduler": ("linear", "cosine", "constant"), "optim": ("adamw", "adamw_8bit"),
+                   "dtype": ("auto", "float32", "bfloat16", "float16")}  # fmt: skip
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise G3nError(f"config: {name} {getattr(self, name)!r}: use {', '.join(allowed)}")
         checks = {
             "max_length": self.max_length > 1, "batch_size": self.batch_size >= 1, "grad_accum": self.grad_accum >= 1,
             "learning_rate": self.learning_rate > 0, "eval_fraction": 0 <= self.eval_fraction < 1,
@@ -63,22 +74,46 @@ class TrainConfig:
         for name, ok in checks.items():
             if not ok:
                 raise G3nError(f"config: invalid {name} {getattr(self, name)!r}")
+        if self.finetune_vision_layers or self.finetune_audio_layers:
+            raise G3nError(
+                "config: g3n loads the text decoder only so far; tuning the vision or audio tower arrives with "
+                "multimodal support (set finetune_vision_layers and finetune_audio_layers to false)"
+            )
         if not self.finetune_language_layers:
-            raise G3nError("config: only the language layers can be fine-tuned for now (vision/audio arrive later)")
+            raise G3nError("config: finetune_language_layers is false, so nothing would be trained")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_TYPES = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}
+
+
+def _check_type(name: str, annotation: str, value) -> None:
+    """YAML and --set give typed values; say which setting got the wrong kind of value."""
+    if annotation == "list[str]":
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    elif annotation == "str | None":
+        ok = value is None or isinstance(value, str)
+    else:
+        ok = isinstance(value, _TYPES[annotation]) and (annotation == "bool" or not isinstance(value, bool))
+    if not ok:
+        raise G3nError(
+            f"config: {name} must be {annotation.replace('list[str]', 'a list of file names')}, got {value!r}"
+        )
+
+
 HELP = {
     "model": "checkpoint directory, cached HF id, or tiny",
     "lora": "true: LoRA adapters (PEFT format); false: full fine-tuning",
     "lora_r": "LoRA rank", "lora_alpha": "LoRA alpha (scale = alpha / r)", "lora_dropout": "LoRA dropout",
     "finetune_attention_modules": "LoRA on q/k/v/o projections",
     "finetune_mlp_modules": "LoRA on gate/up/down projections",
-    "finetune_language_layers": "tune the language model (vision/audio parts arrive later)",
-    "train_data": "JSONL/JSON/CSV/Parquet files: messages, ShareGPT conversations, Alpaca or text records",
+    "finetune_language_layers": "tune the language model",
+    "finetune_vision_layers": "tune the vision tower (not yet: g3n loads the text decoder only)",
+    "finetune_audio_layers": "tune the audio tower (not yet: g3n loads the text decoder only)",
+    "train_data": "JSONL/JSON/CSV/Parquet files or datasets directories: messages, ShareGPT, Alpaca or text records",
     "eval_data": "held-out files (empty: hold out eval_fraction of train_data)",
     "eval_fraction": "share of train_data held out for eval when eval_data is empty",
     "responses_only": "loss on model turns only (false: on every token)",
@@ -89,10 +124,16 @@ HELP = {
     "warmup_steps": "linear warmup steps", "weight_decay": "AdamW weight decay",
     "epochs": "passes over the data (ignored when max_steps > 0)", "max_steps": "optimizer steps (0: use epochs)",
     "batch_size": "rows per micro-batch", "grad_accum": "micro-batches per optimizer step",
-    "max_grad_norm": "gradient clipping", "dtype": "auto, float32, bfloat16 or float16",
-    "device": "cpu, cuda (default: cuda when present)", "seed": "seed for data order and initialisation",
+    "max_grad_norm": "gradient clipping", "optim": "adamw, or adamw_8bit (bitsandbytes on CUDA)",
+    "dtype": "auto, float32, bfloat16 or float16 (float16: loss scaling, float32 LoRA weights)",
+    "device": "cpu, cuda (default: cuda when present)",
+    "gradient_checkpointing": "recompute each layer in the backward pass instead of storing its activations",
+    "ple_on_cpu": "keep the per-layer embedding table in CPU memory (only the batch's rows move to the GPU; "
+    "frozen in full fine-tuning)",
+    "seed": "seed for data order and initialisation",
     "output_dir": "where checkpoints, metrics.jsonl, loss.png and the adapter go (relative to the current directory)",
     "save_steps": "checkpoint every N steps", "eval_steps": "eval every N steps",
+    "save_merged": "also write the merged model (HF checkpoint) to output_dir/merged at the end",
 }  # fmt: skip
 
 

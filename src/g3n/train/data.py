@@ -3,7 +3,9 @@ response-only labels, truncate with a count, and pack samples into rows.
 
 Formats (one record each): OpenAI-style {"messages": [{"role", "content"}]}, ShareGPT
 {"conversations": [{"from": human|gpt|system, "value"}]}, Alpaca {"instruction", "input", "output"}
-and plain {"text"}. Files: JSONL, JSON (a list of records), CSV and Parquet (one record per row).
+and plain {"text"}. Files: JSONL, JSON (a list of records), CSV and Parquet (one record per row), and
+directories written by `datasets`' `save_to_disk` (read with pyarrow; the `datasets` package is not
+needed).
 Labels follow transformers' convention (aligned with the ids; the loss shifts them); -100 marks
 tokens without loss.
 """
@@ -26,6 +28,9 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 def read_records(path: str | Path) -> Iterator[tuple[str, dict]]:
     """(where, record) pairs; `where` names the file and line or row for error messages."""
     path = Path(path)
+    if path.is_dir():
+        yield from _read_saved_dataset(path)
+        return
     if not path.is_file():
         raise G3nError(f"{path}: dataset file not found")
     suffix = path.suffix.lower()
@@ -58,7 +63,37 @@ def read_records(path: str | Path) -> Iterator[tuple[str, dict]]:
         for n, row in enumerate(pq.read_table(path).to_pylist()):
             yield f"{path} row {n}", row
     else:
-        raise G3nError(f"{path}: unknown dataset format {suffix!r} (use .jsonl, .json, .csv or .parquet)")
+        raise G3nError(
+            f"{path}: unknown dataset format {suffix!r} (use .jsonl, .json, .csv, .parquet or a datasets directory)"
+        )
+
+
+def _read_saved_dataset(path: Path) -> Iterator[tuple[str, dict]]:
+    """Rows of a `datasets` save_to_disk directory: a Dataset (state.json + Arrow stream files) or
+    a DatasetDict (dataset_dict.json + one directory per split; its "train" split is read)."""
+    if (path / "dataset_dict.json").is_file():
+        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        if "train" not in splits:
+            raise G3nError(f"{path}: a DatasetDict without a 'train' split; name a split directory ({splits})")
+        path = path / "train"
+    state_file = path / "state.json"
+    if not state_file.is_file():
+        raise G3nError(f"{path}: a directory, but not one written by datasets' save_to_disk (no state.json)")
+    try:
+        import pyarrow as pa
+    except ImportError:
+        raise G3nError(f"{path}: reading a datasets directory needs pyarrow (pip install pyarrow)") from None
+    files = [f["filename"] for f in json.loads(state_file.read_text()).get("_data_files", [])]
+    n = 0
+    for name in files:
+        try:
+            with pa.memory_map(str(path / name)) as source:
+                table = pa.ipc.open_stream(source).read_all()
+        except (OSError, pa.ArrowInvalid) as e:
+            raise G3nError(f"{path / name}: cannot read the Arrow file ({e})") from None
+        for row in table.to_pylist():
+            yield f"{path} row {n}", row
+            n += 1
 
 
 def to_messages(record, where: str) -> list[dict] | str:

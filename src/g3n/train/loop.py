@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,7 +96,7 @@ def trainable_state(model) -> dict:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(out: Path, model, opt, sched, step: int, history: list) -> Path:
+def save_checkpoint(out: Path, model, opt, sched, scaler, step: int, history: list) -> Path:
     """checkpoint-STEP/ written under a temporary name, then renamed; latest.json points to it."""
     final = out / f"checkpoint-{step}"
     tmp = out / f".checkpoint-{step}.tmp"
@@ -106,6 +107,7 @@ def save_checkpoint(out: Path, model, opt, sched, step: int, history: list) -> P
             "model": trainable_state(model),
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(),
+            "scaler": scaler.state_dict() if scaler else None,
             "rng": torch.get_rng_state(),
         },
         tmp / "state.pt",
@@ -140,18 +142,29 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
     """Run the fine-tune; returns the history (list of per-step dicts). `stop_after` (a step)
     interrupts the run there, as a kill would (used by tests)."""
     from .. import load
-    from .lora import add_lora, save_adapter
+    from ..model.load import resolve_model_dir
+    from .lora import add_lora, save_adapter, save_merged
 
     if not cfg.train_data:
         raise G3nError("config: train_data names no file")
     out = prepare_output(cfg, resume, overwrite)
     torch.manual_seed(cfg.seed)
-    model, tok = load(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    model, tok = load(cfg.model, dtype=cfg.dtype, device=cfg.device, ple_device="cpu" if cfg.ple_on_cpu else None)
+    half = model.dtype == torch.float16
     if cfg.lora:
         add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
                  cfg.finetune_attention_modules, cfg.finetune_mlp_modules)  # fmt: skip
+        for p in model.parameters():
+            if p.requires_grad:  # adapters train in float32 whatever the base dtype (loss scaling needs it)
+                p.data = p.data.float()
     else:
+        if half:
+            raise G3nError("full fine-tuning in float16 needs float32 master weights; use bfloat16 or float32")
         model.requires_grad_(True)
+        table = model.model.embed_tokens_per_layer.weight
+        if table.device != model.device:  # kept off the accelerator: frozen
+            table.requires_grad_(False)
+    model.model.gradient_checkpointing = cfg.gradient_checkpointing
     model.train()
 
     examples, stats = load_examples(cfg.train_data, tok, cfg.max_length, cfg.responses_only, cfg.skip_bad)
@@ -170,7 +183,10 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(cfg, params, model.device)
+    scaler = torch.amp.GradScaler(model.device.type) if half else None
+    # A skipped float16 step makes torch warn that the scheduler stepped first; that is intended.
+    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
     step, history = 0, []
     if resume:
@@ -183,6 +199,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
                 named[n].copy_(t)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
         meta = json.loads((ckpt / STATE_FILE).read_text())
         step, history = meta["step"], meta["history"]
@@ -203,7 +221,16 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
 
         bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
     metrics = (out / "metrics.jsonl").open("a")
+
+    def log(record: dict) -> None:
+        history.append(record)
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
+
     try:
+        if eval_rows and step == 0:  # the baseline the run's eval losses compare against
+            loss = evaluate(model, eval_rows, cfg, tok.pad_id)
+            log({"step": 0, "eval_loss": round(loss, 6), "eval_perplexity": round(math.exp(loss), 4)})
         while step < total:
             start, tokens, loss_sum = time.perf_counter(), 0, 0.0
             for micro in range(cfg.grad_accum):
@@ -213,32 +240,42 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
                 chosen = order[pos * cfg.batch_size : (pos + 1) * cfg.batch_size]
                 b = collate([rows[i] for i in chosen], tok.pad_id)
                 loss = causal_lm_loss(model, b.ids.to(model.device), b.labels, b.mask, b.segments)
-                (loss / cfg.grad_accum).backward()
+                scaled = loss / cfg.grad_accum
+                (scaler.scale(scaled) if scaler else scaled).backward()
                 loss_sum += loss.item() / cfg.grad_accum
                 tokens += b.tokens
             if not math.isfinite(loss_sum):
                 raise G3nError(f"loss became {loss_sum} at step {step + 1}; the last good checkpoint is kept in {out}")
+            if scaler:
+                scaler.unscale_(opt)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            if not torch.isfinite(grad_norm):
+            if not torch.isfinite(grad_norm) and not scaler:  # with loss scaling: skip the step, lower the scale
                 raise G3nError(f"gradients became non-finite at step {step + 1}; the last good checkpoint is in {out}")
             lr = sched.get_last_lr()[0]
-            opt.step()
+            skipped = False
+            if scaler:
+                scale = scaler.get_scale()
+                scaler.step(opt)  # skips the update when the scaled gradients overflowed
+                scaler.update()
+                skipped = scaler.get_scale() < scale
+            else:
+                opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
             record = {"step": step, "loss": round(loss_sum, 6), "lr": lr, "grad_norm": round(float(grad_norm), 4),
                       "tokens_per_s": round(tokens / (time.perf_counter() - start), 1)}  # fmt: skip
+            if skipped:
+                record["skipped_overflow"] = True  # float16: loss scale lowered, weights unchanged
             if eval_rows and (step % cfg.eval_steps == 0 or step == total):
                 record["eval_loss"] = round(evaluate(model, eval_rows, cfg, tok.pad_id), 6)
                 record["eval_perplexity"] = round(math.exp(record["eval_loss"]), 4)
-            history.append(record)
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
+            log(record)
             if bar:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
             if step % cfg.save_steps == 0 or step == total:
-                save_checkpoint(out, model, opt, sched, step, history)
+                save_checkpoint(out, model, opt, sched, scaler, step, history)
             if stop_after is not None and step >= stop_after:
                 return history
     finally:
@@ -248,8 +285,22 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
 
     if cfg.lora:
         save_adapter(model, out / "adapter", base_model=str(cfg.model))
+    if cfg.save_merged:
+        save_merged(model, out / "merged", resolve_model_dir(cfg.model), overwrite=True)
     plot_losses(history, out / "loss.png")
     return history
+
+
+def make_optimizer(cfg: TrainConfig, params, device: torch.device):
+    if cfg.optim == "adamw_8bit":
+        if device.type != "cuda":
+            raise G3nError("optim adamw_8bit needs a CUDA GPU (bitsandbytes); use adamw on the CPU")
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise G3nError("optim adamw_8bit needs bitsandbytes: pip install bitsandbytes") from None
+        return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
 
 def plot_losses(history: list[dict], path: Path) -> None:
@@ -259,7 +310,8 @@ def plot_losses(history: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train loss")
+    steps = [h for h in history if "loss" in h]
+    ax.plot([h["step"] for h in steps], [h["loss"] for h in steps], label="train loss")
     evals = [h for h in history if "eval_loss" in h]
     if evals:
         ax.plot([h["step"] for h in evals], [h["eval_loss"] for h in evals], "o-", label="eval loss")

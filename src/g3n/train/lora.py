@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import G3nError
-from ..model.save import save_text_checkpoint, write_atomic
+from ..model.save import atomic_dir, save_text_checkpoint, write_atomic
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -102,12 +102,19 @@ def merge_lora(model):
     return model
 
 
-def save_merged(model, out_dir: str | Path, tokenizer_dir: str | Path | None = None, dtype=torch.bfloat16) -> Path:
-    """Merge the adapters and write an HF checkpoint (with the tokenizer files copied)."""
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "chat_template.jinja")  # fmt: skip
+
+
+def save_merged(
+    model, out_dir: str | Path, tokenizer_dir: str | Path | None = None, dtype=torch.bfloat16, overwrite: bool = False
+) -> Path:
+    """Merge the adapters (if any) and write an HF checkpoint with the tokenizer files copied; the
+    directory appears complete or not at all."""
     merge_lora(model)
-    out = save_text_checkpoint(model, out_dir, dtype)
-    if tokenizer_dir is not None:
-        for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+    with atomic_dir(out_dir, overwrite) as tmp:
+        save_text_checkpoint(model, tmp, dtype)
+        for name in TOKENIZER_FILES if tokenizer_dir is not None else ():
             if (Path(tokenizer_dir) / name).is_file():
-                shutil.copy2(Path(tokenizer_dir) / name, out / name)
-    return out
+                shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
+    return Path(out_dir)

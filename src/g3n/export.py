@@ -1,0 +1,36 @@
+"""Exports of a (fine-tuned) model for other tools.
+
+`export_hf`: the base model with a LoRA adapter folded in (or unchanged), written as an HF
+checkpoint (config.json, model.safetensors, tokenizer files) that transformers and `g3n` load. It
+holds the text decoder (`Gemma3nForCausalLM`); a multimodal parent's vision and audio towers are
+not copied. GGUF and Ollama exports belong to the GGUF issue and will join here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import G3nError
+from .model.load import parse_dtype, resolve_model_dir
+
+
+def export_hf(model: str, out: str | Path, adapter: str | Path | None = None, dtype: str = "bfloat16",
+              overwrite: bool = False) -> Path:  # fmt: skip
+    """Merge `adapter` (a PEFT LoRA directory) into `model` and write the result to `out`."""
+    from . import load
+    from .train.lora import load_adapter, save_merged
+
+    out = Path(out)
+    if out.exists() and not overwrite:  # checked before the (slow) load, and again at the rename
+        raise G3nError(f"{out}: output directory exists (pass --overwrite to replace it)")
+    model_dir = resolve_model_dir(model)
+    if out.resolve() == model_dir.resolve():
+        raise G3nError(f"{out}: the output directory must differ from the model's")
+    torch_dtype = parse_dtype(dtype)
+    if torch_dtype is None:
+        raise G3nError("export needs a concrete dtype: float32, bfloat16 or float16")
+    # Merge in float32 on the CPU for small models (exact); big ones merge in the output dtype.
+    m, _ = load(model_dir, dtype=None, device="cpu")
+    if adapter is not None:
+        load_adapter(m, adapter)
+    return save_merged(m, out, tokenizer_dir=model_dir, dtype=torch_dtype, overwrite=overwrite)
