@@ -244,12 +244,22 @@ def cmd_train(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_hf
-
     start = time.perf_counter()
-    out = export_hf(args.model, args.out, adapter=args.adapter, dtype=args.dtype, overwrite=args.overwrite)
+    if args.format == "hf":
+        from .export import export_hf
+
+        out = export_hf(args.model, args.out, adapter=args.adapter, dtype=args.dtype, overwrite=args.overwrite)
+        detail = args.dtype
+    else:
+        from .gguf_export import export_gguf, write_modelfile
+
+        out = export_gguf(args.model, args.out, adapter=args.adapter, quant=args.quant, overwrite=args.overwrite)
+        detail = args.quant
+        if args.format == "ollama":
+            modelfile = write_modelfile(out, overwrite=args.overwrite)
+            print(f"[g3n] wrote {modelfile}; run: ollama create NAME -f {modelfile}")
     what = f"{args.model} + adapter {args.adapter}" if args.adapter else args.model
-    print(f"[g3n] exported {what} to {out} ({args.format}, {args.dtype}) in {time.perf_counter() - start:.1f} s")
+    print(f"[g3n] exported {what} to {out} ({args.format}, {detail}) in {time.perf_counter() - start:.1f} s")
     return 0
 
 
@@ -304,18 +314,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "export",
-        help="write a model (with a LoRA adapter merged in) as an HF checkpoint",
-        description="Export a model for other tools. --format hf writes an HF checkpoint (config.json, "
-        "model.safetensors, tokenizer files) of the text decoder that transformers and g3n load; with "
-        "--adapter, the PEFT LoRA adapter (e.g. runs/NAME/adapter from g3n train) is merged in first. "
-        "The output appears complete or not at all.",
+        help="write a model (with a LoRA adapter merged in) as an HF checkpoint, GGUF or Ollama model",
+        description="Export a model for other tools; with --adapter, a PEFT LoRA adapter (e.g. "
+        "runs/NAME/adapter from g3n train) is merged in first.\n"
+        "  --format hf      an HF checkpoint directory (config.json, model.safetensors, tokenizer files) "
+        "of the text decoder, for transformers and g3n\n"
+        "  --format gguf    one GGUF file for llama.cpp (--quant f32, f16, bf16 or q8_0)\n"
+        "  --format ollama  the GGUF plus a Modelfile beside it (Gemma's template, <end_of_turn> stop, "
+        "Google's sampling defaults)\n"
+        "Outputs appear complete or not at all.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", default="tiny", help="base model: checkpoint directory, cached HF id, or 'tiny'")
     p.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory to merge in")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--format", default="hf", choices=["hf"], help="hf: HF safetensors checkpoint (default)")
+    p.add_argument("--out", required=True, help="output directory (hf) or .gguf file (gguf, ollama)")
+    p.add_argument("--format", default="hf", choices=["hf", "gguf", "ollama"], help="hf (default), gguf or ollama")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
-                   help="dtype of the written weights (bfloat16)")  # fmt: skip
+                   help="hf: dtype of the written weights (bfloat16)")  # fmt: skip
+    p.add_argument("--quant", default="f16", help="gguf/ollama: f32, f16 (default), bf16 or q8_0")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_export)
 

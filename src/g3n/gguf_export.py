@@ -1,0 +1,217 @@
+"""GGUF export for llama.cpp and Ollama, written with the `gguf` package (gguf-py).
+
+Architecture `gemma3n`, metadata as llama.cpp's own converter writes it, tensor names from gguf's
+tensor map for Gemma 3n, the AltUp projections stacked into one tensor each, zero placeholder K/V
+weights for KV-shared layers (llama.cpp requires the tensors but never reads them), the
+SentencePiece vocabulary with its piece types, and Google's sampling defaults in
+`general.sampling.*`. Configs llama.cpp cannot represent (llama_cpp_limits.py) are refused before
+anything is written; the file is written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import SLIDING, TextConfig, read_text_config
+from .errors import G3nError
+from .llama_cpp_limits import llama_cpp_problems
+
+QUANTS = ("f32", "f16", "bf16", "q8_0")
+ARCH = "gemma3n"
+
+
+def _ggml_type(quant: str):
+    import gguf
+
+    T = gguf.GGMLQuantizationType
+    return {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0}[quant]
+
+
+def _encode(array: np.ndarray, quant: str):
+    """(data, raw_dtype) for one tensor: 1-D tensors and small matrices stay float32."""
+    import gguf
+
+    if array.ndim <= 1 or quant == "f32":
+        return array.astype(np.float32), None
+    if quant == "f16":
+        return array.astype(np.float16), None
+    qtype = _ggml_type(quant)
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    if array.shape[-1] % block:
+        return array.astype(np.float16), None  # rows that do not fill whole blocks
+    return gguf.quants.quantize(array.astype(np.float32), qtype), qtype
+
+
+def _tensors(model, cfg: TextConfig):
+    """(gguf name, float32 numpy array) for every tensor llama.cpp's Gemma 3n graph loads."""
+    import gguf
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3N, cfg.num_hidden_layers)
+    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    stacked = {"altup_projections": "altup_proj", "altup_unembed_projections": "altup_unembd_proj"}
+    for hf, gname in stacked.items():
+        parts = [state.pop(f"model.{hf}.{i}.weight") for i in range(cfg.altup_num_inputs - 1)]
+        yield f"{gname}.weight", torch.stack(parts).numpy()
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    for i in range(cfg.first_kv_shared_layer, cfg.num_hidden_layers):  # placeholders, never read
+        state[f"model.layers.{i}.self_attn.k_proj.weight"] = torch.zeros(kv, cfg.hidden_size)
+        state[f"model.layers.{i}.self_attn.v_proj.weight"] = torch.zeros(kv, cfg.hidden_size)
+        state[f"model.layers.{i}.self_attn.k_norm.weight"] = torch.ones(cfg.head_dim)
+    for name, tensor in sorted(state.items()):
+        gname = names.get_name(name, try_suffixes=(".weight",))
+        if gname is None:
+            raise G3nError(f"GGUF export: no llama.cpp name for tensor {name}")
+        # llama.cpp looks every tensor up as NAME.weight (also altup.correct_output_scale, a bare parameter)
+        yield gname if gname.endswith(".weight") else gname + ".weight", tensor.numpy()
+
+
+def _add_metadata(w, cfg: TextConfig, name: str) -> None:
+    w.add_name(name)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(list(cfg.intermediate_size))
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_sliding_window(cfg.sliding_window)
+    w.add_sliding_window_pattern([t == SLIDING for t in cfg.layer_types])
+    if cfg.final_logit_softcapping is not None:
+        w.add_final_logit_softcapping(cfg.final_logit_softcapping)
+    w.add_altup_active_idx(cfg.altup_active_idx)
+    w.add_altup_num_inputs(cfg.altup_num_inputs)
+    w.add_embedding_length_per_layer_input(cfg.hidden_size_per_layer_input)
+    w.add_shared_kv_layers(cfg.num_kv_shared_layers)  # uint32, as llama.cpp reads it
+    scale = [
+        (torch.erfinv(2 * torch.tensor(s, dtype=torch.float32) - 1) * 2**0.5).item() if s > 0 else 0.0
+        for s in cfg.activation_sparsity_pattern
+    ]
+    w.add_activation_sparsity_scale(scale)
+    # Google's recommended sampling for Gemma 3n (read by llama.cpp's sampler defaults).
+    w.add_float32("general.sampling.temp", 1.0)
+    w.add_int32("general.sampling.top_k", 64)
+    w.add_float32("general.sampling.top_p", 0.95)
+    w.add_float32("general.sampling.min_p", 0.0)
+
+
+def _add_tokenizer(w, tokenizer_path: Path, chat_template: str | None) -> None:
+    import gguf
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(tokenizer_path.read_bytes())
+    T, P = gguf.TokenType, pb.ModelProto.SentencePiece
+    kinds = {P.NORMAL: T.NORMAL, P.UNKNOWN: T.UNKNOWN, P.CONTROL: T.CONTROL, P.USER_DEFINED: T.USER_DEFINED,
+             P.BYTE: T.BYTE, P.UNUSED: T.UNUSED}  # fmt: skip
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list([p.piece.encode("utf-8") for p in proto.pieces])
+    w.add_token_scores([p.score for p in proto.pieces])
+    w.add_token_types([kinds[p.type] for p in proto.pieces])
+    w.add_bos_token_id(sp.bos_id())
+    w.add_eos_token_id(sp.eos_id())
+    w.add_unk_token_id(sp.unk_id())
+    w.add_pad_token_id(max(sp.pad_id(), 0))
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    w.add_add_space_prefix(proto.normalizer_spec.add_dummy_prefix)  # Gemma: no dummy "▁" prefix
+    if chat_template:
+        w.add_chat_template(chat_template)
+
+
+def _chat_template(model_dir: Path) -> str | None:
+    """The checkpoint's own Jinja chat template (tokenizer_config.json or chat_template.jinja)."""
+    import json
+
+    if (model_dir / "chat_template.jinja").is_file():
+        return (model_dir / "chat_template.jinja").read_text()
+    config = model_dir / "tokenizer_config.json"
+    return json.loads(config.read_text()).get("chat_template") if config.is_file() else None
+
+
+def export_gguf(model: str, out: str | Path, adapter=None, quant: str = "f16", overwrite: bool = False) -> Path:
+    """Write `model` (with `adapter` merged) as one GGUF file llama.cpp and Ollama load."""
+    import gguf
+
+    from . import load
+    from .model.load import resolve_model_dir
+    from .train.lora import load_adapter, merge_lora
+
+    quant = quant.lower()
+    if quant not in QUANTS:
+        raise G3nError(f"unknown quant {quant!r}; choose one of {', '.join(QUANTS)}")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise G3nError(f"{out}: exists (pass --overwrite to replace it)")
+    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+        raise G3nError(f"{out.parent}: not a writable directory")
+    model_dir = resolve_model_dir(model)
+    tokenizer_path = model_dir / "tokenizer.model"
+    if not tokenizer_path.is_file():
+        raise G3nError(f"{tokenizer_path}: missing; GGUF needs the SentencePiece tokenizer.model")
+    problems = llama_cpp_problems(read_text_config(model_dir / "config.json"))
+    if problems:
+        raise G3nError(f"{model_dir}: llama.cpp cannot run this model: " + "; ".join(problems))
+    m, _ = load(model_dir, dtype="float32", device="cpu")
+    if adapter is not None:
+        merge_lora(load_adapter(m, adapter))
+    cfg = m.config
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        w = gguf.GGUFWriter(str(tmp), ARCH)
+        _add_metadata(w, cfg, model_dir.name)
+        w.add_file_type({"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}[quant])
+        _add_tokenizer(w, tokenizer_path, _chat_template(model_dir))
+        for gname, array in _tensors(m, cfg):
+            data, raw = _encode(array, quant)
+            w.add_tensor(gname, data, raw_dtype=raw)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out
+
+
+# Ollama's Gemma 3 template (a system turn is folded into the user turn; no BOS: llama.cpp adds it).
+OLLAMA_TEMPLATE = """{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}
+{{- if or (eq .Role "user") (eq .Role "system") }}<start_of_turn>user
+{{ .Content }}<end_of_turn>
+{{ if $last }}<start_of_turn>model
+{{ end }}
+{{- else if eq .Role "assistant" }}<start_of_turn>model
+{{ .Content }}{{ if not $last }}<end_of_turn>
+{{ end }}
+{{- end }}
+{{- end }}"""
+
+
+def write_modelfile(gguf_path: Path, overwrite: bool = False) -> Path:
+    """An Ollama Modelfile beside the GGUF: FROM, Gemma's template, stop token, Google's sampling."""
+    from .model.save import write_atomic
+
+    path = gguf_path.with_name("Modelfile")
+    if path.exists() and not overwrite:
+        raise G3nError(f"{path}: exists (pass --overwrite to replace it)")
+    text = (
+        f"FROM ./{gguf_path.name}\n"
+        f'TEMPLATE """{OLLAMA_TEMPLATE}"""\n'
+        'PARAMETER stop "<end_of_turn>"\n'
+        "PARAMETER temperature 1\nPARAMETER top_k 64\nPARAMETER top_p 0.95\nPARAMETER min_p 0\n"
+    )
+    write_atomic(path, lambda p: p.write_text(text))
+    return path

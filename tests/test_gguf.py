@@ -1,0 +1,104 @@
+"""GGUF export, verified by llama.cpp itself (llama-cpp-python): the tiny model's logits and
+tokenization match g3n's, quantized exports agree on the top tokens, bad input is refused before
+anything is written."""
+
+import llama_cpp
+import numpy as np
+import pytest
+import torch
+
+from g3n.cli import main
+from g3n.errors import G3nError
+from g3n.gguf_export import QUANTS, export_gguf
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gguf")
+    return {q: export_gguf("tiny", d / f"tiny-{q}.gguf", quant=q) for q in QUANTS}
+
+
+def _llama(path):
+    return llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=False, n_threads=1)
+
+
+def _llama_logits(llm, ids):
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)])
+
+
+def test_tokenization_matches(exports, tiny):
+    _, tok = tiny
+    llm = _llama(exports["f32"])
+    text = tok.format_chat(QUESTION)
+    assert llm.tokenize(text.encode(), add_bos=True, special=True) == tok.encode_chat(QUESTION)
+    assert llm.token_bos() == tok.bos_id and llm.detokenize(tok.encode("Hello there")[1:]) == b"Hello there"
+
+
+def test_f32_logits_match_g3n(exports, tiny):
+    model, tok = tiny
+    ids = tok.encode_chat(QUESTION) + tok.encode("The capital of France is Paris.", add_bos=False)
+    ours = model(torch.tensor([ids]))[0].float().numpy()
+    theirs = _llama_logits(_llama(exports["f32"]), ids)
+    diff = np.abs(ours - theirs).max()
+    print(f"f32 GGUF vs g3n: max abs logit difference {diff:.3g} (logits up to {np.abs(ours).max():.1f})")
+    assert diff < 0.05
+    assert (ours.argmax(-1) == theirs.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("quant", ["f16", "bf16", "q8_0"])
+def test_quantized_exports_agree_on_top_tokens(exports, tiny, quant):
+    model, tok = tiny
+    ids = tok.encode_chat(QUESTION) + tok.encode("The capital of France is Paris.", add_bos=False)
+    ours = model(torch.tensor([ids]))[0].float().numpy().argmax(-1)
+    theirs = _llama_logits(_llama(exports[quant]), ids).argmax(-1)
+    assert (ours[-12:] == theirs[-12:]).mean() >= 0.9
+
+
+def test_llama_cpp_generates_the_answer(exports, tiny):
+    _, tok = tiny
+    llm = _llama(exports["q8_0"])
+    out = llm.create_completion(tok.format_chat(QUESTION), max_tokens=16, temperature=0.0)
+    assert "Paris" in out["choices"][0]["text"]
+
+
+def test_bad_input(tmp_path, hf_dir, exports):
+    with pytest.raises(G3nError, match="unknown quant 'q3_x'; choose one of f32, f16, bf16, q8_0"):
+        export_gguf("tiny", tmp_path / "x.gguf", quant="q3_x")
+    with pytest.raises(G3nError, match="exists"):
+        export_gguf("tiny", exports["f16"], quant="f16")
+    with pytest.raises(G3nError, match="not a writable directory"):
+        export_gguf("tiny", tmp_path / "no" / "x.gguf")
+    with pytest.raises(G3nError, match="tokenizer.model: missing"):
+        export_gguf(hf_dir, tmp_path / "x.gguf")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unrepresentable_config_is_refused(tmp_path):
+    import shutil
+
+    from g3n.model.load import TINY_DIR
+
+    model_dir = tmp_path / "odd"
+    shutil.copytree(TINY_DIR, model_dir)
+    import json
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg["laurel_rank"] = 32
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(G3nError, match="llama.cpp cannot run this model: laurel_rank is 32"):
+        export_gguf(model_dir, tmp_path / "odd.gguf")
+    assert not (tmp_path / "odd.gguf").exists()
+
+
+def test_ollama_modelfile(tmp_path, capsys):
+    out = tmp_path / "tiny.gguf"
+    assert main(["export", "--format", "ollama", "--quant", "q8_0", "--out", str(out)]) == 0
+    text = (tmp_path / "Modelfile").read_text()
+    assert text.startswith("FROM ./tiny.gguf\n") and 'PARAMETER stop "<end_of_turn>"' in text
+    assert "<start_of_turn>model" in text and "<bos>" not in text
+    for line in ("PARAMETER temperature 1", "PARAMETER top_k 64", "PARAMETER top_p 0.95"):
+        assert line in text
