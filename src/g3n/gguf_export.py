@@ -19,6 +19,7 @@ import torch
 from .config import SLIDING, TextConfig, read_text_config
 from .errors import G3nError
 from .llama_cpp_limits import llama_cpp_problems
+from .model.text import std_multiplier
 
 QUANTS = ("f32", "f16", "bf16", "q8_0")
 ARCH = "gemma3n"
@@ -89,11 +90,7 @@ def _add_metadata(w, cfg: TextConfig, name: str) -> None:
     w.add_altup_num_inputs(cfg.altup_num_inputs)
     w.add_embedding_length_per_layer_input(cfg.hidden_size_per_layer_input)
     w.add_shared_kv_layers(cfg.num_kv_shared_layers)  # uint32, as llama.cpp reads it
-    scale = [
-        (torch.erfinv(2 * torch.tensor(s, dtype=torch.float32) - 1) * 2**0.5).item() if s > 0 else 0.0
-        for s in cfg.activation_sparsity_pattern
-    ]
-    w.add_activation_sparsity_scale(scale)
+    w.add_activation_sparsity_scale([std_multiplier(s) if s > 0 else 0.0 for s in cfg.activation_sparsity_pattern])
     # Google's recommended sampling for Gemma 3n (read by llama.cpp's sampler defaults).
     w.add_float32("general.sampling.temp", 1.0)
     w.add_int32("general.sampling.top_k", 64)

@@ -63,7 +63,7 @@ class Laurel(nn.Module):
         return x + self.post_laurel_norm(self.linear_right(self.linear_left(x)))
 
 
-def _std_multiplier(sparsity: float) -> float:
+def std_multiplier(sparsity: float) -> float:
     """Phi^-1(sparsity) in float32, as transformers' Normal(0, 1).icdf computes it (CPU even under meta)."""
     target = torch.tensor(sparsity, dtype=torch.float32, device="cpu")
     return (torch.erfinv(2 * target - 1) * math.sqrt(2)).item()
@@ -78,7 +78,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(width, cfg.hidden_size, bias=False)
         self.act = ACTIVATIONS[cfg.hidden_activation]
         sparsity = cfg.activation_sparsity_pattern[layer]
-        self.std_multiplier = _std_multiplier(sparsity) if sparsity > 0.0 else None
+        self.std_multiplier = std_multiplier(sparsity) if sparsity > 0.0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate = self.gate_proj(x)
