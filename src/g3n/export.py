@@ -3,7 +3,7 @@
 `export_hf`: the base model with a LoRA adapter folded in (or unchanged), written as an HF
 checkpoint (config.json, model.safetensors, tokenizer files) that transformers and `g3n` load. It
 holds the text decoder (`Gemma3nForCausalLM`); a multimodal parent's vision and audio towers are
-not copied. GGUF and Ollama exports belong to the GGUF issue and will join here.
+not copied. GGUF and Ollama exports live in gguf_export.py.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ def export_hf(model: str, out: str | Path, adapter: str | Path | None = None, dt
     torch_dtype = parse_dtype(dtype)
     if torch_dtype is None:
         raise G3nError("export needs a concrete dtype: float32, bfloat16 or float16")
-    # Merge in float32 on the CPU for small models (exact); big ones merge in the output dtype.
+    # load()'s default dtype on the CPU: float32 for small models (an exact merge), the checkpoint's
+    # own dtype for big ones.
     m, _ = load(model_dir, dtype=None, device="cpu")
     if adapter is not None:
         load_adapter(m, adapter)

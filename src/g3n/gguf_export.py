@@ -141,6 +141,7 @@ def export_gguf(model: str, out: str | Path, adapter=None, quant: str = "f16", o
 
     from . import load
     from .model.load import resolve_model_dir
+    from .model.save import write_atomic
     from .train.lora import load_adapter, merge_lora
 
     quant = quant.lower()
@@ -163,9 +164,8 @@ def export_gguf(model: str, out: str | Path, adapter=None, quant: str = "f16", o
         merge_lora(load_adapter(m, adapter))
     cfg = m.config
 
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        w = gguf.GGUFWriter(str(tmp), ARCH)
+    def write(path: Path) -> None:
+        w = gguf.GGUFWriter(str(path), ARCH)
         _add_metadata(w, cfg, model_dir.name)
         w.add_file_type({"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}[quant])
         _add_tokenizer(w, tokenizer_path, _chat_template(model_dir))
@@ -176,10 +176,8 @@ def export_gguf(model: str, out: str | Path, adapter=None, quant: str = "f16", o
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+    write_atomic(out, write)
     return out
 
 

@@ -21,10 +21,13 @@ from pathlib import Path
 import torch
 
 from ..errors import G3nError
-from ..model.save import write_atomic
+from ..model.save import atomic_dir, write_atomic
 from .config import TrainConfig
 from .data import IGNORE, Example, load_examples, pack
 from .loss import causal_lm_loss
+
+# A skipped float16 step (loss scaling) makes torch warn that the scheduler stepped first; intended.
+warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
 
 STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "train_config.json"
@@ -99,22 +102,18 @@ def trainable_state(model) -> dict:
 def save_checkpoint(out: Path, model, opt, sched, scaler, step: int, history: list) -> Path:
     """checkpoint-STEP/ written under a temporary name, then renamed; latest.json points to it."""
     final = out / f"checkpoint-{step}"
-    tmp = out / f".checkpoint-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save(
-        {
-            "model": trainable_state(model),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "scaler": scaler.state_dict() if scaler else None,
-            "rng": torch.get_rng_state(),
-        },
-        tmp / "state.pt",
-    )
-    (tmp / STATE_FILE).write_text(json.dumps({"step": step, "history": history}))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    with atomic_dir(final, overwrite=True) as tmp:
+        torch.save(
+            {
+                "model": trainable_state(model),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "scaler": scaler.state_dict() if scaler else None,
+                "rng": torch.get_rng_state(),
+            },
+            tmp / "state.pt",
+        )
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, "history": history}))
     write_atomic(out / "latest.json", lambda p: p.write_text(json.dumps({"checkpoint": final.name, "step": step})))
     return final
 
@@ -185,8 +184,6 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(cfg, params, model.device)
     scaler = torch.amp.GradScaler(model.device.type) if half else None
-    # A skipped float16 step makes torch warn that the scheduler stepped first; that is intended.
-    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
     step, history = 0, []
     if resume:
