@@ -102,3 +102,35 @@ def test_ollama_modelfile(tmp_path, capsys):
     assert "<start_of_turn>model" in text and "<bos>" not in text
     for line in ("PARAMETER temperature 1", "PARAMETER top_k 64", "PARAMETER top_p 0.95"):
         assert line in text
+
+
+def test_vocab_larger_than_tokenizer_and_per_layer_table(tmp_path, tiny):
+    """As in real Gemma 3n (vocab 262400, tokenizer 262144 pieces, PLE table 262144 rows): llama.cpp
+    needs every token table at the vocab size; ids past the PLE table must still match g3n."""
+    import dataclasses
+    import shutil
+
+    import g3n
+    from g3n.model.load import TINY_DIR
+    from g3n.model.save import save_text_checkpoint
+
+    model, tok = g3n.load("tiny", dtype="float32", device="cpu")
+    extra = 32
+    emb = model.model.embed_tokens
+    rows = torch.randn(extra, emb.weight.shape[1], generator=torch.Generator().manual_seed(0)) * emb.weight.std()
+    emb.weight = torch.nn.Parameter(torch.cat([emb.weight.data, rows]))
+    model.config = dataclasses.replace(model.config, vocab_size=model.config.vocab_size + extra)
+    model.model.cfg = model.config
+    big = tmp_path / "big"
+    save_text_checkpoint(model, big, torch.float32)
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy2(TINY_DIR / name, big / name)
+    path = export_gguf(big, tmp_path / "big.gguf", quant="f32")
+
+    ours, _ = g3n.load(big, dtype="float32", device="cpu")
+    llm = _llama(path)
+    assert llm.n_vocab() == ours.config.vocab_size
+    ids = tok.encode_chat(QUESTION) + [ours.config.vocab_size - 5, ours.config.vocab_size - 1]  # past the PLE table
+    with torch.no_grad():
+        expected = ours(torch.tensor([ids]))[0].numpy()
+    assert np.abs(expected - _llama_logits(llm, ids)).max() < 0.05

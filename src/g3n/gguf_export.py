@@ -57,6 +57,12 @@ def _tensors(model, cfg: TextConfig):
     for hf, gname in stacked.items():
         parts = [state.pop(f"model.{hf}.{i}.weight") for i in range(cfg.altup_num_inputs - 1)]
         yield f"{gname}.weight", torch.stack(parts).numpy()
+    # llama.cpp sizes every token table by the vocabulary: rows past the per-layer table repeat its
+    # row 0, which is the row g3n and transformers use for those ids.
+    ple = state["model.embed_tokens_per_layer.weight"]
+    if ple.shape[0] < cfg.vocab_size:
+        extra = ple[:1].expand(cfg.vocab_size - ple.shape[0], -1)
+        state["model.embed_tokens_per_layer.weight"] = torch.cat([ple, extra])
     kv = cfg.num_key_value_heads * cfg.head_dim
     for i in range(cfg.first_kv_shared_layer, cfg.num_hidden_layers):  # placeholders, never read
         state[f"model.layers.{i}.self_attn.k_proj.weight"] = torch.zeros(kv, cfg.hidden_size)
@@ -82,6 +88,7 @@ def _add_metadata(w, cfg: TextConfig, name: str) -> None:
     w.add_value_length(cfg.head_dim)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_freq_base(cfg.rope_theta)
+    w.add_rope_freq_base_swa(cfg.rope_local_base_freq)
     w.add_sliding_window(cfg.sliding_window)
     w.add_sliding_window_pattern([t == SLIDING for t in cfg.layer_types])
     if cfg.final_logit_softcapping is not None:
@@ -98,9 +105,13 @@ def _add_metadata(w, cfg: TextConfig, name: str) -> None:
     w.add_float32("general.sampling.min_p", 0.0)
 
 
-def _add_tokenizer(w, tokenizer_path: Path, chat_template: str | None) -> None:
+def _vocabulary(tokenizer_path: Path, model_dir: Path, vocab_size: int):
+    """(pieces, scores, types) for all `vocab_size` ids: the SentencePiece pieces, then the added
+    tokens of tokenizer_config.json (Gemma 3n's image/audio tokens), then unused fillers, so the
+    token count equals the embedding rows as llama.cpp requires."""
+    import json
+
     import gguf
-    import sentencepiece as spm
     from sentencepiece import sentencepiece_model_pb2 as pb
 
     proto = pb.ModelProto()
@@ -108,12 +119,34 @@ def _add_tokenizer(w, tokenizer_path: Path, chat_template: str | None) -> None:
     T, P = gguf.TokenType, pb.ModelProto.SentencePiece
     kinds = {P.NORMAL: T.NORMAL, P.UNKNOWN: T.UNKNOWN, P.CONTROL: T.CONTROL, P.USER_DEFINED: T.USER_DEFINED,
              P.BYTE: T.BYTE, P.UNUSED: T.UNUSED}  # fmt: skip
+    pieces = [p.piece.encode("utf-8") for p in proto.pieces]
+    scores = [p.score for p in proto.pieces]
+    types = [kinds[p.type] for p in proto.pieces]
+    if len(pieces) > vocab_size:
+        raise G3nError(f"{tokenizer_path}: {len(pieces)} tokens, more than config.json's vocab_size {vocab_size}")
+    added = {}
+    config = model_dir / "tokenizer_config.json"
+    if config.is_file():
+        for i, token in json.loads(config.read_text()).get("added_tokens_decoder", {}).items():
+            added[int(i)] = token
+    for i in range(len(pieces), vocab_size):
+        token = added.get(i)
+        pieces.append(token["content"].encode("utf-8") if token else f"<g3n_unused_{i}>".encode())
+        scores.append(-1000.0)
+        types.append((T.CONTROL if token.get("special") else T.USER_DEFINED) if token else T.UNUSED)
+    return proto, pieces, scores, types
+
+
+def _add_tokenizer(w, tokenizer_path: Path, model_dir: Path, vocab_size: int) -> None:
+    import sentencepiece as spm
+
+    proto, pieces, scores, types = _vocabulary(tokenizer_path, model_dir, vocab_size)
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
     w.add_tokenizer_model("llama")
     w.add_tokenizer_pre("default")
-    w.add_token_list([p.piece.encode("utf-8") for p in proto.pieces])
-    w.add_token_scores([p.score for p in proto.pieces])
-    w.add_token_types([kinds[p.type] for p in proto.pieces])
+    w.add_token_list(pieces)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
     w.add_bos_token_id(sp.bos_id())
     w.add_eos_token_id(sp.eos_id())
     w.add_unk_token_id(sp.unk_id())
@@ -121,8 +154,9 @@ def _add_tokenizer(w, tokenizer_path: Path, chat_template: str | None) -> None:
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
     w.add_add_space_prefix(proto.normalizer_spec.add_dummy_prefix)  # Gemma: no dummy "▁" prefix
-    if chat_template:
-        w.add_chat_template(chat_template)
+    template = _chat_template(model_dir)
+    if template:
+        w.add_chat_template(template)
 
 
 def _chat_template(model_dir: Path) -> str | None:
@@ -168,7 +202,7 @@ def export_gguf(model: str, out: str | Path, adapter=None, quant: str = "f16", o
         w = gguf.GGUFWriter(str(path), ARCH)
         _add_metadata(w, cfg, model_dir.name)
         w.add_file_type({"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}[quant])
-        _add_tokenizer(w, tokenizer_path, _chat_template(model_dir))
+        _add_tokenizer(w, tokenizer_path, model_dir, cfg.vocab_size)
         for gname, array in _tensors(m, cfg):
             data, raw = _encode(array, quant)
             w.add_tensor(gname, data, raw_dtype=raw)
