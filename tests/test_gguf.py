@@ -134,3 +134,31 @@ def test_vocab_larger_than_tokenizer_and_per_layer_table(tmp_path, tiny):
     with torch.no_grad():
         expected = ours(torch.tensor([ids]))[0].numpy()
     assert np.abs(expected - _llama_logits(llm, ids)).max() < 0.05
+
+
+@pytest.mark.parametrize("prompt", ["What is the capital of France?", "What is 7+5?", "Who are you?"])
+def test_g3n_generate_runs_gguf_like_its_own_engine(exports, prompt, capsys):
+    """`g3n generate --model FILE.gguf` (llama.cpp) gives the greedy reply g3n's own engine gives."""
+    assert main(["generate", "--model", "tiny", "--prompt", prompt, "--greedy", "--device", "cpu"]) == 0
+    ours = capsys.readouterr().out
+    assert main(["generate", "--model", str(exports["f32"]), "--prompt", prompt, "--greedy"]) == 0
+    theirs = capsys.readouterr().out
+    assert theirs == ours and ours.strip()
+
+
+def test_g3n_chat_with_gguf(exports, capsys, monkeypatch):
+    import io
+    import sys
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("What is the capital of France?\nWhat is 1+1?\n"))
+    assert main(["chat", "--model", str(exports["q8_0"]), "--greedy"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("model>") == 2 and "Paris" in out and "2" in out
+
+
+def test_gguf_run_errors(tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path / "none.gguf"), "--prompt", "x"]) == 2
+    assert "none.gguf: no such GGUF file" in capsys.readouterr().err
+    (tmp_path / "bad.gguf").write_bytes(b"not a gguf")
+    assert main(["generate", "--model", str(tmp_path / "bad.gguf"), "--prompt", "x"]) == 2
+    assert "llama.cpp could not load it" in capsys.readouterr().err

@@ -18,7 +18,12 @@ small model shipped inside the package (the default)."""
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="tiny", help="checkpoint directory, cached HF id, or 'tiny' (default)")
+    g.add_argument(
+        "--model",
+        default="tiny",
+        help="checkpoint directory, cached HF id, 'tiny' (default), or a .gguf file (run by llama.cpp "
+        "through llama-cpp-python; --dtype/--device/--matformer do not apply)",
+    )
     g.add_argument(
         "--dtype",
         default="auto",
@@ -87,19 +92,39 @@ def _print_stream(pieces) -> str:
     return "".join(out)
 
 
-def cmd_generate(args) -> int:
-    from .generate import stream_text
+class _Engine:
+    """What chat/generate need from a model: g3n's own engine, or llama.cpp for a GGUF file."""
 
+    def __init__(self, args):
+        if str(args.model).lower().endswith(".gguf"):
+            from .gguf_runner import GGUFModel
+
+            if args.matformer:
+                raise G3nError("--matformer slices checkpoints; a GGUF file is already one fixed model")
+            start = time.perf_counter()
+            gguf = GGUFModel(args.model)
+            print(f"[g3n] loaded {args.model} with llama.cpp in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+            self.encode_chat, self.encode, self.stream = gguf.encode_chat, gguf.encode, gguf.stream
+        else:
+            from .generate import stream_text
+
+            model, tok = _load(args)
+            self.encode_chat = tok.encode_chat
+            self.encode = lambda text: tok.encode(text, add_bos=True)
+            self.stream = lambda ids, params: stream_text(model, tok, ids, params)
+
+
+def cmd_generate(args) -> int:
     params = _sampling(args)
-    model, tok = _load(args)
+    engine = _Engine(args)
     if args.raw:
-        ids = tok.encode(args.prompt, add_bos=True)
+        ids = engine.encode(args.prompt)
     else:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": args.prompt}
         ]
-        ids = tok.encode_chat(messages)
-    _print_stream(stream_text(model, tok, ids, params))
+        ids = engine.encode_chat(messages)
+    _print_stream(engine.stream(ids, params))
     return 0
 
 
@@ -107,10 +132,8 @@ CHAT_HELP = "commands: /reset (forget the conversation), /system TEXT (set a sys
 
 
 def cmd_chat(args) -> int:
-    from .generate import stream_text
-
     params = _sampling(args)
-    model, tok = _load(args)
+    engine = _Engine(args)
     system = args.system
     history: list[dict] = []
     interactive = sys.stdin.isatty()
@@ -143,7 +166,7 @@ def cmd_chat(args) -> int:
         history.append({"role": "user", "content": text})
         messages = ([{"role": "system", "content": system}] if system else []) + history
         sys.stdout.write("model> ")
-        reply = _print_stream(stream_text(model, tok, tok.encode_chat(messages), params))
+        reply = _print_stream(engine.stream(engine.encode_chat(messages), params))
         history.append({"role": "assistant", "content": reply})
     return 0
 

@@ -105,27 +105,31 @@ class Tokenizer:
 
     # ---- chat -----------------------------------------------------------------------------
     def format_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The Gemma 3n chat template, without the leading <bos> (encode adds it)."""
-        messages = list(messages)
-        prefix = ""
-        if messages and messages[0].get("role") == "system":
-            prefix = _content(messages.pop(0), 0) + "\n\n"  # not trimmed, as in Google's template
-        text = []
-        for n, msg in enumerate(messages):
-            role = ROLES.get(msg.get("role"))
-            if role is None:
-                raise G3nError(f"message {n}: unknown role {msg.get('role')!r} (use system, user or assistant)")
-            expected = "user" if n % 2 == 0 else "model"
-            if role != expected:
-                raise G3nError(f"message {n}: expected a {expected} turn (turns alternate user/assistant)")
-            body = (prefix if n == 0 else "") + _content(msg, n).strip()
-            text.append(f"{START_OF_TURN}{role}\n{body}{END_OF_TURN}\n")
-        if add_generation_prompt:
-            text.append(f"{START_OF_TURN}model\n")
-        return "".join(text)
+        return format_chat(messages, add_generation_prompt)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         return self.encode(self.format_chat(messages, add_generation_prompt), add_bos=True)
+
+
+def format_chat(messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """The Gemma 3n chat template, without the leading <bos> (encode adds it)."""
+    messages = list(messages)
+    prefix = ""
+    if messages and messages[0].get("role") == "system":
+        prefix = _content(messages.pop(0), 0) + "\n\n"  # not trimmed, as in Google's template
+    text = []
+    for n, msg in enumerate(messages):
+        role = ROLES.get(msg.get("role"))
+        if role is None:
+            raise G3nError(f"message {n}: unknown role {msg.get('role')!r} (use system, user or assistant)")
+        expected = "user" if n % 2 == 0 else "model"
+        if role != expected:
+            raise G3nError(f"message {n}: expected a {expected} turn (turns alternate user/assistant)")
+        body = (prefix if n == 0 else "") + _content(msg, n).strip()
+        text.append(f"{START_OF_TURN}{role}\n{body}{END_OF_TURN}\n")
+    if add_generation_prompt:
+        text.append(f"{START_OF_TURN}model\n")
+    return "".join(text)
 
 
 def with_single_bos(ids: list[int], bos_id: int) -> list[int]:

@@ -39,7 +39,7 @@ def resolve_model_dir(name: str | os.PathLike) -> Path:
         return TINY_DIR
     path = Path(name).expanduser()
     if path.suffix.lower() == ".gguf":
-        raise G3nError(f"{name}: GGUF files are not supported here yet; pass an HF checkpoint directory")
+        raise G3nError(f"{name}: a GGUF file runs with g3n chat/generate only; this needs an HF checkpoint directory")
     if path.is_dir():
         return path
     if path.exists():
