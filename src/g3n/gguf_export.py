@@ -21,29 +21,41 @@ from .errors import G3nError
 from .llama_cpp_limits import llama_cpp_problems
 from .model.text import std_multiplier
 
-QUANTS = ("f32", "f16", "bf16", "q8_0")
+# Written directly with gguf-py: one type for every weight matrix (norms and other 1-D tensors stay F32).
+DIRECT = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
+# Quantized by llama.cpp's own quantizer (llama_model_quantize) from an f16 export, with its
+# per-tensor mixture rules (e.g. token tables kept at higher precision).
+LLAMA_QUANTIZER = {"q4_0": "Q4_0", "q5_0": "Q5_0", "q4_k_m": "Q4_K_M", "q5_k_m": "Q5_K_M", "q6_k": "Q6_K"}
+QUANTS = (*DIRECT, *LLAMA_QUANTIZER, "dynamic")
 ARCH = "gemma3n"
+FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32, "dynamic": 2}  # llama_ftype (dynamic: mostly Q4_0)
 
 
-def _ggml_type(quant: str):
+def dynamic_type(name: str) -> str:
+    """g3n's `dynamic` recipe: the token tables (the embedding is also the output projection, and
+    per_layer_token_embd feeds every layer) at Q8_0, the small AltUp/Laurel/PLE projections at F16,
+    attention values and FFN down projections at Q5_0, the other matrices at Q4_0."""
+    if name.startswith(("token_embd", "per_layer_token_embd")):
+        return "Q8_0"
+    if any(part in name for part in ("altup", "laurel", "per_layer_model_proj", ".inp_gate", ".proj.")):
+        return "F16"
+    if any(part in name for part in ("attn_v", "ffn_down")):
+        return "Q5_0"
+    return "Q4_0"
+
+
+def _encode(array: np.ndarray, type_name: str):
+    """(data, raw_dtype) for one tensor: 1-D tensors stay float32; rows that do not fill whole
+    quantization blocks fall back to F16."""
     import gguf
 
-    T = gguf.GGMLQuantizationType
-    return {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0}[quant]
-
-
-def _encode(array: np.ndarray, quant: str):
-    """(data, raw_dtype) for one tensor: 1-D tensors and small matrices stay float32."""
-    import gguf
-
-    if array.ndim <= 1 or quant == "f32":
+    if array.ndim <= 1 or type_name == "F32":
         return array.astype(np.float32), None
-    if quant == "f16":
+    if type_name == "F16":
         return array.astype(np.float16), None
-    qtype = _ggml_type(quant)
-    block = gguf.GGML_QUANT_SIZES[qtype][0]
-    if array.shape[-1] % block:
-        return array.astype(np.float16), None  # rows that do not fill whole blocks
+    qtype = gguf.GGMLQuantizationType[type_name]
+    if array.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+        return array.astype(np.float16), None
     return gguf.quants.quantize(array.astype(np.float32), qtype), qtype
 
 
@@ -198,21 +210,51 @@ def export_gguf(model: str, out: str | Path, adapter=None, quant: str = "f16", o
         merge_lora(load_adapter(m, adapter))
     cfg = m.config
 
+    direct = "f16" if quant in LLAMA_QUANTIZER else quant
+
     def write(path: Path) -> None:
         w = gguf.GGUFWriter(str(path), ARCH)
         _add_metadata(w, cfg, model_dir.name)
-        w.add_file_type({"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}[quant])
+        w.add_file_type(FILE_TYPES[direct])
         _add_tokenizer(w, tokenizer_path, model_dir, cfg.vocab_size)
         for gname, array in _tensors(m, cfg):
-            data, raw = _encode(array, quant)
+            data, raw = _encode(array, dynamic_type(gname) if direct == "dynamic" else DIRECT[direct])
             w.add_tensor(gname, data, raw_dtype=raw)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
 
-    write_atomic(out, write)
+    if quant in LLAMA_QUANTIZER:
+        write_atomic(out, lambda path: _llama_quantize(write, path, LLAMA_QUANTIZER[quant]))
+    else:
+        write_atomic(out, write)
     return out
+
+
+def _llama_quantize(write_f16, path: Path, ftype: str) -> None:
+    """Write an f16 GGUF beside `path`, then quantize it into `path` with llama.cpp."""
+    import ctypes
+
+    llama_cpp = import_llama_cpp(f"quant {ftype.lower()}")
+    source = path.with_name(path.name + ".f16")
+    try:
+        write_f16(source)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+        params.nthread = os.cpu_count() or 1
+        if llama_cpp.llama_model_quantize(str(source).encode(), str(path).encode(), ctypes.byref(params)) != 0:
+            raise G3nError(f"llama.cpp could not quantize to {ftype.lower()}")
+    finally:
+        source.unlink(missing_ok=True)
+
+
+def import_llama_cpp(purpose: str):
+    try:
+        import llama_cpp
+    except ImportError:
+        raise G3nError(f"{purpose} uses llama.cpp: pip install llama-cpp-python (or g3n[llama])") from None
+    return llama_cpp
 
 
 # Ollama's Gemma 3 template (a system turn is folded into the user turn; no BOS: llama.cpp adds it).

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .errors import G3nError
 from .generate import SamplingParams
+from .gguf_export import import_llama_cpp
 from .tokenizer import format_chat, with_single_bos
 
 DEFAULT_CONTEXT = 4096
@@ -19,10 +20,7 @@ class GGUFModel:
         path = Path(path).expanduser()
         if not path.is_file():
             raise G3nError(f"{path}: no such GGUF file")
-        try:
-            import llama_cpp
-        except ImportError:
-            raise G3nError("running GGUF files needs llama-cpp-python: pip install llama-cpp-python") from None
+        llama_cpp = import_llama_cpp("running a GGUF file")
         try:  # n_gpu_layers=-1 offloads everything when llama.cpp was built with a GPU backend
             self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_gpu_layers=-1, n_threads=n_threads,
                                        verbose=False)  # fmt: skip
