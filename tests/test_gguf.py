@@ -175,3 +175,33 @@ def test_gguf_run_errors(tmp_path, capsys):
     (tmp_path / "bad.gguf").write_bytes(b"not a gguf")
     assert main(["generate", "--model", str(tmp_path / "bad.gguf"), "--prompt", "x"]) == 2
     assert "llama.cpp could not load it" in capsys.readouterr().err
+
+
+def test_adapter_merged_while_streaming_matches_peft(tmp_path, tiny):
+    """The streaming merge (scale * B @ A per weight) gives the logits of g3n + the adapter through
+    PEFT, and they differ from the base model's."""
+    import json
+
+    import g3n
+    from g3n.train.lora import add_lora, save_adapter
+
+    base, tok = tiny
+    model, _ = g3n.load("tiny", dtype="float32", device="cpu")
+    add_lora(model, r=4, alpha=8)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+    save_adapter(model, tmp_path / "adapter", base_model="tiny")
+    path = export_gguf("tiny", tmp_path / "tuned.gguf", adapter=tmp_path / "adapter", quant="f32")
+    ids = tok.encode_chat(QUESTION)
+    with torch.no_grad():
+        tuned, plain = model.eval()(torch.tensor([ids]))[0].numpy(), base(torch.tensor([ids]))[0].numpy()
+    theirs = _llama_logits(_llama(path), ids)
+    assert np.abs(tuned - theirs).max() < 0.05 < np.abs(plain - theirs).max()
+
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(G3nError, match="use_dora is not supported"):
+        export_gguf("tiny", tmp_path / "dora.gguf", adapter=tmp_path / "adapter", quant="f32")
+    assert not (tmp_path / "dora.gguf").exists()

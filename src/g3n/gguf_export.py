@@ -44,48 +44,67 @@ def dynamic_type(name: str) -> str:
     return "Q4_0"
 
 
-def _encode(array: np.ndarray, type_name: str):
-    """(data, raw_dtype) for one tensor: 1-D tensors stay float32; rows that do not fill whole
-    quantization blocks fall back to F16."""
+ROWS_PER_CHUNK = 4096  # rows converted to float32 at a time: bounds memory for the big tables
+
+
+def _encode(blocks: list[torch.Tensor], type_name: str):
+    """(data, raw_dtype) for one tensor given as row blocks: 1-D tensors stay float32; rows that do
+    not fill whole quantization blocks fall back to F16. Converted chunk by chunk, so a 4.7 GB
+    bfloat16 table never exists in float32 at once."""
     import gguf
 
-    if array.ndim <= 1 or type_name == "F32":
-        return array.astype(np.float32), None
-    if type_name == "F16":
-        return array.astype(np.float16), None
-    qtype = gguf.GGMLQuantizationType[type_name]
-    if array.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
-        return array.astype(np.float16), None
-    return gguf.quants.quantize(array.astype(np.float32), qtype), qtype
+    first = blocks[0]
+    if first.ndim <= 1:
+        return torch.cat(blocks).float().numpy(), None
+    plain = {"F32": np.float32, "F16": np.float16}
+    qtype = None
+    if type_name not in plain:
+        qtype = gguf.GGMLQuantizationType[type_name]
+        if first.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+            type_name, qtype = "F16", None
+    out = []
+    for block in blocks:
+        for start in range(0, block.shape[0], ROWS_PER_CHUNK):
+            chunk = block[start : start + ROWS_PER_CHUNK].float().numpy()
+            out.append(chunk.astype(plain[type_name]) if qtype is None else gguf.quants.quantize(chunk, qtype))
+    return (out[0] if len(out) == 1 else np.concatenate(out)), qtype
 
 
-def _tensors(model, cfg: TextConfig):
-    """(gguf name, float32 numpy array) for every tensor llama.cpp's Gemma 3n graph loads."""
+def _tensors(tensors, cfg: TextConfig, adapter=None):
+    """(gguf name, [row blocks]) for every tensor llama.cpp's Gemma 3n graph loads, read from the
+    checkpoint one at a time (a tensor is the rows of its blocks, in order)."""
     import gguf
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3N, cfg.num_hidden_layers)
-    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+
+    def read(name: str) -> torch.Tensor:
+        tensor = tensors.read(name)
+        return adapter.merge(name, tensor) if adapter is not None else tensor
+
     stacked = {"altup_projections": "altup_proj", "altup_unembed_projections": "altup_unembd_proj"}
     for hf, gname in stacked.items():
-        parts = [state.pop(f"model.{hf}.{i}.weight") for i in range(cfg.altup_num_inputs - 1)]
-        yield f"{gname}.weight", torch.stack(parts).numpy()
-    # llama.cpp sizes every token table by the vocabulary: rows past the per-layer table repeat its
-    # row 0, which is the row g3n and transformers use for those ids.
-    ple = state["model.embed_tokens_per_layer.weight"]
-    if ple.shape[0] < cfg.vocab_size:
-        extra = ple[:1].expand(cfg.vocab_size - ple.shape[0], -1)
-        state["model.embed_tokens_per_layer.weight"] = torch.cat([ple, extra])
+        parts = [read(f"model.{hf}.{i}.weight") for i in range(cfg.altup_num_inputs - 1)]
+        yield f"{gname}.weight", [torch.stack(parts)]
     kv = cfg.num_key_value_heads * cfg.head_dim
-    for i in range(cfg.first_kv_shared_layer, cfg.num_hidden_layers):  # placeholders, never read
-        state[f"model.layers.{i}.self_attn.k_proj.weight"] = torch.zeros(kv, cfg.hidden_size)
-        state[f"model.layers.{i}.self_attn.v_proj.weight"] = torch.zeros(kv, cfg.hidden_size)
-        state[f"model.layers.{i}.self_attn.k_norm.weight"] = torch.ones(cfg.head_dim)
-    for name, tensor in sorted(state.items()):
+    placeholders = {}
+    for i in range(cfg.first_kv_shared_layer, cfg.num_hidden_layers):  # required by llama.cpp, never read
+        placeholders[f"model.layers.{i}.self_attn.k_proj.weight"] = torch.zeros(kv, cfg.hidden_size)
+        placeholders[f"model.layers.{i}.self_attn.v_proj.weight"] = torch.zeros(kv, cfg.hidden_size)
+        placeholders[f"model.layers.{i}.self_attn.k_norm.weight"] = torch.ones(cfg.head_dim)
+    own = [n for n in tensors.shapes if not n.startswith(tuple(f"model.{hf}." for hf in stacked))]
+    for name in sorted(own + list(placeholders)):
         gname = names.get_name(name, try_suffixes=(".weight",))
         if gname is None:
             raise G3nError(f"GGUF export: no llama.cpp name for tensor {name}")
         # llama.cpp looks every tensor up as NAME.weight (also altup.correct_output_scale, a bare parameter)
-        yield gname if gname.endswith(".weight") else gname + ".weight", tensor.numpy()
+        gname = gname if gname.endswith(".weight") else gname + ".weight"
+        tensor = placeholders[name] if name in placeholders else read(name)
+        blocks = [tensor]
+        if name == "model.embed_tokens_per_layer.weight" and tensor.shape[0] < cfg.vocab_size:
+            # llama.cpp sizes every token table by the vocabulary: rows past the per-layer table
+            # repeat its row 0, the row g3n and transformers use for those ids.
+            blocks.append(tensor[:1].expand(cfg.vocab_size - tensor.shape[0], -1))
+        yield gname, blocks
 
 
 def _add_metadata(w, cfg: TextConfig, name: str) -> None:
@@ -185,10 +204,9 @@ def export_gguf(model: str, out: str | Path, adapter=None, quant: str = "f16", o
     """Write `model` (with `adapter` merged) as one GGUF file llama.cpp and Ollama load."""
     import gguf
 
-    from . import load
-    from .model.load import resolve_model_dir
+    from .model.load import TextTensors, resolve_model_dir
     from .model.save import write_atomic
-    from .train.lora import load_adapter, merge_lora
+    from .train.lora import AdapterDeltas
 
     quant = quant.lower()
     if quant not in QUANTS:
@@ -205,20 +223,19 @@ def export_gguf(model: str, out: str | Path, adapter=None, quant: str = "f16", o
     problems = llama_cpp_problems(read_text_config(model_dir / "config.json"))
     if problems:
         raise G3nError(f"{model_dir}: llama.cpp cannot run this model: " + "; ".join(problems))
-    m, _ = load(model_dir, dtype="float32", device="cpu")
-    if adapter is not None:
-        merge_lora(load_adapter(m, adapter))
-    cfg = m.config
+    tensors = TextTensors(model_dir)
+    adapter_deltas = AdapterDeltas(adapter) if adapter is not None else None
+    cfg = tensors.config
 
     direct = "f16" if quant in LLAMA_QUANTIZER else quant
 
     def write(path: Path) -> None:
-        w = gguf.GGUFWriter(str(path), ARCH)
+        w = gguf.GGUFWriter(str(path), ARCH, use_temp_file=True)  # tensors spill to disk, not RAM
         _add_metadata(w, cfg, model_dir.name)
         w.add_file_type(FILE_TYPES[direct])
         _add_tokenizer(w, tokenizer_path, model_dir, cfg.vocab_size)
-        for gname, array in _tensors(m, cfg):
-            data, raw = _encode(array, dynamic_type(gname) if direct == "dynamic" else DIRECT[direct])
+        for gname, blocks in _tensors(tensors, cfg, adapter_deltas):
+            data, raw = _encode(blocks, dynamic_type(gname) if direct == "dynamic" else DIRECT[direct])
             w.add_tensor(gname, data, raw_dtype=raw)
         w.write_header_to_file()
         w.write_kv_data_to_file()

@@ -157,6 +157,34 @@ class TensorIndex:
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
+class TextTensors:
+    """The text decoder's parameters in a checkpoint, by g3n's parameter names, read one at a time
+    in the checkpoint's dtype (with a MatFormer plan: only the sub-model's slices). Shared by
+    `load_model` and the streaming GGUF export."""
+
+    def __init__(self, model_dir: Path, matformer=None):
+        self.parent = read_text_config(model_dir / "config.json")
+        self.plan = load_plan(matformer, self.parent) if matformer is not None else None
+        self.config = sub_config(self.parent, self.plan) if self.plan is not None else self.parent
+        with torch.device("meta"):
+            self.meta = Gemma3nForCausalLM(self.config)
+        self.shapes = {name: p.shape for name, p in self.meta.named_parameters()}
+        self._parent_shapes = self.shapes
+        if self.plan is not None:
+            with torch.device("meta"):
+                self._parent_shapes = {n: p.shape for n, p in Gemma3nForCausalLM(self.parent).named_parameters()}
+        self.sources = {n: tensor_source(n.removeprefix("model."), self.parent, self.plan) for n in self.shapes}
+        self.index = TensorIndex(model_dir)
+        missing = ["model." + src.name for src in self.sources.values() if self.index.find(src.name) is None]
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise G3nError(f"{model_dir}: checkpoint lacks tensor(s) {', '.join(missing[:3])}{more}")
+
+    def read(self, name: str) -> torch.Tensor:
+        src = self.sources[name]
+        return self.index.read(self.index.find(src.name), self._parent_shapes["model." + src.name], src.pieces, src.dim)
+
+
 def load_model(
     path_or_name: str | os.PathLike,
     dtype: str | torch.dtype | None = None,
@@ -173,35 +201,18 @@ def load_model(
     model_dir = resolve_model_dir(path_or_name)
     if not model_dir.is_dir():
         raise G3nError(f"{model_dir}: no such directory")
-    parent = read_text_config(model_dir / "config.json")
-    plan = load_plan(matformer, parent) if matformer is not None else None
-    cfg = sub_config(parent, plan) if plan is not None else parent
     device = torch.device(device) if device is not None else default_device()
     if device.type == "cuda" and not torch.cuda.is_available():
         raise G3nError(f"device {device} requested but CUDA is not available")
-
-    with torch.device("meta"):
-        model = Gemma3nForCausalLM(cfg)
-    shapes = {name: p.shape for name, p in model.named_parameters()}
-    dtype = parse_dtype(dtype) or default_dtype(cfg, device, sum(s.numel() for s in shapes.values()))
+    tensors = TextTensors(model_dir, matformer)
+    cfg, model = tensors.config, tensors.meta
+    dtype = parse_dtype(dtype) or default_dtype(cfg, device, sum(s.numel() for s in tensors.shapes.values()))
     ple_name = "model.embed_tokens_per_layer.weight"
     ple_device = torch.device(ple_device) if ple_device is not None else device
 
-    parent_shapes = shapes
-    if plan is not None:
-        with torch.device("meta"):
-            parent_shapes = {n: p.shape for n, p in Gemma3nForCausalLM(parent).named_parameters()}
-    sources = {name: tensor_source(name.removeprefix("model."), parent, plan) for name in shapes}
-    index = TensorIndex(model_dir)
-    missing = ["model." + src.name for src in sources.values() if index.find(src.name) is None]
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise G3nError(f"{model_dir}: checkpoint lacks tensor(s) {', '.join(missing[:3])}{more}")
-
     state = {}
-    for name, src in sources.items():
-        tensor = index.read(index.find(src.name), parent_shapes["model." + src.name], src.pieces, src.dim)
-        state[name] = tensor.to(dtype=dtype, device=ple_device if name == ple_name else device)
+    for name in tensors.shapes:
+        state[name] = tensors.read(name).to(dtype=dtype, device=ple_device if name == ple_name else device)
     model.load_state_dict(state, assign=True, strict=True)
     model.model.rotary_emb = RotaryEmbedding(cfg).to(device)
     model.requires_grad_(False)

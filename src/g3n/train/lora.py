@@ -118,3 +118,38 @@ def save_merged(
             if (Path(tokenizer_dir) / name).is_file():
                 shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
     return Path(out_dir)
+
+
+class AdapterDeltas:
+    """A saved PEFT LoRA adapter as per-weight deltas (scale * B @ A), applied one tensor at a time,
+    so exports can merge it while streaming weights (no model in memory). Plain LoRA only; the
+    same arithmetic as PEFT's merge (tested against it through the GGUF export)."""
+
+    def __init__(self, adapter_dir: str | Path):
+        from safetensors.torch import load_file
+
+        adapter_dir = Path(adapter_dir)
+        config_path = adapter_dir / "adapter_config.json"
+        weights = adapter_dir / "adapter_model.safetensors"
+        if not config_path.is_file() or not weights.is_file():
+            raise G3nError(f"{adapter_dir}: not a PEFT adapter (adapter_config.json and adapter_model.safetensors)")
+        config = json.loads(config_path.read_text())
+        for key in ("use_dora", "rank_pattern", "alpha_pattern"):
+            if config.get(key):
+                raise G3nError(f"{config_path}: {key} is not supported when merging while streaming")
+        r, alpha = config["r"], config["lora_alpha"]
+        self.scale = alpha / (r**0.5 if config.get("use_rslora") else r)
+        self.pairs: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in load_file(weights).items():
+            module, _, part = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
+            if part not in ("A.weight", "B.weight"):
+                raise G3nError(f"{weights}: tensor {key!r} is not a LoRA A/B weight")
+            suffix = module[module.index("layers.") :]  # the same for text-only and multimodal layouts
+            self.pairs.setdefault(f"model.{suffix}.weight", {})[part[0]] = tensor
+
+    def merge(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """`weight` (the base tensor `name`) with its delta added, in float32; unchanged if none."""
+        pair = self.pairs.get(name)
+        if pair is None:
+            return weight
+        return weight.float() + self.scale * (pair["B"].float() @ pair["A"].float())
