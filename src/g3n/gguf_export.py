@@ -10,7 +10,10 @@ anything is written; the file is written under a temporary name and renamed when
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,47 +47,77 @@ def dynamic_type(name: str) -> str:
     return "Q4_0"
 
 
-ROWS_PER_CHUNK = 4096  # rows converted to float32 at a time: bounds memory for the big tables
+ROWS_PER_CHUNK = 4096  # rows read, converted and written at a time: memory stays a few chunks
 
 
-def _encode(blocks: list[torch.Tensor], type_name: str):
-    """(data, raw_dtype) for one tensor given as row blocks: 1-D tensors stay float32; rows that do
-    not fill whole quantization blocks fall back to F16. Converted chunk by chunk, so a 4.7 GB
-    bfloat16 table never exists in float32 at once."""
+@dataclass
+class _Entry:
+    """One GGUF tensor: its name, shape (PyTorch order), storage type and where its rows come from."""
+
+    name: str
+    shape: tuple[int, ...]
+    type_name: str  # F32, F16 or a ggml quantization type
+    chunks: Callable[[], Iterator[torch.Tensor]]  # the tensor's rows, in order
+
+    @property
+    def qtype(self):
+        import gguf
+
+        return None if self.type_name in ("F32", "F16") else gguf.GGMLQuantizationType[self.type_name]
+
+    @property
+    def nbytes(self) -> int:
+        import gguf
+
+        if self.qtype is None:
+            return math.prod(self.shape) * (4 if self.type_name == "F32" else 2)
+        return math.prod(gguf.quant_shape_to_byte_shape(self.shape, self.qtype))
+
+    def encode(self, chunk: torch.Tensor) -> np.ndarray:
+        import gguf
+
+        data = chunk.float().numpy()
+        if self.qtype is None:
+            return data.astype(np.float32 if self.type_name == "F32" else np.float16)
+        return gguf.quants.quantize(data, self.qtype)
+
+
+def _storage(shape: tuple[int, ...], requested: str) -> str:
+    """1-D tensors stay F32; rows that do not fill whole quantization blocks fall back to F16."""
     import gguf
 
-    first = blocks[0]
-    if first.ndim <= 1:
-        return torch.cat(blocks).float().numpy(), None
-    plain = {"F32": np.float32, "F16": np.float16}
-    qtype = None
-    if type_name not in plain:
-        qtype = gguf.GGMLQuantizationType[type_name]
-        if first.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
-            type_name, qtype = "F16", None
-    out = []
-    for block in blocks:
-        for start in range(0, block.shape[0], ROWS_PER_CHUNK):
-            chunk = block[start : start + ROWS_PER_CHUNK].float().numpy()
-            out.append(chunk.astype(plain[type_name]) if qtype is None else gguf.quants.quantize(chunk, qtype))
-    return (out[0] if len(out) == 1 else np.concatenate(out)), qtype
+    if len(shape) <= 1 or requested == "F32":
+        return "F32"
+    if requested != "F16" and shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[requested]][0]:
+        return "F16"
+    return requested
 
 
-def _tensors(tensors, cfg: TextConfig, adapter=None):
-    """(gguf name, [row blocks]) for every tensor llama.cpp's Gemma 3n graph loads, read from the
-    checkpoint one at a time (a tensor is the rows of its blocks, in order)."""
+def _entries(tensors, cfg: TextConfig, quant: str, adapter=None) -> list[_Entry]:
+    """Every tensor llama.cpp's Gemma 3n graph loads, as lazily read row chunks."""
     import gguf
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3N, cfg.num_hidden_layers)
+    entries = []
 
-    def read(name: str) -> torch.Tensor:
-        tensor = tensors.read(name)
-        return adapter.merge(name, tensor) if adapter is not None else tensor
+    def add(gname: str, shape, chunks):
+        requested = dynamic_type(gname) if quant == "dynamic" else DIRECT[quant]
+        entries.append(_Entry(gname, tuple(shape), _storage(tuple(shape), requested), chunks))
+
+    def rows(name: str):
+        def chunks():
+            start = 0
+            for chunk in tensors.row_chunks(name, ROWS_PER_CHUNK):
+                yield adapter.merge(name, chunk, start) if adapter is not None else chunk
+                start += chunk.shape[0]
+
+        return chunks
 
     stacked = {"altup_projections": "altup_proj", "altup_unembed_projections": "altup_unembd_proj"}
     for hf, gname in stacked.items():
-        parts = [read(f"model.{hf}.{i}.weight") for i in range(cfg.altup_num_inputs - 1)]
-        yield f"{gname}.weight", [torch.stack(parts)]
+        parts = [f"model.{hf}.{i}.weight" for i in range(cfg.altup_num_inputs - 1)]
+        shape = (len(parts), *tensors.shapes[parts[0]])
+        add(f"{gname}.weight", shape, lambda parts=parts: iter([torch.stack([tensors.read(p) for p in parts])]))
     kv = cfg.num_key_value_heads * cfg.head_dim
     placeholders = {}
     for i in range(cfg.first_kv_shared_layer, cfg.num_hidden_layers):  # required by llama.cpp, never read
@@ -98,13 +131,40 @@ def _tensors(tensors, cfg: TextConfig, adapter=None):
             raise G3nError(f"GGUF export: no llama.cpp name for tensor {name}")
         # llama.cpp looks every tensor up as NAME.weight (also altup.correct_output_scale, a bare parameter)
         gname = gname if gname.endswith(".weight") else gname + ".weight"
-        tensor = placeholders[name] if name in placeholders else read(name)
-        blocks = [tensor]
-        if name == "model.embed_tokens_per_layer.weight" and tensor.shape[0] < cfg.vocab_size:
+        if name in placeholders:
+            add(gname, placeholders[name].shape, lambda t=placeholders[name]: iter([t]))
+            continue
+        shape = tuple(tensors.shapes[name])
+        if name == "model.embed_tokens_per_layer.weight" and shape[0] < cfg.vocab_size:
             # llama.cpp sizes every token table by the vocabulary: rows past the per-layer table
             # repeat its row 0, the row g3n and transformers use for those ids.
-            blocks.append(tensor[:1].expand(cfg.vocab_size - tensor.shape[0], -1))
-        yield gname, blocks
+            def padded(name=name, extra=cfg.vocab_size - shape[0]):
+                first = None
+                for chunk in rows(name)():
+                    first = chunk[:1] if first is None else first
+                    yield chunk
+                for start in range(0, extra, ROWS_PER_CHUNK):
+                    yield first.expand(min(ROWS_PER_CHUNK, extra - start), -1)
+
+            add(gname, (cfg.vocab_size, *shape[1:]), padded)
+        else:
+            add(gname, shape, rows(name))
+    return entries
+
+
+def _write_tensor_data(w, entries: list[_Entry]) -> None:
+    """Write each tensor chunk by chunk (gguf's writer only takes whole arrays), with its alignment."""
+    fout = w.fout[0]
+    for e in entries:
+        w.write_padding(fout, fout.tell())
+        written = 0
+        for chunk in e.chunks():
+            data = e.encode(chunk)
+            data.tofile(fout)
+            written += data.nbytes
+        if written != e.nbytes:
+            raise G3nError(f"GGUF export: tensor {e.name} gave {written} bytes, expected {e.nbytes}")
+        w.write_padding(fout, written)
 
 
 def _add_metadata(w, cfg: TextConfig, name: str) -> None:
@@ -230,22 +290,27 @@ def export_gguf(model: str, out: str | Path, adapter=None, quant: str = "f16", o
     direct = "f16" if quant in LLAMA_QUANTIZER else quant
 
     def write(path: Path) -> None:
-        w = gguf.GGUFWriter(str(path), ARCH, use_temp_file=True)  # tensors spill to disk, not RAM
+        entries = _entries(tensors, cfg, direct, adapter_deltas)
+        w = gguf.GGUFWriter(str(path), ARCH)
         _add_metadata(w, cfg, model_dir.name)
         w.add_file_type(FILE_TYPES[direct])
         _add_tokenizer(w, tokenizer_path, model_dir, cfg.vocab_size)
-        for gname, blocks in _tensors(tensors, cfg, adapter_deltas):
-            data, raw = _encode(blocks, dynamic_type(gname) if direct == "dynamic" else DIRECT[direct])
-            w.add_tensor(gname, data, raw_dtype=raw)
+        for e in entries:
+            dtype = np.float16 if e.type_name == "F16" else np.float32
+            w.add_tensor_info(e.name, e.shape, dtype, e.nbytes, raw_dtype=e.qtype)
         w.write_header_to_file()
         w.write_kv_data_to_file()
-        w.write_tensors_to_file()
+        w.write_ti_data_to_file()
+        _write_tensor_data(w, entries)
         w.close()
 
-    if quant in LLAMA_QUANTIZER:
-        write_atomic(out, lambda path: _llama_quantize(write, path, LLAMA_QUANTIZER[quant]))
-    else:
-        write_atomic(out, write)
+    try:
+        if quant in LLAMA_QUANTIZER:
+            write_atomic(out, lambda path: _llama_quantize(write, path, LLAMA_QUANTIZER[quant]))
+        else:
+            write_atomic(out, write)
+    finally:
+        tensors.close()
     return out
 
 

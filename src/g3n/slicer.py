@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import struct
 from dataclasses import dataclass
@@ -24,16 +23,10 @@ from .config import TextConfig, read_text_config
 from .errors import G3nError
 from .llama_cpp_limits import llama_cpp_problems
 from .matformer import Plan, Source, effective_parameters, load_plan, sub_config, tensor_source
-from .model.load import INDEX_FILE, SINGLE_FILE, TEXT_PREFIXES, TensorIndex, resolve_model_dir
+from .model.load import DTYPE_SIZES, INDEX_FILE, SINGLE_FILE, TEXT_PREFIXES, ShardReader, TensorIndex, resolve_model_dir
 from .model.save import atomic_dir
 
 CHUNK_BYTES = 64 * 2**20
-TORCH_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}  # fmt: skip
-DTYPE_SIZES = {name: dtype.itemsize for name, dtype in TORCH_DTYPES.items()}
 
 
 @dataclass
@@ -72,41 +65,7 @@ def _plan_text_tensor(suffix: str, parent: TextConfig, plan: Plan) -> tuple[str,
     return suffix, tensor_source(suffix, parent, plan)
 
 
-class _Shard:
-    """Reads row ranges of a safetensors file with plain reads (no memory map), so memory use is
-    what is asked for, not the file's size."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.file = open(path, "rb")  # noqa: SIM115 - closed by close()
-        try:
-            (n,) = struct.unpack("<Q", self.file.read(8))
-            self.header = json.loads(self.file.read(n))
-        except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
-            self.file.close()
-            raise G3nError(f"{path}: not a safetensors file ({e})") from None
-        self.header.pop("__metadata__", None)
-        self.base = 8 + n
-
-    def close(self):
-        self.file.close()
-
-    def info(self, key: str) -> tuple[str, list[int]]:
-        meta = self.header[key]
-        return meta["dtype"], meta["shape"]
-
-    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
-        dtype, shape = self.info(key)
-        row_bytes = math.prod(shape[1:]) * DTYPE_SIZES[dtype] if shape else DTYPE_SIZES[dtype]
-        offset = self.base + self.header[key]["data_offsets"][0] + start * row_bytes
-        data = bytearray(os.pread(self.file.fileno(), (stop - start) * row_bytes, offset))
-        if len(data) != (stop - start) * row_bytes:
-            raise G3nError(f"{self.path}: tensor '{key}' is cut short, truncated file?")
-        t = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
-        return t.view(TORCH_DTYPES[dtype]).reshape([stop - start, *shape[1:]] if shape else [])
-
-
-def _write_shard(shard: _Shard, dst_path: Path, entries: list[tuple[str, str, Source]]) -> None:
+def _write_shard(shard: ShardReader, dst_path: Path, entries: list[tuple[str, str, Source]]) -> None:
     """Write `entries` (output name, input name, source) from one input shard into one output shard."""
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for out_name, key, src in entries:
@@ -127,7 +86,7 @@ def _write_shard(shard: _Shard, dst_path: Path, entries: list[tuple[str, str, So
                 raise G3nError(f"{shard.path}: tensor '{key}' gave {written} bytes, expected {end - start}")
 
 
-def _stream_tensor(shard: _Shard, key: str, src: Source, out) -> int:
+def _stream_tensor(shard: ShardReader, key: str, src: Source, out) -> int:
     """Write the source's slices of tensor `key` in row chunks; return the bytes written."""
     dtype, shape = shard.info(key)
     if not shape:
@@ -200,7 +159,7 @@ def slice_checkpoint(model, plan_spec, out_dir, overwrite: bool = False, progres
         for i, path in enumerate(files):
             if progress:
                 progress(i, len(files), path.name)
-            shard = _Shard(path)
+            shard = ShardReader(path)
             try:
                 _write_shard(shard, tmp / path.name, sorted(by_file[path]))
             finally:

@@ -8,7 +8,9 @@ decoder's tensors are read: vision and audio weights stay on disk.
 from __future__ import annotations
 
 import json
+import math
 import os
+import struct
 from pathlib import Path
 
 import torch
@@ -96,6 +98,48 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+DTYPE_SIZES = {name: dtype.itemsize for name, dtype in TORCH_DTYPES.items()}
+
+
+class ShardReader:
+    """Reads row ranges of a safetensors file with plain reads (no memory map), so memory use is
+    what is asked for, not the file's size."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = open(path, "rb")  # noqa: SIM115 - closed by close()
+        try:
+            (n,) = struct.unpack("<Q", self.file.read(8))
+            self.header = json.loads(self.file.read(n))
+        except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+            self.file.close()
+            raise G3nError(f"{path}: not a safetensors file ({e})") from None
+        self.header.pop("__metadata__", None)
+        self.base = 8 + n
+
+    def close(self):
+        self.file.close()
+
+    def info(self, key: str) -> tuple[str, list[int]]:
+        meta = self.header[key]
+        return meta["dtype"], meta["shape"]
+
+    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        dtype, shape = self.info(key)
+        row_bytes = math.prod(shape[1:]) * DTYPE_SIZES[dtype] if shape else DTYPE_SIZES[dtype]
+        offset = self.base + self.header[key]["data_offsets"][0] + start * row_bytes
+        data = bytearray(os.pread(self.file.fileno(), (stop - start) * row_bytes, offset))
+        if len(data) != (stop - start) * row_bytes:
+            raise G3nError(f"{self.path}: tensor '{key}' is cut short, truncated file?")
+        t = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        return t.view(TORCH_DTYPES[dtype]).reshape([stop - start, *shape[1:]] if shape else [])
+
+
 class TensorIndex:
     """Which safetensors file holds which tensor, from the index file or the single file's header."""
 
@@ -175,10 +219,30 @@ class TextTensors:
                 self._parent_shapes = {n: p.shape for n, p in Gemma3nForCausalLM(self.parent).named_parameters()}
         self.sources = {n: tensor_source(n.removeprefix("model."), self.parent, self.plan) for n in self.shapes}
         self.index = TensorIndex(model_dir)
+        self._readers: dict[Path, ShardReader] = {}
         missing = ["model." + src.name for src in self.sources.values() if self.index.find(src.name) is None]
         if missing:
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
             raise G3nError(f"{model_dir}: checkpoint lacks tensor(s) {', '.join(missing[:3])}{more}")
+
+    def row_chunks(self, name: str, rows: int):
+        """The whole tensor `name` in blocks of `rows` rows, read with plain reads (no memory map),
+        so memory holds one block at a time (whole checkpoints only, not MatFormer slices)."""
+        if self.plan is not None:
+            raise ValueError("row_chunks reads whole tensors; it does not apply MatFormer plans")
+        key = self.index.find(self.sources[name].name)
+        self.index.open_slice(key, self.shapes[name])  # checks presence and shape
+        path = self.index.file_of[key]
+        if path not in self._readers:
+            self._readers[path] = ShardReader(path)
+        reader, n = self._readers[path], self.shapes[name][0] if len(self.shapes[name]) else 1
+        for start in range(0, n, rows):
+            yield reader.rows(key, start, min(start + rows, n))
+
+    def close(self) -> None:
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
 
     def read(self, name: str) -> torch.Tensor:
         src = self.sources[name]

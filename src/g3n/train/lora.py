@@ -147,9 +147,11 @@ class AdapterDeltas:
             suffix = module[module.index("layers.") :]  # the same for text-only and multimodal layouts
             self.pairs.setdefault(f"model.{suffix}.weight", {})[part[0]] = tensor
 
-    def merge(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        """`weight` (the base tensor `name`) with its delta added, in float32; unchanged if none."""
+    def merge(self, name: str, rows: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Rows `start`.. of the base tensor `name` with their delta added, in float32; unchanged
+        if the adapter does not touch `name`."""
         pair = self.pairs.get(name)
         if pair is None:
-            return weight
-        return weight.float() + self.scale * (pair["B"].float() @ pair["A"].float())
+            return rows
+        b = pair["B"][start : start + rows.shape[0]].float()
+        return rows.float() + self.scale * (b @ pair["A"].float())
