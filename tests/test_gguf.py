@@ -210,3 +210,16 @@ def test_adapter_merged_while_streaming_matches_peft(tmp_path, tiny):
     with pytest.raises(G3nError, match="use_dora is not supported"):
         export_gguf("tiny", tmp_path / "dora.gguf", adapter=tmp_path / "adapter", quant="f32")
     assert not (tmp_path / "dora.gguf").exists()
+
+
+def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
+    from g3n import gguf_export
+
+    def disk_full(w, entries):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(gguf_export, "_write_tensor_data", disk_full)
+    for quant in ("q8_0", "q4_k_m"):  # written directly, and through llama.cpp's quantizer
+        with pytest.raises(OSError, match="No space left"):
+            export_gguf("tiny", tmp_path / "x.gguf", quant=quant)
+    assert list(tmp_path.iterdir()) == []
