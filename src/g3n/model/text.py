@@ -314,16 +314,25 @@ class TextModel(nn.Module):
         w = self.embed_tokens.weight
         return F.embedding(input_ids, w) * torch.tensor(self.cfg.hidden_size**0.5).to(w.dtype)
 
-    def per_layer_inputs(self, input_ids: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-        """(batch, seq, layers, P): PLE rows (ids past the table use row 0) mixed with the embedding."""
+    def ple_rows(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The scaled per-layer-table rows of `input_ids` (ids past the table use row 0), computed
+        where the table lives (it may stay on the CPU: only these rows move)."""
         cfg = self.cfg
-        L, P = cfg.num_hidden_layers, cfg.hidden_size_per_layer_input
         table = self.embed_tokens_per_layer.weight
         ids = torch.where((input_ids >= 0) & (input_ids < cfg.vocab_size_per_layer_input), input_ids, 0)
-        rows = F.embedding(ids.to(table.device), table) * torch.tensor(P**0.5).to(table.dtype)
-        rows = rows.to(embeds.device, embeds.dtype).reshape(*ids.shape, L, P)
+        return F.embedding(ids.to(table.device), table) * torch.tensor(cfg.hidden_size_per_layer_input**0.5).to(
+            table.dtype
+        )
+
+    def per_layer_inputs(self, input_ids: torch.Tensor, embeds: torch.Tensor, rows=None) -> torch.Tensor:
+        """(batch, seq, layers, P): PLE rows mixed with the embedding (`rows`: ple_rows, if already
+        gathered)."""
+        cfg = self.cfg
+        L, P = cfg.num_hidden_layers, cfg.hidden_size_per_layer_input
+        rows = self.ple_rows(input_ids) if rows is None else rows
+        rows = rows.to(embeds.device, embeds.dtype).reshape(*input_ids.shape, L, P)
         proj = self.per_layer_model_projection(embeds) * torch.tensor(cfg.hidden_size**-0.5).to(embeds.dtype)
-        proj = self.per_layer_projection_norm(proj.reshape(*ids.shape, L, P))
+        proj = self.per_layer_projection_norm(proj.reshape(*input_ids.shape, L, P))
         return (proj + rows) * torch.rsqrt(torch.tensor(2.0)).to(embeds.dtype)
 
     @staticmethod
@@ -361,13 +370,9 @@ class TextModel(nn.Module):
             position_ids = (all_valid.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
         position_ids = position_ids.to(device)
 
-        embeds = self.embed(input_ids)
-        per_layer = self.per_layer_inputs(input_ids, embeds)
-        target = torch.mean(embeds**2, dim=-1, keepdim=True) ** 0.5
-        streams = [embeds] + [self._match_magnitude(p(embeds), target) for p in self.altup_projections]
-        streams = torch.stack(streams, dim=0)
+        streams, per_layer = self.embed_streams(input_ids)
 
-        rope = {kind: self.rotary_emb(position_ids, kind, embeds.dtype) for kind in set(cfg.layer_types)}
+        rope = {kind: self.rotary_emb(position_ids, kind, streams.dtype) for kind in set(cfg.layer_types)}
         q_index = torch.arange(past, past + T, device=device)
         masks = {}
         for kind in set(cfg.layer_types):
@@ -390,9 +395,24 @@ class TextModel(nn.Module):
             produced[layer] = (k, v)
             return k, v
 
+        streams = self.run_layers(streams, per_layer, rope, kv_for, masks)
+        if cache is not None:
+            cache.valid = all_valid
+        return self.final_hidden(streams)
+
+    def embed_streams(self, input_ids: torch.Tensor, ple_rows: torch.Tensor | None = None):
+        """The AltUp streams (n, batch, seq, hidden) and per-layer inputs of the tokens."""
+        embeds = self.embed(input_ids)
+        per_layer = self.per_layer_inputs(input_ids, embeds, ple_rows)
+        target = torch.mean(embeds**2, dim=-1, keepdim=True) ** 0.5
+        streams = [embeds] + [self._match_magnitude(p(embeds), target) for p in self.altup_projections]
+        return torch.stack(streams, dim=0), per_layer
+
+    def run_layers(self, streams, per_layer, rope: dict, kv_for, masks: dict):
+        """Every decoder layer; `kv_for(attn, normed)` supplies the K/V each layer attends to."""
         checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            kind = cfg.layer_types[i]
+            kind = self.cfg.layer_types[i]
             cos, sin = rope[kind]
             args = (streams, per_layer[:, :, i, :], cos, sin, kv_for, masks[kind])
             if checkpointing:
@@ -401,10 +421,10 @@ class TextModel(nn.Module):
                 streams = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
             else:
                 streams = layer(*args)
+        return streams
 
-        if cache is not None:
-            cache.valid = all_valid
-
+    def final_hidden(self, streams: torch.Tensor) -> torch.Tensor:
+        """Streams back to one hidden state (unembed projections, mean), normed."""
         target = torch.mean(streams[0] ** 2, dim=-1, keepdim=True) ** 0.5
         outs = [streams[0]] + [
             self._match_magnitude(p(streams[i + 1]), target) for i, p in enumerate(self.altup_unembed_projections)
