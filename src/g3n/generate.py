@@ -1,4 +1,5 @@
-"""Token generation: Google's recommended sampling, a KV cache, batching by left padding, streaming.
+"""Token generation: Google's recommended sampling, batching by left padding, streaming (the KV
+cache and decode step live in engine.py).
 
 Defaults are Google's recommendation for Gemma 3n: temperature 1.0, top_k 64, top_p 0.95,
 min_p 0.0, repetition penalty 1.0 (off). The logits pass the filters in transformers' order
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .engine import Generator
 from .errors import G3nError
 
 
@@ -116,9 +118,8 @@ def generate_steps(
     stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
 
-    cache = model.new_cache()
-    logits = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1]
-    step_mask = torch.ones(len(prompts), 1, dtype=torch.bool, device=device)
+    engine = Generator(model, len(prompts), ids.shape[1] + max_new)
+    logits = engine.prefill(ids, mask)
     for step in range(max_new):
         tok = next_tokens(logits, params, seen, generator)
         yield [None if d else int(t) for t, d in zip(tok.tolist(), done.tolist())]
@@ -127,7 +128,7 @@ def generate_steps(
             return
         if seen is not None:
             seen[torch.arange(len(prompts), device=device), tok] = True
-        logits = model(tok[:, None], attention_mask=step_mask, cache=cache, logits_to_keep=1)[:, -1]
+        logits = engine.step(tok, ids.shape[1] + step)
 
 
 def generate(model, prompts: list[list[int]], params: SamplingParams, stop_ids=(), pad_id: int = 0):
