@@ -78,6 +78,20 @@ def run_g3n(model, batch: int) -> dict:
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}  # fmt: skip
 
 
+@torch.inference_mode()
+def graph_vs_eager(model, steps: int = 24) -> float:
+    """Max logit difference between CUDA-graph and eager decode steps on the same tokens."""
+    ids = torch.randint(0, 262144, (1, 64), device="cuda")
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    tokens = torch.randint(0, 262144, (steps, 1), device="cuda")
+    out = []
+    for graph in (False, True):
+        gen = Generator(model, 1, 64 + steps, cuda_graph=graph)
+        gen.prefill(ids, mask)
+        out.append(torch.stack([gen.step(tokens[s], 64 + s).float().clone() for s in range(steps)]))
+    return (out[0] - out[1]).abs().max().item()
+
+
 def run_hf(size: str, batch: int) -> dict:
     from transformers import Gemma3nForCausalLM as HF
 
@@ -120,6 +134,7 @@ def main() -> int:
         start = time.perf_counter()
         model = build_g3n(size)
         print(f"[{size}] built in {time.perf_counter() - start:.0f}s", flush=True)
+        print(f"[{size}] CUDA graph vs eager decode: max logit difference {graph_vs_eager(model):.3g}", flush=True)
         for batch in args.batches:
             rows.append({"size": size, "batch": batch, "engine": "g3n", **run_g3n(model, batch)})
             print(json.dumps(rows[-1]), flush=True)

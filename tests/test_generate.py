@@ -129,3 +129,20 @@ def test_prompt_too_long(tiny):
     model, _tok = tiny
     with pytest.raises(G3nError, match="does not fit"):
         list(generate_steps(model, [[2] * 5000], SamplingParams()))
+
+
+@pytest.mark.parametrize(
+    "params",
+    [SamplingParams(), SamplingParams(top_k=5, top_p=0.5, min_p=0.1, repetition_penalty=1.3, temperature=1.5),
+     SamplingParams(top_k=0, top_p=0.9)],
+)  # fmt: skip
+def test_candidate_probs_equal_the_full_filter(params):
+    """Sampling among the top-k candidates draws from exactly softmax(filter_logits)."""
+    from g3n.generate import candidate_probs
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 5000, generator=g) * 4
+    seen = torch.rand(3, 5000, generator=g) < 0.01
+    probs, ids = candidate_probs(logits, params, seen)
+    full = probs if ids is None else torch.zeros(3, 5000).scatter(-1, ids, probs)
+    torch.testing.assert_close(full, filter_logits(logits, params, seen).softmax(-1), atol=1e-6, rtol=1e-5)

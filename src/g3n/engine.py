@@ -110,6 +110,7 @@ class Generator:
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Logits of the last prompt position (batch, vocab); `ids`/`mask` are left-padded."""
         cache = self.cache
+        ids, mask = ids.to(self.device), mask.to(self.device)
         cache.pads.copy_((~mask).sum(-1))
         cache.valid[:, : ids.shape[1]] = mask
         hidden = None
@@ -126,12 +127,13 @@ class Generator:
     def step(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
         """Logits (batch, vocab) after feeding `tokens` (batch,) at cache position `position`."""
         body = self.model.model
+        tokens = tokens.to(self.device)
         ple_rows = body.ple_rows(tokens[:, None].cpu() if self._ple_on_cpu else tokens[:, None])
         if not self.cuda_graph:
             index = torch.tensor([position], device=self.device)
             return self._step(tokens[:, None], ple_rows.to(self.device), index)
         if self.graph is None:
-            self._capture(tokens, ple_rows)
+            self._capture(tokens, ple_rows, position)
         self.static_tokens.copy_(tokens[:, None])
         self.static_rows.copy_(ple_rows, non_blocking=True)
         self.static_index.fill_(position)
@@ -142,13 +144,13 @@ class Generator:
     def _ple_on_cpu(self) -> bool:
         return self.model.model.embed_tokens_per_layer.weight.device.type == "cpu"
 
-    def _capture(self, tokens, ple_rows):
+    def _capture(self, tokens, ple_rows, position: int):
         """Warm up on a side stream, then capture one decode step into a CUDA graph. The warm-up
-        writes position max_len - 1, which no real step has reached yet and which is reset."""
+        runs the real first step (writing the same K/V and bookkeeping each time), so it leaves the
+        cache as that step will."""
         self.static_tokens = tokens[:, None].clone()
         self.static_rows = ple_rows.to(self.device).clone()
-        self.static_index = torch.full((1,), self.cache.max_len - 1, device=self.device, dtype=torch.long)
-        saved = {k: v.clone() for k, v in self.cache.slot_index.items()}, self.cache.valid.clone()
+        self.static_index = torch.full((1,), position, device=self.device, dtype=torch.long)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -158,6 +160,3 @@ class Generator:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.static_logits = self._step(self.static_tokens, self.static_rows, self.static_index)
-        for kind, index in saved[0].items():  # undo the warm-up's bookkeeping
-            self.cache.slot_index[kind].copy_(index)
-        self.cache.valid.copy_(saved[1])

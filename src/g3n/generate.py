@@ -44,20 +44,17 @@ class SamplingParams:
             self.greedy = True
 
 
-def filter_logits(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | None = None) -> torch.Tensor:
-    """Apply repetition penalty, temperature, top-k, top-p and min-p to (batch, vocab) logits.
-
-    Removed entries become -inf; `seen` (batch, vocab) bool marks tokens already in the sequence.
-    """
+def _penalize_and_scale(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | None) -> torch.Tensor:
     logits = logits.float()
     if p.repetition_penalty != 1.0 and seen is not None:
         penalized = torch.where(logits < 0, logits * p.repetition_penalty, logits / p.repetition_penalty)
         logits = torch.where(seen, penalized, logits)
     if p.temperature not in (0.0, 1.0):
         logits = logits / p.temperature
-    if p.top_k and p.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, p.top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return logits
+
+
+def _top_p_min_p(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     if p.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
@@ -71,12 +68,37 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | 
     return logits
 
 
+def filter_logits(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply repetition penalty, temperature, top-k, top-p and min-p to (batch, vocab) logits.
+
+    Removed entries become -inf; `seen` (batch, vocab) bool marks tokens already in the sequence.
+    """
+    logits = _penalize_and_scale(logits, p, seen)
+    if p.top_k and p.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, p.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return _top_p_min_p(logits, p)
+
+
+def candidate_probs(logits, p: SamplingParams, seen=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(probs, ids): the sampling distribution over the top_k candidates and their token ids, or
+    over the whole vocabulary (ids None) without top-k. Equal to softmax(filter_logits) (barring
+    ties at the k-th logit), but top-p and min-p sort k values instead of the vocabulary: sorting
+    262400 logits per token took about 3 ms on an H200, more than a whole E2B decode step."""
+    logits = _penalize_and_scale(logits, p, seen)
+    if p.top_k and p.top_k < logits.shape[-1]:
+        values, ids = torch.topk(logits, p.top_k, dim=-1)
+        return _top_p_min_p(values, p).softmax(-1), ids
+    return _top_p_min_p(logits, p).softmax(-1), None
+
+
 def next_tokens(logits, p: SamplingParams, seen=None, generator=None) -> torch.Tensor:
     """One token per row: argmax when greedy, else a draw from the filtered distribution."""
     if p.greedy:
         return logits.argmax(-1)
-    probs = filter_logits(logits, p, seen).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    probs, ids = candidate_probs(logits, p, seen)
+    drawn = torch.multinomial(probs, 1, generator=generator)
+    return (drawn if ids is None else ids.gather(-1, drawn)).squeeze(-1)
 
 
 def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
