@@ -56,3 +56,19 @@ def make_hf_model(seed=0, scale=0.4, **overrides):
     torch.manual_seed(seed)
     model = Gemma3nForCausalLM(hf_text_config(**overrides)).float().eval()
     return randomize_(model, seed, scale)
+
+
+def tiny_with_saved_adapter(adapter_dir, seed=0):
+    """The tiny model with a LoRA adapter whose B weights are random (so it changes the logits),
+    saved in PEFT's format to `adapter_dir`; returns the adapted model (float32, CPU)."""
+    import g3n
+    from g3n.train.lora import add_lora, save_adapter
+
+    model, _ = g3n.load("tiny", dtype="float32", device="cpu")
+    add_lora(model, r=4, alpha=8)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)) * 0.05)
+    save_adapter(model, adapter_dir, base_model="tiny")
+    return model.eval()

@@ -21,9 +21,10 @@ def exports(tmp_path_factory):
     return {q: export_gguf("tiny", d / f"tiny-{q}.gguf", quant=q) for q in QUANTS}
 
 
-def _llama(path):
-    """llama.cpp with its defaults (float16 KV cache), keeping logits of every position."""
-    return llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=False, n_threads=1)
+def _llama(path, exact_kv=False):
+    """llama.cpp keeping logits of every position, with its default float16 KV cache or float32."""
+    kv = {"type_k": 0, "type_v": 0} if exact_kv else {}
+    return llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=False, n_threads=1, **kv)
 
 
 def _llama_logits(llm, ids):
@@ -50,9 +51,7 @@ def test_f32_logits_match_g3n(exports, tiny):
     assert diff < 0.05
     assert (ours.argmax(-1) == theirs.argmax(-1)).all()
     # Most of that is llama.cpp's float16 KV cache: with a float32 cache the gap shrinks five-fold.
-    exact = llama_cpp.Llama(model_path=str(exports["f32"]), n_ctx=256, logits_all=True, verbose=False, n_threads=1,
-                            type_k=0, type_v=0)  # fmt: skip
-    assert np.abs(ours - _llama_logits(exact, ids)).max() < 0.02
+    assert np.abs(ours - _llama_logits(_llama(exports["f32"], exact_kv=True), ids)).max() < 0.02
 
 
 @pytest.mark.parametrize("quant", ["f16", "bf16", "q8_0", "dynamic"])
@@ -187,23 +186,16 @@ def test_adapter_merged_while_streaming_matches_peft(tmp_path, tiny):
     PEFT, and they differ from the base model's."""
     import json
 
-    import g3n
-    from g3n.train.lora import add_lora, save_adapter
+    from helpers import tiny_with_saved_adapter
 
     base, tok = tiny
-    model, _ = g3n.load("tiny", dtype="float32", device="cpu")
-    add_lora(model, r=4, alpha=8)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
-    save_adapter(model, tmp_path / "adapter", base_model="tiny")
+    model = tiny_with_saved_adapter(tmp_path / "adapter", seed=1)
     path = export_gguf("tiny", tmp_path / "tuned.gguf", adapter=tmp_path / "adapter", quant="f32")
     ids = tok.encode_chat(QUESTION)
     with torch.no_grad():
-        tuned, plain = model.eval()(torch.tensor([ids]))[0].numpy(), base(torch.tensor([ids]))[0].numpy()
-    theirs = _llama_logits(_llama(path), ids)
-    assert np.abs(tuned - theirs).max() < 0.05 < np.abs(plain - theirs).max()
+        tuned, plain = model(torch.tensor([ids]))[0].numpy(), base(torch.tensor([ids]))[0].numpy()
+    theirs = _llama_logits(_llama(path, exact_kv=True), ids)
+    assert np.abs(tuned - theirs).max() < 0.02 < np.abs(plain - theirs).max()
 
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
