@@ -65,6 +65,7 @@ def tiny_with_saved_adapter(adapter_dir, seed=0):
     from g3n.train.lora import add_lora, save_adapter
 
     model, _ = g3n.load("tiny", dtype="float32", device="cpu")
+    torch.manual_seed(seed)  # PEFT draws the A matrices from the global generator
     add_lora(model, r=4, alpha=8)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -155,9 +155,7 @@ def test_export_merges_an_adapter(tmp_path, capsys, monkeypatch):
     ids = torch.tensor([tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])])
     with torch.no_grad():
         diff = (merged(ids) - reference(ids)).abs().max().item()
-        # The tiny model's logits reach ~20 after 25 layers: float32 summation order alone (one run
-        # measured 2e-4 between two identical unmerged models) needs a tolerance above 1e-4.
-        assert diff < 5e-4 and (reference(ids) - model(ids)).abs().max() < 5e-4
+        assert diff < 1e-4 and (reference(ids) - model(ids)).abs().max() < 1e-4
     assert merged_tok.encode("Hello") == tok.encode("Hello")
 
     rc, _, err = run_cli(args, capsys)
