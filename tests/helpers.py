@@ -73,3 +73,100 @@ def tiny_with_saved_adapter(adapter_dir, seed=0):
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)) * 0.05)
     save_adapter(model, adapter_dir, base_model="tiny")
     return model.eval()
+
+
+# ---- multimodal -------------------------------------------------------------------------------
+# A tiny Gemma3nForConditionalGeneration: the tiny tokenizer's 768 pieces, then 8 vision and 8
+# audio ids (as the real model puts them past its 262144 pieces); a MobileNetV5 with small widths
+# (timm hard-codes its 2048 output features) giving 2 x 2 = 4 soft tokens per 64 x 64 image; a
+# 2-layer conformer. Image/audio marker ids mirror the real layout (eoi = vision offset, image
+# soft token = offset + 1, ...); boi/boa reuse two <unused> pieces.
+MM_IDS = {"boi": 10, "eoi": 768, "image": 769, "boa": 11, "eoa": 776, "audio": 777}
+VISION_ARCH = [
+    ["er_r1_k3_s2_e4_c8"],
+    ["uir_r1_a3_k5_s2_e2_c16"],
+    ["uir_r1_a3_k3_s2_e2_c16", "mqa_r1_k3_h2_v2_s1_d8_c16", "uir_r1_a0_k0_s1_e2_c16"],
+    ["uir_r1_a3_k3_s2_e2_c24", "mqa_r1_k3_h2_s1_d8_c24", "uir_r1_a0_k0_s1_e2_c24"],
+]
+
+
+def hf_multimodal_config(audio_tokens=8):
+    import json
+
+    from timm.models._efficientnet_builder import decode_arch_def
+    from transformers import Gemma3nAudioConfig, Gemma3nConfig, Gemma3nVisionConfig
+
+    block_args = json.loads(json.dumps(decode_arch_def(VISION_ARCH)))
+    vision = Gemma3nVisionConfig(
+        model_args={"block_args": block_args, "stem_size": 8, "msfa_output_resolution": 2},
+        vocab_offset=768,
+        vocab_size=8,
+    )
+    audio = Gemma3nAudioConfig(
+        hidden_size=32,
+        conf_num_attention_heads=2,
+        conf_num_hidden_layers=2,
+        sscp_conv_channel_size=[8, 8],
+        vocab_offset=776,
+        vocab_size=8,
+    )
+    text = hf_text_config(vocab_size=784, vocab_size_per_layer_input=768, max_position_embeddings=512)
+    return Gemma3nConfig(
+        text_config=text.to_dict(),
+        vision_config=vision.to_dict(),
+        audio_config=audio.to_dict(),
+        vision_soft_tokens_per_image=4,
+        audio_soft_tokens_per_image=audio_tokens,
+        boi_token_id=MM_IDS["boi"],
+        eoi_token_id=MM_IDS["eoi"],
+        image_token_id=MM_IDS["image"],
+        boa_token_id=MM_IDS["boa"],
+        eoa_token_id=MM_IDS["eoa"],
+        audio_token_id=MM_IDS["audio"],
+    )
+
+
+def make_hf_multimodal(seed=0, scale=0.4):
+    """transformers' tiny multimodal model, random weights everywhere, float32."""
+    import copy
+
+    from transformers import Gemma3nForConditionalGeneration
+
+    cfg = hf_multimodal_config()
+    clean_args = copy.deepcopy(cfg.vision_config.model_args)
+    torch.manual_seed(seed)
+    model = Gemma3nForConditionalGeneration(cfg).float().eval()
+    model.config.vision_config.model_args = clean_args  # timm mutates it in place
+    return randomize_(model, seed, scale)
+
+
+def save_hf_multimodal(model, out_dir):
+    """The model plus the tiny tokenizer (with the media tokens added) as a checkpoint directory."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from g3n.model.load import resolve_model_dir
+
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    tiny = resolve_model_dir("tiny")
+    for name in ("tokenizer.model", "special_tokens_map.json", "generation_config.json"):
+        shutil.copy(tiny / name, out_dir / name)
+    tok_cfg = json.loads((tiny / "tokenizer_config.json").read_text())
+    names = {
+        "eoi": "<end_of_image>",
+        "image": "<image_soft_token>",
+        "eoa": "<end_of_audio>",
+        "audio": "<audio_soft_token>",
+    }
+    for key, content in names.items():
+        tok_cfg["added_tokens_decoder"][str(MM_IDS[key])] = {"content": content, "special": True}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=1))
+    # One preprocessor_config.json for both processors, as Google ships it (64 x 64 images here).
+    from transformers import Gemma3nAudioFeatureExtractor, SiglipImageProcessor
+
+    images = SiglipImageProcessor(size={"height": 64, "width": 64}, do_normalize=False, resample=2)
+    merged = {**json.loads(Gemma3nAudioFeatureExtractor().to_json_string()), **json.loads(images.to_json_string())}
+    (out_dir / "preprocessor_config.json").write_text(json.dumps(merged, indent=1))
+    return out_dir

@@ -60,9 +60,9 @@ def test_chat_keeps_conversation_and_commands(capsys, monkeypatch):
 
     original = gen.stream_text
 
-    def spy(model, tok, ids, params):
+    def spy(model, tok, ids, params, media=None):
         seen.append(tok.decode(ids, skip_special=False))
-        return original(model, tok, ids, params)
+        return original(model, tok, ids, params, media)
 
     monkeypatch.setattr(gen, "stream_text", spy)
     script = "What is 2+2?\nWhat is the capital of Peru?\n/reset\nHi\n/nonsense\n/quit\nnever read\n"

@@ -5,18 +5,21 @@ __version__ = "0.1.0"
 from .errors import G3nError
 
 
-def load(path_or_name="tiny", dtype=None, device=None, ple_device=None, matformer=None):
+def load(path_or_name="tiny", dtype=None, device=None, ple_device=None, matformer=None, modalities=()):
     """Load `(model, tokenizer)` from a checkpoint directory, a cached HF id, or 'tiny'.
 
     `model(input_ids)` returns logits (batch x seq x vocab). dtype: None (automatic), "float32",
     "bfloat16" or "float16" (or a torch.dtype); device: None (CUDA when present), "cpu", "cuda".
     matformer: a MatFormer plan (name or file) to run that sub-model from the parent's weights.
+    modalities: ("image", "audio") or a subset: also load those towers (a multimodal checkpoint).
     """
     from .model.load import load_model, resolve_model_dir
     from .tokenizer import Tokenizer
 
     model_dir = resolve_model_dir(path_or_name)
-    model = load_model(model_dir, dtype=dtype, device=device, ple_device=ple_device, matformer=matformer)
+    model = load_model(
+        model_dir, dtype=dtype, device=device, ple_device=ple_device, matformer=matformer, modalities=modalities
+    )
     tokenizer = Tokenizer.from_dir(model_dir)
     n_tokens, vocab = tokenizer.sp.get_piece_size(), model.config.vocab_size
     if n_tokens > vocab:

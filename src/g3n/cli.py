@@ -52,6 +52,28 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-new-tokens", type=int, default=256, help="stop after this many new tokens (256)")
 
 
+def _add_media_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("images and audio (a Gemma3nForConditionalGeneration checkpoint)")
+    g.add_argument(
+        "--image", action="append", default=[], metavar="PATH", help="an image for the (first) prompt; repeatable"
+    )
+    g.add_argument(
+        "--audio",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="an audio clip (wav, flac, ogg, mp3; at most 30 s) for the (first) prompt; repeatable",
+    )
+
+
+def _user_turn(text: str, images=(), audios=()) -> dict:
+    """A user message; media go before the text, as Google's examples place them."""
+    if not images and not audios:
+        return {"role": "user", "content": text}
+    parts = [{"type": "image", "image": p} for p in images] + [{"type": "audio", "audio": p} for p in audios]
+    return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
+
+
 def _sampling(args):
     from .generate import SamplingParams
 
@@ -67,11 +89,11 @@ def _sampling(args):
     )
 
 
-def _load(args):
+def _load(args, modalities=()):
     from . import load
 
     start = time.perf_counter()
-    model, tok = load(args.model, dtype=args.dtype, device=args.device, matformer=args.matformer)
+    model, tok = load(args.model, dtype=args.dtype, device=args.device, matformer=args.matformer, modalities=modalities)
     sub = f", MatFormer plan {args.matformer}" if args.matformer else ""
     print(
         f"[g3n] loaded {args.model} ({model.config.num_hidden_layers} layers{sub}, {model.dtype}, {model.device})"
@@ -96,39 +118,71 @@ class _Engine:
     """What chat/generate need from a model: g3n's own engine, or llama.cpp for a GGUF file."""
 
     def __init__(self, args):
+        self.args = args
         if str(args.model).lower().endswith(".gguf"):
             from .gguf_runner import GGUFModel
 
             if args.matformer:
                 raise G3nError("--matformer slices checkpoints; a GGUF file is already one fixed model")
             start = time.perf_counter()
+            if getattr(args, "image", None) or getattr(args, "audio", None):
+                raise G3nError("a GGUF file runs text only here; pass the checkpoint directory for images and audio")
             gguf = GGUFModel(args.model)
             print(f"[g3n] loaded {args.model} with llama.cpp in {time.perf_counter() - start:.1f}s", file=sys.stderr)
-            self.encode_chat, self.encode, self.stream = gguf.encode_chat, gguf.encode, gguf.stream
+            self.encode, self.stream = gguf.encode, gguf.stream
+            self.prepare = lambda messages: (gguf.encode_chat(messages), None)
         else:
             from .generate import stream_text
 
-            model, tok = _load(args)
-            self.encode_chat = tok.encode_chat
+            kinds = [k for k in ("image", "audio") if getattr(args, k, None)]
+            model, tok = _load(args, modalities=kinds)
+            self.model, self.tokenizer, self.processor = model, tok, None
             self.encode = lambda text: tok.encode(text, add_bos=True)
-            self.stream = lambda ids, params: stream_text(model, tok, ids, params)
+            self.stream = lambda ids, params, media=None: stream_text(model, tok, ids, params, media)
+
+    def prepare(self, messages: list[dict]):
+        """(prompt ids, media tensors or None); loads a tower the first time its input appears."""
+        kinds = {p.get("type") for m in messages if isinstance(m.get("content"), list) for p in m["content"]}
+        kinds &= {"image", "audio"}
+        if not kinds:
+            return self.tokenizer.encode_chat(messages), None
+        from .media import MediaProcessor
+        from .model.load import TensorIndex, resolve_model_dir
+        from .model.towers import load_towers
+
+        model_dir = resolve_model_dir(self.args.model)
+        if self.processor is None:
+            self.processor = MediaProcessor(model_dir)
+        loaded = set(self.model.towers.parts) if self.model.towers is not None else set()
+        if not kinds <= loaded:
+            m = self.model
+            m.towers = load_towers(model_dir, TensorIndex(model_dir), sorted(kinds | loaded), m.dtype, m.device)
+        return self.processor(self.tokenizer, messages)
 
 
 def cmd_generate(args) -> int:
     params = _sampling(args)
+    if args.raw and (args.image or args.audio):
+        raise G3nError("--raw continues plain text; images and audio need the chat format (drop --raw)")
     engine = _Engine(args)
     if args.raw:
         ids = engine.encode(args.prompt)
     else:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-            {"role": "user", "content": args.prompt}
+            _user_turn(args.prompt, args.image, args.audio)
         ]
-        ids = engine.encode_chat(messages)
+        ids, media = engine.prepare(messages)
+        if media:
+            _print_stream(engine.stream(ids, params, media))
+            return 0
     _print_stream(engine.stream(ids, params))
     return 0
 
 
-CHAT_HELP = "commands: /reset (forget the conversation), /system TEXT (set a system prompt), /quit, /help"
+CHAT_HELP = (
+    "commands: /image PATH, /audio PATH (attach to your next message), /reset (forget the conversation), "
+    "/system TEXT (set a system prompt), /quit, /help"
+)
 
 
 def cmd_chat(args) -> int:
@@ -136,6 +190,7 @@ def cmd_chat(args) -> int:
     engine = _Engine(args)
     system = args.system
     history: list[dict] = []
+    pending = {"image": list(args.image), "audio": list(args.audio)}  # for the next user message
     interactive = sys.stdin.isatty()
     print(f"[g3n] chatting with {args.model}. {CHAT_HELP}", file=sys.stderr)
     while True:
@@ -160,13 +215,30 @@ def cmd_chat(args) -> int:
             history.clear()
             print("[system prompt set, conversation reset]" if system else "[system prompt cleared]")
             continue
-        if text.startswith("/"):
-            print(f"unknown command {text.split()[0]!r}; {CHAT_HELP}")
+        command, _, rest = text.partition(" ")
+        if command in ("/image", "/audio"):
+            if not rest.strip():
+                print(f"usage: {command} PATH")
+                continue
+            pending[command[1:]].append(rest.strip())
+            print(f"[{command[1:]} {rest.strip()} will go with your next message]")
             continue
-        history.append({"role": "user", "content": text})
+        if text.startswith("/"):
+            print(f"unknown command {command!r}; {CHAT_HELP}")
+            continue
+        history.append(_user_turn(text, pending["image"], pending["audio"]))
         messages = ([{"role": "system", "content": system}] if system else []) + history
+        try:
+            ids, media = engine.prepare(messages)
+        except G3nError as e:  # a bad attachment: say so, drop it, keep the conversation
+            print(f"g3n: {e}", file=sys.stderr)
+            history.pop()
+            pending = {"image": [], "audio": []}
+            continue
+        pending = {"image": [], "audio": []}
         sys.stdout.write("model> ")
-        reply = _print_stream(engine.stream(engine.encode_chat(messages), params))
+        stream = engine.stream(ids, params, media) if media else engine.stream(ids, params)
+        reply = _print_stream(stream)
         history.append({"role": "assistant", "content": reply})
     return 0
 
@@ -266,6 +338,18 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_inspect(args) -> int:
+    from .inspect_weights import inspect_checkpoint
+
+    out = args.plot
+    if out is None:
+        from .model.load import resolve_model_dir
+
+        out = f"{resolve_model_dir(args.model).name}-absmax.png"
+    inspect_checkpoint(args.model, None if args.no_plot else out, limit=None if args.all else args.top)
+    return 0
+
+
 def cmd_export(args) -> int:
     start = time.perf_counter()
     if args.format == "hf":
@@ -305,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="the prompt text")
     p.add_argument("--system", default=None, help="a system prompt (folded into the user turn)")
     p.add_argument("--raw", action="store_true", help="continue the prompt as plain text, no chat template")
+    _add_media_args(p)
     _add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
 
@@ -316,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_args(p)
     p.add_argument("--system", default=None, help="a system prompt for the conversation")
+    _add_media_args(p)
     _add_sampling_args(p)
     p.set_defaults(func=cmd_chat)
 
@@ -357,6 +443,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", default="f16", help="gguf/ollama: f32, f16 (default), bf16 or q8_0")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "inspect",
+        help="weights' abs max per tensor group vs float16's range, with a plot",
+        description="Read every tensor of a checkpoint once (one at a time) and report, per tensor group "
+        "(layer numbers folded), the abs max, the headroom to float16's 65504, and a worst case for the sums "
+        "the weight enters (abs max x fan-in); groups past 65504 are flagged as float16 overflow risks. "
+        "Saves a PNG of abs max per layer/block. This is how the vision tower's Conv2D problem shows.",
+    )
+    p.add_argument("--model", default="tiny", help="checkpoint directory, cached HF id or 'tiny'")
+    p.add_argument("--plot", default=None, metavar="PNG", help="where to save the plot (default: NAME-absmax.png)")
+    p.add_argument("--no-plot", action="store_true", help="only print the table")
+    p.add_argument("--top", type=int, default=25, help="show the N groups with the largest weights (and all flagged)")
+    p.add_argument("--all", action="store_true", help="show every group")
+    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser(
         "slice",

@@ -42,17 +42,18 @@ class StaticCache:
         return real & (key_index >= 0)[None]
 
 
-def forward_cached(model, cache: StaticCache, ids: torch.Tensor, index: torch.Tensor, ple_rows=None):
+def forward_cached(model, cache: StaticCache, ids: torch.Tensor, index: torch.Tensor, ple_rows=None, embeds=None):
     """Hidden states of `ids` (batch, T) at cache positions `index` (T,), written into `cache`.
 
     T == 1 is the decode step (fixed shapes; `index` a device tensor); T > 1 a prefill chunk.
+    `embeds`: the chunk's input embeddings when images/audio are merged in.
     """
     cfg, body = model.config, model.model
     decode = ids.shape[1] == 1
     if decode:  # generated tokens are real in every row (prefill sets validity from the mask)
         cache.valid.index_fill_(1, index, True)
     positions = (index[None, :] - cache.pads[:, None]).clamp(min=0)
-    streams, per_layer = body.embed_streams(ids, ple_rows)
+    streams, per_layer = body.embed_streams(ids, ple_rows, embeds)
     rope = {kind: body.rotary_emb(positions, kind, streams.dtype) for kind in cache.size}
     masks, keys_of = {}, {}
     for kind, size in cache.size.items():
@@ -107,8 +108,9 @@ class Generator:
         self.graph = None
 
     @torch.inference_mode()
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Logits of the last prompt position (batch, vocab); `ids`/`mask` are left-padded."""
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the last prompt position (batch, vocab); `ids`/`mask` are left-padded;
+        `embeds` (batch, T, hidden): input embeddings with images/audio merged in."""
         cache = self.cache
         ids, mask = ids.to(self.device), mask.to(self.device)
         cache.pads.copy_((~mask).sum(-1))
@@ -117,7 +119,8 @@ class Generator:
         for start in range(0, ids.shape[1], PREFILL_CHUNK):
             chunk = ids[:, start : start + PREFILL_CHUNK]
             index = torch.arange(start, start + chunk.shape[1], device=self.device)
-            hidden = forward_cached(self.model, cache, chunk, index)
+            chunk_embeds = None if embeds is None else embeds[:, start : start + PREFILL_CHUNK]
+            hidden = forward_cached(self.model, cache, chunk, index, embeds=chunk_embeds)
         return self.model.logits(hidden[:, -1])
 
     def _step(self, tokens, ple_rows, index):

@@ -113,11 +113,12 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tens
 
 @torch.inference_mode()
 def generate_steps(
-    model, prompts: list[list[int]], params: SamplingParams, stop_ids=(), pad_id: int = 0
+    model, prompts: list[list[int]], params: SamplingParams, stop_ids=(), pad_id: int = 0, media=None
 ) -> Iterator[list[int | None]]:
     """Yield, per step, one new token per prompt (None for prompts that already stopped).
 
     A prompt stops after producing one of `stop_ids` (which is yielded) or after max_new_tokens.
+    `media`: the prompts' images/audio (media.py's MediaProcessor output), in prompt order.
     """
     if not prompts or any(len(x) == 0 for x in prompts):
         raise G3nError("every prompt needs at least one token")
@@ -141,7 +142,8 @@ def generate_steps(
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
 
     engine = Generator(model, len(prompts), ids.shape[1] + max_new)
-    logits = engine.prefill(ids, mask)
+    embeds = model.embed_inputs(ids, media) if media else None
+    logits = engine.prefill(ids, mask, embeds)
     for step in range(max_new):
         tok = next_tokens(logits, params, seen, generator)
         yield [None if d else int(t) for t, d in zip(tok.tolist(), done.tolist())]
@@ -153,11 +155,11 @@ def generate_steps(
         logits = engine.step(tok, ids.shape[1] + step)
 
 
-def generate(model, prompts: list[list[int]], params: SamplingParams, stop_ids=(), pad_id: int = 0):
+def generate(model, prompts: list[list[int]], params: SamplingParams, stop_ids=(), pad_id: int = 0, media=None):
     """The new tokens of every prompt (stop tokens excluded), generated together as one batch."""
     out: list[list[int]] = [[] for _ in prompts]
     stop_ids = set(stop_ids)
-    for step in generate_steps(model, prompts, params, stop_ids, pad_id):
+    for step in generate_steps(model, prompts, params, stop_ids, pad_id, media):
         for row, tok in enumerate(step):
             if tok is not None and tok not in stop_ids:
                 out[row].append(tok)
@@ -181,11 +183,11 @@ class TextStreamer:
         return new
 
 
-def stream_text(model, tokenizer, prompt_ids: list[int], params: SamplingParams) -> Iterator[str]:
+def stream_text(model, tokenizer, prompt_ids: list[int], params: SamplingParams, media=None) -> Iterator[str]:
     """Pieces of the reply's text as they are generated; stops at eos or <end_of_turn>."""
     streamer = TextStreamer(tokenizer)
     stops = tokenizer.stop_ids
-    for (tok,) in generate_steps(model, [prompt_ids], params, stops, tokenizer.pad_id):
+    for (tok,) in generate_steps(model, [prompt_ids], params, stops, tokenizer.pad_id, media):
         if tok is None or tok in stops:
             return
         piece = streamer.push(tok)

@@ -23,6 +23,10 @@ import sentencepiece as spm
 from .errors import G3nError
 
 START_OF_TURN, END_OF_TURN = "<start_of_turn>", "<end_of_turn>"
+# Where an image or audio clip sits in a chat prompt, as Google's template writes it; media.py
+# expands each into the full boi/soft tokens/eoi sequence.
+IMAGE_PLACEHOLDER, AUDIO_PLACEHOLDER = "<image_soft_token>", "<audio_soft_token>"
+MEDIA_PARTS = {"image": IMAGE_PLACEHOLDER, "audio": AUDIO_PLACEHOLDER}
 ROLES = {"user": "user", "assistant": "model", "model": "model"}
 
 
@@ -111,12 +115,15 @@ class Tokenizer:
         return self.encode(self.format_chat(messages, add_generation_prompt), add_bos=True)
 
 
-def format_chat(messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """The Gemma 3n chat template, without the leading <bos> (encode adds it)."""
+def format_chat(messages: list[dict], add_generation_prompt: bool = True, media: bool = False) -> str:
+    """The Gemma 3n chat template, without the leading <bos> (encode adds it).
+
+    Content may be a string or a list of parts ({"type": "text"|"image"|"audio", ...}); with
+    `media`, image and audio parts become placeholders, otherwise they are an error."""
     messages = list(messages)
     prefix = ""
     if messages and messages[0].get("role") == "system":
-        prefix = _content(messages.pop(0), 0) + "\n\n"  # not trimmed, as in Google's template
+        prefix = _content(messages.pop(0), 0, media) + "\n\n"  # not trimmed, as in Google's template
     text = []
     for n, msg in enumerate(messages):
         role = ROLES.get(msg.get("role"))
@@ -125,7 +132,7 @@ def format_chat(messages: list[dict], add_generation_prompt: bool = True) -> str
         expected = "user" if n % 2 == 0 else "model"
         if role != expected:
             raise G3nError(f"message {n}: expected a {expected} turn (turns alternate user/assistant)")
-        body = (prefix if n == 0 else "") + _content(msg, n).strip()
+        body = (prefix if n == 0 else "") + _content(msg, n, media).strip()
         text.append(f"{START_OF_TURN}{role}\n{body}{END_OF_TURN}\n")
     if add_generation_prompt:
         text.append(f"{START_OF_TURN}model\n")
@@ -140,13 +147,24 @@ def with_single_bos(ids: list[int], bos_id: int) -> list[int]:
     return [bos_id] + list(ids[start:])
 
 
-def _content(msg: dict, n: int) -> str:
+def _content(msg: dict, n: int, media: bool = False) -> str:
     content = msg.get("content")
-    if isinstance(content, list):  # OpenAI-style parts: keep the text ones
-        texts = [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-        if len(texts) != len(content):
-            raise G3nError(f"message {n}: only text content is supported for now")
-        content = "".join(texts)
+    if isinstance(content, list):  # parts: text trimmed each (as Google's template), media as placeholders
+        out = []
+        for i, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                out.append(part["text"].strip())
+            elif kind in MEDIA_PARTS and media:
+                out.append(MEDIA_PARTS[kind])
+            elif kind in MEDIA_PARTS:
+                raise G3nError(
+                    f"message {n}, part {i}: {kind} input needs the model loaded with its {kind} tower "
+                    "(a Gemma3nForConditionalGeneration checkpoint; g3n chat --image/--audio)"
+                )
+            else:
+                raise G3nError(f"message {n}, part {i}: unknown content part (use text, image or audio)")
+        content = "".join(out)
     if not isinstance(content, str):
         raise G3nError(f"message {n}: 'content' must be a string")
     return content

@@ -255,12 +255,14 @@ def load_model(
     device: str | torch.device | None = None,
     ple_device: str | torch.device | None = None,
     matformer=None,
+    modalities=(),
 ) -> Gemma3nForCausalLM:
     """Build the text decoder from a checkpoint, reading only the text weights.
 
     `ple_device` places the per-layer embedding table elsewhere (e.g. "cpu" beside a GPU model);
     by default it sits with the rest of the model. `matformer` (a plan name, plan file or Plan)
     builds that MatFormer sub-model straight from the parent's weights, reading only its slices.
+    `modalities` ("image", "audio") also loads those towers (model.towers), and nothing else of them.
     """
     model_dir = resolve_model_dir(path_or_name)
     if not model_dir.is_dir():
@@ -279,5 +281,9 @@ def load_model(
         state[name] = tensors.read(name).to(dtype=dtype, device=ple_device if name == ple_name else device)
     model.load_state_dict(state, assign=True, strict=True)
     model.model.rotary_emb = RotaryEmbedding(cfg).to(device)
+    if modalities:
+        from .towers import load_towers
+
+        model.towers = load_towers(model_dir, tensors.index, modalities, dtype, device)
     model.requires_grad_(False)
     return model.eval()

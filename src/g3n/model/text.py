@@ -26,6 +26,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from ..config import FULL, SLIDING, TextConfig
+from ..errors import G3nError
 
 ACTIVATIONS = {
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -341,12 +342,19 @@ class TextModel(nn.Module):
         return x * target / mag
 
     def forward(
-        self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None, segment_ids=None
+        self,
+        input_ids,
+        attention_mask=None,
+        position_ids=None,
+        cache: KVCache | None = None,
+        segment_ids=None,
+        inputs_embeds=None,
     ):
         """Final normed hidden states (batch, seq, hidden). Updates `cache` in place when given.
 
         `segment_ids` (batch, seq) packs several samples into one row: tokens attend only within
-        their segment and positions restart at each segment's start.
+        their segment and positions restart at each segment's start. `inputs_embeds` replaces the
+        token embeddings (images and audio merged in); the per-layer rows still come from the ids.
         """
         cfg = self.cfg
         B, T = input_ids.shape
@@ -370,7 +378,7 @@ class TextModel(nn.Module):
             position_ids = (all_valid.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
         position_ids = position_ids.to(device)
 
-        streams, per_layer = self.embed_streams(input_ids)
+        streams, per_layer = self.embed_streams(input_ids, embeds=inputs_embeds)
 
         rope = {kind: self.rotary_emb(position_ids, kind, streams.dtype) for kind in set(cfg.layer_types)}
         q_index = torch.arange(past, past + T, device=device)
@@ -400,9 +408,10 @@ class TextModel(nn.Module):
             cache.valid = all_valid
         return self.final_hidden(streams)
 
-    def embed_streams(self, input_ids: torch.Tensor, ple_rows: torch.Tensor | None = None):
-        """The AltUp streams (n, batch, seq, hidden) and per-layer inputs of the tokens."""
-        embeds = self.embed(input_ids)
+    def embed_streams(self, input_ids: torch.Tensor, ple_rows: torch.Tensor | None = None, embeds=None):
+        """The AltUp streams (n, batch, seq, hidden) and per-layer inputs of the tokens (`embeds`:
+        precomputed input embeddings, e.g. with images merged in)."""
+        embeds = self.embed(input_ids) if embeds is None else embeds
         per_layer = self.per_layer_inputs(input_ids, embeds, ple_rows)
         target = torch.mean(embeds**2, dim=-1, keepdim=True) ** 0.5
         streams = [embeds] + [self._match_magnitude(p(embeds), target) for p in self.altup_projections]
@@ -439,6 +448,16 @@ class Gemma3nForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = TextModel(cfg)
+        self.towers = None  # model/towers.py's Towers when images/audio were asked for
+
+    def embed_inputs(self, input_ids: torch.Tensor, media: dict | None = None) -> torch.Tensor | None:
+        """Input embeddings with images/audio merged in (None without towers: the decoder embeds)."""
+        if self.towers is None:
+            if media:
+                raise G3nError("this model was loaded without vision/audio towers (load it with modalities=)")
+            return None
+        input_ids = input_ids.to(self.device)
+        return self.towers.embed(input_ids, self.model.embed(input_ids), media)
 
     @property
     def device(self) -> torch.device:
@@ -467,11 +486,14 @@ class Gemma3nForCausalLM(nn.Module):
         cache: KVCache | None = None,
         logits_to_keep: int = 0,
         segment_ids: torch.Tensor | None = None,
+        media: dict | None = None,
     ) -> torch.Tensor:
         """Logits for every position, or for the last `logits_to_keep` positions when > 0.
 
-        `segment_ids` marks packed samples (see TextModel.forward)."""
-        hidden = self.model(input_ids, attention_mask, position_ids, cache, segment_ids)
+        `segment_ids` marks packed samples (see TextModel.forward); `media` holds pixel_values
+        and/or input_features + input_features_mask for the prompt's images and audio."""
+        embeds = self.embed_inputs(input_ids, media)
+        hidden = self.model(input_ids, attention_mask, position_ids, cache, segment_ids, embeds)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         return self.logits(hidden)
