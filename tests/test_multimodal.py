@@ -251,3 +251,77 @@ def test_cli_chat_attaches_images_and_survives_a_bad_one(mm_dir, files):
     assert out.returncode == 0, out.stderr
     assert "nope.png: image file not found" in out.stderr
     assert out.stdout.count("model> ") == 2  # the turn with the missing image was dropped, the chat went on
+
+
+@pytest.fixture(scope="module")
+def color_data(tmp_path_factory):
+    """Solid red/blue/green images and the question "What color is it?" answered with the color;
+    paths relative to the dataset file."""
+    import json
+
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("colors")
+    (d / "img").mkdir()
+    colors = {"red": (220, 20, 20), "blue": (20, 20, 220), "green": (20, 200, 20)}
+    lines = []
+    for i in range(12):
+        name = list(colors)[i % 3]
+        Image.new("RGB", (40 + i, 40), colors[name]).save(d / "img" / f"{i}.png")
+        user = [{"type": "image", "image": f"img/{i}.png"}, {"type": "text", "text": "What color is it?"}]
+        lines.append({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": name}]})
+    (d / "train.jsonl").write_text("\n".join(json.dumps(x) for x in lines[:9]) + "\n")
+    (d / "eval.jsonl").write_text("\n".join(json.dumps(x) for x in lines[9:]) + "\n")
+    return d
+
+
+def test_multimodal_examples_mask_prompts_and_media(ours, mm_dir, color_data):
+    from g3n.media import media_ids
+    from g3n.train.data import IGNORE, load_examples
+
+    _, tok = ours
+    proc = MediaProcessor(mm_dir)
+    examples, stats = load_examples([str(color_data / "train.jsonl")], tok, 256, media_tokens=proc.tokens)
+    ex = examples[0]
+    assert stats.samples == 9 and ex.media == (("image", str(color_data / "img" / "0.png")),)
+    assert ex.ids.count(MM_IDS["image"]) == 4
+    # the user turn is tokenized as at inference: the ids equal the prompt MediaProcessor builds
+    prompt, _ = proc(tok, [{"role": "user", "content": [{"type": "image", "image": ex.media[0][1]},
+                                                         {"type": "text", "text": "What color is it?"}]}])  # fmt: skip
+    assert ex.ids[: len(prompt) - 3] == prompt[:-3]  # up to "<start_of_turn>model\n"
+    learned = [t for t, y in zip(ex.ids, ex.labels, strict=True) if y != IGNORE]
+    assert tok.decode(learned) == "red" and not media_ids(proc.tokens) & set(learned)
+    (color_data / "bad.jsonl").write_text(
+        '{"messages": [{"role": "user", "content": [{"type": "image", "image": "img/none.png"}]}, '
+        '{"role": "assistant", "content": "x"}]}\n'
+    )
+    with pytest.raises(G3nError, match=r"bad.jsonl:1: image file img/none.png not found"):
+        load_examples([str(color_data / "bad.jsonl")], tok, 256, media_tokens=proc.tokens)
+    inside = ex.ids.index(MM_IDS["image"]) + 2
+    with pytest.raises(G3nError, match="train.jsonl:1: .* would cut through an image"):
+        load_examples([str(color_data / "train.jsonl")], tok, inside, media_tokens=proc.tokens)
+
+
+def test_lora_on_language_and_vision_learns_colors(mm_dir, color_data, tmp_path):
+    from g3n.train.config import load_train_config
+    from g3n.train.loop import train
+
+    base = {
+        "model": str(mm_dir), "train_data": [str(color_data / "train.jsonl")],
+        "eval_data": [str(color_data / "eval.jsonl")], "output_dir": str(tmp_path / "run"), "device": "cpu",
+        "dtype": "float32", "batch_size": 3, "max_steps": 24, "eval_steps": 12, "save_steps": 24,
+        "learning_rate": 1e-2, "lora_r": 4, "max_length": 128, "finetune_vision_layers": True,
+    }  # fmt: skip
+    history = train(load_train_config(base=base), progress=False)
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    assert evals[-1] < 0.8 * evals[0], evals  # 6.55 -> 4.80 measured (a random 10-layer model)
+    from safetensors.torch import load_file
+
+    adapter = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    vision = [k for k in adapter if "vision_tower" in k and "lora_B" in k]
+    assert vision and any(adapter[k].abs().max() > 0 for k in vision)  # the tower's adapters were trained
+    assert any("language_model" in k or ".layers." in k for k in adapter)
+    from g3n.train.lora import AdapterDeltas
+
+    with pytest.raises(G3nError, match="the adapter tunes vision_tower; exports write the text decoder"):
+        AdapterDeltas(tmp_path / "run" / "adapter")

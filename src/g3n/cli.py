@@ -147,16 +147,13 @@ class _Engine:
         if not kinds:
             return self.tokenizer.encode_chat(messages), None
         from .media import MediaProcessor
-        from .model.load import TensorIndex, resolve_model_dir
-        from .model.towers import load_towers
+        from .model.load import resolve_model_dir
+        from .model.towers import add_towers
 
         model_dir = resolve_model_dir(self.args.model)
         if self.processor is None:
             self.processor = MediaProcessor(model_dir)
-        loaded = set(self.model.towers.parts) if self.model.towers is not None else set()
-        if not kinds <= loaded:
-            m = self.model
-            m.towers = load_towers(model_dir, TensorIndex(model_dir), sorted(kinds | loaded), m.dtype, m.device)
+        add_towers(self.model, model_dir, kinds)
         return self.processor(self.tokenizer, messages)
 
 

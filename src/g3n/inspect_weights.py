@@ -19,8 +19,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from .errors import G3nError
 
 FP16_MAX = 65504.0

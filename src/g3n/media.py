@@ -84,27 +84,6 @@ class MediaProcessor:
             self.images = SiglipImageProcessor(size=size, do_normalize=False, resample=2)
             self.audio = Gemma3nAudioFeatureExtractor()
 
-    def expand(self, tokenizer, text: str) -> list[int]:
-        """Token ids of a formatted prompt, each placeholder expanded to its full sequence."""
-        t = self.tokens
-        seq = {
-            IMAGE_PLACEHOLDER: [t.boi] + [t.image] * t.image_count + [t.eoi],
-            AUDIO_PLACEHOLDER: [t.boa] + [t.audio] * t.audio_count + [t.eoa],
-        }
-        ids: list[int] = []
-        pieces = re.split(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(AUDIO_PLACEHOLDER)})", text)
-        for i, piece in enumerate(pieces):
-            if piece in seq:
-                ids.extend(seq[piece])
-                continue
-            # The blank lines around a media sequence belong to the text beside it, as transformers
-            # tokenizes them (split at the special tokens).
-            before = "\n\n" if i > 0 else ""
-            after = "\n\n" if i < len(pieces) - 1 else ""
-            if before + piece + after:
-                ids.extend(tokenizer.encode(before + piece + after, add_bos=False))
-        return with_single_bos(ids, tokenizer.bos_id)
-
     def __call__(self, tokenizer, messages: list[dict], add_generation_prompt: bool = True):
         """(ids, media): media holds pixel_values and/or input_features + input_features_mask."""
         images, clips = [], []
@@ -116,7 +95,12 @@ class MediaProcessor:
                     images.append(_image_of(part, where))
                 elif part.get("type") == "audio":
                     clips.append(_audio_of(part, where))
-        ids = self.expand(tokenizer, format_chat(messages, add_generation_prompt, media=True))
+        text = format_chat(messages, add_generation_prompt, media=True)
+        ids = with_single_bos(expand_placeholders(tokenizer, text, self.tokens), tokenizer.bos_id)
+        return ids, self.tensors(images, clips)
+
+    def tensors(self, images: list, clips: list[np.ndarray]) -> dict:
+        """Model inputs for PIL images and 16 kHz waveforms, in prompt order."""
         media = {}
         if images:
             media["pixel_values"] = self.images(images, return_tensors="pt")["pixel_values"]
@@ -124,7 +108,40 @@ class MediaProcessor:
             feats = self.audio(clips, return_tensors="pt", sampling_rate=SAMPLING_RATE)
             media["input_features"] = feats["input_features"]
             media["input_features_mask"] = feats["input_features_mask"].bool()
-        return ids, media
+        return media
+
+    def load(self, items) -> dict:
+        """Model inputs for (kind, path) pairs (a training batch's files), in order."""
+        images = [load_image(path) for kind, path in items if kind == "image"]
+        clips = [load_audio(path) for kind, path in items if kind == "audio"]
+        return self.tensors(images, clips)
+
+
+def media_ids(tokens: MediaTokens) -> set[int]:
+    """Ids that stand for images/audio (markers and soft tokens): never training targets."""
+    return {tokens.boi, tokens.eoi, tokens.image, tokens.boa, tokens.eoa, tokens.audio}
+
+
+def expand_placeholders(tokenizer, text: str, tokens: MediaTokens) -> list[int]:
+    """Token ids of formatted chat text (no BOS added), each image/audio placeholder expanded to
+    "\n\n" + boi + soft tokens + eoi + "\n\n" as transformers' Gemma3nProcessor writes it."""
+    seq = {
+        IMAGE_PLACEHOLDER: [tokens.boi] + [tokens.image] * tokens.image_count + [tokens.eoi],
+        AUDIO_PLACEHOLDER: [tokens.boa] + [tokens.audio] * tokens.audio_count + [tokens.eoa],
+    }
+    ids: list[int] = []
+    pieces = re.split(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(AUDIO_PLACEHOLDER)})", text)
+    for i, piece in enumerate(pieces):
+        if piece in seq:
+            ids.extend(seq[piece])
+            continue
+        # The blank lines around a media sequence belong to the text beside it, as transformers
+        # tokenizes them (split at the special tokens).
+        before = "\n\n" if i > 0 else ""
+        after = "\n\n" if i < len(pieces) - 1 else ""
+        if before + piece + after:
+            ids.extend(tokenizer.encode(before + piece + after, add_bos=False))
+    return ids
 
 
 def _image_of(part: dict, where: str):

@@ -212,6 +212,28 @@ def _materialize_buffers(towers: Towers, device) -> None:
             tower._init_weights(m)
 
 
+def add_towers(model, model_dir: Path, parts) -> Towers:
+    """Give `model` (a g3n decoder) the towers of `parts` it lacks, keeping the ones it has (with
+    any adapters on them); returns model.towers."""
+    from .load import TensorIndex
+
+    have = set(model.towers.parts) if model.towers is not None else set()
+    missing = sorted(set(parts) - have)
+    if missing:
+        new = load_towers(model_dir, TensorIndex(model_dir), missing, model.dtype, model.device)
+        if model.towers is None:
+            model.towers = new
+        else:
+            for part in missing:
+                name = TOWER_OF[part]
+                setattr(model.towers, name, getattr(new, name))
+            model.towers.parts = tuple(p for p in PARTS if p in have | set(missing))
+    return model.towers
+
+
+TOWER_OF = {"image": "vision_tower", "audio": "audio_tower"}
+
+
 def load_towers(model_dir: Path, index, parts, dtype: torch.dtype, device, fp16_safe: bool | None = None) -> Towers:
     """The requested towers with the checkpoint's weights (`index`: model/load.py's TensorIndex)."""
     cfg = read_hf_config(model_dir)

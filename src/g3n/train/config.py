@@ -22,8 +22,8 @@ class TrainConfig:
     finetune_attention_modules: bool = True
     finetune_mlp_modules: bool = True
     finetune_language_layers: bool = True
-    finetune_vision_layers: bool = False  # needs the vision tower (multimodal issue)
-    finetune_audio_layers: bool = False  # needs the audio tower (multimodal issue)
+    finetune_vision_layers: bool = False  # LoRA/full on the vision tower (multimodal checkpoints)
+    finetune_audio_layers: bool = False  # LoRA/full on the audio tower (multimodal checkpoints)
     # data
     train_data: list[str] = field(default_factory=list)  # JSONL / JSON / CSV / Parquet files
     eval_data: list[str] = field(default_factory=list)  # empty: hold out eval_fraction of train_data
@@ -74,13 +74,22 @@ class TrainConfig:
         for name, ok in checks.items():
             if not ok:
                 raise G3nError(f"config: invalid {name} {getattr(self, name)!r}")
-        if self.finetune_vision_layers or self.finetune_audio_layers:
+        if not self.parts:
             raise G3nError(
-                "config: g3n loads the text decoder only so far; tuning the vision or audio tower arrives with "
-                "multimodal support (set finetune_vision_layers and finetune_audio_layers to false)"
+                "config: finetune_language_layers, finetune_vision_layers and finetune_audio_layers are all false, "
+                "so nothing would be trained"
             )
-        if not self.finetune_language_layers:
-            raise G3nError("config: finetune_language_layers is false, so nothing would be trained")
+        if self.save_merged and {"image", "audio"} & set(self.parts):
+            raise G3nError(
+                "config: save_merged writes the text decoder; adapters on the vision/audio tower are saved in PEFT's "
+                "format only (set save_merged to false)"
+            )
+
+    @property
+    def parts(self) -> list[str]:
+        """What is tuned: "text" (the decoder), "image" (vision tower), "audio" (audio tower)."""
+        switches = (self.finetune_language_layers, self.finetune_vision_layers, self.finetune_audio_layers)
+        return [p for p, on in zip(("text", "image", "audio"), switches, strict=True) if on]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -111,8 +120,8 @@ HELP = {
     "finetune_attention_modules": "LoRA on q/k/v/o projections",
     "finetune_mlp_modules": "LoRA on gate/up/down projections",
     "finetune_language_layers": "tune the language model",
-    "finetune_vision_layers": "tune the vision tower (not yet: g3n loads the text decoder only)",
-    "finetune_audio_layers": "tune the audio tower (not yet: g3n loads the text decoder only)",
+    "finetune_vision_layers": "tune the vision tower (MobileNetV5: attention and 1x1 conv projections)",
+    "finetune_audio_layers": "tune the audio tower (conformer attention and feed-forward layers)",
     "train_data": "JSONL/JSON/CSV/Parquet files or datasets directories: messages, ShareGPT, Alpaca or text records",
     "eval_data": "held-out files (empty: hold out eval_fraction of train_data)",
     "eval_fraction": "share of train_data held out for eval when eval_data is empty",

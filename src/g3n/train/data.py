@@ -8,6 +8,11 @@ directories written by `datasets`' `save_to_disk` (read with pyarrow; the `datas
 needed).
 Labels follow transformers' convention (aligned with the ids; the loss shifts them); -100 marks
 tokens without loss.
+
+Images and audio: a message's content may be a list of parts, {"type": "text", "text"}, {"type":
+"image", "image": PATH} and {"type": "audio", "audio": PATH}, paths relative to the dataset file.
+A user turn with media is tokenized whole, as the prompt is at inference; image/audio markers and
+soft tokens never carry labels; the files are read when their batch is built.
 """
 
 from __future__ import annotations
@@ -19,7 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import G3nError
-from ..tokenizer import END_OF_TURN, ROLES, START_OF_TURN
+from ..tokenizer import (
+    AUDIO_PLACEHOLDER,
+    END_OF_TURN,
+    IMAGE_PLACEHOLDER,
+    MEDIA_PARTS,
+    ROLES,
+    START_OF_TURN,
+    format_chat,
+)
 
 IGNORE = -100
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -130,29 +143,65 @@ def to_messages(record, where: str) -> list[dict] | str:
 class Example:
     ids: list[int]
     labels: list[int]
+    media: tuple[tuple[str, str], ...] = ()  # (kind, file path) of each image/audio, in order
 
 
-def tokenize(tok, sample: list[dict] | str, responses_only: bool = True, where: str = "") -> Example:
+def media_files(sample, base_dir: Path | None, where: str) -> tuple[tuple[str, str], ...]:
+    """(kind, path) of every image/audio part, paths resolved against the dataset's folder; a
+    missing file is an error naming the record."""
+    found = []
+    for message in sample if isinstance(sample, list) else []:
+        content = message.get("content")
+        for part in content if isinstance(content, list) else []:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind not in MEDIA_PARTS:
+                continue
+            ref = part.get(kind, part.get("path"))
+            if not isinstance(ref, str):
+                raise G3nError(f"{where}: an {kind} part needs '{kind}': a file path")
+            path = Path(ref) if base_dir is None or Path(ref).is_absolute() else base_dir / ref
+            if not path.is_file():
+                raise G3nError(f"{where}: {kind} file {ref} not found (looked for {path})")
+            found.append((kind, str(path)))
+    return tuple(found)
+
+
+def tokenize(
+    tok, sample: list[dict] | str, responses_only: bool = True, where: str = "", media_tokens=None, base_dir=None
+) -> Example:
     """Token ids (one BOS) and labels. With responses_only, only model turns (their text and
-    <end_of_turn>) carry labels; otherwise every token but the BOS does."""
+    <end_of_turn>) carry labels; otherwise every token but the BOS does. `media_tokens`
+    (towers.MediaTokens) is needed for samples with images or audio."""
     if isinstance(sample, str):
         ids = tok.encode(sample) + [tok.eos_id]
         return Example(ids, [IGNORE] + ids[1:])
-    try:
-        text = tok.format_chat(sample, add_generation_prompt=False)  # validates roles and order
+    media = media_files(sample, base_dir, where)
+    if media and media_tokens is None:
+        raise G3nError(f"{where}: has images/audio, but the model is not a multimodal checkpoint")
+    try:  # validates roles and order
+        text = format_chat(sample, add_generation_prompt=False, media=bool(media))
     except G3nError as e:
         raise G3nError(f"{where}: {e}") from None
     ids, labels = [tok.bos_id], [IGNORE]
+    newline = tok.encode("\n", add_bos=False)
     for turn in text.split(END_OF_TURN + "\n")[:-1]:
         head, body = turn.split("\n", 1)
-        role = head.removeprefix(START_OF_TURN)
-        prompt = tok.encode(head + "\n", add_bos=False)
-        reply = tok.encode(body, add_bos=False) + [tok.end_of_turn_id]
-        newline = tok.encode("\n", add_bos=False)
-        ids += prompt + reply + newline
-        labels += _labels(prompt, not responses_only) + _labels(reply, role == ROLES["assistant"] or not responses_only)
+        learn = head.removeprefix(START_OF_TURN) == ROLES["assistant"] or not responses_only
+        if IMAGE_PLACEHOLDER in body or AUDIO_PLACEHOLDER in body:
+            from ..media import expand_placeholders, media_ids
+
+            whole = expand_placeholders(tok, turn, media_tokens) + [tok.end_of_turn_id]
+            skip = media_ids(media_tokens)
+            ids += whole
+            labels += [t if learn and t not in skip else IGNORE for t in whole]
+        else:
+            prompt = tok.encode(head + "\n", add_bos=False)
+            reply = tok.encode(body, add_bos=False) + [tok.end_of_turn_id]
+            ids += prompt + reply
+            labels += _labels(prompt, not responses_only) + _labels(reply, learn)
+        ids += newline
         labels += _labels(newline, not responses_only)
-    return Example(ids, labels)
+    return Example(ids, labels, media)
 
 
 def _labels(tokens: list[int], learn: bool) -> list[int]:
@@ -168,30 +217,48 @@ class DataStats:
 
 
 def load_examples(
-    paths, tok, max_length: int, responses_only: bool = True, skip_bad: bool = False
+    paths, tok, max_length: int, responses_only: bool = True, skip_bad: bool = False, media_tokens=None
 ) -> tuple[list[Example], DataStats]:
     """Every record of the files, tokenized and cut to max_length (cuts are counted, never silent);
     samples left without any label are dropped and listed. A bad record stops with an error naming
     its file and line, or with skip_bad is passed over and listed."""
     stats, out = DataStats(), []
     for path in [paths] if isinstance(paths, (str, Path)) else paths:
+        base_dir = Path(path).parent if Path(path).is_file() else Path(path)
         for where, record in _records(path, stats if skip_bad else None):
             try:
-                ex = tokenize(tok, to_messages(record, where), responses_only, where)
+                ex = tokenize(tok, to_messages(record, where), responses_only, where, media_tokens, base_dir)
+                cut = _truncate(ex, max_length, media_tokens, where) if len(ex.ids) > max_length else ex
             except G3nError as e:
                 if not skip_bad:
                     raise
                 stats.skipped.append(str(e))
                 continue
             stats.samples += 1
-            if len(ex.ids) > max_length:
-                stats.truncated += 1
-                ex = Example(ex.ids[:max_length], ex.labels[:max_length])
+            stats.truncated += cut is not ex
+            ex = cut
             if all(label == IGNORE for label in ex.labels):
                 stats.without_labels.append(where)
                 continue
             out.append(ex)
     return out, stats
+
+
+def _truncate(ex: Example, max_length: int, t, where: str) -> Example:
+    """Cut to max_length keeping only the images/audio wholly before the cut; a cut through one is
+    an error (its soft tokens would no longer match its features)."""
+    kept = ex.ids[:max_length]
+    if not ex.media:
+        return Example(kept, ex.labels[:max_length])
+    images, clips = kept.count(t.eoi), kept.count(t.eoa)
+    if kept.count(t.boi) != images or kept.count(t.boa) != clips:
+        raise G3nError(f"{where}: {len(ex.ids)} tokens; max_length {max_length} would cut through an image/audio")
+    media, seen = [], {"image": 0, "audio": 0}
+    for kind, path in ex.media:
+        seen[kind] += 1
+        if seen[kind] <= (images if kind == "image" else clips):
+            media.append((kind, path))
+    return Example(kept, ex.labels[:max_length], tuple(media))
 
 
 def _records(path, stats: DataStats | None):
@@ -213,6 +280,7 @@ class PackedRow:
     ids: list[int]
     labels: list[int]
     segment_ids: list[int]
+    media: list[tuple[str, str]] = field(default_factory=list)  # in row order
 
 
 def pack(examples: list[Example], max_length: int) -> list[PackedRow]:
@@ -235,4 +303,5 @@ def pack(examples: list[Example], max_length: int) -> list[PackedRow]:
         row.ids += ex.ids
         row.labels += ex.labels
         row.segment_ids += [seg] * len(ex.ids)
+        row.media += ex.media
     return rows

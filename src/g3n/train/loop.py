@@ -22,6 +22,7 @@ import torch
 
 from ..errors import G3nError
 from ..model.save import atomic_dir, write_atomic
+from ..model.towers import TOWER_OF, add_towers
 from .config import TrainConfig
 from .data import IGNORE, Example, load_examples, pack
 from .loss import causal_lm_loss
@@ -40,25 +41,30 @@ class Batch:
     mask: torch.Tensor
     segments: torch.Tensor | None
     tokens: int
+    media: dict | None = None  # pixel_values / input_features of the batch's images and audio
 
 
-def make_rows(examples: list[Example], cfg: TrainConfig) -> list[tuple[list[int], list[int], list[int]]]:
+def make_rows(examples: list[Example], cfg: TrainConfig) -> list[tuple]:
+    """(ids, labels, segment ids, media files) per row."""
     if cfg.packing:
-        return [(r.ids, r.labels, r.segment_ids) for r in pack(examples, cfg.max_length)]
-    return [(e.ids, e.labels, [0] * len(e.ids)) for e in examples]
+        return [(r.ids, r.labels, r.segment_ids, tuple(r.media)) for r in pack(examples, cfg.max_length)]
+    return [(e.ids, e.labels, [0] * len(e.ids), e.media) for e in examples]
 
 
-def collate(rows, pad_id: int) -> Batch:
+def collate(rows, pad_id: int, processor=None) -> Batch:
+    """Right-padded tensors; the rows' image/audio files read through `processor` (MediaProcessor)."""
     width = max(len(r[0]) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.bool)
     segments = torch.full((len(rows), width), -1, dtype=torch.long)
-    for i, (x, y, s) in enumerate(rows):  # right padding; padding is its own segment
+    for i, (x, y, s, _) in enumerate(rows):  # right padding; padding is its own segment
         ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)], segments[i, : len(s)] = (
             torch.tensor(x), torch.tensor(y), True, torch.tensor(s),
         )  # fmt: skip
-    return Batch(ids, labels, mask, segments, int(mask.sum()))
+    files = [item for row in rows for item in row[3]]
+    media = processor.load(files) if files else None
+    return Batch(ids, labels, mask, segments, int(mask.sum()), media)
 
 
 @functools.lru_cache(maxsize=2)
@@ -80,15 +86,15 @@ def lr_lambda(cfg: TrainConfig, total: int):
 
 
 @torch.no_grad()
-def evaluate(model, rows, cfg: TrainConfig, pad_id: int) -> float:
+def evaluate(model, rows, cfg: TrainConfig, pad_id: int, processor=None) -> float:
     """Mean loss over the eval rows (token-weighted)."""
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(rows), cfg.batch_size):
-        b = collate(rows[i : i + cfg.batch_size], pad_id)
+        b = collate(rows[i : i + cfg.batch_size], pad_id, processor)
         n = int((b.labels[:, 1:] != IGNORE).sum())
         if n:
-            loss = causal_lm_loss(model, b.ids.to(model.device), b.labels, b.mask, b.segments)
+            loss = causal_lm_loss(model, b.ids.to(model.device), b.labels, b.mask, b.segments, media=b.media)
             total += loss.item() * n
             count += n
     model.train()
@@ -149,31 +155,42 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
     out = prepare_output(cfg, resume, overwrite)
     torch.manual_seed(cfg.seed)
     model, tok = load(cfg.model, dtype=cfg.dtype, device=cfg.device, ple_device="cpu" if cfg.ple_on_cpu else None)
+    model_dir = resolve_model_dir(cfg.model)
+    processor, towers = _media_setup(cfg, model, model_dir)
     half = model.dtype == torch.float16
     if cfg.lora:
-        add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
-                 cfg.finetune_attention_modules, cfg.finetune_mlp_modules)  # fmt: skip
+        add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.finetune_attention_modules,
+                 cfg.finetune_mlp_modules, parts=cfg.parts)  # fmt: skip
         for p in model.parameters():
             if p.requires_grad:  # adapters train in float32 whatever the base dtype (loss scaling needs it)
                 p.data = p.data.float()
     else:
         if half:
             raise G3nError("full fine-tuning in float16 needs float32 master weights; use bfloat16 or float32")
-        model.requires_grad_(True)
+        model.requires_grad_(False)
+        modules = {"text": model.model} | ({p: getattr(towers, TOWER_OF[p]) for p in towers.parts} if towers else {})
+        for part in cfg.parts:
+            modules[part].requires_grad_(True)
         table = model.model.embed_tokens_per_layer.weight
         if table.device != model.device:  # kept off the accelerator: frozen
             table.requires_grad_(False)
     model.model.gradient_checkpointing = cfg.gradient_checkpointing
     model.train()
 
-    examples, stats = load_examples(cfg.train_data, tok, cfg.max_length, cfg.responses_only, cfg.skip_bad)
+    media_tokens = processor.tokens if processor else None
+    examples, stats = load_examples(cfg.train_data, tok, cfg.max_length, cfg.responses_only, cfg.skip_bad, media_tokens)
     if cfg.eval_data:
-        eval_examples, _ = load_examples(cfg.eval_data, tok, cfg.max_length, cfg.responses_only, cfg.skip_bad)
+        eval_examples, _ = load_examples(
+            cfg.eval_data, tok, cfg.max_length, cfg.responses_only, cfg.skip_bad, media_tokens
+        )
     else:
         order = epoch_order(len(examples), cfg.seed, -1)
         n_eval = int(len(examples) * cfg.eval_fraction)
         eval_examples = [examples[i] for i in order[:n_eval]]
         examples = [examples[i] for i in order[n_eval:]]
+    kinds = {kind for ex in examples + eval_examples for kind, _ in ex.media}
+    if kinds:  # towers the data needs but the config does not tune: loaded frozen
+        add_towers(model, model_dir, kinds)
     rows, eval_rows = make_rows(examples, cfg), make_rows(eval_examples, cfg)
     if not rows:
         raise G3nError("no training examples left (all were held out or had no labels)")
@@ -226,7 +243,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
 
     try:
         if eval_rows and step == 0:  # the baseline the run's eval losses compare against
-            loss = evaluate(model, eval_rows, cfg, tok.pad_id)
+            loss = evaluate(model, eval_rows, cfg, tok.pad_id, processor)
             log({"step": 0, "eval_loss": round(loss, 6), "eval_perplexity": round(math.exp(loss), 4)})
         while step < total:
             start, tokens, loss_sum = time.perf_counter(), 0, 0.0
@@ -235,8 +252,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
                 epoch, pos = divmod(k, batches_per_epoch)
                 order = epoch_order(len(rows), cfg.seed, epoch)
                 chosen = order[pos * cfg.batch_size : (pos + 1) * cfg.batch_size]
-                b = collate([rows[i] for i in chosen], tok.pad_id)
-                loss = causal_lm_loss(model, b.ids.to(model.device), b.labels, b.mask, b.segments)
+                b = collate([rows[i] for i in chosen], tok.pad_id, processor)
+                loss = causal_lm_loss(model, b.ids.to(model.device), b.labels, b.mask, b.segments, media=b.media)
                 scaled = loss / cfg.grad_accum
                 (scaler.scale(scaled) if scaler else scaled).backward()
                 loss_sum += loss.item() / cfg.grad_accum
@@ -265,7 +282,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
             if skipped:
                 record["skipped_overflow"] = True  # float16: loss scale lowered, weights unchanged
             if eval_rows and (step % cfg.eval_steps == 0 or step == total):
-                record["eval_loss"] = round(evaluate(model, eval_rows, cfg, tok.pad_id), 6)
+                record["eval_loss"] = round(evaluate(model, eval_rows, cfg, tok.pad_id, processor), 6)
                 record["eval_perplexity"] = round(math.exp(record["eval_loss"]), 4)
             log(record)
             if bar:
@@ -286,6 +303,24 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
         save_merged(model, out / "merged", resolve_model_dir(cfg.model), overwrite=True)
     plot_losses(history, out / "loss.png")
     return history
+
+
+def _media_setup(cfg: TrainConfig, model, model_dir: Path):
+    """(MediaProcessor or None, towers or None): a multimodal checkpoint gets a processor (its data
+    may hold images/audio); the towers being tuned are loaded now, before adapters are added."""
+    import json
+
+    raw = json.loads((model_dir / "config.json").read_text())
+    if "vision_config" not in raw:
+        if {"image", "audio"} & set(cfg.parts):
+            raise G3nError(
+                f"config: tuning the vision/audio tower needs a multimodal checkpoint; {model_dir} is text-only"
+            )
+        return None, None
+    from ..media import MediaProcessor
+
+    tuned = [p for p in cfg.parts if p != "text"]
+    return MediaProcessor(model_dir), (add_towers(model, model_dir, tuned) if tuned else None)
 
 
 def make_optimizer(cfg: TrainConfig, params, device: torch.device):

@@ -29,20 +29,43 @@ def _peft():
     return peft
 
 
-def target_modules(attention: bool = True, mlp: bool = True) -> str:
-    """A PEFT regex selecting the language model's attention and/or MLP projections."""
+# Module kinds per part, as regexes over g3n's module names (the towers sit under `towers.`).
+TOWER_TARGETS = {
+    ("image", "attention"): r"towers\.vision_tower\.timm_model\.blocks\.\d+\.\d+\.attn\.(query|key|value|output)\.proj",
+    ("image", "mlp"): r"towers\.vision_tower\.timm_model\.(blocks\.\d+\.\d+|msfa\.ffn)\.(pw_exp|pw_proj)\.conv",
+    ("audio", "attention"): r"towers\.audio_tower\.conformer\.\d+\.attention\.(attn\.(q_proj|k_proj|v_proj)|post)",
+    (
+        "audio",
+        "mlp",
+    ): r"towers\.audio_tower\.conformer\.\d+\.(ffw_layer_start|ffw_layer_end)\.(ffw_layer_1|ffw_layer_2)",
+}
+
+
+def target_modules(attention: bool = True, mlp: bool = True, parts=("text",)) -> str:
+    """A PEFT regex selecting the attention and/or MLP projections of the chosen parts ("text":
+    the language model, "image": the vision tower, "audio": the audio tower)."""
     names = (ATTENTION if attention else []) + (MLP if mlp else [])
     if not names:
         raise G3nError("LoRA needs at least one of the attention or MLP modules")
-    return rf"model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(names)})"
+    kinds = [k for k, on in (("attention", attention), ("mlp", mlp)) if on]
+    patterns = [rf"model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(names)})"] if "text" in parts else []
+    patterns += [TOWER_TARGETS[(p, k)] for p in parts if p != "text" for k in kinds]
+    return patterns[0] if len(patterns) == 1 else "|".join(f"({p})" for p in patterns)
 
 
-def add_lora(model, r: int = 16, alpha: int = 16, dropout: float = 0.0, attention: bool = True, mlp: bool = True):
+def add_lora(
+    model,
+    r: int = 16,
+    alpha: int = 16,
+    dropout: float = 0.0,
+    attention: bool = True,
+    mlp: bool = True,
+    parts=("text",),
+):
     """Wrap the chosen projections with trainable LoRA adapters (base weights frozen)."""
     peft = _peft()
-    config = peft.LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules(attention, mlp), bias="none"
-    )
+    targets = target_modules(attention, mlp, parts)
+    config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
     model.requires_grad_(False)
     peft.inject_adapter_in_model(config, model)
     model.lora_config = config
@@ -144,6 +167,11 @@ class AdapterDeltas:
             module, _, part = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
             if part not in ("A.weight", "B.weight"):
                 raise G3nError(f"{weights}: tensor {key!r} is not a LoRA A/B weight")
+            if module.startswith("towers.") or "layers." not in module:
+                raise G3nError(
+                    f"{weights}: the adapter tunes {module.split('.')[1] if module.startswith('towers.') else module}; "
+                    "exports write the text decoder, so only language-model adapters can be merged"
+                )
             suffix = module[module.index("layers.") :]  # the same for text-only and multimodal layouts
             self.pairs.setdefault(f"model.{suffix}.weight", {})[part[0]] = tensor
 
