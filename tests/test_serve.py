@@ -366,3 +366,51 @@ def test_official_openai_client(server, engine):
         client.chat.completions.create(model="gpt-4o", messages=messages)
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.chat.completions.create(model="tiny", messages=messages, temperature=5)
+
+
+def test_g3n_serve_command_with_adapter_and_key(tmp_path, tiny):
+    """`g3n serve` as users start it (a subprocess): the adapter is merged in, the key is checked,
+    Ctrl-C stops it cleanly."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import g3n
+    from g3n.generate import generate
+    from helpers import tiny_with_saved_adapter
+
+    adapted = tiny_with_saved_adapter(tmp_path / "adapter")
+    _, tok = tiny
+    ids = tok.encode_chat([{"role": "user", "content": QUESTION}])
+    expected = tok.decode(generate(adapted, [ids], SamplingParams(greedy=True, max_new_tokens=40), tok.stop_ids)[0])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(g3n.__file__).parent.parent)}
+    cmd = [sys.executable, "-m", "g3n", "serve", "--port", str(port), "--device", "cpu", "--dtype", "float32",
+           "--adapter", str(tmp_path / "adapter"), "--api-key", "k3y", "--log-level", "warning"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        server = type("S", (), {"port": port})
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "slow"
+            try:
+                if request(server, "GET", "/health", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        body = _user(QUESTION) | {"temperature": 0, "max_tokens": 40}
+        assert request(server, "POST", "/v1/chat/completions", body)[0] == 401
+        status, out = request(server, "POST", "/v1/chat/completions", body, {"Authorization": "Bearer k3y"})
+        assert status == 200 and out["choices"][0]["message"]["content"] == expected
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0
+        log = proc.stdout.read()
+        assert "adapter" in log and f"serving tiny on http://127.0.0.1:{port}" in log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -32,17 +32,26 @@ def _require_browser():
 
 
 @pytest.fixture(scope="module")
-def browser_page(tiny, tmp_path_factory):
+def pw():
     _require_browser()
     from playwright.sync_api import sync_playwright
 
+    with sync_playwright() as pw:
+        yield pw
+
+
+def _browser(pw, profile, **kw):
+    """Chromium with a fresh profile directory (playwright passes it as --user-data-dir)."""
+    return pw.chromium.launch_persistent_context(str(profile), executable_path=CHROMIUM, headless=True, args=FLAGS,
+                                                 **kw)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def browser_page(pw, tiny, tmp_path_factory):
     model, tok = tiny
     engine = TorchEngine(model, tok, "tiny")
-    profile = tmp_path_factory.mktemp("chromium-profile")
-    with ServerThread(create_app(engine)) as server, sync_playwright() as pw:
-        # a fresh profile directory (playwright passes it as --user-data-dir)
-        browser = pw.chromium.launch_persistent_context(str(profile), executable_path=CHROMIUM, headless=True,
-                                                        args=FLAGS)  # fmt: skip
+    with ServerThread(create_app(engine)) as server:
+        browser = _browser(pw, tmp_path_factory.mktemp("chromium-profile"))
         page = browser.new_page()
         page.set_default_timeout(60_000)
         yield server, engine, page
@@ -103,3 +112,25 @@ def test_page_uploads_an_image_and_shows_the_servers_error(browser_page, tmp_pat
     assert "without a vision tower" in error.text_content()
     assert page.locator("#messages .msg.user img").count() == 1  # the upload was shown with the message
     assert page.locator("#attachments").text_content() == ""
+
+
+def test_page_behind_an_api_key(pw, tiny, tmp_path):
+    """With --api-key the browser is asked for it (HTTP Basic, key as password) and the page's own
+    requests then carry it: the page loads the model list and answers."""
+    model, tok = tiny
+    with ServerThread(create_app(TorchEngine(model, tok, "tiny"), api_key="s3cret")) as server:
+        for password, works in [("wrong", False), ("s3cret", True)]:
+            browser = _browser(pw, tmp_path / password, http_credentials={"username": "me", "password": password})
+            page = browser.new_page()
+            page.set_default_timeout(60_000)
+            status = page.goto(server.url + "/").status
+            if works:
+                assert status == 200
+                page.wait_for_function("document.getElementById('model').textContent.startsWith('tiny')")
+                page.fill("#prompt", "What is the capital of France?")
+                page.press("#prompt", "Enter")
+                page.wait_for_function("document.querySelector('#messages [data-done=\"1\"]') !== null")
+                assert "Paris" in page.locator("#messages .msg.assistant").last.text_content()
+            else:
+                assert status == 401
+            browser.close()
