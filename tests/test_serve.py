@@ -368,9 +368,26 @@ def test_official_openai_client(server, engine):
         client.chat.completions.create(model="tiny", messages=messages, temperature=5)
 
 
-def test_g3n_serve_command_with_adapter_and_key(tmp_path, tiny):
-    """`g3n serve` as users start it (a subprocess): the adapter is merged in, the key is checked,
-    Ctrl-C stops it cleanly."""
+def test_adapter_is_merged_at_load(tmp_path, tiny):
+    """--adapter: the served engine answers as the base model with the adapter does."""
+    from g3n.chat_engine import load_engine
+    from g3n.generate import generate
+    from helpers import tiny_with_saved_adapter
+
+    adapted = tiny_with_saved_adapter(tmp_path / "adapter")
+    engine = load_engine("tiny", dtype="float32", device="cpu", adapter=tmp_path / "adapter")
+    base, tok = tiny
+    layer = ("model", "layers", "0", "self_attn", "q_proj")
+    assert not engine.model.get_submodule(".".join(layer)).weight.equal(base.get_submodule(".".join(layer)).weight)
+    params = SamplingParams(greedy=True, max_new_tokens=40)
+    for question in (QUESTION, "Tell me a fact."):
+        ids = tok.encode_chat([{"role": "user", "content": question}])
+        expected = tok.decode(generate(adapted, [ids], params, tok.stop_ids)[0])
+        assert "".join(engine.stream(ids, params)) == expected
+
+
+def test_g3n_serve_command(tmp_path):
+    """`g3n serve` as users start it (a subprocess): it checks the key and Ctrl-C stops it cleanly."""
     import os
     import signal
     import subprocess
@@ -378,19 +395,13 @@ def test_g3n_serve_command_with_adapter_and_key(tmp_path, tiny):
     from pathlib import Path
 
     import g3n
-    from g3n.generate import generate
-    from helpers import tiny_with_saved_adapter
 
-    adapted = tiny_with_saved_adapter(tmp_path / "adapter")
-    _, tok = tiny
-    ids = tok.encode_chat([{"role": "user", "content": QUESTION}])
-    expected = tok.decode(generate(adapted, [ids], SamplingParams(greedy=True, max_new_tokens=40), tok.stop_ids)[0])
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(g3n.__file__).parent.parent)}
-    cmd = [sys.executable, "-m", "g3n", "serve", "--port", str(port), "--device", "cpu", "--dtype", "float32",
-           "--adapter", str(tmp_path / "adapter"), "--api-key", "k3y", "--log-level", "warning"]  # fmt: skip
+    cmd = [sys.executable, "-m", "g3n", "serve", "--port", str(port), "--device", "cpu", "--api-key", "k3y",
+           "--log-level", "warning"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         server = type("S", (), {"port": port})
@@ -405,11 +416,10 @@ def test_g3n_serve_command_with_adapter_and_key(tmp_path, tiny):
         body = _user(QUESTION) | {"temperature": 0, "max_tokens": 40}
         assert request(server, "POST", "/v1/chat/completions", body)[0] == 401
         status, out = request(server, "POST", "/v1/chat/completions", body, {"Authorization": "Bearer k3y"})
-        assert status == 200 and out["choices"][0]["message"]["content"] == expected
+        assert status == 200 and "Paris" in out["choices"][0]["message"]["content"]
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=20) == 0
-        log = proc.stdout.read()
-        assert "adapter" in log and f"serving tiny on http://127.0.0.1:{port}" in log
+        assert f"serving tiny on http://127.0.0.1:{port}" in proc.stdout.read()
     finally:
         if proc.poll() is None:
             proc.kill()

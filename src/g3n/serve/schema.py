@@ -88,9 +88,9 @@ def parse_chat_request(body: dict, model_name: str, max_tokens_default: int) -> 
     if not isinstance(options, dict):
         raise bad("'stream_options' must be an object", "stream_options")
 
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    which = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-    max_tokens = _number({which: max_tokens}, which, 1, 2**31 - 1, max_tokens_default, integer=True)
+    # max_completion_tokens is the newer name; either may be given
+    which = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _number(body, which, 1, 2**31 - 1, max_tokens_default, integer=True)
     seed = _number(body, "seed", -(2**63), 2**63 - 1, None, integer=True)
     top_p = _number(body, "top_p", 0, 1, 0.95)
     if top_p == 0:
