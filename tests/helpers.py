@@ -170,3 +170,35 @@ def save_hf_multimodal(model, out_dir):
     merged = {**json.loads(Gemma3nAudioFeatureExtractor().to_json_string()), **json.loads(images.to_json_string())}
     (out_dir / "preprocessor_config.json").write_text(json.dumps(merged, indent=1))
     return out_dir
+
+
+class ServerThread:
+    """An ASGI app served by uvicorn on a free loopback port, in a thread (a context manager)."""
+
+    def __init__(self, app):
+        import socket
+
+        import uvicorn
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+
+    def __enter__(self):
+        import threading
+        import time
+
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+        self.sock.close()

@@ -215,3 +215,44 @@ def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
         with pytest.raises(OSError, match="No space left"):
             export_gguf("tiny", tmp_path / "x.gguf", quant=quant)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_serve_runs_a_gguf(exports, tiny):
+    """`g3n serve --model FILE.gguf`: concurrent streamed requests are queued (llama.cpp runs one
+    sequence) and each gets g3n's greedy reply; a seed reproduces; images are refused clearly."""
+    pytest.importorskip("starlette")
+    openai = pytest.importorskip("openai")
+    import base64
+    import io
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    from g3n.chat_engine import load_engine
+    from g3n.generate import generate
+    from g3n.serve import create_app
+    from helpers import ServerThread
+
+    model, tok = tiny
+    questions = ["What is the capital of France?", "What is 7+5?", "Who are you?"]
+    greedy = SamplingParams(greedy=True, max_new_tokens=40)
+    expected = [tok.decode(generate(model, [tok.encode_chat([{"role": "user", "content": q}])], greedy,
+                                    tok.stop_ids)[0]) for q in questions]  # fmt: skip
+    with ServerThread(create_app(load_engine(str(exports["f32"])))) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list()] == ["tiny-f32"]
+
+        def ask(question, **kw):
+            messages = [{"role": "user", "content": question}]
+            chunks = client.chat.completions.create(model="tiny-f32", messages=messages, stream=True, **kw)
+            return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+        with ThreadPoolExecutor(3) as pool:
+            assert list(pool.map(lambda q: ask(q, temperature=0, max_tokens=40), questions)) == expected
+        assert ask("Tell me a fact.", seed=3, max_tokens=12) == ask("Tell me a fact.", seed=3, max_tokens=12)
+        png = io.BytesIO()
+        Image.new("RGB", (4, 4)).save(png, format="PNG")
+        url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+        image = {"type": "image_url", "image_url": {"url": url}}
+        with pytest.raises(openai.BadRequestError, match="is a GGUF file run by llama.cpp, which takes text only"):
+            client.chat.completions.create(model="tiny-f32", messages=[{"role": "user", "content": [image]}])

@@ -114,54 +114,21 @@ def _print_stream(pieces) -> str:
     return "".join(out)
 
 
-class _Engine:
-    """What chat/generate need from a model: g3n's own engine, or llama.cpp for a GGUF file."""
+def _engine(args, modalities=None, **kw):
+    """g3n's engine for a checkpoint, llama.cpp for a .gguf file (chat_engine.py); towers for the
+    media given on the command line (chat loads others when /image or /audio first asks)."""
+    from .chat_engine import load_engine
 
-    def __init__(self, args):
-        self.args = args
-        if str(args.model).lower().endswith(".gguf"):
-            from .gguf_runner import GGUFModel
-
-            if args.matformer:
-                raise G3nError("--matformer slices checkpoints; a GGUF file is already one fixed model")
-            start = time.perf_counter()
-            if getattr(args, "image", None) or getattr(args, "audio", None):
-                raise G3nError("a GGUF file runs text only here; pass the checkpoint directory for images and audio")
-            gguf = GGUFModel(args.model)
-            print(f"[g3n] loaded {args.model} with llama.cpp in {time.perf_counter() - start:.1f}s", file=sys.stderr)
-            self.encode, self.stream = gguf.encode, gguf.stream
-            self.prepare = lambda messages: (gguf.encode_chat(messages), None)
-        else:
-            from .generate import stream_text
-
-            kinds = [k for k in ("image", "audio") if getattr(args, k, None)]
-            model, tok = _load(args, modalities=kinds)
-            self.model, self.tokenizer, self.processor = model, tok, None
-            self.encode = lambda text: tok.encode(text, add_bos=True)
-            self.stream = lambda ids, params, media=None: stream_text(model, tok, ids, params, media)
-
-    def prepare(self, messages: list[dict]):
-        """(prompt ids, media tensors or None); loads a tower the first time its input appears."""
-        kinds = {p.get("type") for m in messages if isinstance(m.get("content"), list) for p in m["content"]}
-        kinds &= {"image", "audio"}
-        if not kinds:
-            return self.tokenizer.encode_chat(messages), None
-        from .media import MediaProcessor
-        from .model.load import resolve_model_dir
-        from .model.towers import add_towers
-
-        model_dir = resolve_model_dir(self.args.model)
-        if self.processor is None:
-            self.processor = MediaProcessor(model_dir)
-        add_towers(self.model, model_dir, kinds)
-        return self.processor(self.tokenizer, messages)
+    kinds = [k for k in ("image", "audio") if getattr(args, k, None)] if modalities is None else modalities
+    return load_engine(args.model, dtype=args.dtype, device=args.device, matformer=args.matformer, modalities=kinds,
+                       **kw)  # fmt: skip
 
 
 def cmd_generate(args) -> int:
     params = _sampling(args)
     if args.raw and (args.image or args.audio):
         raise G3nError("--raw continues plain text; images and audio need the chat format (drop --raw)")
-    engine = _Engine(args)
+    engine = _engine(args)
     if args.raw:
         ids = engine.encode(args.prompt)
     else:
@@ -184,7 +151,7 @@ CHAT_HELP = (
 
 def cmd_chat(args) -> int:
     params = _sampling(args)
-    engine = _Engine(args)
+    engine = _engine(args)
     system = args.system
     history: list[dict] = []
     pending = {"image": list(args.image), "audio": list(args.audio)}  # for the next user message
@@ -237,6 +204,44 @@ def cmd_chat(args) -> int:
         stream = engine.stream(ids, params, media) if media else engine.stream(ids, params)
         reply = _print_stream(stream)
         history.append({"role": "assistant", "content": reply})
+    return 0
+
+
+SERVE_HELP = """\
+Serve a model over HTTP with OpenAI's chat-completions API, plus a chat page at / .
+
+  POST /v1/chat/completions   messages (text, and image_url / input_audio parts for a multimodal
+                              checkpoint, whose towers are loaded at start unless --text-only),
+                              stream, temperature, top_p, max_tokens, stop, seed (+ top_k, min_p,
+                              repetition_penalty); Google's sampling defaults when not given
+  GET  /v1/models             the one loaded model (its id is what requests name as "model")
+  GET  /health                status and queue (no API key needed)
+  GET  /                      a small chat page (streaming, image/audio upload)
+
+Requests arriving together are generated as one batch (up to --max-batch; a GGUF file runs one at a
+time); later ones wait in a queue of --max-queue and get 429 past it. A request's seed gives the
+same reply whether it ran alone or batched. Any OpenAI client works, e.g. with Python's:
+  OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY or anything").chat.completions.create(...)"""
+
+
+def cmd_serve(args) -> int:
+    import os
+
+    try:
+        from .serve import Limits, run_server
+    except ImportError as e:
+        raise G3nError(f"g3n serve needs the serve extra ({e.name} is missing): pip install 'g3n[serve]'") from None
+    api_key = args.api_key or os.environ.get("G3N_API_KEY") or None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        print(f"[g3n] warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
+              file=sys.stderr)  # fmt: skip
+    limits = Limits(max_queue=args.max_queue, max_batch=args.max_batch, max_prompt_tokens=args.max_prompt_tokens,
+                    max_tokens=args.max_tokens, max_body_bytes=int(args.max_body_mb * 2**20))  # fmt: skip
+    modalities = () if args.text_only else "all"  # every tower the checkpoint has, loaded now
+    engine = _engine(args, modalities, adapter=args.adapter, max_batch=args.max_batch, lazy_towers=False)
+    print(f"[g3n] serving {engine.name} on http://{args.host}:{args.port} (chat page at /, API at /v1)",
+          file=sys.stderr)  # fmt: skip
+    run_server(engine, args.host, args.port, limits, api_key, args.log_level)
     return 0
 
 
@@ -484,6 +489,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plan-out", default="best_plan.yaml", help="where to write the best plan (best_plan.yaml)")
     s.add_argument("--plot", default="matformer_pareto.png", help="where to save the Pareto plot (PNG)")
     s.set_defaults(func=cmd_slice_search)
+
+    p = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server and chat page",
+        description=SERVE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_model_args(p)
+    p.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory, merged in at load")
+    p.add_argument("--text-only", action="store_true",
+                   help="do not load a multimodal checkpoint's vision/audio towers (less memory; images and "
+                   "audio then get a 400)")  # fmt: skip
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
+    g.add_argument("--port", type=int, default=8000, help="port (8000)")
+    g.add_argument("--api-key", default=None,
+                   help="require this key (Authorization: Bearer KEY) on every route but /health; "
+                   "also read from $G3N_API_KEY. The chat page asks for it as a password")  # fmt: skip
+    g.add_argument("--max-batch", type=int, default=8, help="requests generated together (8)")
+    g.add_argument("--max-queue", type=int, default=32, help="requests that may wait; more get 429 (32)")
+    g.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="longest prompt accepted (default: the model's context minus one)")  # fmt: skip
+    g.add_argument("--max-tokens", type=int, default=1024,
+                   help="new tokens per reply when a request sets no max_tokens (1024)")  # fmt: skip
+    g.add_argument("--max-body-mb", type=float, default=20, help="largest request body in MiB, media included (20)")
+    g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (info)")  # fmt: skip
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(
         "demo",

@@ -155,6 +155,74 @@ def generate_steps(
         logits = engine.step(tok, ids.shape[1] + step)
 
 
+@torch.inference_mode()
+def generate_rows(
+    model,
+    prompts: list[list[int]],
+    params: list[SamplingParams],
+    stop_ids=(),
+    pad_id: int = 0,
+    stopped=None,
+    media=None,
+) -> Iterator[list[int | None]]:
+    """Like generate_steps, but each row has its own SamplingParams and its own random generator,
+    seeded with its own seed, so a row gets exactly the tokens it would get alone (and the same as
+    generate_steps for a batch of one): what a server batching unrelated requests needs.
+
+    `stopped(row)` (optional) is asked before each step; a row for which it is true ends there
+    (yields None from then on), and the batch ends when every row has ended. `media`: the
+    prompts' images/audio (media.py's MediaProcessor output), in prompt order, as in generate_steps.
+    """
+    if not prompts or any(len(x) == 0 for x in prompts):
+        raise G3nError("every prompt needs at least one token")
+    if len(params) != len(prompts):
+        raise G3nError(f"{len(prompts)} prompts but {len(params)} sampling settings")
+    device = model.device
+    limit = model.config.max_position_embeddings
+    longest = max(len(x) for x in prompts)
+    if longest >= limit:
+        raise G3nError(f"prompt of {longest} tokens does not fit the model's context of {limit}")
+    # each row stops where it would alone; the cache is as long as the longest-running row needs
+    max_new = [min(p.max_new_tokens, limit - len(x)) for p, x in zip(params, prompts)]
+    steps = max(max_new)
+    if steps == 0:
+        return
+
+    ids, mask = _left_pad(prompts, pad_id, device)
+    generators = [None if p.seed is None else torch.Generator(device=device).manual_seed(p.seed) for p in params]
+    seen = None
+    if any(p.repetition_penalty != 1.0 for p in params):
+        seen = torch.zeros(len(prompts), model.config.vocab_size, dtype=torch.bool, device=device)
+        seen.scatter_(1, torch.where(mask, ids, 0), mask)
+    stops = set(stop_ids)
+    done = [n == 0 for n in max_new]
+
+    engine = Generator(model, len(prompts), ids.shape[1] + steps)
+    embeds = model.embed_inputs(ids, media) if media else None
+    logits = engine.prefill(ids, mask, embeds)
+    for step in range(steps):
+        if stopped is not None:
+            done = [d or bool(stopped(row)) for row, d in enumerate(done)]
+        if all(done):
+            return
+        out: list[int | None] = [None] * len(prompts)
+        tokens = torch.zeros(len(prompts), dtype=torch.long, device=device)
+        for row, p in enumerate(params):
+            if done[row]:
+                continue
+            row_seen = None if seen is None else seen[row : row + 1]
+            tok = next_tokens(logits[row : row + 1], p, row_seen, generators[row])
+            tokens[row] = tok[0]
+            out[row] = int(tok[0])
+            done[row] = out[row] in stops or step + 1 >= max_new[row]
+        yield out
+        if all(done):
+            return
+        if seen is not None:
+            seen[torch.arange(len(prompts), device=device), tokens] = True
+        logits = engine.step(tokens, ids.shape[1] + step)
+
+
 def generate(model, prompts: list[list[int]], params: SamplingParams, stop_ids=(), pad_id: int = 0, media=None):
     """The new tokens of every prompt (stop tokens excluded), generated together as one batch."""
     out: list[list[int]] = [[] for _ in prompts]

@@ -41,6 +41,13 @@ class GGUFModel:
 
     def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[str]:
         """Pieces of the reply's text as llama.cpp generates them."""
+        for text, _ in self.chunks(prompt_ids, params):
+            if text:
+                yield text
+
+    def chunks(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[tuple[str, str | None]]:
+        """(text, finish reason) per llama.cpp chunk; the reason ("stop", "length") comes on the last.
+        Closing the iterator ends the generation."""
         room = self.n_ctx - len(prompt_ids)
         if room <= 0:
             raise G3nError(f"prompt of {len(prompt_ids)} tokens does not fit the context of {self.n_ctx}")
@@ -58,6 +65,5 @@ class GGUFModel:
             stream=True,
         )
         for chunk in chunks:
-            text = chunk["choices"][0]["text"]
-            if text:
-                yield text
+            choice = chunk["choices"][0]
+            yield choice["text"], choice.get("finish_reason")

@@ -1,0 +1,210 @@
+"""One interface over the two ways g3n runs a model: its own PyTorch engine (HF checkpoints, `tiny`)
+and llama.cpp (GGUF files). `g3n chat`, `g3n generate` and `g3n serve` only talk to this.
+
+- `prepare(messages)`: (prompt ids, media tensors or None); content may hold HF-style image and
+  audio parts (media.py); `encode(text)`: ids of plain text (one BOS either way).
+- `stream(ids, params[, media])`: one prompt's reply as text pieces (the CLI).
+- `run_batch(prompts, params, stopped)`: several prompts at once, each with its own sampling
+  settings and seed, as `Piece(row, text, finish)` events; a row ends early when `stopped(row)`
+  turns true (a server's disconnects and stop strings). `max_batch` says how many rows it takes:
+  g3n's engine batches (`generate_rows`), llama-cpp-python runs one sequence at a time.
+- `modalities`: what message content it takes: text, plus image/audio when the towers are loaded
+  (`check_modalities` says clearly what is missing).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import G3nError
+from .generate import SamplingParams
+
+
+@dataclass
+class Piece:
+    row: int
+    text: str = ""  # new text of one generated token ("" while a character is incomplete)
+    finish: str | None = None  # "stop" (end of turn) or "length" (max tokens); text is "" then
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+class TorchEngine:
+    """g3n's own model and tokenizer; with a multimodal checkpoint, its vision/audio towers."""
+
+    def __init__(self, model, tokenizer, name: str, max_batch: int = 8, model_dir=None, lazy_towers: bool = False):
+        self.model, self.tok, self.name, self.max_batch = model, tokenizer, name, max_batch
+        self.context_length = model.config.max_position_embeddings
+        self.model_dir, self.lazy_towers, self.processor = model_dir, lazy_towers, None
+
+    @property
+    def modalities(self) -> frozenset[str]:
+        towers = getattr(self.model, "towers", None)
+        return frozenset({"text", *(towers.parts if towers is not None else ())})
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        return self.tok.encode_chat(messages)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_bos=True)
+
+    def prepare(self, messages: list[dict]) -> tuple[list[int], dict | None]:
+        """(prompt ids, media tensors or None) for messages whose content may hold image/audio
+        parts. With `lazy_towers` (g3n chat) a missing tower is loaded the first time its input
+        appears; otherwise (the server, whose worker thread is using the model) that is an error."""
+        kinds = media_kinds(messages)
+        if not kinds:
+            return self.tok.encode_chat(messages), None
+        from .media import MediaProcessor
+
+        if not kinds <= self.modalities:
+            if not self.lazy_towers or self.model_dir is None:
+                check_modalities(self, kinds)
+            self._load_towers(kinds)
+        if self.processor is None:
+            self.processor = MediaProcessor(self.model_dir)
+        return self.processor(self.tok, messages)
+
+    def _load_towers(self, kinds) -> None:
+        from .model.towers import add_towers
+
+        add_towers(self.model, self.model_dir, kinds)
+
+    def stream(self, ids: list[int], params: SamplingParams, media: dict | None = None) -> Iterator[str]:
+        from . import generate  # looked up per call, so tests can wrap generate.stream_text
+
+        return generate.stream_text(self.model, self.tok, ids, params, media)
+
+    def run_batch(self, prompts, params, stopped: Callable[[int], bool] | None = None, media=None) -> Iterator[Piece]:
+        """`media`: one batch-wide media dict (media.py's tensors for the prompts in order) or None."""
+        from .generate import TextStreamer, generate_rows
+
+        streamers = [TextStreamer(self.tok) for _ in prompts]
+        limits = [min(p.max_new_tokens, self.context_length - len(x)) for p, x in zip(params, prompts)]
+        stops = self.tok.stop_ids
+        steps = generate_rows(self.model, prompts, params, stops, self.tok.pad_id, stopped, media)
+        for step, tokens in enumerate(steps):
+            for row, tok in enumerate(tokens):
+                if tok is None:
+                    continue
+                if tok in stops:
+                    yield Piece(row, finish="stop")
+                    continue
+                yield Piece(row, streamers[row].push(tok))
+                if step + 1 >= limits[row]:
+                    yield Piece(row, finish="length")
+
+
+class GGUFEngine:
+    """A GGUF file run by llama.cpp through llama-cpp-python (one sequence at a time, text only)."""
+
+    modalities = frozenset({"text"})
+    max_batch = 1
+
+    def __init__(self, path: str, name: str):
+        from .gguf_runner import GGUFModel
+
+        self.gguf, self.name = GGUFModel(path), name
+        self.context_length = self.gguf.n_ctx
+        self.encode_chat, self.encode, self.stream = self.gguf.encode_chat, self.gguf.encode, self.gguf.stream
+
+    def prepare(self, messages: list[dict]) -> tuple[list[int], None]:
+        check_modalities(self, media_kinds(messages))
+        return self.gguf.encode_chat(messages), None
+
+    def run_batch(self, prompts, params, stopped: Callable[[int], bool] | None = None, media=None) -> Iterator[Piece]:
+        if media:
+            raise G3nError("a GGUF file runs text only here")
+        for row, (ids, p) in enumerate(zip(prompts, params)):
+            chunks = self.gguf.chunks(ids, p)
+            try:
+                for text, finish in chunks:
+                    if stopped is not None and stopped(row):
+                        break
+                    if text:
+                        yield Piece(row, text)
+                    if finish:
+                        yield Piece(row, finish="stop" if finish == "stop" else "length")
+            finally:
+                chunks.close()  # ends llama.cpp's generation there
+
+
+def media_kinds(messages: list[dict]) -> set[str]:
+    """Which of image/audio the messages' content parts hold."""
+    kinds = {p.get("type") for m in messages if isinstance(m.get("content"), list) for p in m["content"]}
+    return kinds & {"image", "audio"}
+
+
+def check_modalities(engine, wanted: set[str]) -> None:
+    """Raise G3nError naming what the loaded model cannot take (images, audio)."""
+    missing = set(wanted) - {"text"} - set(engine.modalities)
+    if not missing:
+        return
+    what = " and ".join(sorted({"image": "images", "audio": "audio"}.get(m, m) for m in missing))
+    if isinstance(engine, GGUFEngine):
+        raise G3nError(f"model {engine.name} is a GGUF file run by llama.cpp, which takes text only here; {what} "
+                       "need an HF Gemma 3n checkpoint (Gemma3nForConditionalGeneration)")  # fmt: skip
+    tower = "a vision tower" if "image" in missing else "an audio tower"
+    raise G3nError(f"model {engine.name} was loaded without {tower}; {what} need a "
+                   "Gemma3nForConditionalGeneration checkpoint")  # fmt: skip
+
+
+def checkpoint_modalities(model_dir) -> list[str]:
+    """The towers a checkpoint carries ([] for a text-only one such as `tiny`)."""
+    import json
+
+    path = Path(model_dir) / "config.json"
+    raw = json.loads(path.read_text()) if path.is_file() else {}
+    return [kind for kind, key in (("image", "vision_config"), ("audio", "audio_config")) if key in raw]
+
+
+def model_name(model: str) -> str:
+    """What clients call the model: 'tiny', a checkpoint directory's name, a GGUF file's stem."""
+    path = Path(str(model)).expanduser()
+    if str(model).lower().endswith(".gguf"):
+        return path.stem
+    return path.name if path.exists() else str(model)
+
+
+def load_engine(model: str = "tiny", dtype="auto", device=None, matformer=None, adapter=None, max_batch: int = 8,
+                modalities=(), lazy_towers: bool = True):  # fmt: skip
+    """Open MODEL (checkpoint directory, cached HF id, 'tiny' or .gguf file) as an engine.
+
+    modalities: towers to load now ("image", "audio"), or "all" for every tower the checkpoint has;
+    lazy_towers: load others when their input first appears (the CLI; not the server)."""
+    start = time.perf_counter()
+    name = model_name(model)
+    if str(model).lower().endswith(".gguf"):
+        if matformer:
+            raise G3nError("--matformer slices checkpoints; a GGUF file is already one fixed model")
+        if adapter:
+            raise G3nError("--adapter merges into a checkpoint; for a GGUF, export it with the adapter merged "
+                           "(g3n export --adapter DIR --format gguf)")  # fmt: skip
+        if modalities and modalities != "all":
+            raise G3nError("a GGUF file runs text only here; pass the checkpoint directory for images and audio")
+        engine = GGUFEngine(model, name)
+        _say(f"[g3n] loaded {model} with llama.cpp in {time.perf_counter() - start:.1f}s")
+        return engine
+    from . import load
+    from .model.load import resolve_model_dir
+
+    model_dir = resolve_model_dir(model)
+    kinds = checkpoint_modalities(model_dir) if modalities == "all" else list(modalities)
+    m, tok = load(model, dtype=dtype, device=device, matformer=matformer, modalities=kinds)
+    extra = f", MatFormer plan {matformer}" if matformer else ""
+    if kinds:
+        extra += f", {' and '.join(sorted(kinds))} tower{'s' if len(kinds) > 1 else ''}"
+    if adapter:
+        from .train.lora import load_adapter, merge_lora
+
+        merge_lora(load_adapter(m, adapter))
+        extra += f", adapter {adapter} merged"
+    _say(f"[g3n] loaded {model} ({m.config.num_hidden_layers} layers{extra}, {m.dtype}, {m.device})"
+         f" in {time.perf_counter() - start:.1f}s")  # fmt: skip
+    return TorchEngine(m.eval(), tok, name, max_batch, model_dir, lazy_towers)
