@@ -6,13 +6,16 @@ that a CUDA graph can replay.
   holds lives in a tensor (`slot_index`), so a decode step has the same shapes at every position.
 - Prefill runs the prompt in chunks; a sliding layer attends to its ring plus the chunk, then keeps
   the chunk's last `sliding_window` positions.
-- On CUDA the decode step is compiled with torch.compile (inductor fuses the ~300 small kernels
-  of a layer: norms, AltUp, casts) and then captured once as a CUDA graph (inputs copied into
-  static buffers, then replayed): at batch 1 the model is bound by kernel launches, which fusion
-  and the graph remove. If compiling fails the uncompiled step is captured instead (a warning
-  says why); `G3N_COMPILE=0` or `compile=False` skips compiling. The per-layer embedding rows of
-  the new tokens are gathered outside the graph, wherever the table lives (it can stay in CPU
-  memory).
+- On CUDA the decode step is captured once as a CUDA graph (inputs copied into static buffers,
+  then replayed): at batch 1 the model is bound by kernel launches, which the graph removes. The
+  per-layer embedding rows of the new tokens are gathered outside the graph, wherever the table
+  lives (it can stay in CPU memory).
+- Optionally (`compile=True`, or G3N_COMPILE=1 in the environment) the step is first compiled with
+  torch.compile through `decode_layer` (inductor fuses the ~160 small kernels of a layer: norms,
+  AltUp, casts, attention): 2.3-2.5x the tokens/s on an H200, but the first step then compiles for
+  75-120 s (E2B-E4B), which pays off only after some ten thousand tokens, so it is off by default
+  (for servers and long runs). If compiling fails the uncompiled step is captured instead and a
+  warning says why.
 - Compiled code is specialised to the cache's shapes, so with compiling on the cache length is
   rounded up to a power of two (at least 1024, at most the context): one compile serves every
   request of that bucket and batch size.
@@ -200,10 +203,9 @@ def cache_bucket(max_len: int, limit: int) -> int:
 class Generator:
     """Prefill + decode for one batch of prompts against a StaticCache.
 
-    On CUDA `step` is compiled and captured as a CUDA graph at its first call. `cuda_graph=False`:
-    eager steps; `compile=False`: the graph of the uncompiled step (default: on unless the
-    environment says G3N_COMPILE=0); `fused`: decode through `decode_layer` (default: when
-    compiling; eager runs use the model's own layers).
+    On CUDA `step` is captured as a CUDA graph at its first call (`cuda_graph=False`: eager steps),
+    compiled first when `compile` (default: G3N_COMPILE=1 in the environment); `fused`: decode
+    through `decode_layer` (default: when compiling; otherwise the model's own layers).
     """
 
     def __init__(
@@ -219,7 +221,7 @@ class Generator:
         self.device = model.device
         self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else cuda_graph
         if compile is None:
-            compile = os.environ.get("G3N_COMPILE", "1") != "0"
+            compile = os.environ.get("G3N_COMPILE", "0") == "1"
         self.compile = compile and self.cuda_graph
         self.fused = self.compile if fused is None else fused
         if self.compile:
