@@ -99,9 +99,10 @@ def _attend(attn, x, cos, sin, k, v, mask):
 
 
 def decode_layer(layer, streams, per_layer_input, cos, sin, kv_for, mask):
-    """DecoderLayer.forward for one new token per row, with AltUp's tiny matrices as broadcast sums
-    and grouped-query attention without K/V copies: fewer, fusable kernels for a compiled decode
-    step (tests compare it with the layer itself and with transformers)."""
+    """DecoderLayer.forward for one new token per row, with AltUp's tiny matrices and attention as
+    float32 broadcast sums: fewer, fusable kernels for a compiled decode step (tests compare it
+    with the layer itself and with transformers). Eagerly it materialises the broadcasts, so
+    uncompiled decoding keeps the model's own layers."""
     cfg, altup, active = layer.cfg, layer.altup, layer.cfg.altup_active_idx
     predictions = _altup_predict(altup, streams)
     x = predictions[active]
