@@ -71,6 +71,12 @@ def test_cuda_graph_and_compiled_steps_equal_eager(hf_dir):
         compiled = _teacher_forced(model, ids, prompt_len=10, cuda_graph=True, compile=True)
     assert (eager - graph).abs().max() < 1e-4
     assert (eager - compiled).abs().max() < 1e-4
+    # A second request whose token column has other strides reuses the compiled step: a
+    # recompile (minutes at real sizes) would raise here, warn and fail.
+    with torch._dynamo.config.patch(error_on_recompile=True), warnings.catch_warnings():
+        warnings.filterwarnings("error", "torch.compile of the decode step failed")
+        again = _teacher_forced(model, ids.T.contiguous().T, prompt_len=10, cuda_graph=True, compile=True)
+    assert (again - compiled).abs().max() < 1e-4
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -23,6 +23,7 @@ that a CUDA graph can replay.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
@@ -196,6 +197,16 @@ def compiled_decode():
     return _compiled_decode
 
 
+def _strict_dynamo():
+    """Past its recompile limit (8 shapes: batch sizes x cache buckets) dynamo would quietly run
+    the step uncompiled, here the fused layers, eagerly slower than the model's own: make it raise,
+    so the step falls back like any failed compile."""
+    try:
+        return torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
+    except Exception:  # noqa: BLE001 - a torch without the option: its default behaviour
+        return contextlib.nullcontext()
+
+
 def cache_bucket(max_len: int, limit: int) -> int:
     """max_len rounded up to a power of two (at least 1024), capped at the context `limit`."""
     return max(max_len, min(limit, max(1024, 1 << (max_len - 1).bit_length())))
@@ -273,17 +284,24 @@ class Generator:
         """Warm up (compiling, if on) on a side stream, then capture one decode step into a CUDA
         graph. The warm-up runs the real first step (writing the same K/V and bookkeeping each
         time), so it leaves the cache as that step will, also after a failed compile."""
-        self.static_tokens = tokens[:, None].clone()
-        self.static_rows = ple_rows.to(self.device).clone()
+        # Fresh buffers with default strides: compiled code is guarded on strides too (a token
+        # column sliced out of a wider tensor has stride 16 where argmax's has 1: a recompile).
+        self.static_tokens = torch.empty((len(tokens), 1), dtype=tokens.dtype, device=self.device)
+        self.static_tokens.copy_(tokens[:, None])
+        self.static_rows = torch.empty(ple_rows.shape, dtype=ple_rows.dtype, device=self.device)
+        self.static_rows.copy_(ple_rows)
         self.static_index = torch.full((1,), position, device=self.device, dtype=torch.long)
-        args = (self.model, self.cache, self.static_tokens, self.static_rows, self.static_index, self.fused)
+        inputs = (self.model, self.cache, self.static_tokens, self.static_rows, self.static_index)
         step = decode_logits
         if self.compile:
             try:
-                self._warm_up(compiled_decode(), args)
+                with _strict_dynamo():
+                    self._warm_up(compiled_decode(), (*inputs, self.fused))
                 step, self.compiled = compiled_decode(), True
             except Exception as e:  # noqa: BLE001 - any compiler failure: decode uncompiled
                 warnings.warn(f"torch.compile of the decode step failed, decoding uncompiled: {type(e).__name__}: {e}")
+                self.fused = False  # uncompiled, the model's own layers are faster
+        args = (*inputs, self.fused)
         if not self.compiled:
             self._warm_up(step, args)
         self.graph = torch.cuda.CUDAGraph()
