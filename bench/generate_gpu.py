@@ -58,7 +58,11 @@ def empty_model(cfg, dtype) -> Gemma3nForCausalLM:
 
 
 def build_g3n(size: str) -> Gemma3nForCausalLM:
-    """Random bf16 weights on the GPU, the per-layer table in CPU memory."""
+    """Random bf16 weights on the GPU, the per-layer table in CPU memory. q/k norm weights are 0.25
+    so that attention scores (scaling 1.0, head_dim 256) have about unit spread: at 1.0 the softmax
+    is a hard argmax, bf16 rounding decides which key wins, and eager bf16 differs from float32 by
+    up to 5 in the logits (top-1 agreement 0-6%), which made the accuracy check blind (2026-11-29).
+    """
     cfg = text_config_from_dict(hf_config(size, 262400).to_dict())
     model = empty_model(cfg, torch.bfloat16)
     model.model.embed_tokens_per_layer.to_empty(device="cpu")
@@ -69,6 +73,8 @@ def build_g3n(size: str) -> Gemma3nForCausalLM:
                 block = torch.randn(8192, p.shape[1], generator=torch.Generator().manual_seed(0)) * 0.02
                 for start in range(0, p.shape[0], 8192):
                     p[start : start + 8192] = block[: p.shape[0] - start]
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.fill_(0.25)
             elif name.endswith("norm.weight") or "correct_output_scale" in name:
                 p.fill_(1.0)
             else:
