@@ -1,8 +1,15 @@
-"""Generation speed on a GPU: g3n's engine (static cache, CUDA-graph decode, PLE table on the CPU)
-against transformers' generate(), random E2B/E4B weights, bf16, prompt 512, 256 new tokens,
-sampling with Google's defaults. One table: tokens/s, time to first token, peak GPU memory.
+"""Generation speed on a GPU: g3n's engine against transformers' generate(), random E2B/E4B weights,
+bf16, prompt 512, 256 new tokens, sampling with Google's defaults, the per-layer table in CPU memory.
 
-    PYTHONPATH=src python bench/generate_gpu.py [--sizes E2B E4B] [--batches 1 8] [--no-hf]
+Decode variants: `eager` (no graph), `graph` (the model's layers captured as a CUDA graph),
+`compiled` (torch.compile of those layers, then the graph), `fused` (torch.compile of the engine's
+decode_layer, then the graph: the default on CUDA). Before any speed counts, each variant's logits
+over teacher-forced steps are compared with eager bf16 and with a float32 copy of the model: a
+variant passes when it is as close to float32 as eager bf16 is (1.5x its difference + 0.05).
+
+    PYTHONPATH=src python bench/generate_gpu.py [--sizes E2B E4B] [--batches 1 8]
+        [--variants graph fused] [--check-variants eager graph compiled fused] [--hf]
+        [--long E2B] [--budget-s 520]
 """
 
 from __future__ import annotations
@@ -14,15 +21,26 @@ import time
 import torch
 
 from g3n.config import text_config_from_dict
-from g3n.engine import Generator
+from g3n.engine import Generator, compiled_decode, decode_logits
 from g3n.generate import SamplingParams, next_tokens
-from g3n.model.text import Gemma3nForCausalLM
+from g3n.model.text import Gemma3nForCausalLM, RotaryEmbedding
 
 SIZES = {
     "E2B": {"num_hidden_layers": 30, "intermediate_size": 8192, "num_kv_shared_layers": 10},
     "E4B": {"num_hidden_layers": 35, "intermediate_size": 16384, "num_kv_shared_layers": 15},
 }
 PROMPT, NEW = 512, 256
+VARIANTS = {
+    "eager": {"cuda_graph": False},
+    "graph": {"compile": False},
+    "compiled": {"compile": True, "fused": False},
+    "fused": {"compile": True, "fused": True},
+}
+T0 = time.perf_counter()
+
+
+def log(msg: str):
+    print(f"[{time.perf_counter() - T0:5.0f}s] {msg}", flush=True)
 
 
 def hf_config(size: str, vocab: int):
@@ -31,65 +49,142 @@ def hf_config(size: str, vocab: int):
     return Gemma3nTextConfig(vocab_size=vocab, **SIZES[size])
 
 
-def build_g3n(size: str) -> Gemma3nForCausalLM:
-    """Random bf16 weights on the GPU, the per-layer table in CPU memory."""
-    cfg = text_config_from_dict(hf_config(size, 262400).to_dict())
+def empty_model(cfg, dtype) -> Gemma3nForCausalLM:
     with torch.device("meta"):
         model = Gemma3nForCausalLM(cfg)
-    model = model.to_empty(device="cuda").to(torch.bfloat16)
-    table = model.model.embed_tokens_per_layer
-    table.to_empty(device="cpu")
+    model = model.to_empty(device="cuda").to(dtype)
+    model.model.rotary_emb = RotaryEmbedding(cfg).to("cuda")  # to_empty leaves its buffers unset
+    return model
+
+
+def build_g3n(size: str) -> Gemma3nForCausalLM:
+    """Random bf16 weights on the GPU, the per-layer table in CPU memory. q/k norm weights are 0.25
+    so that attention scores (scaling 1.0, head_dim 256) have about unit spread: at 1.0 the softmax
+    is a hard argmax, bf16 rounding decides which key wins, and eager bf16 differs from float32 by
+    up to 5 in the logits (top-1 agreement 0-6%), which made the accuracy check blind (2026-11-29).
+    """
+    cfg = text_config_from_dict(hf_config(size, 262400).to_dict())
+    model = empty_model(cfg, torch.bfloat16)
+    model.model.embed_tokens_per_layer.to_empty(device="cpu")
     g = torch.Generator(device="cuda").manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.device.type == "cpu":
-                p.normal_(0, 0.02)
+            if p.device.type == "cpu":  # the 2 B-entry table: one random block repeated (fast)
+                block = torch.randn(8192, p.shape[1], generator=torch.Generator().manual_seed(0)) * 0.02
+                for start in range(0, p.shape[0], 8192):
+                    p[start : start + 8192] = block[: p.shape[0] - start]
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.fill_(0.25)
             elif name.endswith("norm.weight") or "correct_output_scale" in name:
                 p.fill_(1.0)
             else:
                 p.copy_(torch.randn(p.shape, generator=g, device="cuda", dtype=torch.float32) * 0.02)
-    model.model.rotary_emb.to("cuda")
     return model.eval()
 
 
-def run_g3n(model, batch: int) -> dict:
+def float32_copy(model) -> Gemma3nForCausalLM:
+    """The same weights in float32 (sharing the CPU per-layer table): the accuracy reference."""
+    ref = empty_model(model.config, torch.float32)
+    ref.model.embed_tokens_per_layer = model.model.embed_tokens_per_layer
+    src = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if p.device.type == "cuda":
+                p.copy_(src[name])
+    return ref.eval()
+
+
+@torch.inference_mode()
+def teacher_forced(model, kw: dict, ids, follow) -> torch.Tensor:
+    gen = Generator(model, ids.shape[0], ids.shape[1] + follow.shape[1], **kw)
+    gen.prefill(ids, torch.ones_like(ids, dtype=torch.bool))
+    steps = [gen.step(follow[:, s], ids.shape[1] + s).float().clone() for s in range(follow.shape[1])]
+    return torch.stack(steps)
+
+
+def check(model, ref, variants: list[str], steps: int = 16) -> dict[str, bool]:
+    """Each variant's logits against eager bf16 and float32 (the pass rule is in the docstring)."""
+    ids = torch.randint(0, 262144, (1, 64), device="cuda")
+    follow = torch.randint(0, 262144, (1, steps), device="cuda")
+    exact = teacher_forced(ref, VARIANTS["eager"], ids, follow)
+    base = teacher_forced(model, VARIANTS["eager"], ids, follow)
+    base_err = (base - exact).abs().max().item()
+    verdict = {}
+    for name in variants:
+        start = time.perf_counter()
+        got = base if name == "eager" else teacher_forced(model, VARIANTS[name], ids, follow)
+        err = (got - exact).abs().max().item()
+        verdict[name] = err <= 1.5 * base_err + 0.05 and bool(torch.isfinite(got).all())
+        top1 = (got.argmax(-1) == exact.argmax(-1)).float().mean().item()
+        mean = (got - exact).abs().mean().item()
+        log(
+            f"check {name}: max|d| vs eager bf16 {(got - base).abs().max().item():.4f}, vs float32 {err:.4f} "
+            f"(eager bf16 vs float32 {base_err:.4f}), mean|d| vs float32 {mean:.4f} (eager bf16 "
+            f"{(base - exact).abs().mean().item():.4f}), top-1 = float32's {top1:.0%}, "
+            f"{'PASS' if verdict[name] else 'FAIL'} ({time.perf_counter() - start:.0f}s incl. compile)"
+        )
+    return verdict
+
+
+def profile_step(gen) -> dict:
+    """Kernels and GPU time of one decode step run outside the graph."""
+    from torch.profiler import ProfilerActivity, profile
+
+    args = (gen.model, gen.cache, gen.static_tokens, gen.static_rows, gen.static_index, gen.fused)
+    fn = compiled_decode() if gen.compiled else decode_logits
+    with torch.inference_mode():
+        fn(*args)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn(*args)
+            torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        t = getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0)
+        by_name.setdefault(e.name[:60], []).append(t)
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:8]
+    return {
+        "kernels": len(kernels),
+        "gpu_ms": round(sum(sum(v) for v in by_name.values()) / 1000, 2),
+        "top": [(n, len(v), round(sum(v) / 1000, 3)) for n, v in top],
+    }
+
+
+@torch.inference_mode()
+def run_g3n(model, batch: int, kw: dict, prompt=PROMPT, new=NEW, profile=False, others: int = 0) -> dict:
+    """tokens/s, time to first token, peak GPU memory less `others` (bytes of other resident models)."""
     params = SamplingParams()
-    ids = torch.randint(0, 262144, (batch, PROMPT), device="cuda")
+    ids = torch.randint(0, 262144, (batch, prompt), device="cuda")
     mask = torch.ones_like(ids, dtype=torch.bool)
+    out = {}
+    gen = None
     for attempt in ("warm-up", "timed"):
+        del gen  # its cache and graph memory must not count in the next peak
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        gen = Generator(model, batch, PROMPT + NEW)
+        gen = Generator(model, batch, prompt + new, **kw)
         start = time.perf_counter()
         logits = gen.prefill(ids, mask)
         tok = next_tokens(logits, params)
         tok.cpu()
         ttft = time.perf_counter() - start
-        logits = gen.step(tok, PROMPT)  # captures the CUDA graph
+        start = time.perf_counter()
+        logits = gen.step(tok, prompt)  # compiles (first time) and captures the CUDA graph
         tok = next_tokens(logits, params)
         torch.cuda.synchronize()
+        out.setdefault("first_step_s", round(time.perf_counter() - start, 1))
         start = time.perf_counter()
-        for step in range(1, NEW - 1):
-            logits = gen.step(tok, PROMPT + step)
+        for step in range(1, new - 1):
+            logits = gen.step(tok, prompt + step)
             tok = next_tokens(logits, params)
         torch.cuda.synchronize()
         decode = time.perf_counter() - start
-    return {"tok_s": round(batch * (NEW - 2) / decode, 1), "ttft_s": round(ttft, 3),
-            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}  # fmt: skip
-
-
-@torch.inference_mode()
-def graph_vs_eager(model, steps: int = 24) -> float:
-    """Max logit difference between CUDA-graph and eager decode steps on the same tokens."""
-    ids = torch.randint(0, 262144, (1, 64), device="cuda")
-    mask = torch.ones_like(ids, dtype=torch.bool)
-    tokens = torch.randint(0, 262144, (steps, 1), device="cuda")
-    out = []
-    for graph in (False, True):
-        gen = Generator(model, 1, 64 + steps, cuda_graph=graph)
-        gen.prefill(ids, mask)
-        out.append(torch.stack([gen.step(tokens[s], 64 + s).float().clone() for s in range(steps)]))
-    return (out[0] - out[1]).abs().max().item()
+    out.update(tok_s=round(batch * (new - 2) / decode, 1), ttft_s=round(ttft, 3),
+               peak_gib=round((torch.cuda.max_memory_allocated() - others) / 2**30, 2), compiled=gen.compiled)  # fmt: skip
+    if profile and gen.cuda_graph:
+        out["profile"] = profile_step(gen)
+    return out
 
 
 def run_hf(size: str, batch: int) -> dict:
@@ -126,30 +221,64 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", default=["E2B", "E4B"])
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
-    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--variants", nargs="+", default=["fused"], help="timed at batch 1 (larger batches: the last)")
+    ap.add_argument("--check-variants", nargs="+", default=["eager", "graph", "fused"])
+    ap.add_argument("--hf", action="store_true", help="also time transformers generate()")
+    ap.add_argument("--long", nargs="*", default=[], help="sizes for the long-context run (prompt --long-prompt)")
+    ap.add_argument("--long-prompt", type=int, default=30_000)
+    ap.add_argument("--budget-s", type=float, default=1e9, help="skip what starts after this many seconds")
     args = ap.parse_args()
-    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)
-    rows = []
+    log(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
+    # Most important first: checks and batch 1 of every size, then larger batches, then long context.
+    plan = []
     for size in args.sizes:
-        start = time.perf_counter()
-        model = build_g3n(size)
-        print(f"[{size}] built in {time.perf_counter() - start:.0f}s", flush=True)
-        print(f"[{size}] CUDA graph vs eager decode: max logit difference {graph_vs_eager(model):.3g}", flush=True)
-        for batch in args.batches:
-            rows.append({"size": size, "batch": batch, "engine": "g3n", **run_g3n(model, batch)})
-            print(json.dumps(rows[-1]), flush=True)
-        del model
-        torch.cuda.empty_cache()
-        if not args.no_hf:
-            for batch in args.batches:
-                rows.append({"size": size, "batch": batch, "engine": "transformers", **run_hf(size, batch)})
-                print(json.dumps(rows[-1]), flush=True)
-    print("| size | batch | engine | tokens/s | time to first token (s) | peak GPU GiB |")
-    print("|---|---|---|---|---|---|")
+        plan += [("check", size, 1, None)] + [("time", size, 1, v) for v in args.variants]
+    plan += [("time", size, b, args.variants[-1]) for size in args.sizes for b in args.batches if b != 1]
+    plan += [("long", size, 1, args.variants[-1]) for size in args.long]
+    if args.hf:
+        plan += [("hf", size, b, None) for size in args.sizes for b in args.batches]
+    models, verdicts, rows, long_rows = {}, {}, [], []
+    for task, size, batch, variant in plan:
+        if time.perf_counter() - T0 > args.budget_s:
+            log(f"skipped (over budget): {task} {size} batch {batch} {variant or ''}")
+            continue
+        if task == "hf":
+            models.clear()
+            torch.cuda.empty_cache()
+            rows.append({"size": size, "batch": batch, "engine": "transformers", **run_hf(size, batch)})
+            log(json.dumps(rows[-1]))
+            continue
+        if size not in models:
+            models[size] = build_g3n(size)
+            log(f"[{size}] built")
+        model = models[size]
+        others = sum(p.numel() * p.element_size() for m in models.values() if m is not model
+                     for p in m.parameters() if p.is_cuda)  # fmt: skip
+        if task == "check":
+            ref = float32_copy(model)
+            verdicts[size] = check(model, ref, args.check_variants)
+            del ref
+            torch.cuda.empty_cache()
+        elif not verdicts[size].get(variant, True):
+            log(f"skipped (failed its check): {task} {size} {variant}")
+        elif task == "time":
+            rows.append({"size": size, "batch": batch, "engine": f"g3n {variant}"})
+            rows[-1].update(run_g3n(model, batch, VARIANTS[variant], profile=batch == 1, others=others))
+            log(json.dumps(rows[-1]))
+        else:
+            r = run_g3n(model, 1, VARIANTS[variant], prompt=args.long_prompt, new=64, others=others)
+            long_rows.append({"size": size, "prompt": args.long_prompt, "new": 64, "variant": variant, **r})
+            log(json.dumps(long_rows[-1]))
+    print(
+        "| size | batch | engine | tokens/s | time to first token (s) | first step (s, compile + capture) | peak GPU GiB |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(
-            f"| {r['size']} | {r['batch']} | {r['engine']} | {r['tok_s']} | {r.get('ttft_s', '')} | {r['peak_gib']} |"
-        )
+        print(f"| {r['size']} | {r['batch']} | {r['engine']} | {r['tok_s']} | {r.get('ttft_s', '')} "
+              f"| {r.get('first_step_s', '')} | {r['peak_gib']} |")  # fmt: skip
+    for r in long_rows:
+        print(f"long context {r['size']} ({r['variant']}): prompt {r['prompt']}, {r['new']} new: time to first token "
+              f"{r['ttft_s']} s, {r['tok_s']} tokens/s, peak GPU {r['peak_gib']} GiB, first step {r['first_step_s']} s")  # fmt: skip
     return 0
 
 

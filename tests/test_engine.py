@@ -1,36 +1,48 @@
 """The generation engine (static KV cache, ring buffers for sliding layers, chunked prefill, one
-fixed-shape decode step) against transformers' full forward, far past the sliding window."""
+fixed-shape decode step, the fused decode layers a compiled step runs) against transformers' full
+forward, far past the sliding window."""
+
+import warnings
 
 import pytest
 import torch
 
 from g3n import engine
-from g3n.engine import Generator
+from g3n.engine import Generator, cache_bucket
 
 TOL = 1e-4
 
 
-def _teacher_forced(model, ids, prompt_len, cuda_graph=False):
+def _teacher_forced(model, ids, prompt_len, **kw):
     """Logits at every position from prefill(prompt) + one decode step per following token."""
-    gen = Generator(model, 1, ids.shape[1], cuda_graph=cuda_graph)
+    gen = Generator(model, 1, ids.shape[1], **kw)
     out = [gen.prefill(ids[:, :prompt_len], torch.ones(1, prompt_len, dtype=torch.bool))]
     for pos in range(prompt_len, ids.shape[1]):
         out.append(gen.step(ids[:, pos].to(model.device), pos).clone())
     return torch.stack(out, dim=1).cpu()
 
 
-@pytest.mark.parametrize("chunk", [1024, 3])
-def test_decode_far_past_the_window_matches_transformers(hf_model, ours, monkeypatch, chunk):
-    """Window 8, 48 positions: every ring slot is rewritten several times; chunked prefill too."""
+@pytest.mark.parametrize("chunk,fused", [(1024, False), (3, False), (1024, True)])
+def test_decode_far_past_the_window_matches_transformers(hf_model, ours, monkeypatch, chunk, fused):
+    """Window 8, 48 positions: every ring slot is rewritten several times; chunked prefill too;
+    `fused`: the decode layers the compiled GPU step is made of (AltUp without GEMMs, GQA without
+    K/V copies), run eagerly here."""
     monkeypatch.setattr(engine, "PREFILL_CHUNK", chunk)
     ids = torch.randint(0, 300, (1, 48), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         expected = hf_model(ids).logits[:, 19:]
-    got = _teacher_forced(ours, ids, prompt_len=20)
+    got = _teacher_forced(ours, ids, prompt_len=20, cuda_graph=False, fused=fused)
     assert (got - expected).abs().max() < TOL
 
 
-def test_left_padded_batch_equals_rows_alone(ours):
+def test_cache_bucket_rounds_up_within_the_context():
+    """Compiled steps are specialised to the cache length, so lengths share power-of-two buckets."""
+    assert [cache_bucket(n, 32768) for n in (1, 768, 1024, 1025, 30064)] == [1024, 1024, 1024, 2048, 32768]
+    assert cache_bucket(200, 256) == 256 and cache_bucket(5000, 4096) == 5000
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_left_padded_batch_equals_rows_alone(ours, fused):
     g = torch.Generator().manual_seed(5)
     rows = [torch.randint(0, 300, (n,), generator=g) for n in (13, 5)]
     width, steps = 13, 20
@@ -39,19 +51,48 @@ def test_left_padded_batch_equals_rows_alone(ours):
     for r, x in enumerate(rows):
         ids[r, width - len(x) :], mask[r, width - len(x) :] = x, True
     follow = torch.randint(0, 300, (2, steps), generator=g)
-    gen = Generator(ours, 2, width + steps)
+    gen = Generator(ours, 2, width + steps, fused=fused)
     batched = [gen.prefill(ids, mask)] + [gen.step(follow[:, s], width + s).clone() for s in range(steps - 1)]
     for r, x in enumerate(rows):
-        alone = _teacher_forced(ours, torch.cat([x, follow[r, :-1]])[None], prompt_len=len(x))[0]
+        alone = _teacher_forced(ours, torch.cat([x, follow[r, :-1]])[None], prompt_len=len(x), fused=fused)[0]
         assert (torch.stack([b[r] for b in batched]) - alone).abs().max() < TOL
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_step_equals_eager(hf_dir):
+def test_cuda_graph_and_compiled_steps_equal_eager(hf_dir):
     from g3n.model.load import load_model
 
     model = load_model(hf_dir, dtype="float32", device="cuda", ple_device="cpu")
     ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(6))
     eager = _teacher_forced(model, ids, prompt_len=10, cuda_graph=False)
-    graph = _teacher_forced(model, ids, prompt_len=10, cuda_graph=True)
+    graph = _teacher_forced(model, ids, prompt_len=10, cuda_graph=True, compile=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "torch.compile of the decode step failed")  # no silent fallback
+        compiled = _teacher_forced(model, ids, prompt_len=10, cuda_graph=True, compile=True)
     assert (eager - graph).abs().max() < 1e-4
+    assert (eager - compiled).abs().max() < 1e-4
+    # A second request whose token column has other strides reuses the compiled step: a
+    # recompile (minutes at real sizes) would raise here, warn and fail.
+    with torch._dynamo.config.patch(error_on_recompile=True), warnings.catch_warnings():
+        warnings.filterwarnings("error", "torch.compile of the decode step failed")
+        again = _teacher_forced(model, ids.T.contiguous().T, prompt_len=10, cuda_graph=True, compile=True)
+    assert (again - compiled).abs().max() < 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_failed_compile_falls_back_to_the_uncompiled_graph(hf_dir, monkeypatch):
+    from g3n.model.load import load_model
+
+    def broken():
+        def fail(*args):
+            raise RuntimeError("no compiler here")
+
+        return fail
+
+    monkeypatch.setattr(engine, "compiled_decode", broken)
+    model = load_model(hf_dir, dtype="float32", device="cuda")
+    ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(7))
+    eager = _teacher_forced(model, ids, prompt_len=10, cuda_graph=False)
+    with pytest.warns(UserWarning, match="no compiler here"):
+        fallback = _teacher_forced(model, ids, prompt_len=10, cuda_graph=True, compile=True)
+    assert (eager - fallback).abs().max() < 1e-4

@@ -59,10 +59,20 @@ def test_defaults_are_googles():
     assert not p.greedy
 
 
-@pytest.mark.parametrize("field,value", [("top_p", 0.0), ("temperature", -1.0), ("top_k", -2), ("min_p", 1.5)])
-def test_invalid_sampling_params(field, value):
-    with pytest.raises(G3nError, match=f"invalid {field}"):
+@pytest.mark.parametrize(
+    "field,value,rule",
+    [("top_p", 0.0, r"\(0, 1\]"), ("top_p", 1.01, r"\(0, 1\]"), ("temperature", -1.0, ">= 0"),
+     ("temperature", float("nan"), ">= 0"), ("top_k", -2, ">= 0"), ("min_p", 1.5, r"\[0, 1\]"),
+     ("min_p", -0.1, r"\[0, 1\]"), ("repetition_penalty", 0.0, "> 0"), ("max_new_tokens", -1, ">= 0")],
+)  # fmt: skip
+def test_invalid_sampling_params(field, value, rule):
+    with pytest.raises(G3nError, match=f"invalid {field}: .*{rule}"):
         SamplingParams(**{field: value})
+
+
+@pytest.mark.parametrize("value", [1.0, 0.5, 1e-3])
+def test_top_p_edges_accepted(value):
+    assert SamplingParams(top_p=value, min_p=1.0, temperature=0.0).greedy
 
 
 def test_greedy_equals_argmax_of_full_forward(tiny):
@@ -127,8 +137,22 @@ def test_streamer_holds_back_partial_utf8(tiny):
 
 def test_prompt_too_long(tiny):
     model, _tok = tiny
-    with pytest.raises(G3nError, match="does not fit"):
+    limit = model.config.max_position_embeddings
+    with pytest.raises(G3nError, match=f"prompt of 5000 tokens does not fit the model's context of {limit}"):
         list(generate_steps(model, [[2] * 5000], SamplingParams()))
+    with pytest.raises(G3nError, match=f"prompt of {limit} tokens"):  # no room left for a new token
+        list(generate_steps(model, [[2] * limit], SamplingParams()))
+
+
+def test_max_new_tokens_capped_by_the_context(tiny, monkeypatch):
+    """Prompt + new tokens never exceed max_position_embeddings; the longest prompt sets the room."""
+    model, tok = tiny
+    prompts = [tok.encode("Once upon a time", add_bos=True), tok.encode("Hi", add_bos=True)]
+    monkeypatch.setattr(model.config, "max_position_embeddings", len(prompts[0]) + 4)
+    params = SamplingParams(greedy=True, max_new_tokens=50)
+    assert [len(x) for x in generate(model, prompts, params)] == [4, 4]
+    monkeypatch.setattr(model.config, "max_position_embeddings", len(prompts[0]) + 1)
+    assert [len(x) for x in generate(model, prompts[:1], params)] == [1]
 
 
 @pytest.mark.parametrize(

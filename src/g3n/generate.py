@@ -29,17 +29,17 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
-        checks = {
-            "temperature": self.temperature >= 0,
-            "top_k": self.top_k >= 0,
-            "top_p": 0 < self.top_p <= 1,
-            "min_p": 0 <= self.min_p <= 1,
-            "repetition_penalty": self.repetition_penalty > 0,
-            "max_new_tokens": self.max_new_tokens >= 0,
+        checks = {  # name: (valid, rule); NaN fails every comparison
+            "temperature": (self.temperature >= 0, "must be >= 0 (0 = greedy)"),
+            "top_k": (self.top_k >= 0, "must be >= 0 (0 = off)"),
+            "top_p": (0 < self.top_p <= 1, "must be in (0, 1]"),
+            "min_p": (0 <= self.min_p <= 1, "must be in [0, 1]"),
+            "repetition_penalty": (self.repetition_penalty > 0, "must be > 0 (1 = off)"),
+            "max_new_tokens": (self.max_new_tokens >= 0, "must be >= 0"),
         }
-        for name, ok in checks.items():
+        for name, (ok, rule) in checks.items():
             if not ok:
-                raise G3nError(f"invalid {name}: {getattr(self, name)!r}")
+                raise G3nError(f"invalid {name}: {getattr(self, name)!r} ({rule})")
         if self.temperature == 0:
             self.greedy = True
 
@@ -113,12 +113,21 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tens
 
 @torch.inference_mode()
 def generate_steps(
-    model, prompts: list[list[int]], params: SamplingParams, stop_ids=(), pad_id: int = 0, media=None
+    model,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    stop_ids=(),
+    pad_id: int = 0,
+    media=None,
+    compile=None,
 ) -> Iterator[list[int | None]]:
     """Yield, per step, one new token per prompt (None for prompts that already stopped).
 
-    A prompt stops after producing one of `stop_ids` (which is yielded) or after max_new_tokens.
-    `media`: the prompts' images/audio (media.py's MediaProcessor output), in prompt order.
+    A prompt stops after producing one of `stop_ids` (which is yielded) or after max_new_tokens,
+    which is capped so that the longest prompt plus its new tokens fit the model's context
+    (max_position_embeddings). A prompt that leaves no room for one new token is refused (G3nError
+    naming both lengths), never truncated. `media`: the prompts' images/audio (media.py's
+    MediaProcessor output), in prompt order. `compile`: see engine.Generator.
     """
     if not prompts or any(len(x) == 0 for x in prompts):
         raise G3nError("every prompt needs at least one token")
@@ -126,7 +135,10 @@ def generate_steps(
     limit = model.config.max_position_embeddings
     longest = max(len(x) for x in prompts)
     if longest >= limit:
-        raise G3nError(f"prompt of {longest} tokens does not fit the model's context of {limit}")
+        raise G3nError(
+            f"prompt of {longest} tokens does not fit the model's context of {limit} tokens "
+            f"(at most {limit - 1} leave room for one new token)"
+        )
     max_new = min(params.max_new_tokens, limit - longest)
 
     ids, mask = _left_pad(prompts, pad_id, device)
@@ -141,7 +153,7 @@ def generate_steps(
     stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
 
-    engine = Generator(model, len(prompts), ids.shape[1] + max_new)
+    engine = Generator(model, len(prompts), ids.shape[1] + max_new, compile=compile)
     embeds = model.embed_inputs(ids, media) if media else None
     logits = engine.prefill(ids, mask, embeds)
     for step in range(max_new):
@@ -223,11 +235,14 @@ def generate_rows(
         logits = engine.step(tokens, ids.shape[1] + step)
 
 
-def generate(model, prompts: list[list[int]], params: SamplingParams, stop_ids=(), pad_id: int = 0, media=None):
-    """The new tokens of every prompt (stop tokens excluded), generated together as one batch."""
+def generate(
+    model, prompts: list[list[int]], params: SamplingParams, stop_ids=(), pad_id: int = 0, media=None, compile=None
+):
+    """The new tokens of every prompt (stop tokens excluded), generated together as one batch
+    (max_new_tokens capped by the context, see generate_steps)."""
     out: list[list[int]] = [[] for _ in prompts]
     stop_ids = set(stop_ids)
-    for step in generate_steps(model, prompts, params, stop_ids, pad_id, media):
+    for step in generate_steps(model, prompts, params, stop_ids, pad_id, media, compile):
         for row, tok in enumerate(step):
             if tok is not None and tok not in stop_ids:
                 out[row].append(tok)
