@@ -111,6 +111,33 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tens
     return ids.to(device), mask.to(device)
 
 
+def _context_limit(model, prompts: list[list[int]]) -> int:
+    """The model's context; refuses empty prompts and prompts that leave no room for a token."""
+    if not prompts or any(len(x) == 0 for x in prompts):
+        raise G3nError("every prompt needs at least one token")
+    limit = model.config.max_position_embeddings
+    longest = max(len(x) for x in prompts)
+    if longest >= limit:
+        raise G3nError(
+            f"prompt of {longest} tokens does not fit the model's context of {limit} tokens "
+            f"(at most {limit - 1} leave room for one new token)"
+        )
+    return limit
+
+
+def _prefill(model, prompts, pad_id: int, steps: int, penalize: bool, media=None, compile=None):
+    """Left-pad, build the engine for `steps` new tokens, prefill (images/audio merged in):
+    (ids, tokens seen per row for the repetition penalty or None, engine, last logits)."""
+    ids, mask = _left_pad(prompts, pad_id, model.device)
+    seen = None
+    if penalize:
+        seen = torch.zeros(len(prompts), model.config.vocab_size, dtype=torch.bool, device=model.device)
+        seen.scatter_(1, torch.where(mask, ids, 0), mask)
+    engine = Generator(model, len(prompts), ids.shape[1] + steps, compile=compile)
+    embeds = model.embed_inputs(ids, media) if media else None
+    return ids, seen, engine, engine.prefill(ids, mask, embeds)
+
+
 @torch.inference_mode()
 def generate_steps(
     model,
@@ -129,33 +156,16 @@ def generate_steps(
     naming both lengths), never truncated. `media`: the prompts' images/audio (media.py's
     MediaProcessor output), in prompt order. `compile`: see engine.Generator.
     """
-    if not prompts or any(len(x) == 0 for x in prompts):
-        raise G3nError("every prompt needs at least one token")
+    limit = _context_limit(model, prompts)
+    max_new = min(params.max_new_tokens, limit - max(len(x) for x in prompts))
     device = model.device
-    limit = model.config.max_position_embeddings
-    longest = max(len(x) for x in prompts)
-    if longest >= limit:
-        raise G3nError(
-            f"prompt of {longest} tokens does not fit the model's context of {limit} tokens "
-            f"(at most {limit - 1} leave room for one new token)"
-        )
-    max_new = min(params.max_new_tokens, limit - longest)
-
-    ids, mask = _left_pad(prompts, pad_id, device)
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
-    vocab = model.config.vocab_size
-    seen = None
-    if params.repetition_penalty != 1.0:
-        seen = torch.zeros(len(prompts), vocab, dtype=torch.bool, device=device)
-        seen.scatter_(1, torch.where(mask, ids, 0), mask)
+    penalize = params.repetition_penalty != 1.0
+    ids, seen, engine, logits = _prefill(model, prompts, pad_id, max_new, penalize, media, compile)
     stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-
-    engine = Generator(model, len(prompts), ids.shape[1] + max_new, compile=compile)
-    embeds = model.embed_inputs(ids, media) if media else None
-    logits = engine.prefill(ids, mask, embeds)
     for step in range(max_new):
         tok = next_tokens(logits, params, seen, generator)
         yield [None if d else int(t) for t, d in zip(tok.tolist(), done.tolist())]
@@ -185,33 +195,20 @@ def generate_rows(
     (yields None from then on), and the batch ends when every row has ended. `media`: the
     prompts' images/audio (media.py's MediaProcessor output), in prompt order, as in generate_steps.
     """
-    if not prompts or any(len(x) == 0 for x in prompts):
-        raise G3nError("every prompt needs at least one token")
     if len(params) != len(prompts):
         raise G3nError(f"{len(prompts)} prompts but {len(params)} sampling settings")
-    device = model.device
-    limit = model.config.max_position_embeddings
-    longest = max(len(x) for x in prompts)
-    if longest >= limit:
-        raise G3nError(f"prompt of {longest} tokens does not fit the model's context of {limit}")
+    limit = _context_limit(model, prompts)
     # each row stops where it would alone; the cache is as long as the longest-running row needs
-    max_new = [min(p.max_new_tokens, limit - len(x)) for p, x in zip(params, prompts)]
+    max_new = [min(p.max_new_tokens, limit - len(x)) for p, x in zip(params, prompts, strict=True)]
     steps = max(max_new)
     if steps == 0:
         return
-
-    ids, mask = _left_pad(prompts, pad_id, device)
+    device = model.device
     generators = [None if p.seed is None else torch.Generator(device=device).manual_seed(p.seed) for p in params]
-    seen = None
-    if any(p.repetition_penalty != 1.0 for p in params):
-        seen = torch.zeros(len(prompts), model.config.vocab_size, dtype=torch.bool, device=device)
-        seen.scatter_(1, torch.where(mask, ids, 0), mask)
+    penalize = any(p.repetition_penalty != 1.0 for p in params)
+    ids, seen, engine, logits = _prefill(model, prompts, pad_id, steps, penalize, media)
     stops = set(stop_ids)
     done = [n == 0 for n in max_new]
-
-    engine = Generator(model, len(prompts), ids.shape[1] + steps)
-    embeds = model.embed_inputs(ids, media) if media else None
-    logits = engine.prefill(ids, mask, embeds)
     for step in range(steps):
         if stopped is not None:
             done = [d or bool(stopped(row)) for row, d in enumerate(done)]
