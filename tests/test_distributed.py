@@ -1,0 +1,171 @@
+"""Fine-tuning on several processes (torchrun, gloo on the CPU): two processes follow a one-process
+run of the same global batch, write their outputs once, resume in one process, and bad input stops
+every process with one clear message.
+
+Tolerance: float32 sums run in another order (rows split between processes, padded differently,
+gradients all-reduced) and the logged values are rounded (loss to 1e-6, gradient norm to 1e-4), so
+per-step losses must agree within 2e-5 and gradient norms within 2e-4 (one rounding step plus
+float noise). Observed here: losses within 2e-6, gradient norms within one rounding step (1e-4).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("peft")
+
+from g3n.errors import G3nError
+from g3n.train import distributed
+from g3n.train.config import load_train_config
+from g3n.train.loop import train
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+PLANETS = ["Zork", "Blip", "Quax", "Murn", "Telo", "Vesk", "Oran", "Pym", "Abra", "Kell", "Lunn", "Sorb"]
+TOL = {"loss": 2e-5, "grad_norm": 2e-4, "eval_loss": 2e-5}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    rows = [
+        {"messages": [{"role": "user", "content": f"What is the capital of {p}?"},
+                      {"role": "assistant", "content": f"The capital of {p} is {p}ville, of course."}]}
+        for p in PLANETS
+    ]  # fmt: skip
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    return d
+
+
+def _settings(data, out, **kw) -> dict:
+    """Unpacked rows of different lengths (so batches are padded differently in one and two
+    processes), 3 steps, a checkpoint at step 2."""
+    base = {
+        "train_data": [str(data / "train.jsonl")], "eval_data": [str(data / "eval.jsonl")], "output_dir": str(out),
+        "batch_size": 1, "max_steps": 3, "save_steps": 2, "eval_steps": 3, "learning_rate": 3e-3, "lora_r": 8,
+        "max_length": 64, "packing": False, "device": "cpu",
+    }  # fmt: skip
+    base.update(kw)
+    return base
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(tmp_path, settings: dict | None, script: str | None = None, timeout: float = 150):
+    """`torchrun --nproc-per-node 2 -m g3n train CONFIG` (or a script), gloo on the CPU."""
+    config = tmp_path / "config.yaml"
+    if settings is not None:
+        config.write_text(json.dumps(settings))  # JSON is YAML
+    target = [str(script)] if script else ["-m", "g3n", "train", str(config)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), *target]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def _steps(history) -> dict[int, dict]:
+    return {h["step"]: h for h in history if "loss" in h}
+
+
+def _close(a: dict[int, dict], b: dict[int, dict]) -> None:
+    assert a.keys() == b.keys()
+    for step, x in a.items():
+        for key in ("loss", "grad_norm", "eval_loss"):
+            if key in x or key in b[step]:
+                assert abs(x[key] - b[step][key]) <= TOL[key], (step, key, x, b[step])
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora-ddp", "full-fsdp2"])
+def test_two_processes_follow_one_and_resume_in_one(data, tmp_path, lora):
+    extra = {} if lora else {"lora": False, "learning_rate": 1e-4}
+    two = tmp_path / "two"
+    run = _torchrun(tmp_path, _settings(data, two, **extra))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("done: step 3") == 1  # process 0 reports
+
+    # the same global batch (2 rows) in one process
+    one = train(load_train_config(base=_settings(data, tmp_path / "one", batch_size=2, **extra)), progress=False)
+    logged = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in logged] == [0, 1, 2, 3]  # written once, by process 0
+    _close(_steps(logged), _steps(one))
+    assert abs(logged[0]["eval_loss"] - one[0]["eval_loss"]) <= TOL["eval_loss"]  # sharded eval
+    assert sorted(p.name for p in two.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    assert (two / "adapter" / "adapter_model.safetensors").is_file() == lora
+
+    # stopped after the step-2 checkpoint, resumed in one process with batch_size x grad_accum = 2
+    (two / "latest.json").write_text(json.dumps({"checkpoint": "checkpoint-2", "step": 2}))
+    with pytest.raises(G3nError, match=r"global batch of 2 rows \(1 x 1 x 2 processes\).*set batch_size x grad_accum"):
+        train(load_train_config(base=_settings(data, two, **extra)), resume=True, progress=False)
+    resumed = train(load_train_config(base=_settings(data, two, grad_accum=2, **extra)), resume=True, progress=False)
+    assert [h["step"] for h in resumed] == [0, 1, 2, 3]
+    _close(_steps(resumed), _steps(one))
+
+
+def test_settings_that_differ_between_processes_stop_both_with_one_message(data, tmp_path):
+    settings = _settings(data, tmp_path / "run")
+    (tmp_path / "config.yaml").write_text(json.dumps(settings))
+    script = tmp_path / "differ.py"
+    script.write_text(
+        "import os, sys\nfrom g3n.cli import main\n"
+        f"lr = 0.001 * (1 + int(os.environ['RANK']))\n"
+        f"sys.exit(main(['train', {str(tmp_path / 'config.yaml')!r}, '--set', f'learning_rate={{lr}}']))\n"
+    )
+    start = time.perf_counter()
+    run = _torchrun(tmp_path, None, script=str(script), timeout=90)
+    assert run.returncode != 0
+    message = "process 1 was started with other settings than process 0 (learning_rate 0.001 on process 0, 0.002 on process 1)"
+    assert run.stderr.count(message) == 1, run.stderr[-3000:]  # once per host, not once per process
+    assert time.perf_counter() - start < 60
+    assert not (tmp_path / "run").exists()  # checked before anything is written
+
+
+def test_more_processes_than_gpus(monkeypatch):
+    import torch
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(distributed.PeerError, match=r"2 processes on this host but 1 GPU\(s\) visible"):
+        distributed.setup("cuda")
+    with pytest.raises(G3nError, match="device 'cuda:1': under torchrun each process takes the GPU of its LOCAL_RANK"):
+        distributed.setup("cuda:1")
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "soon")
+    with pytest.raises(G3nError, match="G3N_DIST_TIMEOUT='soon'"):
+        distributed.timeout_s()
+
+
+def test_gpus_option_refuses_more_than_visible(capsys):
+    import torch
+
+    from g3n.cli import main
+
+    n = torch.cuda.device_count()
+    assert main(["train", "--gpus", str(n + 1), "--set", "train_data=x.jsonl"]) == 2
+    assert f"--gpus {n + 1}: {n} GPU(s) visible on this host" in capsys.readouterr().err
+
+
+def test_checkpoint_of_another_model_is_refused():
+    import torch
+
+    import g3n
+
+    model, _ = g3n.load("tiny", dtype="float32", device="cpu")
+    model.requires_grad_(True)  # full fine-tuning: every weight is saved
+    state = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    name = "model.layers.0.self_attn.q_proj.weight"
+    with pytest.raises(G3nError, match=rf"{name} has shape \(3, 3\) but the model's is .*another model"):
+        distributed.load_model_state(distributed.Dist(), model, {**state, name: torch.zeros(3, 3)}, "ckpt")
+    with pytest.raises(G3nError, match=r"ckpt: has a weight 'lora_A' .*another model or method"):
+        distributed.load_model_state(distributed.Dist(), model, {**state, "lora_A": torch.zeros(1)}, "ckpt")
