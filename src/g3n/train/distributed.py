@@ -211,14 +211,16 @@ def wrap(d: Dist, model, lora: bool):
     compute = model.dtype
     table = body.embed_tokens_per_layer.weight
     ignored = {table} if not table.requires_grad else None
-    for p in body.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
     mp = MixedPrecisionPolicy(param_dtype=None if compute == torch.float32 else compute, reduce_dtype=torch.float32)
     mesh = init_device_mesh(d.device.type, (d.world,))
-    for layer in body.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(body, mesh=mesh, mp_policy=mp, ignored_params=ignored, reshard_after_forward=False)
+    for module in [*body.layers, body]:  # one layer at a time holds a full float32 copy
+        for p in module.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
+        if module is body:  # the root keeps its (tied) embedding gathered from forward to backward
+            fully_shard(body, mesh=mesh, mp_policy=mp, ignored_params=ignored, reshard_after_forward=False)
+        else:
+            fully_shard(module, mesh=mesh, mp_policy=mp)
     d.fsdp = True
     return body
 
