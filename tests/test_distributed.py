@@ -111,6 +111,14 @@ def test_two_processes_follow_one_and_resume_in_one(data, tmp_path, lora):
     _close(_steps(resumed), _steps(one))
 
 
+def test_micro_batches_weigh_every_token_of_a_step_alike(data, tmp_path):
+    """The loss is normalised by the step's target tokens, not per micro-batch: 1 row x 2
+    micro-batches (rows of different lengths) gives the gradient of one batch of 2 rows."""
+    split = train(load_train_config(base=_settings(data, tmp_path / "a", grad_accum=2)), progress=False)
+    whole = train(load_train_config(base=_settings(data, tmp_path / "b", batch_size=2)), progress=False)
+    _close(_steps(split), _steps(whole))
+
+
 def test_settings_that_differ_between_processes_stop_both_with_one_message(data, tmp_path):
     settings = _settings(data, tmp_path / "run")
     (tmp_path / "config.yaml").write_text(json.dumps(settings))

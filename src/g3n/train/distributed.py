@@ -42,6 +42,7 @@ class Dist:
     local_rank: int = 0
     device: torch.device | None = None
     fsdp: bool = False  # set by wrap(): the model's parameters are sharded DTensors
+    owns_group: bool = False  # setup() started the process group (and teardown() ends it)
 
     @property
     def main(self) -> bool:
@@ -106,16 +107,18 @@ def setup(device: str | None) -> Dist:
         dev = torch.device("cpu")
     else:
         raise PeerError(f"config: device {device!r}: distributed training runs on cuda (NCCL) or cpu (gloo)")
-    dist.init_process_group(
-        "nccl" if kind == "cuda" else "gloo",
-        timeout=timedelta(seconds=timeout_s()),
-        device_id=dev if kind == "cuda" else None,
-    )
-    return Dist(rank, world, local_rank, dev)
+    owns_group = not dist.is_initialized()  # a caller's own process group is used as it is
+    if owns_group:
+        dist.init_process_group(
+            "nccl" if kind == "cuda" else "gloo",
+            timeout=timedelta(seconds=timeout_s()),
+            device_id=dev if kind == "cuda" else None,
+        )
+    return Dist(rank, world, local_rank, dev, owns_group=owns_group)
 
 
-def teardown() -> None:
-    if dist.is_available() and dist.is_initialized():
+def teardown(d: Dist) -> None:
+    if d.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -135,7 +135,7 @@ def save_checkpoint(out: Path, model, opt, sched, scaler, step: int, history: li
         state.update(scheduler=sched.state_dict(), scaler=scaler.state_dict() if scaler else None,
                      rng=torch.get_rng_state())  # fmt: skip
         torch.save(state, tmp / "state.pt")
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step, "history": history, "processes": d.world}))
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, "history": history}))
     write_atomic(out / "latest.json", lambda p: p.write_text(json.dumps({"checkpoint": final.name, "step": step})))
     return final
 
@@ -159,8 +159,10 @@ def prepare_output(cfg: TrainConfig, resume: bool, overwrite: bool, processes: i
             raise G3nError(
                 f"{out}: the run used a global batch of {was} rows ({before['batch_size']} x {before['grad_accum']} "
                 f"x {before.get('processes', 1)} processes), this one {now} ({cfg.batch_size} x {cfg.grad_accum} x "
-                f"{processes}); set batch_size x grad_accum to {was / processes:g} to resume on {processes} process(es)"
-            )
+                f"{processes}); "
+                + (f"set batch_size x grad_accum to {was // processes} to resume on {processes} process(es)"
+                   if was % processes == 0 else f"it cannot be split over {processes} processes")
+            )  # fmt: skip
     elif overwrite and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -177,7 +179,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
     try:
         return _train(cfg, d, resume, overwrite, progress, stop_after)
     finally:
-        distributed.teardown()
+        distributed.teardown(d)
 
 
 def _train(cfg: TrainConfig, d: Dist, resume: bool, overwrite: bool, progress: bool, stop_after):
