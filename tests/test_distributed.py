@@ -4,8 +4,9 @@ every process with one clear message.
 
 Tolerance: float32 sums run in another order (rows split between processes, padded differently,
 gradients all-reduced) and the logged values are rounded (loss to 1e-6, gradient norm to 1e-4), so
-per-step losses must agree within 2e-5 and gradient norms within 2e-4 (one rounding step plus
-float noise). Observed here: losses within 2e-6, gradient norms within one rounding step (1e-4).
+per-step losses must agree within 2e-5 and gradient norms within 1e-4 + 5e-5 x the norm (Adam turns
+float noise in near-zero gradients into relative differences of the next steps' norms). Observed
+here: losses within 1e-6, gradient norms within 1.3e-5 x the norm.
 """
 
 import json
@@ -27,7 +28,7 @@ from g3n.train.loop import train
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 PLANETS = ["Zork", "Blip", "Quax", "Murn", "Telo", "Vesk", "Oran", "Pym", "Abra", "Kell", "Lunn", "Sorb"]
-TOL = {"loss": 2e-5, "grad_norm": 2e-4, "eval_loss": 2e-5}
+TOL = {"loss": (2e-5, 0), "grad_norm": (1e-4, 5e-5), "eval_loss": (2e-5, 0)}  # (absolute, relative)
 
 
 @pytest.fixture(scope="module")
@@ -40,15 +41,28 @@ def data(tmp_path_factory):
     ]  # fmt: skip
     (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (d / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    _small_model(d / "model")
     return d
+
+
+def _small_model(d: Path) -> None:
+    """A 10-layer random model (tests/helpers.py) with the tiny model's tokenizer: fewer layers
+    than `tiny`, so fewer collectives per step under FSDP."""
+    import shutil
+
+    from helpers import make_hf_model
+
+    make_hf_model(vocab_size=768, vocab_size_per_layer_input=768).save_pretrained(d)
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy2(SRC / "g3n" / "assets" / "tiny" / name, d / name)
 
 
 def _settings(data, out, **kw) -> dict:
     """Unpacked rows of different lengths (so batches are padded differently in one and two
     processes), 3 steps, a checkpoint at step 2."""
     base = {
-        "train_data": [str(data / "train.jsonl")], "eval_data": [str(data / "eval.jsonl")], "output_dir": str(out),
-        "batch_size": 1, "max_steps": 3, "save_steps": 2, "eval_steps": 3, "learning_rate": 3e-3, "lora_r": 8,
+        "model": str(data / "model"), "train_data": [str(data / "train.jsonl")],
+        "eval_data": [str(data / "eval.jsonl")], "output_dir": str(out), "batch_size": 1, "max_steps": 3, "save_steps": 2, "eval_steps": 3, "learning_rate": 3e-3, "lora_r": 8,
         "max_length": 64, "packing": False, "device": "cpu",
     }  # fmt: skip
     base.update(kw)
@@ -61,12 +75,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(tmp_path, settings: dict | None, script: str | None = None, timeout: float = 150):
+def _torchrun(tmp_path, settings: dict | None, script: str | None = None, timeout: float = 150, resume=False):
     """`torchrun --nproc-per-node 2 -m g3n train CONFIG` (or a script), gloo on the CPU."""
     config = tmp_path / "config.yaml"
     if settings is not None:
         config.write_text(json.dumps(settings))  # JSON is YAML
-    target = [str(script)] if script else ["-m", "g3n", "train", str(config)]
+    target = [str(script)] if script else ["-m", "g3n", "train", str(config), *["--resume"] * resume]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(_free_port()), *target]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -82,7 +96,8 @@ def _close(a: dict[int, dict], b: dict[int, dict]) -> None:
     for step, x in a.items():
         for key in ("loss", "grad_norm", "eval_loss"):
             if key in x or key in b[step]:
-                assert abs(x[key] - b[step][key]) <= TOL[key], (step, key, x, b[step])
+                absolute, relative = TOL[key]
+                assert abs(x[key] - b[step][key]) <= absolute + relative * abs(b[step][key]), (step, key, x, b[step])
 
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora-ddp", "full-fsdp2"])
@@ -98,7 +113,7 @@ def test_two_processes_follow_one_and_resume_in_one(data, tmp_path, lora):
     logged = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in logged] == [0, 1, 2, 3]  # written once, by process 0
     _close(_steps(logged), _steps(one))
-    assert abs(logged[0]["eval_loss"] - one[0]["eval_loss"]) <= TOL["eval_loss"]  # sharded eval
+    assert abs(logged[0]["eval_loss"] - one[0]["eval_loss"]) <= TOL["eval_loss"][0]  # sharded eval
     assert sorted(p.name for p in two.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
     assert (two / "adapter" / "adapter_model.safetensors").is_file() == lora
 
@@ -109,6 +124,12 @@ def test_two_processes_follow_one_and_resume_in_one(data, tmp_path, lora):
     resumed = train(load_train_config(base=_settings(data, two, grad_accum=2, **extra)), resume=True, progress=False)
     assert [h["step"] for h in resumed] == [0, 1, 2, 3]
     _close(_steps(resumed), _steps(one))
+    if not lora:  # and in two processes again: the sharded model and optimizer load the full tensors
+        (two / "latest.json").write_text(json.dumps({"checkpoint": "checkpoint-2", "step": 2}))
+        run = _torchrun(tmp_path, _settings(data, two, **extra), resume=True)
+        assert run.returncode == 0, run.stderr[-3000:]
+        last = json.loads((two / "metrics.jsonl").read_text().splitlines()[-1])
+        _close({3: last}, {3: _steps(one)[3]})
 
 
 def test_micro_batches_weigh_every_token_of_a_step_alike(data, tmp_path):

@@ -6,8 +6,8 @@ collective has a timeout, so a lost peer ends the run instead of hanging it), gi
 GPU of its LOCAL_RANK, checks that all processes run the same settings on the same data, wraps the
 model (DistributedDataParallel for LoRA, FSDP2 `fully_shard` per decoder layer for full fine-tuning)
 and moves state between the sharded model and world-size-independent checkpoints (full tensors by
-name, written by process 0). Without torchrun, `Dist()` describes the single process and every
-helper is a no-op.
+name, written by process 0). Without torchrun, `Dist()` describes the single process and the
+helpers do what one process needs (no communication).
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ class PeerError(G3nError):
 
 @dataclass
 class Dist:
+    """This process's place in the group (rank 0 of 1 without torchrun)."""
+
     rank: int = 0
     world: int = 1
     local_rank: int = 0

@@ -236,6 +236,10 @@ def _train(cfg: TrainConfig, d: Dist, resume: bool, overwrite: bool, progress: b
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
     step, history = 0, []
     if resume:
+        if not (out / "latest.json").is_file():  # process 0 found it: this host does not see output_dir
+            raise G3nError(
+                f"{out}/latest.json not found here: resuming needs output_dir on a filesystem every host sees"
+            )
         latest = json.loads((out / "latest.json").read_text())
         ckpt = out / latest["checkpoint"]
         state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False, mmap=True)
