@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("peft")
 
@@ -102,7 +103,7 @@ def _close(a: dict[int, dict], b: dict[int, dict]) -> None:
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora-ddp", "full-fsdp2"])
 def test_two_processes_follow_one_and_resume_in_one(data, tmp_path, lora):
-    extra = {} if lora else {"lora": False, "learning_rate": 1e-4}
+    extra = {} if lora else {"lora": False, "learning_rate": 1e-4, "save_merged": True}
     two = tmp_path / "two"
     run = _torchrun(tmp_path, _settings(data, two, **extra))
     assert run.returncode == 0, run.stderr[-3000:]
@@ -116,6 +117,13 @@ def test_two_processes_follow_one_and_resume_in_one(data, tmp_path, lora):
     assert abs(logged[0]["eval_loss"] - one[0]["eval_loss"]) <= TOL["eval_loss"][0]  # sharded eval
     assert sorted(p.name for p in two.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
     assert (two / "adapter" / "adapter_model.safetensors").is_file() == lora
+    if not lora:  # the merged model gathered from the shards equals the one-process one (bf16 files)
+        from safetensors.torch import load_file
+
+        a, b = (load_file(d / "merged" / "model.safetensors") for d in (two, tmp_path / "one"))
+        assert a.keys() == b.keys()
+        close = {k: torch.allclose(a[k].float(), b[k].float(), rtol=2**-7, atol=1e-6) for k in a}  # 1 bf16 step
+        assert all(close.values()), [k for k, ok in close.items() if not ok]
 
     # stopped after the step-2 checkpoint, resumed in one process with batch_size x grad_accum = 2
     (two / "latest.json").write_text(json.dumps({"checkpoint": "checkpoint-2", "step": 2}))
@@ -159,7 +167,6 @@ def test_settings_that_differ_between_processes_stop_both_with_one_message(data,
 
 
 def test_more_processes_than_gpus(monkeypatch):
-    import torch
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
@@ -176,8 +183,6 @@ def test_more_processes_than_gpus(monkeypatch):
 
 
 def test_gpus_option_refuses_more_than_visible(capsys):
-    import torch
-
     from g3n.cli import main
 
     n = torch.cuda.device_count()
@@ -186,8 +191,6 @@ def test_gpus_option_refuses_more_than_visible(capsys):
 
 
 def test_checkpoint_of_another_model_is_refused():
-    import torch
-
     import g3n
 
     model, _ = g3n.load("tiny", dtype="float32", device="cpu")

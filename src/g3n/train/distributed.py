@@ -240,23 +240,26 @@ def trainable_names(model) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A parameter's full value (FSDP: gathered from every process; all must call this)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def model_state(d: Dist, model) -> dict | None:
     """The trainable weights as full CPU tensors by name, on process 0 (None elsewhere). Under FSDP
-    every process takes part in the gathering."""
-    names = trainable_names(model)
-    if d.fsdp:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-        full = get_model_state_dict(model, options=_options(cpu_offload=True))
-        return {n: full[n] for n in names} if d.main else None
-    if not d.main:
-        return None
-    params = dict(model.named_parameters())
-    return {n: params[n].detach().cpu().clone() for n in names}
+    every process takes part in gathering them, one tensor at a time."""
+    state = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad and (d.fsdp or d.main):
+            full = _full(p.detach())
+            if d.main:
+                state[n] = full.cpu().clone()
+    return state if d.main else None
 
 
 def load_model_state(d: Dist, model, state: dict, where: str) -> None:
-    """Put saved trainable weights back, checking that they belong to this model and method."""
+    """Put saved trainable weights back (FSDP: each process keeps its shard of them), checking that
+    they belong to this model and method."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = sorted(params.keys() - state.keys()), sorted(state.keys() - params.keys())
     if missing or unexpected:
@@ -271,14 +274,14 @@ def load_model_state(d: Dist, model, state: dict, where: str) -> None:
                 f"{where}: {n} has shape {tuple(t.shape)} but the model's is {tuple(params[n].shape)}: "
                 "a checkpoint of another model"
             )
-    if d.fsdp:
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
-        set_model_state_dict(model, state, options=_options(strict=False))
-        return
     with torch.no_grad():
         for n, t in state.items():
-            params[n].copy_(t)
+            p = params[n]
+            if hasattr(p, "device_mesh"):  # a DTensor: cut this process's shard locally (no communication)
+                from torch.distributed.tensor import distribute_tensor
+
+                t = distribute_tensor(t.to(p.device, p.dtype), p.device_mesh, p.placements, src_data_rank=None)
+            p.copy_(t)
 
 
 def optimizer_state(d: Dist, model, opt) -> dict | None:
@@ -323,9 +326,11 @@ def gathered_model(d: Dist, model):
     itself unless sharded; under FSDP a CPU copy built from the gathered weights (None elsewhere)."""
     if not d.fsdp:
         return model if d.main else None
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    full = get_model_state_dict(model, options=_options(cpu_offload=True))
+    full = {}
+    for n, t in model.state_dict().items():  # every process gathers, one tensor at a time
+        t = _full(t.detach())
+        if d.main:
+            full[n] = t.cpu()
     if not d.main:
         return None
     with torch.device("meta"):

@@ -118,6 +118,8 @@ def evaluate(model, rows, cfg: TrainConfig, pad_id: int, d: Dist | None = None) 
             total += loss.item() * n
             count += n
     total, count = d.sum(total, count)
+    if d.fsdp:  # the root keeps its weights gathered after a forward until a backward; free them
+        model.model.reshard()
     model.train()
     return total / max(count, 1)
 
