@@ -76,7 +76,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(tmp_path, settings: dict | None, script: str | None = None, timeout: float = 150, resume=False):
+def _torchrun(tmp_path, settings: dict | None, script: str | None = None, timeout: float = 150, resume=False, env=None):
     """`torchrun --nproc-per-node 2 -m g3n train CONFIG` (or a script), gloo on the CPU."""
     config = tmp_path / "config.yaml"
     if settings is not None:
@@ -84,7 +84,7 @@ def _torchrun(tmp_path, settings: dict | None, script: str | None = None, timeou
     target = [str(script)] if script else ["-m", "g3n", "train", str(config), *["--resume"] * resume]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(_free_port()), *target]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
@@ -164,6 +164,39 @@ def test_settings_that_differ_between_processes_stop_both_with_one_message(data,
     assert run.stderr.count(message) == 1, run.stderr[-3000:]  # once per host, not once per process
     assert time.perf_counter() - start < 60
     assert not (tmp_path / "run").exists()  # checked before anything is written
+
+
+def test_a_process_that_stops_answering_ends_the_run(tmp_path):
+    """Collectives time out (G3N_DIST_TIMEOUT): process 1 never reaches the all-reduce, process 0
+    gives up after 3 s and exits, and torchrun stops process 1."""
+    script = tmp_path / "silent.py"
+    script.write_text(
+        "import time\nfrom g3n.train import distributed\n"
+        "d = distributed.setup('cpu')\n"
+        "if d.rank == 1:\n    time.sleep(120)\n"
+        "with distributed.explained_timeouts(d):\n    d.sum(1.0)\n"
+    )
+    start = time.perf_counter()
+    run = _torchrun(tmp_path, None, script=str(script), timeout=90, env={distributed.TIMEOUT_ENV: "3"})
+    assert run.returncode != 0
+    assert "G3nError: process 0: the other processes did not answer within 3 s (G3N_DIST_TIMEOUT)" in run.stderr
+    assert time.perf_counter() - start < 60
+
+
+def test_gpus_option_runs_torchrun(monkeypatch, capsys):
+    import subprocess as sp
+
+    from g3n.cli import main
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(sp, "call", lambda cmd: calls.append(cmd) or 0)
+    assert main(["train", "c.yaml", "--gpus", "2", "--set", "lora_r=4", "--resume"]) == 0
+    assert calls == [[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                      "-m", "g3n", "train", "c.yaml", "--set", "lora_r=4", "--resume"]]  # fmt: skip
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["train", "c.yaml", "--gpus", "2"]) == 2
+    assert "already runs under torchrun" in capsys.readouterr().err
 
 
 def test_more_processes_than_gpus(monkeypatch):

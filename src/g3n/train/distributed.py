@@ -119,6 +119,21 @@ def setup(device: str | None) -> Dist:
     return Dist(rank, world, local_rank, dev, owns_group=owns_group)
 
 
+@contextlib.contextmanager
+def explained_timeouts(d: Dist):
+    """A collective that timed out (gloo raises; NCCL's watchdog ends the process itself) becomes
+    one line naming the setting, instead of a backend traceback."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not (d.on and "timed out" in str(e).lower()):
+            raise
+        raise G3nError(
+            f"process {d.rank}: the other processes did not answer within {timeout_s():g} s ({TIMEOUT_ENV}); "
+            "one of them stopped or is stuck: see its output"
+        ) from None
+
+
 def teardown(d: Dist) -> None:
     if d.owns_group and dist.is_initialized():
         dist.destroy_process_group()

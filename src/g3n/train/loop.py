@@ -179,7 +179,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
     this; process 0 writes the outputs."""
     d = distributed.setup(cfg.device)
     try:
-        return _train(cfg, d, resume, overwrite, progress, stop_after)
+        with distributed.explained_timeouts(d):
+            return _train(cfg, d, resume, overwrite, progress, stop_after)
     finally:
         distributed.teardown(d)
 
