@@ -194,6 +194,7 @@ def test_gpus_option_runs_torchrun(monkeypatch, capsys):
     assert main(["train", "c.yaml", "--gpus", "2", "--set", "lora_r=4", "--resume"]) == 0
     assert calls == [[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                       "-m", "g3n", "train", "c.yaml", "--set", "lora_r=4", "--resume"]]  # fmt: skip
+    assert "[g3n] torchrun --standalone --nproc-per-node=2 -m g3n train c.yaml" in capsys.readouterr().out
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["train", "c.yaml", "--gpus", "2"]) == 2
     assert "already runs under torchrun" in capsys.readouterr().err

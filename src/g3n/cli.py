@@ -307,7 +307,7 @@ def _launch_torchrun(args) -> int:
     if args.gpus == 1:
         return main(["train", *argv])
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.gpus}"]
-    print(f"[g3n] {' '.join(launcher[1:])} -m g3n train {' '.join(argv)}", flush=True)
+    print(f"[g3n] torchrun {' '.join(launcher[3:])} -m g3n train {' '.join(argv)}", flush=True)
     return subprocess.call([*launcher, "-m", "g3n", "train", *argv])
 
 
