@@ -1,6 +1,6 @@
 """Write a random-weight Gemma 3n text checkpoint at real sizes (for slicing/loading benchmarks).
 
-    python bench/make_synthetic_checkpoint.py --size E4B --out /tmp/e4b-random [--shard-gb 2]
+    python bench/make_synthetic_checkpoint.py --size E4B --out /tmp/e4b-random [--shard-gb 2] [--device cuda]
 
 Weights are bf16 noise (no download needed); shapes, names and config are those of the released
 model's text decoder, in the multimodal layout (`model.language_model.*`) that Google ships. One
@@ -28,6 +28,7 @@ def main():
     ap.add_argument("--size", choices=SIZES, default="E4B")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--shard-gb", type=float, default=2.0)
+    ap.add_argument("--device", default="cpu", help="where the noise is drawn (cuda: much faster)")
     args = ap.parse_args()
     layers, width, shared = SIZES[args.size]
     cfg = TextConfig(num_hidden_layers=layers, intermediate_size=width, num_kv_shared_layers=shared)
@@ -47,7 +48,7 @@ def main():
         shard, size = {}, 0
 
     for name, shape in shapes.items():
-        t = (torch.randn(shape, dtype=torch.float32) * 0.02).to(torch.bfloat16)
+        t = (torch.randn(shape, dtype=torch.float32, device=args.device) * 0.02).to(torch.bfloat16).cpu()
         if size + t.numel() * 2 > args.shard_gb * 2**30:
             flush()
         shard[name.replace("model.", "model.language_model.", 1)] = t

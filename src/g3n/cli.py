@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -14,6 +15,20 @@ g3n runs, fine-tunes, slices and exports Google's Gemma 3n models on your own ha
 MODEL (--model) is a local checkpoint directory (config.json, *.safetensors, tokenizer.model),
 a Hugging Face id already in your local HF cache (e.g. google/gemma-3n-E4B-it), or `tiny`, the
 small model shipped inside the package (the default)."""
+
+
+SEVERAL_GPUS_HELP = """\
+several GPUs or hosts (PyTorch's torchrun; LoRA with DistributedDataParallel, full fine-tuning
+sharded with FSDP2, each process on the GPU of its LOCAL_RANK):
+  g3n train CONFIG --gpus N                                   (one host: runs torchrun --standalone)
+  torchrun --nproc-per-node N -m g3n train CONFIG             (the same, by hand)
+  torchrun --nnodes H --nproc-per-node N --rdzv-backend c10d --rdzv-endpoint HOST0:29500 \\
+      --rdzv-id RUN -m g3n train CONFIG                       (on every host)
+batch_size is per process: the global batch is batch_size x grad_accum x processes, and a run
+follows a one-process run of the same global batch. Process 0 writes the outputs; a run resumes on
+another number of processes when batch_size x grad_accum x processes stays the same (output_dir on
+a filesystem every host sees). G3N_DIST_TIMEOUT (seconds, default 900) bounds how long a process
+waits for the others."""
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -327,10 +342,17 @@ def cmd_slice_search(args) -> int:
 
 def cmd_train(args) -> int:
     from .train.config import load_train_config
+    from .train.distributed import launched
     from .train.loop import train
 
+    if args.gpus is not None:
+        if launched():
+            raise G3nError("--gpus: this process already runs under torchrun; leave --gpus out")
+        return _launch_torchrun(args)
     cfg = load_train_config(args.config, args.set or [])
     history = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # process 0 reports
     last = history[-1] if history else {}
     evals = [h for h in history if "eval_loss" in h]
     print(f"done: step {last.get('step')}, train loss {last.get('loss')}", end="")
@@ -350,6 +372,29 @@ def cmd_inspect(args) -> int:
         out = f"{resolve_model_dir(args.model).name}-absmax.png"
     inspect_checkpoint(args.model, None if args.no_plot else out, limit=None if args.all else args.top)
     return 0
+
+
+def _launch_torchrun(args) -> int:
+    """`g3n train --gpus N`: the same command under torchrun, one process per GPU of this host."""
+    import subprocess
+
+    import torch
+
+    visible = torch.cuda.device_count()
+    if args.gpus < 1 or args.gpus > visible:
+        raise G3nError(
+            f"--gpus {args.gpus}: {visible} GPU(s) visible on this host"
+            + (" (CUDA_VISIBLE_DEVICES selects which)" if visible else "; train on the CPU without --gpus")
+        )
+    argv = [args.config] if args.config else []
+    for item in args.set or []:
+        argv += ["--set", item]
+    argv += ["--resume"] * args.resume + ["--overwrite"] * args.overwrite
+    if args.gpus == 1:
+        return main(["train", *argv])
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.gpus}"]
+    print(f"[g3n] torchrun {' '.join(launcher[3:])} -m g3n train {' '.join(argv)}", flush=True)
+    return subprocess.call([*launcher, "-m", "g3n", "train", *argv])
 
 
 def cmd_export(args) -> int:
@@ -414,13 +459,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="fine-tune (LoRA or full) on chat data",
         description="Fine-tune a model on chat datasets. CONFIG is a YAML file of settings; --set "
         "key=value overrides any of them. A run writes checkpoints (resumable with --resume), "
-        "metrics.jsonl, loss.png and, for LoRA, a PEFT adapter into output_dir.\n\nsettings:\n" + settings_help(),
+        "metrics.jsonl, loss.png and, for LoRA, a PEFT adapter into output_dir.\n\n"
+        + SEVERAL_GPUS_HELP
+        + "\n\nsettings:\n"
+        + settings_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("config", nargs="?", help="YAML file of settings (optional with --set)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in output_dir")
+    p.add_argument(
+        "--gpus",
+        type=int,
+        metavar="N",
+        help="train on N GPUs of this host: runs this command under torchrun (--standalone, N processes); "
+        "LoRA with DistributedDataParallel, full fine-tuning sharded with FSDP2",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
@@ -535,12 +590,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _print_error(e: G3nError) -> None:
+    """Under torchrun, an error every process raised alike is printed once per host; others name
+    the process."""
+    rank = os.environ.get("RANK", "0")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and getattr(e, "all_ranks", False):
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"g3n: error: {e}", file=sys.stderr)
+        return
+    print(f"g3n: error{f' (process {rank})' if rank != '0' else ''}: {e}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except G3nError as e:
-        print(f"g3n: error: {e}", file=sys.stderr)
+        _print_error(e)
         return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)

@@ -132,7 +132,7 @@ HELP = {
     "learning_rate": "AdamW learning rate", "lr_scheduler": "linear, cosine or constant (after warmup)",
     "warmup_steps": "linear warmup steps", "weight_decay": "AdamW weight decay",
     "epochs": "passes over the data (ignored when max_steps > 0)", "max_steps": "optimizer steps (0: use epochs)",
-    "batch_size": "rows per micro-batch", "grad_accum": "micro-batches per optimizer step",
+    "batch_size": "rows per micro-batch (per process under torchrun)", "grad_accum": "micro-batches per optimizer step",
     "max_grad_norm": "gradient clipping", "optim": "adamw, or adamw_8bit (bitsandbytes on CUDA)",
     "dtype": "auto, float32, bfloat16 or float16 (float16: loss scaling, float32 LoRA weights)",
     "device": "cpu, cuda (default: cuda when present)",

@@ -4,6 +4,13 @@ metrics, atomic checkpoints and exact resume.
 Exact resume: the data order of every epoch is a permutation drawn from (seed, epoch), and a
 checkpoint stores the step, the trainable weights, the optimizer and scheduler states and the RNG
 state, so a resumed run takes the same batches and reaches the same losses as an uninterrupted one.
+
+Several processes (torchrun, see distributed.py): optimizer step s takes the rows at positions
+s*G .. (s+1)*G of the stream of epoch permutations, G = batch_size x grad_accum x processes (the
+global batch), and each process takes its share of them. The loss of a step is normalised by the
+step's target tokens over all processes, so the gradient is the same sum whatever the number of
+processes or micro-batches: a 2-process run follows a 1-process run of the same global batch, and a
+checkpoint resumes on another number of processes.
 """
 
 from __future__ import annotations
@@ -23,8 +30,10 @@ import torch
 from ..errors import G3nError
 from ..model.save import atomic_dir, write_atomic
 from ..model.towers import TOWER_OF, add_towers
+from . import distributed
 from .config import TrainConfig
 from .data import IGNORE, Example, load_examples, pack
+from .distributed import Dist, PeerError
 from .loss import causal_lm_loss
 
 # A skipped float16 step (loss scaling) makes torch warn that the scheduler stepped first; intended.
@@ -73,6 +82,20 @@ def epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
     return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist())
 
 
+def step_rows(n: int, seed: int, step: int, global_batch: int) -> list[int]:
+    """The rows of optimizer step `step` (0-based): positions step*G .. (step+1)*G of the
+    concatenated epoch permutations, so a step may run across an epoch's end."""
+    out = []
+    for position in range(step * global_batch, (step + 1) * global_batch):
+        epoch, i = divmod(position, n)
+        out.append(epoch_order(n, seed, epoch)[i])
+    return out
+
+
+def target_tokens(row) -> int:
+    return sum(1 for label in row[1][1:] if label != IGNORE)
+
+
 def lr_lambda(cfg: TrainConfig, total: int):
     def f(step: int) -> float:
         if cfg.warmup_steps and step < cfg.warmup_steps:
@@ -86,45 +109,46 @@ def lr_lambda(cfg: TrainConfig, total: int):
 
 
 @torch.no_grad()
-def evaluate(model, rows, cfg: TrainConfig, pad_id: int, processor=None) -> float:
-    """Mean loss over the eval rows (token-weighted)."""
+def evaluate(model, rows, cfg: TrainConfig, pad_id: int, d: Dist | None = None, processor=None) -> float:
+    """Mean loss over the eval rows (token-weighted). Several processes share the batches; each
+    runs the same number of forwards (a sharded model needs all of them), a spare one weighted 0."""
+    d = d or Dist()
     model.eval()
+    batches = [rows[i : i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
     total, count = 0.0, 0
-    for i in range(0, len(rows), cfg.batch_size):
-        b = collate(rows[i : i + cfg.batch_size], pad_id, processor)
-        n = int((b.labels[:, 1:] != IGNORE).sum())
-        if n:
+    for k in range(d.rank, math.ceil(len(batches) / d.world) * d.world, d.world):
+        b = collate(batches[k] if k < len(batches) else batches[0], pad_id, processor)
+        n = int((b.labels[:, 1:] != IGNORE).sum()) if k < len(batches) else 0
+        if n or d.fsdp:
             loss = causal_lm_loss(model, b.ids.to(model.device), b.labels, b.mask, b.segments, media=b.media)
             total += loss.item() * n
             count += n
+    total, count = d.sum(total, count)
+    if d.fsdp:  # the root keeps its weights gathered after a forward until a backward; free them
+        model.model.reshard()
     model.train()
     return total / max(count, 1)
 
 
-def trainable_state(model) -> dict:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def save_checkpoint(out: Path, model, opt, sched, scaler, step: int, history: list) -> Path:
-    """checkpoint-STEP/ written under a temporary name, then renamed; latest.json points to it."""
+def save_checkpoint(out: Path, model, opt, sched, scaler, step: int, history: list, d: Dist | None = None) -> Path:
+    """checkpoint-STEP/ written by process 0 under a temporary name, then renamed; latest.json
+    points to it. Weights and optimizer state are full tensors by name (any number of processes
+    can resume them); every process takes part in gathering them."""
+    d = d or Dist()
     final = out / f"checkpoint-{step}"
+    state = {"model": distributed.model_state(d, model), "optimizer": distributed.optimizer_state(d, model, opt)}
+    if not d.main:
+        return final
     with atomic_dir(final, overwrite=True) as tmp:
-        torch.save(
-            {
-                "model": trainable_state(model),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "scaler": scaler.state_dict() if scaler else None,
-                "rng": torch.get_rng_state(),
-            },
-            tmp / "state.pt",
-        )
+        state.update(scheduler=sched.state_dict(), scaler=scaler.state_dict() if scaler else None,
+                     rng=torch.get_rng_state())  # fmt: skip
+        torch.save(state, tmp / "state.pt")
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, "history": history}))
     write_atomic(out / "latest.json", lambda p: p.write_text(json.dumps({"checkpoint": final.name, "step": step})))
     return final
 
 
-def prepare_output(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
+def prepare_output(cfg: TrainConfig, resume: bool, overwrite: bool, processes: int = 1) -> Path:
     out = Path(cfg.output_dir)
     saved = out / CONFIG_FILE
     if saved.is_file() and not (resume or overwrite):
@@ -133,29 +157,56 @@ def prepare_output(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
         if not (out / "latest.json").is_file():
             raise G3nError(f"{out}: no checkpoint to resume from")
         before = json.loads(saved.read_text())
-        changed = sorted(k for k, v in cfg.to_dict().items() if before.get(k) != v and k != "max_steps")
+        free = ("max_steps", "batch_size", "grad_accum")  # only their product with the processes matters
+        changed = sorted(k for k, v in cfg.to_dict().items() if before.get(k) != v and k not in free)
         if changed:
             raise G3nError(f"{out}: the run was started with other settings ({', '.join(changed)}); cannot resume")
+        was = before["batch_size"] * before["grad_accum"] * before.get("processes", 1)
+        now = cfg.batch_size * cfg.grad_accum * processes
+        if was != now:
+            raise G3nError(
+                f"{out}: the run used a global batch of {was} rows ({before['batch_size']} x {before['grad_accum']} "
+                f"x {before.get('processes', 1)} processes), this one {now} ({cfg.batch_size} x {cfg.grad_accum} x "
+                f"{processes}); "
+                + (f"set batch_size x grad_accum to {was // processes} to resume on {processes} process(es)"
+                   if was % processes == 0 else f"it cannot be split over {processes} processes")
+            )  # fmt: skip
     elif overwrite and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(saved, lambda p: p.write_text(json.dumps(cfg.to_dict(), indent=2)))
+    record = {**cfg.to_dict(), "processes": processes}
+    write_atomic(saved, lambda p: p.write_text(json.dumps(record, indent=2)))
     return out
 
 
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progress: bool = True, stop_after=None):
     """Run the fine-tune; returns the history (list of per-step dicts). `stop_after` (a step)
-    interrupts the run there, as a kill would (used by tests)."""
+    interrupts the run there, as a kill would (used by tests). Under torchrun every process calls
+    this; process 0 writes the outputs."""
+    d = distributed.setup(cfg.device)
+    try:
+        with distributed.explained_timeouts(d):
+            return _train(cfg, d, resume, overwrite, progress, stop_after)
+    finally:
+        distributed.teardown(d)
+
+
+def _train(cfg: TrainConfig, d: Dist, resume: bool, overwrite: bool, progress: bool, stop_after):
     from .. import load
     from ..model.load import resolve_model_dir
     from .lora import add_lora, save_adapter, save_merged
 
     if not cfg.train_data:
         raise G3nError("config: train_data names no file")
-    out = prepare_output(cfg, resume, overwrite)
+    distributed.check_same_settings(d, cfg.to_dict())
+    distributed.on_main(d, lambda: prepare_output(cfg, resume, overwrite, d.world))
+    out = Path(cfg.output_dir)
     torch.manual_seed(cfg.seed)
-    model, tok = load(cfg.model, dtype=cfg.dtype, device=cfg.device, ple_device="cpu" if cfg.ple_on_cpu else None)
+    device = str(d.device) if d.on else cfg.device
+    model, tok = load(cfg.model, dtype=cfg.dtype, device=device, ple_device="cpu" if cfg.ple_on_cpu else None)
     model_dir = resolve_model_dir(cfg.model)
+    if d.on and cfg.parts != ["text"]:
+        raise PeerError("tuning the vision/audio tower runs on one process for now (set finetune_*_layers)")
     processor, towers = _media_setup(cfg, model, model_dir)
     half = model.dtype == torch.float16
     if cfg.lora:
@@ -167,6 +218,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
     else:
         if half:
             raise G3nError("full fine-tuning in float16 needs float32 master weights; use bfloat16 or float32")
+        if d.on and cfg.optim == "adamw_8bit":
+            raise PeerError("optim adamw_8bit: full fine-tuning on several processes (FSDP) needs optim adamw")
         model.requires_grad_(False)
         modules = {"text": model.model} | ({p: getattr(towers, TOWER_OF[p]) for p in towers.parts} if towers else {})
         for part in cfg.parts:
@@ -194,24 +247,26 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
     rows, eval_rows = make_rows(examples, cfg), make_rows(eval_examples, cfg)
     if not rows:
         raise G3nError("no training examples left (all were held out or had no labels)")
-    batches_per_epoch = math.ceil(len(rows) / cfg.batch_size)
-    steps_per_epoch = max(1, batches_per_epoch // cfg.grad_accum)
-    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    distributed.check_same_data(d, rows)
+    global_batch = cfg.batch_size * cfg.grad_accum * d.world
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(rows) / global_batch))
 
+    body = distributed.wrap(d, model, cfg.lora)  # the module the training forward goes through
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(cfg, params, model.device)
     scaler = torch.amp.GradScaler(model.device.type) if half else None
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
     step, history = 0, []
     if resume:
+        if not (out / "latest.json").is_file():  # process 0 found it: this host does not see output_dir
+            raise G3nError(
+                f"{out}/latest.json not found here: resuming needs output_dir on a filesystem every host sees"
+            )
         latest = json.loads((out / "latest.json").read_text())
         ckpt = out / latest["checkpoint"]
-        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
-        with torch.no_grad():
-            named = dict(model.named_parameters())
-            for n, t in state["model"].items():
-                named[n].copy_(t)
-        opt.load_state_dict(state["optimizer"])
+        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False, mmap=True)
+        distributed.load_model_state(d, model, state["model"], str(ckpt))
+        distributed.load_optimizer_state(d, model, opt, state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
@@ -219,50 +274,58 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
         meta = json.loads((ckpt / STATE_FILE).read_text())
         step, history = meta["step"], meta["history"]
 
+    processes = f" x {d.world} processes" if d.on else ""
     summary = (
         f"[g3n] {stats.samples} samples ({stats.truncated} cut to {cfg.max_length} tokens, "
         f"{len(stats.without_labels)} without labels dropped, {len(stats.skipped)} bad skipped), "
         f"{len(rows)} rows, {len(eval_rows)} eval rows; "
-        f"{total} steps of {cfg.batch_size} x {cfg.grad_accum} rows; "
+        f"{total} steps of {cfg.batch_size} x {cfg.grad_accum} rows{processes}; "
         f"{sum(p.numel() for p in params):,} trainable parameters"
     )
-    print(summary, flush=True)
-    for problem in stats.skipped[:5]:
-        print(f"[g3n] skipped: {problem}", flush=True)
+    if d.main:
+        print(summary, flush=True)
+        for problem in stats.skipped[:5]:
+            print(f"[g3n] skipped: {problem}", flush=True)
     bar = None
-    if progress:
+    if progress and d.main:
         from tqdm import tqdm
 
         bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
-    metrics = (out / "metrics.jsonl").open("a")
+    metrics = (out / "metrics.jsonl").open("a") if d.main else None
 
     def log(record: dict) -> None:
         history.append(record)
-        metrics.write(json.dumps(record) + "\n")
-        metrics.flush()
+        if metrics:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
 
     try:
         if eval_rows and step == 0:  # the baseline the run's eval losses compare against
-            loss = evaluate(model, eval_rows, cfg, tok.pad_id, processor)
+            loss = evaluate(model, eval_rows, cfg, tok.pad_id, d, processor)
             log({"step": 0, "eval_loss": round(loss, 6), "eval_perplexity": round(math.exp(loss), 4)})
         while step < total:
-            start, tokens, loss_sum = time.perf_counter(), 0, 0.0
+            start, loss_sum = time.perf_counter(), 0.0
+            chosen = step_rows(len(rows), cfg.seed, step, global_batch)  # the whole step, all processes
+            targets = max(1, sum(target_tokens(rows[i]) for i in chosen))
+            tokens = sum(len(rows[i][0]) for i in chosen)
             for micro in range(cfg.grad_accum):
-                k = step * cfg.grad_accum + micro
-                epoch, pos = divmod(k, batches_per_epoch)
-                order = epoch_order(len(rows), cfg.seed, epoch)
-                chosen = order[pos * cfg.batch_size : (pos + 1) * cfg.batch_size]
-                b = collate([rows[i] for i in chosen], tok.pad_id, processor)
-                loss = causal_lm_loss(model, b.ids.to(model.device), b.labels, b.mask, b.segments, media=b.media)
-                scaled = loss / cfg.grad_accum
-                (scaler.scale(scaled) if scaler else scaled).backward()
-                loss_sum += loss.item() / cfg.grad_accum
-                tokens += b.tokens
+                first = (micro * d.world + d.rank) * cfg.batch_size  # this process's share
+                b = collate([rows[i] for i in chosen[first : first + cfg.batch_size]], tok.pad_id, processor)
+                n = int((b.labels[:, 1:] != IGNORE).sum())
+                with distributed.accumulating(body, last=micro == cfg.grad_accum - 1):
+                    ids = b.ids.to(model.device)
+                    loss = causal_lm_loss(model, ids, b.labels, b.mask, b.segments, body=body, media=b.media)
+                    # sum over the step's target tokens / their count; DDP and FSDP average over processes
+                    scaled = loss * (n * d.world / targets)
+                    (scaler.scale(scaled) if scaler else scaled).backward()
+                loss_sum += loss.item() * n / targets
+            (loss_sum,) = d.sum(loss_sum)
             if not math.isfinite(loss_sum):
                 raise G3nError(f"loss became {loss_sum} at step {step + 1}; the last good checkpoint is kept in {out}")
             if scaler:
                 scaler.unscale_(opt)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP
             if not torch.isfinite(grad_norm) and not scaler:  # with loss scaling: skip the step, lower the scale
                 raise G3nError(f"gradients became non-finite at step {step + 1}; the last good checkpoint is in {out}")
             lr = sched.get_last_lr()[0]
@@ -282,26 +345,31 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
             if skipped:
                 record["skipped_overflow"] = True  # float16: loss scale lowered, weights unchanged
             if eval_rows and (step % cfg.eval_steps == 0 or step == total):
-                record["eval_loss"] = round(evaluate(model, eval_rows, cfg, tok.pad_id, processor), 6)
+                record["eval_loss"] = round(evaluate(model, eval_rows, cfg, tok.pad_id, d, processor), 6)
                 record["eval_perplexity"] = round(math.exp(record["eval_loss"]), 4)
             log(record)
             if bar:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
             if step % cfg.save_steps == 0 or step == total:
-                save_checkpoint(out, model, opt, sched, scaler, step, history)
+                save_checkpoint(out, model, opt, sched, scaler, step, history, d)
             if stop_after is not None and step >= stop_after:
                 return history
     finally:
-        metrics.close()
+        if metrics:
+            metrics.close()
         if bar:
             bar.close()
 
-    if cfg.lora:
+    if cfg.lora and d.main:
         save_adapter(model, out / "adapter", base_model=str(cfg.model))
     if cfg.save_merged:
-        save_merged(model, out / "merged", resolve_model_dir(cfg.model), overwrite=True)
-    plot_losses(history, out / "loss.png")
+        full = distributed.gathered_model(d, model)  # every process takes part under FSDP
+        if d.main:
+            save_merged(full, out / "merged", resolve_model_dir(cfg.model), overwrite=True)
+    if d.main:
+        plot_losses(history, out / "loss.png")
+    d.barrier()  # every process returns once the outputs are written
     return history
 
 

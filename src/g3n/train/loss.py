@@ -82,11 +82,14 @@ def chunked_cross_entropy(
     return _ChunkedCE.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), softcap, chunk)
 
 
-def causal_lm_loss(model, input_ids, labels, attention_mask=None, segment_ids=None, chunk: int = 512, media=None):
-    """Next-token loss of a g3n model on (batch, seq) ids with transformers-style unshifted labels;
+def causal_lm_loss(
+    model, input_ids, labels, attention_mask=None, segment_ids=None, chunk: int = 512, body=None, media=None
+):
+    """Next-token loss of a g3n model on (batch, seq) ids with transformers-style unshifted labels.
+    `body` runs the text model in place of model.model (a DistributedDataParallel wrapper of it);
     `media`: the batch's pixel_values / input_features (images and audio, in order)."""
     embeds = model.embed_inputs(input_ids, media) if media else None
-    hidden = model.model(input_ids, attention_mask, None, None, segment_ids, embeds)
+    hidden = (body or model.model)(input_ids, attention_mask, None, None, segment_ids, embeds)
     shifted = labels[:, 1:].to(hidden.device)
     return chunked_cross_entropy(
         hidden[:, :-1], model.model.embed_tokens.weight, shifted, model.config.final_logit_softcapping, chunk
