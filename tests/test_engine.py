@@ -41,7 +41,8 @@ def test_cache_bucket_rounds_up_within_the_context():
     assert cache_bucket(200, 256) == 256 and cache_bucket(5000, 4096) == 5000
 
 
-def test_left_padded_batch_equals_rows_alone(ours):
+@pytest.mark.parametrize("fused", [False, True])
+def test_left_padded_batch_equals_rows_alone(ours, fused):
     g = torch.Generator().manual_seed(5)
     rows = [torch.randint(0, 300, (n,), generator=g) for n in (13, 5)]
     width, steps = 13, 20
@@ -50,10 +51,10 @@ def test_left_padded_batch_equals_rows_alone(ours):
     for r, x in enumerate(rows):
         ids[r, width - len(x) :], mask[r, width - len(x) :] = x, True
     follow = torch.randint(0, 300, (2, steps), generator=g)
-    gen = Generator(ours, 2, width + steps)
+    gen = Generator(ours, 2, width + steps, fused=fused)
     batched = [gen.prefill(ids, mask)] + [gen.step(follow[:, s], width + s).clone() for s in range(steps - 1)]
     for r, x in enumerate(rows):
-        alone = _teacher_forced(ours, torch.cat([x, follow[r, :-1]])[None], prompt_len=len(x))[0]
+        alone = _teacher_forced(ours, torch.cat([x, follow[r, :-1]])[None], prompt_len=len(x), fused=fused)[0]
         assert (torch.stack([b[r] for b in batched]) - alone).abs().max() < TOL
 
 
