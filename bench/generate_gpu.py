@@ -3,7 +3,7 @@ bf16, prompt 512, 256 new tokens, sampling with Google's defaults, the per-layer
 
 Decode variants: `eager` (no graph), `graph` (the model's layers captured as a CUDA graph),
 `compiled` (torch.compile of those layers, then the graph), `fused` (torch.compile of the engine's
-decode_layer, then the graph: the default on CUDA). Before any speed counts, each variant's logits
+decode_layer, then the graph: what G3N_COMPILE=1 runs). Before any speed counts, each variant's logits
 over teacher-forced steps are compared with eager bf16 and with a float32 copy of the model: a
 variant passes when it is as close to float32 as eager bf16 is (1.5x its difference + 0.05).
 
