@@ -174,7 +174,7 @@ def test_content_parts_become_hf_content_lists():
     ]  # fmt: skip
     out, kinds = parse_messages(messages)
     assert kinds == {"text", "image", "audio"}
-    assert out[0] == {"role": "system", "content": [{"type": "text", "text": "Be brief."}]}
+    assert out[0] == {"role": "system", "content": "Be brief."}  # strings stay strings: formatted as the CLI does
     image, audio, text = out[1]["content"]
     assert image["type"] == "image" and image["image"].size == (8, 6) and image["image"].mode == "RGB"
     assert audio["type"] == "audio" and audio["sampling_rate"] == 16000

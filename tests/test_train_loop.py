@@ -95,6 +95,8 @@ def test_config_value_types(tmp_path):
         load_train_config(None, ["optim=sgd"])
     with pytest.raises(G3nError, match="nothing would be trained"):
         load_train_config(None, ["finetune_language_layers=false"])
+    with pytest.raises(G3nError, match="tuned with LoRA only"):
+        load_train_config(None, ["finetune_audio_layers=true", "lora=false"])
     with pytest.raises(G3nError, match="vision/audio tower are saved in PEFT's format only"):
         load_train_config(None, ["finetune_vision_layers=true", "save_merged=true"])
     assert load_train_config(None, ["learning_rate=1"]).learning_rate == 1  # an int where a float goes is fine

@@ -112,7 +112,12 @@ class GGUFEngine:
 
         self.gguf, self.name = GGUFModel(path), name
         self.context_length = self.gguf.n_ctx
-        self.encode_chat, self.encode, self.stream = self.gguf.encode_chat, self.gguf.encode, self.gguf.stream
+        self.encode_chat, self.encode = self.gguf.encode_chat, self.gguf.encode
+
+    def stream(self, ids: list[int], params: SamplingParams, media: dict | None = None) -> Iterator[str]:
+        if media:
+            raise G3nError("a GGUF file runs text only here")
+        return self.gguf.stream(ids, params)
 
     def prepare(self, messages: list[dict]) -> tuple[list[int], None]:
         check_modalities(self, media_kinds(messages))
@@ -151,6 +156,9 @@ def check_modalities(engine, wanted: set[str]) -> None:
         raise G3nError(f"model {engine.name} is a GGUF file run by llama.cpp, which takes text only here; {what} "
                        "need an HF Gemma 3n checkpoint (Gemma3nForConditionalGeneration)")  # fmt: skip
     tower = "a vision tower" if "image" in missing else "an audio tower"
+    if getattr(engine, "model_dir", None) is not None and set(missing) <= set(checkpoint_modalities(engine.model_dir)):
+        raise G3nError(f"model {engine.name} was loaded without {tower} (--text-only, or the multimodal extra "
+                       f"is not installed: pip install 'g3n[multimodal]'); {what} need it")  # fmt: skip
     raise G3nError(f"model {engine.name} was loaded without {tower}; {what} need a "
                    "Gemma3nForConditionalGeneration checkpoint")  # fmt: skip
 
@@ -196,6 +204,14 @@ def load_engine(model: str = "tiny", dtype="auto", device=None, matformer=None, 
 
     model_dir = resolve_model_dir(model)
     kinds = checkpoint_modalities(model_dir) if modalities == "all" else list(modalities)
+    if modalities == "all" and kinds:
+        from .model.towers import require_transformers
+
+        try:
+            require_transformers()
+        except G3nError as e:  # "all" means: what this checkpoint and this install can do
+            _say(f"[g3n] serving text only: {e}")
+            kinds = []
     m, tok = load(model, dtype=dtype, device=device, matformer=matformer, modalities=kinds)
     extra = f", MatFormer plan {matformer}" if matformer else ""
     if kinds:

@@ -104,11 +104,11 @@ def _sampling(args):
     )
 
 
-def _load(args, modalities=()):
+def _load(args):
     from . import load
 
     start = time.perf_counter()
-    model, tok = load(args.model, dtype=args.dtype, device=args.device, matformer=args.matformer, modalities=modalities)
+    model, tok = load(args.model, dtype=args.dtype, device=args.device, matformer=args.matformer)
     sub = f", MatFormer plan {args.matformer}" if args.matformer else ""
     print(
         f"[g3n] loaded {args.model} ({model.config.num_hidden_layers} layers{sub}, {model.dtype}, {model.device})"
@@ -144,6 +144,7 @@ def cmd_generate(args) -> int:
     if args.raw and (args.image or args.audio):
         raise G3nError("--raw continues plain text; images and audio need the chat format (drop --raw)")
     engine = _engine(args)
+    media = None
     if args.raw:
         ids = engine.encode(args.prompt)
     else:
@@ -151,10 +152,7 @@ def cmd_generate(args) -> int:
             _user_turn(args.prompt, args.image, args.audio)
         ]
         ids, media = engine.prepare(messages)
-        if media:
-            _print_stream(engine.stream(ids, params, media))
-            return 0
-    _print_stream(engine.stream(ids, params))
+    _print_stream(engine.stream(ids, params, media))
     return 0
 
 
@@ -216,8 +214,7 @@ def cmd_chat(args) -> int:
             continue
         pending = {"image": [], "audio": []}
         sys.stdout.write("model> ")
-        stream = engine.stream(ids, params, media) if media else engine.stream(ids, params)
-        reply = _print_stream(stream)
+        reply = _print_stream(engine.stream(ids, params, media))
         history.append({"role": "assistant", "content": reply})
     return 0
 
@@ -240,8 +237,6 @@ same reply whether it ran alone or batched. Any OpenAI client works, e.g. with P
 
 
 def cmd_serve(args) -> int:
-    import os
-
     try:
         from .serve import Limits, run_server
     except ImportError as e:

@@ -204,10 +204,9 @@ def _strict_dynamo():
     """Past its recompile limit (8 shapes: batch sizes x cache buckets) dynamo would quietly run
     the step uncompiled, here the fused layers, eagerly slower than the model's own: make it raise,
     so the step falls back like any failed compile."""
-    try:
-        return torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
-    except Exception:  # noqa: BLE001 - a torch without the option: its default behaviour
+    if not hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):  # older torch: its default
         return contextlib.nullcontext()
+    return torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
 
 
 def cache_bucket(max_len: int, limit: int) -> int:

@@ -186,6 +186,7 @@ def generate_rows(
     pad_id: int = 0,
     stopped=None,
     media=None,
+    compile=None,
 ) -> Iterator[list[int | None]]:
     """Like generate_steps, but each row has its own SamplingParams and its own random generator,
     seeded with its own seed, so a row gets exactly the tokens it would get alone (and the same as
@@ -193,7 +194,8 @@ def generate_rows(
 
     `stopped(row)` (optional) is asked before each step; a row for which it is true ends there
     (yields None from then on), and the batch ends when every row has ended. `media`: the
-    prompts' images/audio (media.py's MediaProcessor output), in prompt order, as in generate_steps.
+    prompts' images/audio (media.py's MediaProcessor output), in prompt order, as in generate_steps;
+    `compile`: see engine.Generator (default: G3N_COMPILE in the environment).
     """
     if len(params) != len(prompts):
         raise G3nError(f"{len(prompts)} prompts but {len(params)} sampling settings")
@@ -206,7 +208,7 @@ def generate_rows(
     device = model.device
     generators = [None if p.seed is None else torch.Generator(device=device).manual_seed(p.seed) for p in params]
     penalize = any(p.repetition_penalty != 1.0 for p in params)
-    ids, seen, engine, logits = _prefill(model, prompts, pad_id, steps, penalize, media)
+    ids, seen, engine, logits = _prefill(model, prompts, pad_id, steps, penalize, media, compile)
     stops = set(stop_ids)
     done = [n == 0 for n in max_new]
     for step in range(steps):

@@ -60,7 +60,8 @@ class GGUFModel:
             top_p=params.top_p,
             min_p=params.min_p,
             repeat_penalty=params.repetition_penalty,
-            seed=params.seed,
+            # llama.cpp takes a uint32 seed where 0xFFFFFFFF means "random": fold any int into the rest
+            seed=None if params.seed is None else params.seed % 0xFFFFFFFF,
             stop=["<end_of_turn>"],
             stream=True,
         )

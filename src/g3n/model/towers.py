@@ -25,6 +25,7 @@ from torch import nn
 from ..errors import G3nError
 
 PARTS = ("image", "audio")
+TOWER_OF = {"image": "vision_tower", "audio": "audio_tower"}
 TOWER_PREFIX = "model."
 
 
@@ -69,16 +70,22 @@ class MediaTokens:
 
     @classmethod
     def from_config(cls, cfg) -> MediaTokens:
-        return cls(
-            cfg.boi_token_id,
-            cfg.eoi_token_id,
-            cfg.image_token_id,
-            cfg.vision_soft_tokens_per_image,
-            cfg.boa_token_id,
-            cfg.eoa_token_id,
-            cfg.audio_token_id,
-            cfg.audio_soft_tokens_per_image,
-        )
+        """From transformers' Gemma3nConfig or config.json's dict (Gemma 3n's values when absent),
+        so text-side work such as tokenizing a dataset needs no transformers."""
+        get = cfg.get if isinstance(cfg, dict) else lambda key, default: getattr(cfg, key, default)
+        return cls(*(get(key, default) for key, default in _TOKEN_DEFAULTS))
+
+
+_TOKEN_DEFAULTS = (
+    ("boi_token_id", 255999),
+    ("eoi_token_id", 262144),
+    ("image_token_id", 262145),
+    ("vision_soft_tokens_per_image", 256),
+    ("boa_token_id", 256000),
+    ("eoa_token_id", 262272),
+    ("audio_token_id", 262273),
+    ("audio_soft_tokens_per_image", 188),
+)
 
 
 def _conv2d_float32(self, x):
@@ -229,9 +236,6 @@ def add_towers(model, model_dir: Path, parts) -> Towers:
                 setattr(model.towers, name, getattr(new, name))
             model.towers.parts = tuple(p for p in PARTS if p in have | set(missing))
     return model.towers
-
-
-TOWER_OF = {"image": "vision_tower", "audio": "audio_tower"}
 
 
 def load_towers(model_dir: Path, index, parts, dtype: torch.dtype, device, fp16_safe: bool | None = None) -> Towers:

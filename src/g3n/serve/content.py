@@ -28,7 +28,7 @@ def _bad(message: str):
 
 
 def parse_messages(messages) -> tuple[list[dict], set[str]]:
-    """(messages with HF-style content lists, the kinds of content present)."""
+    """(messages with string content or HF-style content lists, the kinds of content present)."""
     if not isinstance(messages, list) or not messages:
         raise _bad("'messages' must be a non-empty list of {role, content} objects")
     out, kinds = [], set()
@@ -38,17 +38,18 @@ def parse_messages(messages) -> tuple[list[dict], set[str]]:
         role = ROLES.get(msg.get("role"))
         if role is None:
             raise _bad(f"messages[{n}]: role {msg.get('role')!r} is not supported (system, user or assistant)")
-        parts = _parts(msg.get("content"), n)
+        content = msg.get("content")
+        if content is None or isinstance(content, str):  # kept a string: formatted exactly as the CLI does
+            kinds.add("text")
+            out.append({"role": role, "content": content or ""})
+            continue
+        parts = _parts(content, n)
         kinds.update(p["type"] for p in parts)
         out.append({"role": role, "content": parts})
     return out, kinds
 
 
 def _parts(content, n: int) -> list[dict]:
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}]
-    if content is None:
-        return [{"type": "text", "text": ""}]
     if not isinstance(content, list):
         raise _bad(f"messages[{n}].content must be a string or a list of parts")
     parts = []

@@ -79,6 +79,11 @@ class TrainConfig:
                 "config: finetune_language_layers, finetune_vision_layers and finetune_audio_layers are all false, "
                 "so nothing would be trained"
             )
+        if not self.lora and {"image", "audio"} & set(self.parts):
+            raise G3nError(
+                "config: the vision/audio tower is tuned with LoRA only (lora: true); full fine-tuning covers "
+                "the decoder"
+            )
         if self.save_merged and {"image", "audio"} & set(self.parts):
             raise G3nError(
                 "config: save_merged writes the text decoder; adapters on the vision/audio tower are saved in PEFT's "

@@ -29,7 +29,7 @@ import torch
 
 from ..errors import G3nError
 from ..model.save import atomic_dir, write_atomic
-from ..model.towers import TOWER_OF, add_towers
+from ..model.towers import MediaTokens, add_towers
 from . import distributed
 from .config import TrainConfig
 from .data import IGNORE, Example, load_examples, pack
@@ -207,7 +207,7 @@ def _train(cfg: TrainConfig, d: Dist, resume: bool, overwrite: bool, progress: b
     model_dir = resolve_model_dir(cfg.model)
     if d.on and cfg.parts != ["text"]:
         raise PeerError("tuning the vision/audio tower runs on one process for now (set finetune_*_layers)")
-    processor, towers = _media_setup(cfg, model, model_dir)
+    media_tokens = _media_setup(cfg, model, model_dir)
     half = model.dtype == torch.float16
     if cfg.lora:
         add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.finetune_attention_modules,
@@ -221,16 +221,13 @@ def _train(cfg: TrainConfig, d: Dist, resume: bool, overwrite: bool, progress: b
         if d.on and cfg.optim == "adamw_8bit":
             raise PeerError("optim adamw_8bit: full fine-tuning on several processes (FSDP) needs optim adamw")
         model.requires_grad_(False)
-        modules = {"text": model.model} | ({p: getattr(towers, TOWER_OF[p]) for p in towers.parts} if towers else {})
-        for part in cfg.parts:
-            modules[part].requires_grad_(True)
+        model.model.requires_grad_(True)  # the decoder (towers are tuned with LoRA only)
         table = model.model.embed_tokens_per_layer.weight
         if table.device != model.device:  # kept off the accelerator: frozen
             table.requires_grad_(False)
     model.model.gradient_checkpointing = cfg.gradient_checkpointing
     model.train()
 
-    media_tokens = processor.tokens if processor else None
     examples, stats = load_examples(cfg.train_data, tok, cfg.max_length, cfg.responses_only, cfg.skip_bad, media_tokens)
     if cfg.eval_data:
         eval_examples, _ = load_examples(
@@ -242,7 +239,13 @@ def _train(cfg: TrainConfig, d: Dist, resume: bool, overwrite: bool, progress: b
         eval_examples = [examples[i] for i in order[:n_eval]]
         examples = [examples[i] for i in order[n_eval:]]
     kinds = {kind for ex in examples + eval_examples for kind, _ in ex.media}
-    if kinds:  # towers the data needs but the config does not tune: loaded frozen
+    processor = None
+    if kinds:  # the files are read per batch; towers the config does not tune load frozen
+        if d.on:
+            raise PeerError("images/audio in the data: training on several processes is text-only for now")
+        from ..media import MediaProcessor
+
+        processor = MediaProcessor(model_dir)
         add_towers(model, model_dir, kinds)
     rows, eval_rows = make_rows(examples, cfg), make_rows(eval_examples, cfg)
     if not rows:
@@ -374,21 +377,22 @@ def _train(cfg: TrainConfig, d: Dist, resume: bool, overwrite: bool, progress: b
 
 
 def _media_setup(cfg: TrainConfig, model, model_dir: Path):
-    """(MediaProcessor or None, towers or None): a multimodal checkpoint gets a processor (its data
-    may hold images/audio); the towers being tuned are loaded now, before adapters are added."""
+    """The image/audio token ids of a multimodal checkpoint (None for a text-only one), for
+    tokenizing data with media; the towers being tuned are loaded now, before adapters are added.
+    Text-only work on a multimodal checkpoint needs neither transformers nor the towers."""
     import json
 
     raw = json.loads((model_dir / "config.json").read_text())
+    tuned = [p for p in cfg.parts if p != "text"]
     if "vision_config" not in raw:
-        if {"image", "audio"} & set(cfg.parts):
+        if tuned:
             raise G3nError(
                 f"config: tuning the vision/audio tower needs a multimodal checkpoint; {model_dir} is text-only"
             )
-        return None, None
-    from ..media import MediaProcessor
-
-    tuned = [p for p in cfg.parts if p != "text"]
-    return MediaProcessor(model_dir), (add_towers(model, model_dir, tuned) if tuned else None)
+        return None
+    if tuned:
+        add_towers(model, model_dir, tuned)
+    return MediaTokens.from_config(raw)
 
 
 def make_optimizer(cfg: TrainConfig, params, device: torch.device):
