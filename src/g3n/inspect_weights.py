@@ -14,12 +14,12 @@ weight across layers; the plot shows abs max per layer for the decoder and per b
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import G3nError
+from .model.save import write_atomic
 
 FP16_MAX = 65504.0
 PARTS = {
@@ -185,14 +185,10 @@ def plot(stats: list[TensorStat], path: Path, title: str) -> None:
         ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     finally:
         plt.close(fig)
-        if tmp.exists():
-            tmp.unlink()
 
 
 def inspect_checkpoint(model: str, plot_path: str | None, progress: bool = True, limit: int | None = 25):
