@@ -285,10 +285,15 @@ def _wait_idle(server, seconds=10.0):
     raise AssertionError(f"still busy after {seconds}s: {health(server)}")
 
 
+WIDE = {"temperature": 2.0, "top_k": 0, "top_p": 1.0}  # long replies: <end_of_turn> stays unlikely
+
+
 def _open_stream(server, max_tokens=1500, **kw):
-    """A raw socket streaming a long reply, returned once the first token arrived."""
+    """A raw socket streaming a long reply, returned once the first token arrived. Sampling from the
+    whole vocabulary at temperature 2 keeps <end_of_turn> unlikely (the tiny model's own answers
+    are short enough to end before a test could look at the running slot)."""
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
-    body = json.dumps(_user("Tell me a story.") | {"stream": True, "max_tokens": max_tokens, "seed": 1, **kw})
+    body = json.dumps(_user("Tell me a story.") | {"stream": True, "max_tokens": max_tokens, "seed": 1, **WIDE, **kw})
     sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  f"Content-Length: {len(body)}\r\n\r\n{body}".encode())  # fmt: skip
     seen = b""
@@ -306,7 +311,7 @@ def test_client_disconnect_frees_the_slot(server):
     freed = time.perf_counter() - t0
     # a non-streamed request whose client leaves is noticed too (polled twice a second)
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
-    body = json.dumps(_user("Tell me a story.") | {"max_tokens": 1500})
+    body = json.dumps(_user("Tell me a story.") | {"max_tokens": 1500} | WIDE)
     sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
     deadline = time.monotonic() + 10
     while health(server)["running"] == 0:
