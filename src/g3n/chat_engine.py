@@ -66,15 +66,12 @@ class TorchEngine:
         if not kinds <= self.modalities:
             if not self.lazy_towers or self.model_dir is None:
                 check_modalities(self, kinds)
-            self._load_towers(kinds)
+            from .model.towers import add_towers
+
+            add_towers(self.model, self.model_dir, kinds)
         if self.processor is None:
             self.processor = MediaProcessor(self.model_dir)
         return self.processor(self.tok, messages)
-
-    def _load_towers(self, kinds) -> None:
-        from .model.towers import add_towers
-
-        add_towers(self.model, self.model_dir, kinds)
 
     def stream(self, ids: list[int], params: SamplingParams, media: dict | None = None) -> Iterator[str]:
         from . import generate  # looked up per call, so tests can wrap generate.stream_text

@@ -49,7 +49,6 @@ class Batch:
     labels: torch.Tensor
     mask: torch.Tensor
     segments: torch.Tensor | None
-    tokens: int
     media: dict | None = None  # pixel_values / input_features of the batch's images and audio
 
 
@@ -73,7 +72,7 @@ def collate(rows, pad_id: int, processor=None) -> Batch:
         )  # fmt: skip
     files = [item for row in rows for item in row[3]]
     media = processor.load(files) if files else None
-    return Batch(ids, labels, mask, segments, int(mask.sum()), media)
+    return Batch(ids, labels, mask, segments, media)
 
 
 @functools.lru_cache(maxsize=2)
