@@ -47,24 +47,46 @@ def test_model_loss_equals_transformers(hf_model, ours):
     assert got.item() == pytest.approx(ref.item(), rel=1e-5)
 
 
-def test_gradient_checkpointing_keeps_loss_and_gradients(hf_dir):
-    """Recomputing layers in backward (with KV-shared layers reading the sources' K/V) changes nothing."""
+@pytest.mark.parametrize("packed", [True, False])
+def test_gradient_checkpointing_keeps_loss_and_gradients(hf_dir, packed, monkeypatch):
+    """Recomputing layers in backward, on the device or with inputs offloaded, and compiled layers
+    (traced by torch.compile; aot_eager here, inductor on GPUs) change nothing: KV-shared layers
+    get the sources' K/V gradients, and LoRA dropout draws the same masks when recomputed."""
+    from g3n.model import recompute
     from g3n.model.load import load_model
+    from g3n.train.lora import add_lora
 
+    monkeypatch.setattr(recompute, "BACKEND", "aot_eager")
     model = load_model(hf_dir, dtype="float32", device="cpu").requires_grad_(True).train()
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 300, (2, 24), generator=g)
     labels = ids.clone()
-    segments = torch.tensor([[0] * 10 + [1] * 14, [0] * 24])
+    segments = torch.tensor([[0] * 10 + [1] * 14, [0] * 24]) if packed else None
     results = []
-    for checkpointing in (False, True):
-        model.model.gradient_checkpointing = checkpointing
+    modes = [(False, False), (True, False), ("offload", False), ("offload", True), (True, True)]
+    for checkpointing, compiled in modes if packed else modes[:3]:
+        model.model.gradient_checkpointing, model.model.compiled = checkpointing, compiled
         model.zero_grad()
-        loss = causal_lm_loss(model, ids, labels, torch.ones_like(ids, dtype=torch.bool), segments)
+        torch.manual_seed(0)
+        loss = causal_lm_loss(model, ids, labels, None, segments)
         loss.backward()
         results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    (loss_a, grads_a), (loss_b, grads_b) = results
-    assert loss_a == pytest.approx(loss_b, abs=1e-6)
-    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 100
-    for name in grads_a:
-        torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-5, rtol=1e-4, msg=name)
+    loss_a, grads_a = results[0]
+    assert len(grads_a) > 100
+    for loss_b, grads_b in results[1:]:
+        assert loss_a == pytest.approx(loss_b, abs=1e-6)
+        assert grads_a.keys() == grads_b.keys()
+        for name in grads_a:
+            torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-5, rtol=1e-4, msg=name)
+
+    add_lora(model, r=4, alpha=8, dropout=0.3)  # dropout: the recompute must replay the RNG
+    results = []
+    for checkpointing in (False, "offload"):
+        model.model.gradient_checkpointing, model.model.compiled = checkpointing, False
+        model.zero_grad()
+        torch.manual_seed(0)
+        causal_lm_loss(model, ids, labels, None, segments).backward()
+        results.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert len(results[0]) > 20
+    for name in results[0]:
+        torch.testing.assert_close(results[1][name], results[0][name], atol=1e-5, rtol=1e-4, msg=name)

@@ -22,11 +22,11 @@ import math
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import nn
 
 from ..config import FULL, SLIDING, TextConfig
 from ..errors import G3nError
+from . import recompute
 
 ACTIVATIONS = {
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -151,6 +151,7 @@ class Attention(nn.Module):
         self.head_dim = cfg.head_dim
         self.n_heads, self.n_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.kv_shared = layer >= cfg.first_kv_shared_layer
+        self.window = cfg.sliding_window if cfg.layer_types[layer] == SLIDING else None
         self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         if not self.kv_shared:
@@ -168,14 +169,52 @@ class Attention(nn.Module):
         return k, v
 
     def forward(self, x, cos, sin, k, v, mask):
-        """Attend x's queries to k/v (already including cached and shared states)."""
+        """Attend x's queries to k/v (already including cached and shared states). `mask`: a
+        (batch, 1, q, k) bool tensor, or None for plain causal attention over the same positions
+        (within the sliding window on sliding layers)."""
         shape = (*x.shape[:-1], -1, self.head_dim)
         q = apply_rope(self.q_norm(self.q_proj(x).view(shape)), cos, sin).transpose(1, 2)
         if self.n_heads != self.n_kv_heads:
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+        if mask is None:
+            out = causal_attention(q, k, v, self.window)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
         return self.o_proj(out.transpose(1, 2).reshape(*x.shape[:-1], -1))
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Causal attention of positions 0..T-1 to themselves without a (T x T) mask, so GPUs run
+    their flash kernels and memory stays linear in T (long-context training).
+
+    Full layers use SDPA's is_causal. A sliding layer's queries go in blocks of `window`: block b
+    attends to keys [b*window - window, b*window + window) under one small (window x 2*window)
+    mask, the same for every block (the keys before position 0 are padding, masked in block 0).
+    """
+    T = q.shape[2]
+    if window is None or T <= window:  # within one window, causal is the whole rule
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
+    W, B, H, D = window, q.shape[0], q.shape[1], q.shape[3]
+    blocks = -(-T // W)
+    pad = blocks * W - T
+    q = F.pad(q, (0, 0, 0, pad)).reshape(B, H, blocks, W, D)
+    k, v = (F.pad(t, (0, 0, W, pad)).unfold(2, 2 * W, W).transpose(-1, -2) for t in (k, v))  # (B,H,blocks,2W,D)
+    i = torch.arange(W, device=q.device)[:, None]
+    j = torch.arange(2 * W, device=q.device)[None, :]
+    mask = (j > i) & (j <= i + W)  # key j of the block sees query i: 0 <= (i + W) - j < W
+    mask = torch.stack([mask & (j >= W), *[mask] * (blocks > 1)])  # block 0: no keys before 0
+    index = torch.zeros(blocks, dtype=torch.long, device=q.device)
+    index[1:] = 1
+    mask = mask[index]  # (blocks, W, 2W)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2).reshape(B * blocks, H, W, D),
+        k.transpose(1, 2).reshape(B * blocks, H, 2 * W, D),
+        v.transpose(1, 2).reshape(B * blocks, H, 2 * W, D),
+        attn_mask=mask.repeat(B, 1, 1).unsqueeze(1),
+        scale=1.0,
+    )
+    return out.reshape(B, blocks, H, W, D).transpose(1, 2).reshape(B, H, blocks * W, D)[:, :, :T]
 
 
 class DecoderLayer(nn.Module):
@@ -199,14 +238,21 @@ class DecoderLayer(nn.Module):
 
     def forward(self, streams, per_layer_input, cos, sin, kv_for, mask):
         """streams: (n, batch, seq, hidden). kv_for(normed) returns the K/V this layer attends to."""
-        active = self.cfg.altup_active_idx
-        predictions = self.altup.predict(streams)
-        x = predictions[active]
-        normed = self.input_layernorm(x)
-        laurel = self.laurel(normed)
+        predictions, normed, laurel = self.begin(streams)
         k, v = kv_for(self.self_attn, normed)
-        attn = self.post_attention_layernorm(self.self_attn(normed, cos, sin, k, v, mask))
-        h = (x + attn + laurel) / math.sqrt(2)
+        return self.end(predictions, self.self_attn(normed, cos, sin, k, v, mask), laurel, per_layer_input)
+
+    def begin(self, streams):
+        """Before attention: AltUp's predictions, the normed active stream and Laurel's output."""
+        predictions = self.altup.predict(streams)
+        normed = self.input_layernorm(predictions[self.cfg.altup_active_idx])
+        return predictions, normed, self.laurel(normed)
+
+    def end(self, predictions, attn, laurel, per_layer_input):
+        """After attention: residuals, MLP, AltUp's correction and the per-layer input."""
+        active = self.cfg.altup_active_idx
+        x = predictions[active]
+        h = (x + self.post_attention_layernorm(attn) + laurel) / math.sqrt(2)
         h = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
         corrected = self.altup.correct(predictions, h)
 
@@ -309,7 +355,10 @@ class TextModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(L))
         self.norm = RMSNorm(h, cfg.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(cfg)
-        self.gradient_checkpointing = False  # training: recompute each layer in backward
+        # Training: False, True (recompute each layer in backward) or "offload" (and keep the
+        # layer inputs in CPU memory meanwhile); `compiled` runs layers through torch.compile.
+        self.gradient_checkpointing: bool | str = False
+        self.compiled = False
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         w = self.embed_tokens.weight
@@ -381,14 +430,17 @@ class TextModel(nn.Module):
         streams, per_layer = self.embed_streams(input_ids, embeds=inputs_embeds)
 
         rope = {kind: self.rotary_emb(position_ids, kind, streams.dtype) for kind in set(cfg.layer_types)}
-        q_index = torch.arange(past, past + T, device=device)
-        masks = {}
-        for kind in set(cfg.layer_types):
-            kept = cache.kept(kind) if cache is not None else 0
-            k_index = torch.arange(past - kept, past + T, device=device)
-            window = cfg.sliding_window if kind == SLIDING else None
-            k_valid = all_valid[:, all_valid.shape[1] - kept - T :]
-            masks[kind] = build_mask(q_index, k_index, k_valid, window, segment_ids)
+        # Without a cache, padding or packed samples attention is plainly causal: no mask tensors
+        # (None: causal_attention, flash kernels, memory linear in the length).
+        masks = {kind: None for kind in set(cfg.layer_types)}
+        if cache is not None or attention_mask is not None or segment_ids is not None:
+            q_index = torch.arange(past, past + T, device=device)
+            for kind in masks:
+                kept = cache.kept(kind) if cache is not None else 0
+                k_index = torch.arange(past - kept, past + T, device=device)
+                window = cfg.sliding_window if kind == SLIDING else None
+                k_valid = all_valid[:, all_valid.shape[1] - kept - T :]
+                masks[kind] = build_mask(q_index, k_index, k_valid, window, segment_ids)
 
         produced: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -419,18 +471,7 @@ class TextModel(nn.Module):
 
     def run_layers(self, streams, per_layer, rope: dict, kv_for, masks: dict):
         """Every decoder layer; `kv_for(attn, normed)` supplies the K/V each layer attends to."""
-        checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
-        for i, layer in enumerate(self.layers):
-            kind = self.cfg.layer_types[i]
-            cos, sin = rope[kind]
-            args = (streams, per_layer[:, :, i, :], cos, sin, kv_for, masks[kind])
-            if checkpointing:
-                # Recomputing a layer calls kv_for again: a K/V-computing layer recomputes its own K/V
-                # (same values), a shared layer reads the source's K/V kept from the first pass.
-                streams = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
-            else:
-                streams = layer(*args)
-        return streams
+        return recompute.run_layers(self, streams, per_layer, rope, kv_for, masks)
 
     def final_hidden(self, streams: torch.Tensor) -> torch.Tensor:
         """Streams back to one hidden state (unembed projections, mean), normed."""

@@ -45,7 +45,8 @@ class TrainConfig:
     optim: str = "adamw"  # adamw, or adamw_8bit (bitsandbytes, CUDA)
     dtype: str = "auto"
     device: str | None = None
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool | str = True  # true, false or "offload" (layer inputs wait in CPU memory)
+    compile: bool = False  # decoder layers through torch.compile (GPU; a one-off compile per run)
     ple_on_cpu: bool = True  # per-layer embedding table stays in CPU memory
     seed: int = 0
     # output
@@ -62,10 +63,11 @@ class TrainConfig:
         for name, f in FIELDS.items():
             _check_type(name, f.type, getattr(self, name))
         choices = {"lr_scheduler": ("linear", "cosine", "constant"), "optim": ("adamw", "adamw_8bit"),
-                   "dtype": ("auto", "float32", "bfloat16", "float16")}  # fmt: skip
+                   "dtype": ("auto", "float32", "bfloat16", "float16"),
+                   "gradient_checkpointing": (True, False, "offload")}  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise G3nError(f"config: {name} {getattr(self, name)!r}: use {', '.join(allowed)}")
+                raise G3nError(f"config: {name} {getattr(self, name)!r}: use {', '.join(map(str, allowed)).lower()}")
         checks = {
             "max_length": self.max_length > 1, "batch_size": self.batch_size >= 1, "grad_accum": self.grad_accum >= 1,
             "learning_rate": self.learning_rate > 0, "eval_fraction": 0 <= self.eval_fraction < 1,
@@ -108,6 +110,8 @@ def _check_type(name: str, annotation: str, value) -> None:
     """YAML and --set give typed values; say which setting got the wrong kind of value."""
     if annotation == "list[str]":
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    elif annotation == "bool | str":
+        ok = isinstance(value, (bool, str))
     elif annotation == "str | None":
         ok = value is None or isinstance(value, str)
     else:
@@ -141,7 +145,9 @@ HELP = {
     "max_grad_norm": "gradient clipping", "optim": "adamw, or adamw_8bit (bitsandbytes on CUDA)",
     "dtype": "auto, float32, bfloat16 or float16 (float16: loss scaling, float32 LoRA weights)",
     "device": "cpu, cuda (default: cuda when present)",
-    "gradient_checkpointing": "recompute each layer in the backward pass instead of storing its activations",
+    "gradient_checkpointing": "recompute each layer in the backward pass instead of storing its activations; "
+    "offload: also keep each layer's input in CPU memory until then (long context on small GPUs)",
+    "compile": "run the decoder layers through torch.compile (GPU: faster steps after a one-off compile)",
     "ple_on_cpu": "keep the per-layer embedding table in CPU memory (only the batch's rows move to the GPU; "
     "frozen in full fine-tuning)",
     "seed": "seed for data order and initialisation",

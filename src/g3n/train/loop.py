@@ -47,8 +47,7 @@ CONFIG_FILE = "train_config.json"
 class Batch:
     ids: torch.Tensor
     labels: torch.Tensor
-    mask: torch.Tensor
-    segments: torch.Tensor | None
+    segments: torch.Tensor | None  # None unless a row packs several samples
     media: dict | None = None  # pixel_values / input_features of the batch's images and audio
 
 
@@ -60,19 +59,21 @@ def make_rows(examples: list[Example], cfg: TrainConfig) -> list[tuple]:
 
 
 def collate(rows, pad_id: int, processor=None) -> Batch:
-    """Right-padded tensors; the rows' image/audio files read through `processor` (MediaProcessor)."""
+    """Right-padded tensors; the rows' image/audio files read through `processor` (MediaProcessor).
+
+    Right padding needs no attention mask: causal attention never looks ahead, so real tokens do
+    not see the padding after them, and padding carries no labels. Segment ids are kept only when
+    a row packs several samples (they then cost a (seq x seq) mask per batch)."""
     width = max(len(r[0]) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.bool)
     segments = torch.full((len(rows), width), -1, dtype=torch.long)
-    for i, (x, y, s, _) in enumerate(rows):  # right padding; padding is its own segment
-        ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)], segments[i, : len(s)] = (
-            torch.tensor(x), torch.tensor(y), True, torch.tensor(s),
-        )  # fmt: skip
+    for i, (x, y, s, _) in enumerate(rows):  # padding is its own segment
+        ids[i, : len(x)], labels[i, : len(y)], segments[i, : len(s)] = torch.tensor(x), torch.tensor(y), torch.tensor(s)
+    packed = any(len(set(r[2])) > 1 for r in rows)
     files = [item for row in rows for item in row[3]]
     media = processor.load(files) if files else None
-    return Batch(ids, labels, mask, segments, media)
+    return Batch(ids, labels, segments if packed else None, media)
 
 
 @functools.lru_cache(maxsize=2)
@@ -119,7 +120,7 @@ def evaluate(model, rows, cfg: TrainConfig, pad_id: int, d: Dist | None = None, 
         b = collate(batches[k] if k < len(batches) else batches[0], pad_id, processor)
         n = int((b.labels[:, 1:] != IGNORE).sum()) if k < len(batches) else 0
         if n or d.fsdp:
-            loss = causal_lm_loss(model, b.ids.to(model.device), b.labels, b.mask, b.segments, media=b.media)
+            loss = causal_lm_loss(model, b.ids.to(model.device), b.labels, None, b.segments, media=b.media)
             total += loss.item() * n
             count += n
     total, count = d.sum(total, count)
@@ -225,6 +226,7 @@ def _train(cfg: TrainConfig, d: Dist, resume: bool, overwrite: bool, progress: b
         if table.device != model.device:  # kept off the accelerator: frozen
             table.requires_grad_(False)
     model.model.gradient_checkpointing = cfg.gradient_checkpointing
+    model.model.compiled = cfg.compile
     model.train()
 
     examples, stats = load_examples(cfg.train_data, tok, cfg.max_length, cfg.responses_only, cfg.skip_bad, media_tokens)
@@ -316,7 +318,7 @@ def _train(cfg: TrainConfig, d: Dist, resume: bool, overwrite: bool, progress: b
                 n = int((b.labels[:, 1:] != IGNORE).sum())
                 with distributed.accumulating(body, last=micro == cfg.grad_accum - 1):
                     ids = b.ids.to(model.device)
-                    loss = causal_lm_loss(model, ids, b.labels, b.mask, b.segments, body=body, media=b.media)
+                    loss = causal_lm_loss(model, ids, b.labels, None, b.segments, body=body, media=b.media)
                     # sum over the step's target tokens / their count; DDP and FSDP average over processes
                     scaled = loss * (n * d.world / targets)
                     (scaler.scale(scaled) if scaler else scaled).backward()

@@ -1,0 +1,298 @@
+"""LoRA fine-tuning on one GPU: transformers + PEFT (the baseline) against g3n, same weights, same
+batches. Prints one table: tokens/s (median of timed steps after warm-up), peak GiB
+(torch.cuda.max_memory_allocated), first-step loss.
+
+    PYTHONPATH=src python bench/train_gpu.py --sizes E2B,E4B [--rows speed,long,fp16] [--profile]
+    PYTHONPATH=src OMP_NUM_THREADS=1 python bench/train_gpu.py --cpu-smoke   # the logic, tiny sizes
+
+Random weights at the real E2B/E4B text sizes (vocab 262400, per-layer table), LoRA r16 alpha16 on
+q,k,v,o,gate,up,down, bf16, AdamW; the baseline with gradient checkpointing
+(../shared/bench/hf_baseline.py's setup). g3n runs the training loop's own pieces (add_lora,
+float32 adapters, causal_lm_loss, clipping), the per-layer table in CPU memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+from g3n.config import text_config_from_dict  # noqa: E402
+from g3n.model.text import Gemma3nForCausalLM, RotaryEmbedding  # noqa: E402
+from g3n.train.lora import add_lora  # noqa: E402
+from g3n.train.loss import causal_lm_loss  # noqa: E402
+
+SIZES = {
+    "E2B": dict(num_hidden_layers=30, intermediate_size=8192, num_kv_shared_layers=10),
+    "E4B": dict(num_hidden_layers=35, intermediate_size=16384, num_kv_shared_layers=15),
+    "tiny": dict(num_hidden_layers=12, intermediate_size=256, num_kv_shared_layers=4, hidden_size=128,
+                 vocab_size=2048, vocab_size_per_layer_input=2000, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=32, hidden_size_per_layer_input=16, laurel_rank=8, sliding_window=64),
+}  # fmt: skip
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GiB = 2**30
+
+
+def hf_model(size: str, device: str):
+    from transformers import Gemma3nForCausalLM as HFModel
+    from transformers import Gemma3nTextConfig
+
+    cfg = Gemma3nTextConfig(**SIZES[size])
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = HFModel(cfg)
+    return model.to(torch.bfloat16), cfg
+
+
+def g3n_model(hf_cfg, state: dict, device: str, ple_device: str, dtype=torch.bfloat16):
+    """g3n's decoder over the baseline's own weight tensors (shared, not copied; the per-layer
+    table moved to `ple_device`)."""
+    cfg = text_config_from_dict(hf_cfg.to_dict())
+    with torch.device("meta"):
+        model = Gemma3nForCausalLM(cfg)
+    ple = "model.embed_tokens_per_layer.weight"
+    weights = {n: t.to(ple_device if n == ple else device, dtype) for n, t in state.items() if n != "lm_head.weight"}
+    model.load_state_dict(weights, assign=True, strict=True)
+    model.model.rotary_emb = RotaryEmbedding(cfg).to(device)
+    return model
+
+
+def timed_steps(step, warmup: int, steps: int, device: str) -> tuple[float, list[float], float]:
+    """(first loss, per-step seconds of the timed steps, first step's seconds incl. compiling)."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    times, first_loss, first_time = [], None, 0.0
+    for i in range(warmup + steps):
+        sync()
+        start = time.perf_counter()
+        loss = step()
+        sync()
+        seconds = time.perf_counter() - start
+        if i == 0:
+            first_loss, first_time = loss, seconds
+        if i >= warmup:
+            times.append(seconds)
+    return first_loss, times, first_time
+
+
+def batches(n: int, bs: int, seq: int, vocab: int, device: str):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, vocab, (bs, seq), generator=g).to(device) for _ in range(n)]
+
+
+def run_hf(size, data, device, warmup, steps, train=True):
+    """The baseline's timed steps; returns them with its base weights (names as g3n's) and config."""
+    from peft import LoraConfig, get_peft_model
+
+    model, cfg = hf_model(size, device)
+    if not train:
+        return None, {n: p.detach() for n, p in model.state_dict().items()}, cfg
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    it = iter(data)
+
+    def step():
+        ids = next(it)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    reset(device)
+    try:
+        result = timed_steps(step, warmup, steps, device)
+    finally:
+        del opt
+    base = model.get_base_model()
+    state = {n: p.detach() for n, p in base.state_dict().items() if "lora_" not in n}
+    state = {n.replace(".base_layer.", "."): t for n, t in state.items()}
+    return result, state, cfg
+
+
+def run_g3n(cfg, state, data, device, warmup, steps, checkpointing, compiled, dtype=torch.bfloat16):
+    model = g3n_model(cfg, state, device, "cpu", dtype)
+    add_lora(model, 16, 16, 0.0)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    model.model.gradient_checkpointing, model.model.compiled = checkpointing, compiled
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    scaler = torch.amp.GradScaler(device) if dtype == torch.float16 else None
+    it = iter(data)
+    finite, skipped = [], []
+
+    def step():
+        ids = next(it)
+        loss = causal_lm_loss(model, ids, ids, None, None)
+        (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.unscale_(opt)
+        norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if scaler:  # an overflowing step is skipped and the scale lowered, as in the training loop
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        value = loss.item()
+        finite.append(math.isfinite(value))
+        skipped.append(not math.isfinite(float(norm)))
+        return value
+
+    reset(device)
+    result = timed_steps(step, warmup, steps, device)
+    return result, (all(finite), sum(skipped))
+
+
+def reset(device):
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak(device) -> float:
+    return torch.cuda.max_memory_allocated() / GiB if device == "cuda" else float("nan")
+
+
+def profile_step(cfg, state, data, device):
+    """Top kernels of one g3n step (eager, checkpointing), to see where the time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = g3n_model(cfg, state, device, "cpu")
+    add_lora(model, 16, 16, 0.0)
+    model.model.gradient_checkpointing = True
+    model.train()
+    for ids in data[:2]:
+        causal_lm_loss(model, ids, ids, None, None).backward()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        causal_lm_loss(model, data[2], data[2], None, None).backward()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="E2B,E4B")
+    ap.add_argument("--rows", default="speed,long,fp16", help="speed (1x2048, 4x2048), long (1 x 8K..32K), fp16")
+    ap.add_argument("--variants", default="ckpt,ckpt+compile,offload,offload+compile")
+    ap.add_argument("--long", default="8192,16384,32768")
+    ap.add_argument("--long-variant", default="offload+compile", help="the g3n variant of the long and fp16 rows")
+    ap.add_argument("--caps", default="E2B:16,E4B:24", help="GiB caps for the long rows")
+    ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--cpu-smoke", action="store_true")
+    ap.add_argument("--json", type=Path, help="also write the rows here")
+    args = ap.parse_args()
+    device = "cpu" if args.cpu_smoke else "cuda"
+    sizes = ["tiny"] if args.cpu_smoke else args.sizes.split(",")
+    speed = [(1, 64), (2, 64)] if args.cpu_smoke else [(1, 2048), (4, 2048)]
+    longs = [128, 256] if args.cpu_smoke else [int(x) for x in args.long.split(",")]
+    caps = dict(item.split(":") for item in args.caps.split(","))
+    variants = {"ckpt": (True, False), "ckpt+compile": (True, True), "offload": ("offload", False),
+                "offload+compile": ("offload", True), "none": (False, False), "none+compile": (False, True)}  # fmt: skip
+    chosen = args.variants.split(",")
+    rows_kind = set(args.rows.split(","))
+    import transformers
+
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"{torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}", flush=True)  # fmt: skip
+    rows = []
+
+    def g3n_row(size, work, name, run, cap=None):
+        try:
+            result, finite = run()
+            record(size, work, f"g3n {name}", result, finite, cap)
+        except torch.OutOfMemoryError:
+            record(size, work, f"g3n {name}", None, cap=cap, error="OOM")
+        except Exception as e:  # noqa: BLE001 - a failing variant is a row, the rest still runs
+            record(size, work, f"g3n {name}", None, cap=cap, error=f"{type(e).__name__}: {str(e)[:300]}")
+        torch.cuda.empty_cache() if device == "cuda" else None
+
+    def record(size, work, who, result, finite=(True, 0), cap=None, error=None):
+        row = {"size": size, "work": work, "who": who, "cap_gib": cap}
+        if error:
+            row["error"] = error
+        else:
+            (loss, times, first), med = result, statistics.median(result[1])
+            bs, seq = (int(x) for x in work.split(" x "))
+            row.update(tok_s=round(bs * seq / med), peak_gib=round(peak(device), 2), loss=round(loss, 4),
+                       first_step_s=round(first, 1), spread=round((max(times) - min(times)) / med, 3),
+                       finite=finite[0], skipped=finite[1])  # fmt: skip
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    ple = "model.embed_tokens_per_layer.weight"
+    for size in sizes:
+        vocab = 262144 if size != "tiny" else 2000
+        state = cfg = None
+        for bs, seq in speed if "speed" in rows_kind else []:
+            data = batches(args.warmup + args.steps, bs, seq, vocab, device)
+            work = f"{bs} x {seq}"
+            if not args.no_baseline or state is None:
+                state = None  # the baseline's peak must not include another copy of the weights
+                reset(device)
+                try:
+                    result, state, cfg = run_hf(size, data, device, args.warmup, 0 if args.no_baseline else args.steps)
+                    if not args.no_baseline:
+                        record(size, work, "transformers+PEFT (ckpt)", result)
+                except torch.OutOfMemoryError:
+                    record(size, work, "transformers+PEFT (ckpt)", None, error="OOM")
+                    _, state, cfg = run_hf(size, data[:1], device, 0, 1, train=False)
+                state[ple] = state[ple].cpu()  # moved once; every g3n variant keeps it in CPU memory
+            if args.profile and bs == 1 and device == "cuda":
+                profile_step(cfg, state, data, device)
+            for name in chosen:
+                g3n_row(size, work, name, lambda name=name: run_g3n(cfg, state, data, device, args.warmup, args.steps,
+                                                                     *variants[name]))  # fmt: skip
+        if state is None:
+            _, state, cfg = run_hf(size, batches(1, 1, 64, vocab, device), device, 0, 1, train=False)
+            state[ple] = state[ple].cpu()
+        if "fp16" in rows_kind and size != "E4B":
+            data = batches(args.warmup + args.steps, *speed[0], vocab, device)
+            half = {n: t.to(torch.float16) for n, t in state.items()}
+            g3n_row(size, f"{speed[0][0]} x {speed[0][1]}", f"{args.long_variant}, float16 + loss scaling",
+                    lambda: run_g3n(cfg, half, data, device, args.warmup, args.steps, *variants[args.long_variant],
+                                    torch.float16))  # fmt: skip
+            del half
+        for seq in longs if "long" in rows_kind else []:
+            cap = float(caps.get(size, 0)) or None
+            if device == "cuda" and cap:
+                torch.cuda.empty_cache()
+                torch.cuda.set_per_process_memory_fraction(cap * GiB / torch.cuda.get_device_properties(0).total_memory)
+            data = batches(3, 1, seq, vocab, device)
+            try:
+                g3n_row(size, f"1 x {seq}", args.long_variant,
+                        lambda: run_g3n(cfg, state, data, device, 1, 2, *variants[args.long_variant]), cap)  # fmt: skip
+            finally:
+                if device == "cuda":
+                    torch.cuda.set_per_process_memory_fraction(1.0)
+        del state
+    print("\n| size | work | who | cap GiB | tokens/s | peak GiB | first loss | first step s | finite (skipped) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['size']} | {r['work']} | {r['who']} | {r['cap_gib'] or ''} | {r.get('tok_s', r.get('error'))} | "
+              f"{r.get('peak_gib', '')} | {r.get('loss', '')} | {r.get('first_step_s', '')} | "
+              f"{r.get('finite', '')} ({r.get('skipped', '')}) |")  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

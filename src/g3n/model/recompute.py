@@ -1,0 +1,182 @@
+"""How training runs each decoder layer: gradient checkpointing (recompute in the backward pass),
+optionally with the layer inputs offloaded to CPU memory, and optionally compiled.
+
+Memory at long context is mostly what checkpointing keeps per layer: the layer's input, the four
+AltUp streams (4 x hidden per token; 537 MB per layer at 32K tokens in bf16, 16 GB for E2B's 30
+layers). `offload` moves each input to pinned CPU memory on a side stream while the next layers
+run, and brings it back (prefetched one layer ahead) for the recompute.
+
+`compiled` runs the two elementwise-heavy halves of a layer (AltUp prediction + norms + Laurel
+before attention; residuals, MLP with its sparsity, AltUp correction and the per-layer input
+after) and the attention through torch.compile. The compiled functions take the layer as an
+argument, so every layer of the same kind shares one compiled graph.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.utils.checkpoint
+
+MODES = (False, True, "offload")
+BACKEND = "inductor"  # torch.compile's backend (tests use "aot_eager": the same tracing, no codegen)
+
+
+def _begin(layer, streams):
+    return layer.begin(streams)
+
+
+def _attend(attn, normed, cos, sin, k, v, mask):
+    return attn(normed, cos, sin, k, v, mask)
+
+
+def _end(layer, predictions, attn, laurel, per_layer_input):
+    return layer.end(predictions, attn, laurel, per_layer_input)
+
+
+def _compiled():
+    return _compile(BACKEND)
+
+
+@functools.cache
+def _compile(backend: str):
+    import torch._dynamo
+
+    config = torch._dynamo.config  # a few variants per function: sparse/dense, sliding/full, grad on/off
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), 64))
+    return tuple(torch.compile(f, backend=backend) for f in (_begin, _attend, _end))
+
+
+def layer_forward(layer, streams, per_layer_input, cos, sin, kv_for, mask, compiled: bool = False):
+    """One decoder layer (DecoderLayer.forward), its halves compiled when `compiled`."""
+    if not compiled:
+        return layer(streams, per_layer_input, cos, sin, kv_for, mask)
+    begin, attend, end = _compiled()
+    predictions, normed, laurel = begin(layer, streams)
+    k, v = kv_for(layer.self_attn, normed)
+    return end(layer, predictions, attend(layer.self_attn, normed, cos, sin, k, v, mask), laurel, per_layer_input)
+
+
+class Offloader:
+    """Pinned CPU copies of layer inputs made on a side stream (overlapping the next layers), and
+    brought back in reverse order, each prefetched while the layer after it recomputes. On a CPU
+    device the tensors are simply kept (the same code path, nothing to move)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.saved: list = []  # per layer input: (cpu tensor, copy-done event) or a kept tensor
+        self.fetched: dict[int, tuple] = {}  # index -> (gpu tensor, ready event)
+
+    def save(self, x: torch.Tensor) -> int:
+        if self.stream is None:
+            self.saved.append(x)
+            return len(self.saved) - 1
+        buf = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            buf.copy_(x, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        x.record_stream(self.stream)  # x's memory is not reused before the copy has read it
+        self.saved.append((buf, done))
+        return len(self.saved) - 1
+
+    def _fetch(self, index: int) -> None:
+        if index < 0 or index in self.fetched or self.saved[index] is None:
+            return
+        buf, done = self.saved[index]
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(done)
+            x = buf.to(self.device, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(self.stream)
+        self.fetched[index] = (x, ready)
+
+    def load(self, index: int) -> torch.Tensor:
+        """The input saved at `index`, on the device; starts bringing back the one before it."""
+        if self.stream is None:
+            x, self.saved[index] = self.saved[index], None
+            return x
+        self._fetch(index)
+        x, ready = self.fetched.pop(index)
+        self.saved[index] = None  # frees the pinned buffer (returned to the caching allocator)
+        torch.cuda.current_stream(self.device).wait_event(ready)
+        x.record_stream(torch.cuda.current_stream(self.device))
+        self._fetch(index - 1)
+        return x
+
+
+def _rng_state(device: torch.device):
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+class _OffloadedLayer(torch.autograd.Function):
+    """A checkpointed layer whose input waits in CPU memory for the backward pass. The K/V a
+    KV-shared layer reads from its source layer are explicit inputs, so their gradients flow back."""
+
+    @staticmethod
+    def forward(ctx, layer, offloader, compiled, streams, per_layer_input, cos, sin, mask, k, v):
+        ctx.layer, ctx.offloader, ctx.compiled = layer, offloader, compiled
+        ctx.index = offloader.save(streams)
+        ctx.rng = _rng_state(streams.device)  # LoRA dropout draws the same masks when recomputing
+        ctx.save_for_backward(per_layer_input, cos, sin, mask, k, v)
+        return layer_forward(layer, streams, per_layer_input, cos, sin, _kv(k, v, cos, sin), mask, compiled)
+
+    @staticmethod
+    def backward(ctx, grad):
+        per_layer_input, cos, sin, mask, k, v = ctx.saved_tensors
+        x = ctx.offloader.load(ctx.index).detach().requires_grad_(ctx.needs_input_grad[3])
+        per_layer_input, k, v = (
+            t.detach().requires_grad_(need) if t is not None else None
+            for t, need in ((per_layer_input, ctx.needs_input_grad[4]), (k, ctx.needs_input_grad[8]),
+                            (v, ctx.needs_input_grad[9]))
+        )  # fmt: skip
+        cpu_rng, device_rng = ctx.rng
+        devices = [x.device] if device_rng is not None else []
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            torch.set_rng_state(cpu_rng)
+            if device_rng is not None:
+                torch.cuda.set_rng_state(device_rng, x.device)
+            out = layer_forward(ctx.layer, x, per_layer_input, cos, sin, _kv(k, v, cos, sin), mask, ctx.compiled)
+        torch.autograd.backward(out, grad)
+        grads = [t.grad if t is not None and t.requires_grad else None for t in (x, per_layer_input, k, v)]
+        return None, None, None, grads[0], grads[1], None, None, None, grads[2], grads[3]
+
+
+def _kv(k, v, cos, sin):
+    """kv_for inside an offloaded layer: the source's K/V for a shared layer, else its own."""
+    if k is not None:
+        return lambda attn, normed: (k, v)
+    return lambda attn, normed: attn.project_kv(normed, cos, sin)
+
+
+def run_layers(model, streams, per_layer, rope: dict, kv_for, masks: dict):
+    """Every decoder layer of `model` (a TextModel) under its checkpointing mode."""
+    cfg, compiled = model.cfg, model.compiled
+    mode = model.gradient_checkpointing if torch.is_grad_enabled() else False
+    if mode not in MODES:
+        raise ValueError(f"gradient_checkpointing must be one of {MODES}, got {mode!r}")
+    sources = {cfg.kv_source(i) for i, layer in enumerate(model.layers) if layer.self_attn.kv_shared}
+    offloader = Offloader(streams.device) if mode == "offload" else None
+    if offloader is not None and not streams.requires_grad:
+        # A Function's output needs a grad-requiring input to be backpropagated at all (the
+        # layers' own weights are not inputs): with frozen embeddings (LoRA), make the first one.
+        streams = streams.detach().requires_grad_()
+    for i, layer in enumerate(model.layers):
+        kind = cfg.layer_types[i]
+        cos, sin = rope[kind]
+        args = (streams, per_layer[:, :, i, :], cos, sin, kv_for, masks[kind])
+        if offloader is not None and i not in sources:  # a source's K/V must keep their graph
+            k, v = kv_for(layer.self_attn, None) if layer.self_attn.kv_shared else (None, None)
+            streams = _OffloadedLayer.apply(layer, offloader, compiled, *args[:4], masks[kind], k, v)
+        elif mode:
+            # Recomputing a layer calls kv_for again: a K/V-computing layer recomputes its own K/V
+            # (same values), a shared layer reads the source's K/V kept from the first pass.
+            streams = torch.utils.checkpoint.checkpoint(layer_forward, layer, *args, compiled, use_reentrant=False)
+        else:
+            streams = layer_forward(layer, *args, compiled)
+    return streams
