@@ -25,17 +25,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from g3n.config import text_config_from_dict  # noqa: E402
-from g3n.model.text import Gemma3nForCausalLM, RotaryEmbedding  # noqa: E402
-from g3n.train.lora import add_lora  # noqa: E402
-from g3n.train.loss import causal_lm_loss  # noqa: E402
+from g3n.config import text_config_from_dict
+from g3n.model.text import Gemma3nForCausalLM, RotaryEmbedding
+from g3n.train.lora import add_lora
+from g3n.train.loss import causal_lm_loss
 
 SIZES = {
-    "E2B": dict(num_hidden_layers=30, intermediate_size=8192, num_kv_shared_layers=10),
-    "E4B": dict(num_hidden_layers=35, intermediate_size=16384, num_kv_shared_layers=15),
-    "tiny": dict(num_hidden_layers=12, intermediate_size=256, num_kv_shared_layers=4, hidden_size=128,
-                 vocab_size=2048, vocab_size_per_layer_input=2000, num_attention_heads=4, num_key_value_heads=2,
-                 head_dim=32, hidden_size_per_layer_input=16, laurel_rank=8, sliding_window=64),
+    "E2B": {"num_hidden_layers": 30, "intermediate_size": 8192, "num_kv_shared_layers": 10},
+    "E4B": {"num_hidden_layers": 35, "intermediate_size": 16384, "num_kv_shared_layers": 15},
+    "tiny": {"num_hidden_layers": 12, "intermediate_size": 256, "num_kv_shared_layers": 4, "hidden_size": 128,
+                 "vocab_size": 2048, "vocab_size_per_layer_input": 2000, "num_attention_heads": 4, "num_key_value_heads": 2,
+                 "head_dim": 32, "hidden_size_per_layer_input": 16, "laurel_rank": 8, "sliding_window": 64},
 }  # fmt: skip
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GiB = 2**30
@@ -111,10 +111,8 @@ def run_hf(size, data, device, warmup, steps, train=True):
         return loss.item()
 
     reset(device)
-    try:
-        result = timed_steps(step, warmup, steps, device)
-    finally:
-        del opt
+    result = timed_steps(step, warmup, steps, device)
+    opt.state.clear()
     base = model.get_base_model()
     state = {n: p.detach() for n, p in base.state_dict().items() if "lora_" not in n}
     state = {n.replace(".base_layer.", "."): t for n, t in state.items()}
@@ -184,6 +182,36 @@ def profile_step(cfg, state, data, device):
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
 
 
+def fp16_probe(cfg, half_state, ids, device):
+    """Where float16 overflows: per decoder layer, abs max of its output and of the gradient that
+    reaches it (one unscaled step, no checkpointing), and the non-finite parameter gradients."""
+    model = g3n_model(cfg, half_state, device, "cpu", torch.float16)
+    add_lora(model, 16, 16, 0.0)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    model.train()
+    stats = {}
+
+    def hook(i):
+        def forward(module, args, out):
+            stats[i] = [out.float().abs().max().item(), None]
+            out.register_hook(lambda g: stats[i].__setitem__(1, g.float().abs().max().item()))
+
+        return forward
+
+    handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(model.model.layers)]
+    loss = causal_lm_loss(model, ids, ids, None, None)
+    loss.backward()
+    for h in handles:
+        h.remove()
+    bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    print(f"fp16 probe: loss {loss.item():.4f}; non-finite grads in {len(bad)} tensors {bad[:3]}", flush=True)
+    print("fp16 probe per layer (output abs max, grad abs max): "
+          + " ".join(f"{i}:{a:.3g}/{g if g is None else f'{g:.3g}'}" for i, (a, g) in sorted(stats.items())),
+          flush=True)  # fmt: skip
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="E2B,E4B")
@@ -214,9 +242,9 @@ def main() -> int:
           f"{torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}", flush=True)  # fmt: skip
     rows = []
 
-    def g3n_row(size, work, name, run, cap=None):
+    def g3n_row(size, work, name, cap, *run_args):
         try:
-            result, finite = run()
+            result, finite = run_g3n(*run_args)
             record(size, work, f"g3n {name}", result, finite, cap)
         except torch.OutOfMemoryError:
             record(size, work, f"g3n {name}", None, cap=cap, error="OOM")
@@ -258,8 +286,7 @@ def main() -> int:
             if args.profile and bs == 1 and device == "cuda":
                 profile_step(cfg, state, data, device)
             for name in chosen:
-                g3n_row(size, work, name, lambda name=name: run_g3n(cfg, state, data, device, args.warmup, args.steps,
-                                                                     *variants[name]))  # fmt: skip
+                g3n_row(size, work, name, None, cfg, state, data, device, args.warmup, args.steps, *variants[name])  # fmt: skip
         if state is None:
             _, state, cfg = run_hf(size, batches(1, 1, 64, vocab, device), device, 0, 1, train=False)
             state[ple] = state[ple].cpu()
@@ -267,8 +294,9 @@ def main() -> int:
             data = batches(args.warmup + args.steps, *speed[0], vocab, device)
             half = {n: t.to(torch.float16) for n, t in state.items()}
             g3n_row(size, f"{speed[0][0]} x {speed[0][1]}", f"{args.long_variant}, float16 + loss scaling",
-                    lambda: run_g3n(cfg, half, data, device, args.warmup, args.steps, *variants[args.long_variant],
-                                    torch.float16))  # fmt: skip
+                    None, cfg, half, data, device, args.warmup, args.steps, *variants[args.long_variant], torch.float16)  # fmt: skip
+            if device == "cuda":
+                fp16_probe(cfg, half, data[0], device)
             del half
         for seq in longs if "long" in rows_kind else []:
             cap = float(caps.get(size, 0)) or None
@@ -277,12 +305,11 @@ def main() -> int:
                 torch.cuda.set_per_process_memory_fraction(cap * GiB / torch.cuda.get_device_properties(0).total_memory)
             data = batches(3, 1, seq, vocab, device)
             try:
-                g3n_row(size, f"1 x {seq}", args.long_variant,
-                        lambda: run_g3n(cfg, state, data, device, 1, 2, *variants[args.long_variant]), cap)  # fmt: skip
+                g3n_row(size, f"1 x {seq}", args.long_variant, cap, cfg, state, data, device, 1, 2, *variants[args.long_variant])  # fmt: skip
             finally:
                 if device == "cuda":
                     torch.cuda.set_per_process_memory_fraction(1.0)
-        del state
+        state = None
     print("\n| size | work | who | cap GiB | tokens/s | peak GiB | first loss | first step s | finite (skipped) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -70,14 +70,18 @@ def test_gradient_checkpointing_keeps_loss_and_gradients(hf_dir, packed, monkeyp
         torch.manual_seed(0)
         loss = causal_lm_loss(model, ids, labels, None, segments)
         loss.backward()
-        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    loss_a, grads_a = results[0]
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((compiled, loss.item(), grads))
+    _, loss_a, grads_a = results[0]
     assert len(grads_a) > 100
-    for loss_b, grads_b in results[1:]:
+    for compiled, loss_b, grads_b in results[1:]:
         assert loss_a == pytest.approx(loss_b, abs=1e-6)
         assert grads_a.keys() == grads_b.keys()
-        for name in grads_a:
-            torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-5, rtol=1e-4, msg=name)
+        for name, ref in grads_a.items():
+            if compiled:  # float32 sums in another order (AltUp as broadcast sums, fused loss): ~1e-4
+                assert (grads_b[name] - ref).abs().max() <= 5e-4 * ref.abs().max() + 1e-7, name
+            else:
+                torch.testing.assert_close(grads_b[name], ref, atol=1e-5, rtol=1e-4, msg=name)
 
     add_lora(model, r=4, alpha=8, dropout=0.3)  # dropout: the recompute must replay the RNG
     results = []

@@ -35,6 +35,10 @@ def _end(layer, predictions, attn, laurel, per_layer_input):
     return layer.end(predictions, attn, laurel, per_layer_input)
 
 
+def _project_kv(attn, normed, cos, sin):
+    return attn.project_kv(normed, cos, sin)
+
+
 def _compiled():
     return _compile(BACKEND)
 
@@ -47,14 +51,19 @@ def _compile(backend: str):
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(config, name):
             setattr(config, name, max(getattr(config, name), 64))
-    return tuple(torch.compile(f, backend=backend) for f in (_begin, _attend, _end))
+    return tuple(torch.compile(f, backend=backend) for f in (_begin, _attend, _end, _project_kv))
+
+
+def project_kv(attn, normed, cos, sin, compiled: bool = False):
+    """Attention.project_kv (a layer's new K/V), compiled when `compiled`."""
+    return (_compiled()[3] if compiled else _project_kv)(attn, normed, cos, sin)
 
 
 def layer_forward(layer, streams, per_layer_input, cos, sin, kv_for, mask, compiled: bool = False):
     """One decoder layer (DecoderLayer.forward), its halves compiled when `compiled`."""
     if not compiled:
         return layer(streams, per_layer_input, cos, sin, kv_for, mask)
-    begin, attend, end = _compiled()
+    begin, attend, end, _ = _compiled()
     predictions, normed, laurel = begin(layer, streams)
     k, v = kv_for(layer.self_attn, normed)
     return end(layer, predictions, attend(layer.self_attn, normed, cos, sin, k, v, mask), laurel, per_layer_input)
@@ -124,7 +133,7 @@ class _OffloadedLayer(torch.autograd.Function):
         ctx.index = offloader.save(streams)
         ctx.rng = _rng_state(streams.device)  # LoRA dropout draws the same masks when recomputing
         ctx.save_for_backward(per_layer_input, cos, sin, mask, k, v)
-        return layer_forward(layer, streams, per_layer_input, cos, sin, _kv(k, v, cos, sin), mask, compiled)
+        return layer_forward(layer, streams, per_layer_input, cos, sin, _kv(k, v, cos, sin, compiled), mask, compiled)
 
     @staticmethod
     def backward(ctx, grad):
@@ -141,17 +150,18 @@ class _OffloadedLayer(torch.autograd.Function):
             torch.set_rng_state(cpu_rng)
             if device_rng is not None:
                 torch.cuda.set_rng_state(device_rng, x.device)
-            out = layer_forward(ctx.layer, x, per_layer_input, cos, sin, _kv(k, v, cos, sin), mask, ctx.compiled)
+            kv_for = _kv(k, v, cos, sin, ctx.compiled)
+            out = layer_forward(ctx.layer, x, per_layer_input, cos, sin, kv_for, mask, ctx.compiled)
         torch.autograd.backward(out, grad)
         grads = [t.grad if t is not None and t.requires_grad else None for t in (x, per_layer_input, k, v)]
         return None, None, None, grads[0], grads[1], None, None, None, grads[2], grads[3]
 
 
-def _kv(k, v, cos, sin):
+def _kv(k, v, cos, sin, compiled):
     """kv_for inside an offloaded layer: the source's K/V for a shared layer, else its own."""
     if k is not None:
         return lambda attn, normed: (k, v)
-    return lambda attn, normed: attn.project_kv(normed, cos, sin)
+    return lambda attn, normed: project_kv(attn, normed, cos, sin, compiled)
 
 
 def run_layers(model, streams, per_layer, rope: dict, kv_for, masks: dict):

@@ -106,7 +106,7 @@ class AltUp(nn.Module):
 
     def _modalities(self, x: torch.Tensor) -> torch.Tensor:
         scale = torch.tensor(self.cfg.hidden_size**-1.0).to(x.dtype)
-        routed = self.modality_router(self.router_norm(x) * scale)
+        routed = small_linear(self.router_norm(x) * scale, self.modality_router.weight)
         return torch.tanh(routed.float()).type_as(x)
 
     def predict(self, streams: torch.Tensor) -> torch.Tensor:
@@ -115,8 +115,11 @@ class AltUp(nn.Module):
         modalities = self._modalities(streams[self.cfg.altup_active_idx])
         if self.training and clip is not None:
             self.prediction_coefs.weight.data.clamp_(-clip, clip)
-        coefs = self.prediction_coefs(modalities).reshape(*modalities.shape[:-1], n, n).permute(0, 1, 3, 2)
-        predictions = torch.matmul(streams.permute(1, 2, 3, 0), coefs).permute(3, 0, 1, 2)
+        coefs = small_linear(modalities, self.prediction_coefs.weight).reshape(*modalities.shape[:-1], n, n)
+        if torch.compiler.is_compiling():  # prediction j = sum_i streams[i] * coefs[j, i], fused
+            mixed = (streams.permute(1, 2, 0, 3)[:, :, None].float() * coefs[..., None].float()).sum(3)
+            return (mixed.to(streams.dtype).permute(2, 0, 1, 3) + streams).contiguous()
+        predictions = torch.matmul(streams.permute(1, 2, 3, 0), coefs.permute(0, 1, 3, 2)).permute(3, 0, 1, 2)
         return (predictions + streams).contiguous().type_as(streams)
 
     def correct(self, predictions: torch.Tensor, activated: torch.Tensor) -> torch.Tensor:
@@ -126,11 +129,21 @@ class AltUp(nn.Module):
         weight = self.correction_coefs.weight
         if self.training and clip is not None:
             weight = weight.clamp(-clip, clip)
-        coefs = (F.linear(modalities, weight) + 1.0).permute(2, 0, 1).unsqueeze(-1)
+        coefs = (small_linear(modalities, weight) + 1.0).permute(2, 0, 1).unsqueeze(-1)
         return (innovation.unsqueeze(0) * coefs + predictions).contiguous().type_as(activated)
 
     def scale_corrected_output(self, x: torch.Tensor) -> torch.Tensor:
         return (x.type_as(self.correct_output_scale) * self.correct_output_scale).type_as(x)
+
+
+def small_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear for AltUp's 4-wide weights. Under torch.compile it is a float32 broadcast sum
+    (products of low-precision numbers are exact in float32; only the summation order differs),
+    which the compiler fuses into the neighbouring kernels instead of launching a GEMM for 4
+    outputs; eagerly that would materialise the broadcast, so it stays a GEMM there."""
+    if torch.compiler.is_compiling():
+        return (x.float()[..., None, :] * weight.float()).sum(-1).to(x.dtype)
+    return F.linear(x, weight)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -202,11 +215,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
     k, v = (F.pad(t, (0, 0, W, pad)).unfold(2, 2 * W, W).transpose(-1, -2) for t in (k, v))  # (B,H,blocks,2W,D)
     i = torch.arange(W, device=q.device)[:, None]
     j = torch.arange(2 * W, device=q.device)[None, :]
-    mask = (j > i) & (j <= i + W)  # key j of the block sees query i: 0 <= (i + W) - j < W
-    mask = torch.stack([mask & (j >= W), *[mask] * (blocks > 1)])  # block 0: no keys before 0
-    index = torch.zeros(blocks, dtype=torch.long, device=q.device)
-    index[1:] = 1
-    mask = mask[index]  # (blocks, W, 2W)
+    first = (torch.arange(blocks, device=q.device) == 0)[:, None, None]
+    # key j of a block sees query i when 0 <= (i + W) - j < W; block 0 has no keys before position 0
+    mask = (j > i) & (j <= i + W) & (~first | (j >= W))  # (blocks, W, 2W)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2).reshape(B * blocks, H, W, D),
         k.transpose(1, 2).reshape(B * blocks, H, 2 * W, D),
@@ -449,7 +460,7 @@ class TextModel(nn.Module):
             if attn.kv_shared:
                 return produced[cfg.kv_source(layer)]
             cos, sin = rope[cfg.layer_types[layer]]
-            k, v = attn.project_kv(normed, cos, sin)
+            k, v = recompute.project_kv(attn, normed, cos, sin, self.compiled)
             if cache is not None:
                 k, v = cache.update(layer, k, v)
             produced[layer] = (k, v)

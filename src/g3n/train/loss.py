@@ -9,7 +9,11 @@ so at most one chunk of logits exists at a time. Pure PyTorch, so it runs on CPU
 
 from __future__ import annotations
 
+import functools
+
 import torch
+
+from ..model import recompute
 
 IGNORE = -100
 
@@ -20,25 +24,52 @@ def _chunk_tanh(h: torch.Tensor, weight: torch.Tensor, softcap: float | None) ->
     return t.div_(softcap).tanh_() if softcap else t
 
 
+def _chunk_forward(h, weight, safe, softcap):
+    """(log-sum-exp, target logit) of one chunk of rows."""
+    logits = _chunk_tanh(h, weight, softcap)
+    if softcap:
+        logits = logits * softcap
+    return torch.logsumexp(logits, dim=-1), logits.gather(1, safe[:, None]).squeeze(1)
+
+
+def _chunk_backward(h, weight, safe, scale, lse, softcap):
+    """d loss / d logits of one chunk (`scale`: the rows' weights in the mean, 0 for ignored)."""
+    t = _chunk_tanh(h, weight, softcap)
+    g = (t * softcap if softcap else t).sub(lse[:, None]).exp()  # softmax
+    g = g.scatter_add(1, safe[:, None], -torch.ones_like(g[:, :1])) * scale[:, None]
+    if softcap:
+        g = g * (1 - t * t)  # d(c tanh(x/c))/dx = 1 - tanh^2
+    return g.to(h.dtype)
+
+
+def _compiled():
+    """The chunk functions through torch.compile: the soft-cap, softmax and their gradients fuse
+    into the matmul's neighbours instead of several passes over (chunk x 262400) float32."""
+    return _compile(recompute.BACKEND)
+
+
+@functools.cache
+def _compile(backend: str):
+    return tuple(torch.compile(f, dynamic=True, backend=backend) for f in (_chunk_forward, _chunk_backward))
+
+
 class _ChunkedCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, softcap, chunk):
+    def forward(ctx, hidden, weight, labels, softcap, chunk, compiled):
         n = hidden.shape[0]
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
         target = torch.zeros(n, dtype=torch.float32, device=hidden.device)
         valid = labels != IGNORE
         safe = torch.where(valid, labels, 0)
+        forward = _compiled()[0] if compiled else _chunk_forward
         for s in range(0, n, chunk):
-            logits = _chunk_tanh(hidden[s : s + chunk], weight, softcap)
-            if softcap:
-                logits.mul_(softcap)
-            lse[s : s + chunk] = torch.logsumexp(logits, dim=-1)
-            target[s : s + chunk] = logits.gather(1, safe[s : s + chunk, None]).squeeze(1)
-            del logits
+            lse[s : s + chunk], target[s : s + chunk] = forward(
+                hidden[s : s + chunk], weight, safe[s : s + chunk], softcap
+            )
         count = valid.sum().clamp(min=1)
         loss = ((lse - target) * valid).sum() / count
         ctx.save_for_backward(hidden, weight, safe, valid, lse, count)
-        ctx.softcap, ctx.chunk = softcap, chunk
+        ctx.softcap, ctx.chunk, ctx.compiled = softcap, chunk, compiled
         return loss
 
     @staticmethod
@@ -49,22 +80,16 @@ class _ChunkedCE(torch.autograd.Function):
         grad_w = (
             torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
         )
-        scale = grad_out / count
+        scale = valid * (grad_out / count)
+        backward = _compiled()[1] if ctx.compiled else _chunk_backward
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s : s + chunk]
-            t = _chunk_tanh(h, weight, softcap)
-            g = (t * softcap if softcap else t).sub_(lse[s : s + chunk, None]).exp_()  # softmax
-            g.scatter_add_(1, safe[s : s + chunk, None], -torch.ones_like(g[:, :1]))
-            g.mul_((valid[s : s + chunk, None] * scale).float())
-            if softcap:
-                g.mul_(t.square_().neg_().add_(1))  # d(c tanh(x/c))/dx = 1 - tanh^2
-            del t
-            g = g.to(hidden.dtype)
+            g = backward(h, weight, safe[s : s + chunk], scale[s : s + chunk], lse[s : s + chunk], softcap)
             if grad_h is not None:
                 grad_h[s : s + chunk] = g @ weight
             if grad_w is not None:
                 grad_w += (g.t() @ h).float()
-        return grad_h, (grad_w.to(weight.dtype) if grad_w is not None else None), None, None, None
+        return grad_h, (grad_w.to(weight.dtype) if grad_w is not None else None), None, None, None, None
 
 
 def chunked_cross_entropy(
@@ -73,13 +98,14 @@ def chunked_cross_entropy(
     labels: torch.Tensor,
     softcap: float | None = 30.0,
     chunk: int = 512,
+    compiled: bool = False,
 ) -> torch.Tensor:
     """Mean cross-entropy of softcap(hidden @ weight.T) against labels (-100 = ignored).
 
     hidden (tokens, dim), weight (vocab, dim), labels (tokens,): already shifted so that hidden[i]
     predicts labels[i].
     """
-    return _ChunkedCE.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), softcap, chunk)
+    return _ChunkedCE.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), softcap, chunk, compiled)
 
 
 def causal_lm_loss(
@@ -92,5 +118,10 @@ def causal_lm_loss(
     hidden = (body or model.model)(input_ids, attention_mask, None, None, segment_ids, embeds)
     shifted = labels[:, 1:].to(hidden.device)
     return chunked_cross_entropy(
-        hidden[:, :-1], model.model.embed_tokens.weight, shifted, model.config.final_logit_softcapping, chunk
+        hidden[:, :-1],
+        model.model.embed_tokens.weight,
+        shifted,
+        model.config.final_logit_softcapping,
+        chunk,
+        model.model.compiled,
     )
