@@ -96,3 +96,26 @@ def test_failed_compile_falls_back_to_the_uncompiled_graph(hf_dir, monkeypatch):
     with pytest.warns(UserWarning, match="no compiler here"):
         fallback = _teacher_forced(model, ids, prompt_len=10, cuda_graph=True, compile=True)
     assert (eager - fallback).abs().max() < 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_generation_reads_the_cpu_table_in_the_graph(tiny):
+    """The per-layer table stays in CPU memory and the graph step gathers its rows itself (no host
+    round trip), and generation, which queues each step before reading the last tokens, gives
+    the CPU's greedy tokens; a batch of seeded rows equals each row alone."""
+    import g3n
+    from g3n.generate import SamplingParams, generate, generate_rows
+
+    cpu_model, tok = tiny
+    model, _ = g3n.load("tiny", dtype="float32", device="cuda", ple_device="cpu")
+    gen = Generator(model, 1, 64)
+    assert gen.ple_table is not None and gen.ple_table.device.type == "cuda"
+    assert model.model.embed_tokens_per_layer.weight.device.type == "cpu"
+    prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in ("Hi", "What is 12+7?")]
+    greedy = SamplingParams(greedy=True, max_new_tokens=24)
+    assert generate(model, prompts, greedy) == generate(cpu_model, prompts, greedy)
+    params = [SamplingParams(seed=s, max_new_tokens=16, temperature=1.5) for s in (1, 2)]
+    batched = list(zip(*generate_rows(model, prompts, params), strict=True))  # per row: 16 tokens
+    for prompt, p, row in zip(prompts, params, batched, strict=True):
+        (alone,) = zip(*generate_rows(model, [prompt], [p]), strict=True)
+        assert alone == row

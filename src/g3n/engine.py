@@ -30,6 +30,7 @@ import contextlib
 import math
 import os
 import warnings
+import weakref
 
 import torch
 
@@ -249,13 +250,21 @@ def mapped_table(model):
     if held is not None and (held.table is not table or held.ptr != table.data_ptr()):
         held = None  # the table was replaced: map the new one
     if held is None:
-        try:
-            held = _MappedTable(table, model.device)
-        except Exception as e:  # noqa: BLE001 - any failure: gather on the host instead
-            warnings.warn(f"the per-layer table could not be mapped for the GPU, gathering its rows on the host: {e}")
-            held = _Unmapped(table)
+        held = _MAPPED.get(table.data_ptr())  # another model sharing this table mapped it
+        if held is None or held.table is not table:
+            try:
+                held = _MappedTable(table, model.device)
+            except Exception as e:  # noqa: BLE001 - any failure: gather on the host instead
+                warnings.warn(
+                    f"the per-layer table could not be mapped for the GPU, gathering its rows on the host: {e}"
+                )
+                held = _Unmapped(table)
+            _MAPPED[table.data_ptr()] = held
         body._mapped_ple = held
     return held.view
+
+
+_MAPPED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # data_ptr -> mapping, while models hold it
 
 
 class _Unmapped:
@@ -330,6 +339,11 @@ class Generator:
             chunk_embeds = None if embeds is None else embeds[:, start : start + PREFILL_CHUNK]
             hidden = forward_cached(self.model, cache, chunk, index, embeds=chunk_embeds)
         return self.model.logits(hidden[:, -1])
+
+    @property
+    def captured(self) -> bool:
+        """Whether `step` replays a captured graph (and so returns without waiting for the host)."""
+        return self.graph is not None
 
     def _step(self, tokens, ple_rows, index):
         return decode_logits(self.model, self.cache, tokens, ple_rows, index, self.fused)

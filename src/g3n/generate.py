@@ -186,19 +186,29 @@ def generate_steps(
     ids, seen, engine, logits = _prefill(model, prompts, pad_id, max_new, penalize, media, compile)
     stops = set(stop_ids)
     done = [False] * len(prompts)
+
+    def advance(tok, step):
+        if seen is not None:
+            seen[torch.arange(len(prompts), device=device), tok] = True
+        return engine.step(tok, ids.shape[1] + step)
+
     for step in range(max_new):
         tok = next_tokens(logits, params, seen, generator)
         pending = _copy_to_host(tok)
         last = step == max_new - 1
-        if not last:  # queued before the host reads `tok` (wasted work if every row stops here)
-            if seen is not None:
-                seen[torch.arange(len(prompts), device=device), tok] = True
-            logits = engine.step(tok, ids.shape[1] + step)
+        # A captured step is queued before the host reads `tok`, so the GPU runs it meanwhile
+        # (wasted work if every row stops here); the first (capturing, maybe compiling) step
+        # waits until the first token is out.
+        queued = not last and engine.captured
+        if queued:
+            logits = advance(tok, step)
         values = _host_values(pending)
         yield [None if d else t for t, d in zip(values, done)]
         done = [d or t in stops for t, d in zip(values, done)]
         if all(done) or last:
             return
+        if not queued:
+            logits = advance(tok, step)
 
 
 @torch.inference_mode()
@@ -235,6 +245,12 @@ def generate_rows(
     ids, seen, engine, logits = _prefill(model, prompts, pad_id, steps, penalize, media, compile)
     stops = set(stop_ids)
     done = [n == 0 for n in max_new]
+
+    def advance(tokens, step):
+        if seen is not None:
+            seen[torch.arange(len(prompts), device=device), tokens] = True
+        return engine.step(tokens, ids.shape[1] + step)
+
     for step in range(steps):
         if stopped is not None:
             done = [d or bool(stopped(row)) for row, d in enumerate(done)]
@@ -246,10 +262,10 @@ def generate_rows(
             row_seen = None if seen is None else seen[row : row + 1]
             tokens[row] = next_tokens(logits[row : row + 1], params[row], row_seen, generators[row])[0]
         pending = _copy_to_host(tokens)
-        if any(step + 1 < max_new[row] for row in live):  # queued before the host reads `tokens`
-            if seen is not None:
-                seen[torch.arange(len(prompts), device=device), tokens] = True
-            logits = engine.step(tokens, ids.shape[1] + step)
+        # queued before the host reads `tokens` once captured, as in generate_steps
+        queued = engine.captured and any(step + 1 < max_new[row] for row in live)
+        if queued:
+            logits = advance(tokens, step)
         values = _host_values(pending)
         out: list[int | None] = [None] * len(prompts)
         for row in live:
@@ -258,6 +274,8 @@ def generate_rows(
         yield out
         if all(done):
             return
+        if not queued:
+            logits = advance(tokens, step)
 
 
 def generate(
