@@ -5,7 +5,8 @@ Decode variants: `eager` (no graph), `graph` (the model's layers captured as a C
 `compiled` (torch.compile of those layers, then the graph), `fused` (torch.compile of the engine's
 decode_layer, then the graph: what G3N_COMPILE=1 runs), `tuned` (`fused` with inductor's
 coordinate-descent tuning, whose batch-1 matrix-vector products are fused, tuned reductions:
-G3N_COMPILE=1 since 2026-11-29). Timed two ways: `sync` (the bench's own loop, reading each token
+G3N_GEMV_TUNING=1), `layers` (each kind of decoder layer compiled once, the rest of the step
+uncompiled, all in the graph: G3N_COMPILE=layers), `layers-tuned` (both). Timed two ways: `sync` (the bench's own loop, reading each token
 on the host before the next step, as generation did before) and `api` (g3n.generate.generate_steps,
 which queues the next step before reading the tokens); both with the per-layer rows gathered in the
 graph from the page-locked CPU table. Before any speed counts, each variant's logits
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -42,12 +44,14 @@ VARIANTS = {
     "compiled": {"compile": True, "fused": False},
     "fused": {"compile": True, "fused": True},
     "tuned": {"compile": True, "fused": True},
+    "layers": {"compile": "layers"},
+    "layers-tuned": {"compile": "layers"},
 }
-TUNED = {"fused": False, "tuned": True}  # engine.GEMV_TUNING per variant (others: unchanged)
+TUNED = {"tuned": True, "layers-tuned": True}  # engine.GEMV_TUNING per variant (others: off)
 
 
 def use_variant(name: str) -> dict:
-    engine.GEMV_TUNING = TUNED.get(name, True)
+    engine.GEMV_TUNING = TUNED.get(name, False)
     return VARIANTS[name]
 
 
@@ -146,7 +150,7 @@ def profile_step(gen) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     args = (gen.model, gen.cache, gen.static_tokens, gen.static_rows, gen.static_index, gen.fused)
-    fn = compiled_decode() if gen.compiled else decode_logits
+    fn = compiled_decode() if gen.compiled and gen.fused is True else decode_logits  # "layers": compiled inside
     with torch.inference_mode():
         fn(*args)
         torch.cuda.synchronize()
@@ -281,7 +285,9 @@ def main() -> int:
     ap.add_argument("--long", nargs="*", default=[], help="sizes for the long-context run (prompt --long-prompt)")
     ap.add_argument("--long-prompt", type=int, default=30_000)
     ap.add_argument("--long-variant", default=None, help="default: the last of --variants")
+    ap.add_argument("--extra", nargs="*", default=[], help="more tasks, TASK:SIZE:BATCH:VARIANT (api, time, long)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip what starts after this many seconds")
+    ap.add_argument("--wait-for", default=None, help="before the first timing, wait (up to 150 s) for this file")
     args = ap.parse_args()
     log(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
     # Most important first: checks and batch 1 of every size, then larger batches, then long context.
@@ -292,6 +298,7 @@ def main() -> int:
         plan += [("time", size, 1, last)] if args.sync else []
     plan += [("api", size, b, last) for size in args.sizes for b in args.batches if b != 1]
     plan += [("long", size, 1, args.long_variant or last) for size in args.long]
+    plan += [(t, size, int(b), v) for t, size, b, v in (x.split(":") for x in args.extra)]
     if args.hf:
         plan += [("hf", size, b, None) for size in args.sizes for b in (args.hf_batches or args.batches)]
     models, verdicts, rows, long_rows = {}, {}, [], []
@@ -299,6 +306,12 @@ def main() -> int:
         if time.perf_counter() - T0 > args.budget_s:
             log(f"skipped (over budget): {task} {size} batch {batch} {variant or ''}")
             continue
+        if args.wait_for and not task.startswith("check"):  # e.g. tests running beside the compile: not during timings
+            waited = time.perf_counter()
+            while not os.path.exists(args.wait_for) and time.perf_counter() - waited < 150:
+                time.sleep(1)
+            log(f"waited {time.perf_counter() - waited:.0f} s for {args.wait_for}")
+            args.wait_for = None
         if task == "hf":
             models.clear()
             torch.cuda.empty_cache()
@@ -314,12 +327,14 @@ def main() -> int:
         model = models[size]
         others = sum(p.numel() * p.element_size() for m in models.values() if m is not model
                      for p in m.parameters() if p.is_cuda)  # fmt: skip
-        if task == "check":
+        if task in ("check", "check1"):  # check1: the one variant named (with eager as reference)
             ref = float32_copy(model)
-            verdicts[size] = check(model, ref, args.check_variants)
+            verdicts.setdefault(size, {}).update(
+                check(model, ref, args.check_variants if task == "check" else [variant])
+            )
             del ref
             torch.cuda.empty_cache()
-        elif not verdicts[size].get(variant, True):
+        elif not verdicts.get(size, {}).get(variant, True):
             log(f"skipped (failed its check): {task} {size} {variant}")
         elif task == "time":
             rows.append({"size": size, "batch": batch, "engine": f"g3n {variant} sync"})

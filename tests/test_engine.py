@@ -119,3 +119,27 @@ def test_cuda_generation_reads_the_cpu_table_in_the_graph(tiny):
     for prompt, p, row in zip(prompts, params, batched, strict=True):
         (alone,) = zip(*generate_rows(model, [prompt], [p]), strict=True)
         assert alone == row
+
+
+def test_per_layer_compile_shares_one_graph_per_kind_of_layer(tiny, monkeypatch):
+    """The per-layer compile (`compile="layers"`) traces decode_layer_cached once per kind of
+    layer (sliding or full, K/V computed or shared, sparsity, width: at most 6 graphs for the
+    shipped model's 25 layers), not once per layer, and decodes as the model's own layers do."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(engine.decode_layer_cached, backend=backend, fullgraph=True, dynamic=False)
+    monkeypatch.setattr(engine, "_compiled_layer", lambda: compiled)
+    model = tiny[0]
+    cfg = model.config
+    kinds = {(cfg.layer_types[i], i >= cfg.first_kv_shared_layer, cfg.activation_sparsity_pattern[i],
+              cfg.intermediate_size[i]) for i in range(cfg.num_hidden_layers)}  # fmt: skip
+    ids = torch.randint(0, 700, (1, 30), generator=torch.Generator().manual_seed(8))
+    with torch._dynamo.config.patch(recompile_limit=64):
+        layered = _teacher_forced(model, ids, prompt_len=10, cuda_graph=False, fused="layers")
+    own = _teacher_forced(model, ids, prompt_len=10, cuda_graph=False, fused=False)
+    assert len(graphs) <= len(kinds) == 6  # of 25 layers
+    assert (layered - own).abs().max() < TOL

@@ -126,6 +126,22 @@ def decode_layer(layer, streams, per_layer_input, cos, sin, kv_for, mask):
     return torch.cat([corrected[:1], corrected[1:] + ple], dim=0)
 
 
+def decode_layer_cached(layer, streams, per_layer_input, cos, sin, kbuf, vbuf, slots, mask):
+    """decode_layer reading and writing the cache's buffers directly: a K/V-computing layer writes
+    its new K/V at `slots` of `kbuf`/`vbuf` and attends to them, a KV-shared layer attends to its
+    source's. Nothing here depends on the layer's index, so one compiled function serves every
+    layer of the same kind (the per-layer compile, `compile="layers"`)."""
+
+    def kv_for(attn, normed):
+        if not attn.kv_shared:
+            k, v = attn.project_kv(normed, cos, sin)
+            kbuf.index_copy_(2, slots, k)
+            vbuf.index_copy_(2, slots, v)
+        return kbuf, vbuf
+
+    return decode_layer(layer, streams, per_layer_input, cos, sin, kv_for, mask)
+
+
 def forward_cached(
     model, cache: StaticCache, ids: torch.Tensor, index: torch.Tensor, ple_rows=None, fused=False, embeds=None
 ):
@@ -176,9 +192,13 @@ def forward_cached(
         return produced[layer]
 
     if decode and fused:
+        run_layer = _compiled_layer() if fused == "layers" else decode_layer_cached
         for i, layer in enumerate(body.layers):
-            kind = cfg.layer_types[i]
-            streams = decode_layer(layer, streams, per_layer[:, :, i, :], *rope[kind], kv_for, masks[kind])
+            kind, source = cfg.layer_types[i], cfg.kv_source(i)
+            kv = cache.keys[source], cache.values[source]
+            streams = run_layer(
+                layer, streams, per_layer[:, :, i, :], *rope[kind], *kv, index % cache.size[kind], masks[kind]
+            )
     else:
         streams = body.run_layers(streams, per_layer, rope, kv_for, masks)
     if not decode:
@@ -193,9 +213,11 @@ def decode_logits(model, cache: StaticCache, tokens, ple_rows, index, fused=Fals
     return model.logits(forward_cached(model, cache, tokens, index, ple_rows, fused)[:, -1])
 
 
-# Inductor's coordinate-descent tuning; with it on, inductor also decomposes batch-1 matrix-vector
-# products into reductions it fuses with their neighbours and tunes (instead of a cuBLAS call each).
-GEMV_TUNING = True
+# Inductor's coordinate-descent tuning (G3N_GEMV_TUNING=1): inductor then also decomposes batch-1
+# matrix-vector products into reductions it fuses with their neighbours and tunes, instead of one
+# cuBLAS call each. Off by default: on an H200 it made the E2B compile take 242 s instead of 75 s
+# (its logits passed the same checks; its speed is not measured yet).
+GEMV_TUNING = os.environ.get("G3N_GEMV_TUNING", "0") == "1"
 _compiled_decode: dict[bool, object] = {}
 
 
@@ -277,6 +299,19 @@ class _Unmapped:
         return None
 
 
+_compiled_layers: dict[bool, object] = {}
+
+
+def _compiled_layer():
+    """decode_layer_cached under torch.compile: compiled once per kind of layer (sliding or full,
+    K/V computed or shared, sparse or dense MLP, width), not once for the whole step."""
+    tuned = GEMV_TUNING
+    if tuned not in _compiled_layers:
+        options = {"coordinate_descent_tuning": True} if tuned else None
+        _compiled_layers[tuned] = torch.compile(decode_layer_cached, fullgraph=True, dynamic=False, options=options)
+    return _compiled_layers[tuned]
+
+
 def _strict_dynamo():
     """Past its recompile limit (8 shapes: batch sizes x cache buckets) dynamo would quietly run
     the step uncompiled, here the fused layers, eagerly slower than the model's own: make it raise,
@@ -312,8 +347,8 @@ class Generator:
         self.device = model.device
         self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else cuda_graph
         if compile is None:
-            compile = os.environ.get("G3N_COMPILE", "0") == "1"
-        self.compile = compile and self.cuda_graph
+            compile = {"1": True, "layers": "layers"}.get(os.environ.get("G3N_COMPILE", "0"), False)
+        self.compile = compile if self.cuda_graph else False
         self.fused = self.compile if fused is None else fused
         if self.compile:
             max_len = cache_bucket(max_len, model.config.max_position_embeddings)
@@ -397,7 +432,17 @@ class Generator:
             return step(*args)
 
         step = decode_logits
-        if self.compile:
+        if self.compile == "layers":  # the graph runs the step uncompiled, each layer compiled
+            try:
+                with _strict_dynamo(), torch._dynamo.config.patch(recompile_limit=64):
+                    self._warm_up(run, step, (*inputs, "layers"))
+                self.compiled, self.fused = True, "layers"
+            except Exception as e:  # noqa: BLE001 - any compiler failure: decode uncompiled
+                warnings.warn(
+                    f"torch.compile of the decode layers failed, decoding uncompiled: {type(e).__name__}: {e}"
+                )
+                self.fused = False
+        elif self.compile:
             try:
                 with _strict_dynamo():
                     self._warm_up(run, compiled_decode(), (*inputs, self.fused))
