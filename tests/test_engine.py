@@ -59,7 +59,9 @@ def test_left_padded_batch_equals_rows_alone(ours, fused):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_and_compiled_steps_equal_eager(hf_dir):
+@pytest.mark.parametrize("mode", [True, "layers"])
+def test_cuda_graph_and_compiled_steps_equal_eager(hf_dir, mode):
+    """`mode`: the whole step compiled, or each kind of layer (compile="layers")."""
     from g3n.model.load import load_model
 
     model = load_model(hf_dir, dtype="float32", device="cuda", ple_device="cpu")
@@ -67,15 +69,15 @@ def test_cuda_graph_and_compiled_steps_equal_eager(hf_dir):
     eager = _teacher_forced(model, ids, prompt_len=10, cuda_graph=False)
     graph = _teacher_forced(model, ids, prompt_len=10, cuda_graph=True, compile=False)
     with warnings.catch_warnings():
-        warnings.filterwarnings("error", "torch.compile of the decode step failed")  # no silent fallback
-        compiled = _teacher_forced(model, ids, prompt_len=10, cuda_graph=True, compile=True)
+        warnings.filterwarnings("error", "torch.compile of the decode (step|layers) failed")  # no silent fallback
+        compiled = _teacher_forced(model, ids, prompt_len=10, cuda_graph=True, compile=mode)
     assert (eager - graph).abs().max() < 1e-4
     assert (eager - compiled).abs().max() < 1e-4
     # A second request whose token column has other strides reuses the compiled step: a
     # recompile (minutes at real sizes) would raise here, warn and fail.
     with torch._dynamo.config.patch(error_on_recompile=True), warnings.catch_warnings():
-        warnings.filterwarnings("error", "torch.compile of the decode step failed")
-        again = _teacher_forced(model, ids.T.contiguous().T, prompt_len=10, cuda_graph=True, compile=True)
+        warnings.filterwarnings("error", "torch.compile of the decode (step|layers) failed")
+        again = _teacher_forced(model, ids.T.contiguous().T, prompt_len=10, cuda_graph=True, compile=mode)
     assert (again - compiled).abs().max() < 1e-4
 
 
