@@ -6,16 +6,18 @@ Decode variants: `eager` (no graph), `graph` (the model's layers captured as a C
 decode_layer, then the graph: what G3N_COMPILE=1 runs), `tuned` (`fused` with inductor's
 coordinate-descent tuning, whose batch-1 matrix-vector products are fused, tuned reductions:
 G3N_GEMV_TUNING=1), `layers` (each kind of decoder layer compiled once, the rest of the step
-uncompiled, all in the graph: G3N_COMPILE=layers), `layers-tuned` (both). Timed two ways: `sync` (the bench's own loop, reading each token
-on the host before the next step, as generation did before) and `api` (g3n.generate.generate_steps,
-which queues the next step before reading the tokens); both with the per-layer rows gathered in the
-graph from the page-locked CPU table. Before any speed counts, each variant's logits
-over teacher-forced steps are compared with eager bf16 and with a float32 copy of the model: a
-variant passes when it is as close to float32 as eager bf16 is (1.5x its difference + 0.05).
+uncompiled, all in the graph: G3N_COMPILE=layers), `layers-tuned` (both). Timed two ways: `api`
+(g3n.generate.generate_steps as users run it, which queues each step before reading the last
+tokens) and `sync` (--sync: the bench's own loop, reading each token on the host before the next
+step); both gather the per-layer rows inside the graph from the page-locked CPU table. Before any
+speed counts, each variant's logits over teacher-forced steps are compared with eager bf16 and
+with a float32 copy of the model: a variant passes when it is as close to float32 as eager bf16
+is (1.5x its difference + 0.05). Extra tasks: --extra TASK:SIZE:BATCH:VARIANT (check1, api, time,
+long), e.g. api:E4B:1:layers.
 
     PYTHONPATH=src python bench/generate_gpu.py [--sizes E2B E4B] [--batches 1 8]
-        [--variants graph tuned] [--check-variants eager graph tuned] [--hf] [--hf-new 64]
-        [--long E2B] [--long-variant graph] [--budget-s 520]
+        [--variants graph layers] [--check-variants eager graph layers] [--sync] [--hf] [--hf-new 64]
+        [--long E2B] [--long-variant graph] [--extra api:E4B:1:layers ...] [--budget-s 520]
 """
 
 from __future__ import annotations
@@ -276,8 +278,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", default=["E2B", "E4B"])
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
-    ap.add_argument("--variants", nargs="+", default=["tuned"], help="timed at batch 1 (larger batches: the last)")
-    ap.add_argument("--check-variants", nargs="+", default=["eager", "graph", "tuned"])
+    ap.add_argument("--variants", nargs="+", default=["layers"], help="timed at batch 1 (larger batches: the last)")
+    ap.add_argument("--check-variants", nargs="+", default=["eager", "graph", "layers"])
     ap.add_argument("--sync", action="store_true", help="also time the last variant with the host-synced loop")
     ap.add_argument("--hf", action="store_true", help="also time transformers generate()")
     ap.add_argument("--hf-new", type=int, default=NEW, help="new tokens for transformers (it is slow)")
@@ -285,7 +287,9 @@ def main() -> int:
     ap.add_argument("--long", nargs="*", default=[], help="sizes for the long-context run (prompt --long-prompt)")
     ap.add_argument("--long-prompt", type=int, default=30_000)
     ap.add_argument("--long-variant", default=None, help="default: the last of --variants")
-    ap.add_argument("--extra", nargs="*", default=[], help="more tasks, TASK:SIZE:BATCH:VARIANT (api, time, long)")
+    ap.add_argument(
+        "--extra", nargs="*", default=[], help="more tasks, TASK:SIZE:BATCH:VARIANT (check1, api, time, long)"
+    )
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip what starts after this many seconds")
     ap.add_argument("--wait-for", default=None, help="before the first timing, wait (up to 150 s) for this file")
     args = ap.parse_args()

@@ -12,13 +12,18 @@ that a CUDA graph can replay.
   GPU, or from the table in CPU memory, page-locked in place and read by the GPU over the bus
   (`mapped_table`: only the current tokens' rows move, with no host round trip per token; if the
   table cannot be page-locked, the rows are gathered on the host before each replay).
-- Optionally (`compile=True`, or G3N_COMPILE=1 in the environment) the step is first compiled with
-  torch.compile through `decode_layer` (inductor fuses the ~160 small kernels of a layer: norms,
-  AltUp, casts, attention; with coordinate-descent tuning on, inductor also writes the batch-1
-  matrix-vector products as fused, tuned reductions instead of cuBLAS calls): 2.3-2.5x the tokens/s on an H200, but the first step then compiles for
-  75-120 s (E2B-E4B), which pays off only after some ten thousand tokens, so it is off by default
-  (for servers and long runs). If compiling fails the uncompiled step is captured instead and a
-  warning says why.
+- Optionally the step is compiled with torch.compile before it is captured, through
+  `decode_layer` (inductor fuses the ~160 small kernels of a layer: norms, AltUp, casts,
+  attention). `compile=True` / G3N_COMPILE=1 compiles the whole step as one graph (E2B 238 tokens/s
+  on an H200 against 87 uncompiled; compiling takes 75-120 s, E2B-E4B); `compile="layers"` /
+  G3N_COMPILE=layers compiles `decode_layer_cached` once per kind of layer (6 graphs for E2B and
+  E4B) and runs the rest of the step uncompiled inside the same graph (E2B 236, E4B 180 tokens/s;
+  compiling takes 16-30 s). Either pays off only after some thousands of tokens, so compiling is
+  off by default (for servers and long runs). If compiling fails the uncompiled step is captured
+  instead and a warning says why. G3N_GEMV_TUNING=1 adds inductor's coordinate-descent tuning,
+  which also writes the batch-1 matrix-vector products (about 60% of the compiled step's GPU
+  time, in cuBLAS) as fused, tuned reductions: correct on an H200, but its compile took 242 s
+  for the whole E2B step and its speed is not measured yet.
 - Compiled code is specialised to the cache's shapes, so with compiling on the cache length is
   rounded up to a power of two (at least 1024, at most the context): one compile serves every
   request of that bucket and batch size.
@@ -215,8 +220,9 @@ def decode_logits(model, cache: StaticCache, tokens, ple_rows, index, fused=Fals
 
 # Inductor's coordinate-descent tuning (G3N_GEMV_TUNING=1): inductor then also decomposes batch-1
 # matrix-vector products into reductions it fuses with their neighbours and tunes, instead of one
-# cuBLAS call each. Off by default: on an H200 it made the E2B compile take 242 s instead of 75 s
-# (its logits passed the same checks; its speed is not measured yet).
+# cuBLAS call each. Off by default: on an H200 it made the whole-step E2B compile take 242 s
+# instead of 75 s (beside a test compiling at the same time; its logits passed the same checks;
+# its speed is not measured yet).
 GEMV_TUNING = os.environ.get("G3N_GEMV_TUNING", "0") == "1"
 _compiled_decode: dict[bool, object] = {}
 
@@ -330,8 +336,9 @@ class Generator:
     """Prefill + decode for one batch of prompts against a StaticCache.
 
     On CUDA `step` is captured as a CUDA graph at its first call (`cuda_graph=False`: eager steps),
-    compiled first when `compile` (default: G3N_COMPILE=1 in the environment); `fused`: decode
-    through `decode_layer` (default: when compiling; otherwise the model's own layers).
+    compiled first when `compile` is True (the whole step) or "layers" (each kind of layer;
+    default: G3N_COMPILE=1 or =layers in the environment); `fused`: decode through `decode_layer`
+    (default: when compiling; otherwise the model's own layers).
     """
 
     def __init__(
