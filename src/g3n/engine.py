@@ -441,7 +441,8 @@ class Generator:
         step = decode_logits
         if self.compile == "layers":  # the graph runs the step uncompiled, each layer compiled
             try:
-                with _strict_dynamo(), torch._dynamo.config.patch(recompile_limit=64):
+                # one graph per kind of layer, batch size and cache bucket (dynamo's default limit: 8)
+                with _strict_dynamo(), torch._dynamo.config.patch(recompile_limit=256):
                     self._warm_up(run, step, (*inputs, "layers"))
                 self.compiled, self.fused = True, "layers"
             except Exception as e:  # noqa: BLE001 - any compiler failure: decode uncompiled
