@@ -3,26 +3,36 @@ bf16, prompt 512, 256 new tokens, sampling with Google's defaults, the per-layer
 
 Decode variants: `eager` (no graph), `graph` (the model's layers captured as a CUDA graph),
 `compiled` (torch.compile of those layers, then the graph), `fused` (torch.compile of the engine's
-decode_layer, then the graph: what G3N_COMPILE=1 runs). Before any speed counts, each variant's logits
-over teacher-forced steps are compared with eager bf16 and with a float32 copy of the model: a
-variant passes when it is as close to float32 as eager bf16 is (1.5x its difference + 0.05).
+decode_layer, then the graph: what G3N_COMPILE=1 runs), `tuned` (`fused` with inductor's
+coordinate-descent tuning, whose batch-1 matrix-vector products are fused, tuned reductions:
+G3N_GEMV_TUNING=1), `layers` (each kind of decoder layer compiled once, the rest of the step
+uncompiled, all in the graph: G3N_COMPILE=layers), `layers-tuned` (both). Timed two ways: `api`
+(g3n.generate.generate_steps as users run it, which queues each step before reading the last
+tokens) and `sync` (--sync: the bench's own loop, reading each token on the host before the next
+step); both gather the per-layer rows inside the graph from the page-locked CPU table. Before any
+speed counts, each variant's logits over teacher-forced steps are compared with eager bf16 and
+with a float32 copy of the model: a variant passes when it is as close to float32 as eager bf16
+is (1.5x its difference + 0.05). Extra tasks: --extra TASK:SIZE:BATCH:VARIANT (check1, api, time,
+long), e.g. api:E4B:1:layers.
 
     PYTHONPATH=src python bench/generate_gpu.py [--sizes E2B E4B] [--batches 1 8]
-        [--variants graph fused] [--check-variants eager graph compiled fused] [--hf]
-        [--long E2B] [--budget-s 520]
+        [--variants graph layers] [--check-variants eager graph layers] [--sync] [--hf] [--hf-new 64]
+        [--long E2B] [--long-variant graph] [--extra api:E4B:1:layers ...] [--budget-s 520]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
 
+from g3n import engine
 from g3n.config import text_config_from_dict
-from g3n.engine import Generator, compiled_decode, decode_logits
-from g3n.generate import SamplingParams, next_tokens
+from g3n.engine import Generator, compiled_decode, decode_logits, mapped_table
+from g3n.generate import SamplingParams, generate_steps, next_tokens
 from g3n.model.text import Gemma3nForCausalLM, RotaryEmbedding
 
 SIZES = {
@@ -35,7 +45,18 @@ VARIANTS = {
     "graph": {"compile": False},
     "compiled": {"compile": True, "fused": False},
     "fused": {"compile": True, "fused": True},
+    "tuned": {"compile": True, "fused": True},
+    "layers": {"compile": "layers"},
+    "layers-tuned": {"compile": "layers"},
 }
+TUNED = {"tuned": True, "layers-tuned": True}  # engine.GEMV_TUNING per variant (others: off)
+
+
+def use_variant(name: str) -> dict:
+    engine.GEMV_TUNING = TUNED.get(name, False)
+    return VARIANTS[name]
+
+
 T0 = time.perf_counter()
 
 
@@ -112,7 +133,7 @@ def check(model, ref, variants: list[str], steps: int = 16) -> dict[str, bool]:
     verdict = {}
     for name in variants:
         start = time.perf_counter()
-        got = base if name == "eager" else teacher_forced(model, VARIANTS[name], ids, follow)
+        got = base if name == "eager" else teacher_forced(model, use_variant(name), ids, follow)
         err = (got - exact).abs().max().item()
         verdict[name] = err <= 1.5 * base_err + 0.05 and bool(torch.isfinite(got).all())
         top1 = (got.argmax(-1) == exact.argmax(-1)).float().mean().item()
@@ -131,7 +152,7 @@ def profile_step(gen) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     args = (gen.model, gen.cache, gen.static_tokens, gen.static_rows, gen.static_index, gen.fused)
-    fn = compiled_decode() if gen.compiled else decode_logits
+    fn = compiled_decode() if gen.compiled and gen.fused is True else decode_logits  # "layers": compiled inside
     with torch.inference_mode():
         fn(*args)
         torch.cuda.synchronize()
@@ -151,9 +172,42 @@ def profile_step(gen) -> dict:
     }
 
 
+def replay_ms(gen, n: int = 50) -> float:
+    """GPU time of one graph replay (the whole step: row gather, layers, logits), back to back."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    gen.graph.replay()
+    start.record()
+    for _ in range(n):
+        gen.graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return round(start.elapsed_time(end) / n, 3)
+
+
+@torch.inference_mode()
+def run_api(model, batch: int, variant: str, prompt=PROMPT, new=NEW, others: int = 0) -> dict:
+    """generate_steps as users run it (a warm-up request first, so compiling is not counted):
+    time to the first token, the first decode step (graph capture), then tokens/s over the rest."""
+    use_variant(variant)
+    params = SamplingParams(max_new_tokens=new)
+    prompts = torch.randint(0, 262144, (batch, prompt)).tolist()
+    out = {}
+    for attempt in ("warm-up", "timed"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        stamps = [time.perf_counter()]
+        for _ in generate_steps(model, prompts, params, compile=VARIANTS[variant].get("compile", False)):
+            stamps.append(time.perf_counter())
+        out.setdefault("first_step_s", round(stamps[2] - stamps[1], 1))
+    out.update(tok_s=round(batch * (new - 2) / (stamps[-1] - stamps[2]), 1), ttft_s=round(stamps[1] - stamps[0], 3),
+               peak_gib=round((torch.cuda.max_memory_allocated() - others) / 2**30, 2))  # fmt: skip
+    return out
+
+
 @torch.inference_mode()
 def run_g3n(model, batch: int, kw: dict, prompt=PROMPT, new=NEW, profile=False, others: int = 0) -> dict:
-    """tokens/s, time to first token, peak GPU memory less `others` (bytes of other resident models)."""
+    """tokens/s with each token read on the host before the next step (`sync`), time to first
+    token, peak GPU memory less `others` (bytes of other resident models), GPU ms per replay."""
     params = SamplingParams()
     ids = torch.randint(0, 262144, (batch, prompt), device="cuda")
     mask = torch.ones_like(ids, dtype=torch.bool)
@@ -178,16 +232,19 @@ def run_g3n(model, batch: int, kw: dict, prompt=PROMPT, new=NEW, profile=False, 
         for step in range(1, new - 1):
             logits = gen.step(tok, prompt + step)
             tok = next_tokens(logits, params)
+            tok.tolist()
         torch.cuda.synchronize()
         decode = time.perf_counter() - start
     out.update(tok_s=round(batch * (new - 2) / decode, 1), ttft_s=round(ttft, 3),
                peak_gib=round((torch.cuda.max_memory_allocated() - others) / 2**30, 2), compiled=gen.compiled)  # fmt: skip
+    if gen.cuda_graph:
+        out["replay_ms"] = replay_ms(gen)
     if profile and gen.cuda_graph:
         out["profile"] = profile_step(gen)
     return out
 
 
-def run_hf(size: str, batch: int) -> dict:
+def run_hf(size: str, batch: int, new: int = NEW) -> dict:
     from transformers import Gemma3nForCausalLM as HF
 
     cfg = hf_config(size, 262144)
@@ -197,8 +254,8 @@ def run_hf(size: str, batch: int) -> dict:
     m = m.to(torch.bfloat16).eval()
     ids = torch.randint(0, 262144, (batch, PROMPT), device="cuda")
     kw = {
-        "max_new_tokens": NEW,
-        "min_new_tokens": NEW,
+        "max_new_tokens": new,
+        "min_new_tokens": new,
         "do_sample": True,
         "top_k": 64,
         "top_p": 0.95,
@@ -211,7 +268,7 @@ def run_hf(size: str, batch: int) -> dict:
     m.generate(ids, **kw)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    out = {"tok_s": round(batch * NEW / seconds, 1), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+    out = {"tok_s": round(batch * new / seconds, 1), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
     del m
     torch.cuda.empty_cache()
     return out
@@ -221,61 +278,86 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", default=["E2B", "E4B"])
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
-    ap.add_argument("--variants", nargs="+", default=["fused"], help="timed at batch 1 (larger batches: the last)")
-    ap.add_argument("--check-variants", nargs="+", default=["eager", "graph", "fused"])
+    ap.add_argument("--variants", nargs="+", default=["layers"], help="timed at batch 1 (larger batches: the last)")
+    ap.add_argument("--check-variants", nargs="+", default=["eager", "graph", "layers"])
+    ap.add_argument("--sync", action="store_true", help="also time the last variant with the host-synced loop")
     ap.add_argument("--hf", action="store_true", help="also time transformers generate()")
+    ap.add_argument("--hf-new", type=int, default=NEW, help="new tokens for transformers (it is slow)")
+    ap.add_argument("--hf-batches", nargs="+", type=int, default=None)
     ap.add_argument("--long", nargs="*", default=[], help="sizes for the long-context run (prompt --long-prompt)")
     ap.add_argument("--long-prompt", type=int, default=30_000)
+    ap.add_argument("--long-variant", default=None, help="default: the last of --variants")
+    ap.add_argument(
+        "--extra", nargs="*", default=[], help="more tasks, TASK:SIZE:BATCH:VARIANT (check1, api, time, long)"
+    )
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip what starts after this many seconds")
+    ap.add_argument("--wait-for", default=None, help="before the first timing, wait (up to 150 s) for this file")
     args = ap.parse_args()
     log(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
     # Most important first: checks and batch 1 of every size, then larger batches, then long context.
     plan = []
+    last = args.variants[-1]
     for size in args.sizes:
-        plan += [("check", size, 1, None)] + [("time", size, 1, v) for v in args.variants]
-    plan += [("time", size, b, args.variants[-1]) for size in args.sizes for b in args.batches if b != 1]
-    plan += [("long", size, 1, args.variants[-1]) for size in args.long]
+        plan += [("check", size, 1, None)] + [("api", size, 1, v) for v in args.variants]
+        plan += [("time", size, 1, last)] if args.sync else []
+    plan += [("api", size, b, last) for size in args.sizes for b in args.batches if b != 1]
+    plan += [("long", size, 1, args.long_variant or last) for size in args.long]
+    plan += [(t, size, int(b), v) for t, size, b, v in (x.split(":") for x in args.extra)]
     if args.hf:
-        plan += [("hf", size, b, None) for size in args.sizes for b in args.batches]
+        plan += [("hf", size, b, None) for size in args.sizes for b in (args.hf_batches or args.batches)]
     models, verdicts, rows, long_rows = {}, {}, [], []
     for task, size, batch, variant in plan:
         if time.perf_counter() - T0 > args.budget_s:
             log(f"skipped (over budget): {task} {size} batch {batch} {variant or ''}")
             continue
+        if args.wait_for and not task.startswith("check"):  # e.g. tests running beside the compile: not during timings
+            waited = time.perf_counter()
+            while not os.path.exists(args.wait_for) and time.perf_counter() - waited < 150:
+                time.sleep(1)
+            log(f"waited {time.perf_counter() - waited:.0f} s for {args.wait_for}")
+            args.wait_for = None
         if task == "hf":
             models.clear()
             torch.cuda.empty_cache()
-            rows.append({"size": size, "batch": batch, "engine": "transformers", **run_hf(size, batch)})
+            rows.append({"size": size, "batch": batch, "engine": "transformers", **run_hf(size, batch, args.hf_new)})
             log(json.dumps(rows[-1]))
             continue
         if size not in models:
             models[size] = build_g3n(size)
-            log(f"[{size}] built")
+            start = time.perf_counter()
+            mapped = mapped_table(models[size])
+            log(f"[{size}] built; per-layer table mapped for the GPU: {mapped is not None} "
+                f"({time.perf_counter() - start:.1f} s)")  # fmt: skip
         model = models[size]
         others = sum(p.numel() * p.element_size() for m in models.values() if m is not model
                      for p in m.parameters() if p.is_cuda)  # fmt: skip
-        if task == "check":
+        if task in ("check", "check1"):  # check1: the one variant named (with eager as reference)
             ref = float32_copy(model)
-            verdicts[size] = check(model, ref, args.check_variants)
+            verdicts.setdefault(size, {}).update(
+                check(model, ref, args.check_variants if task == "check" else [variant])
+            )
             del ref
             torch.cuda.empty_cache()
-        elif not verdicts[size].get(variant, True):
+        elif not verdicts.get(size, {}).get(variant, True):
             log(f"skipped (failed its check): {task} {size} {variant}")
         elif task == "time":
-            rows.append({"size": size, "batch": batch, "engine": f"g3n {variant}"})
-            rows[-1].update(run_g3n(model, batch, VARIANTS[variant], profile=batch == 1, others=others))
+            rows.append({"size": size, "batch": batch, "engine": f"g3n {variant} sync"})
+            rows[-1].update(run_g3n(model, batch, use_variant(variant), profile=batch == 1, others=others))
+            log(json.dumps(rows[-1]))
+        elif task == "api":
+            rows.append({"size": size, "batch": batch, "engine": f"g3n {variant} api"})
+            rows[-1].update(run_api(model, batch, variant, others=others))
             log(json.dumps(rows[-1]))
         else:
-            r = run_g3n(model, 1, VARIANTS[variant], prompt=args.long_prompt, new=64, others=others)
+            r = run_api(model, 1, variant, prompt=args.long_prompt, new=64, others=others)
             long_rows.append({"size": size, "prompt": args.long_prompt, "new": 64, "variant": variant, **r})
             log(json.dumps(long_rows[-1]))
-    print(
-        "| size | batch | engine | tokens/s | time to first token (s) | first step (s, compile + capture) | peak GPU GiB |"
-    )
-    print("|---|---|---|---|---|---|---|")
+    print("| size | batch | engine | tokens/s | time to first token (s) | first step (s, compile + capture) "
+          "| peak GPU GiB | GPU ms / replay |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['size']} | {r['batch']} | {r['engine']} | {r['tok_s']} | {r.get('ttft_s', '')} "
-              f"| {r.get('first_step_s', '')} | {r['peak_gib']} |")  # fmt: skip
+              f"| {r.get('first_step_s', '')} | {r['peak_gib']} | {r.get('replay_ms', '')} |")  # fmt: skip
     for r in long_rows:
         print(f"long context {r['size']} ({r['variant']}): prompt {r['prompt']}, {r['new']} new: time to first token "
               f"{r['ttft_s']} s, {r['tok_s']} tokens/s, peak GPU {r['peak_gib']} GiB, first step {r['first_step_s']} s")  # fmt: skip

@@ -59,7 +59,9 @@ def test_left_padded_batch_equals_rows_alone(ours, fused):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_and_compiled_steps_equal_eager(hf_dir):
+@pytest.mark.parametrize("mode", [True, "layers"])
+def test_cuda_graph_and_compiled_steps_equal_eager(hf_dir, mode):
+    """`mode`: the whole step compiled, or each kind of layer (compile="layers")."""
     from g3n.model.load import load_model
 
     model = load_model(hf_dir, dtype="float32", device="cuda", ple_device="cpu")
@@ -67,15 +69,15 @@ def test_cuda_graph_and_compiled_steps_equal_eager(hf_dir):
     eager = _teacher_forced(model, ids, prompt_len=10, cuda_graph=False)
     graph = _teacher_forced(model, ids, prompt_len=10, cuda_graph=True, compile=False)
     with warnings.catch_warnings():
-        warnings.filterwarnings("error", "torch.compile of the decode step failed")  # no silent fallback
-        compiled = _teacher_forced(model, ids, prompt_len=10, cuda_graph=True, compile=True)
+        warnings.filterwarnings("error", "torch.compile of the decode (step|layers) failed")  # no silent fallback
+        compiled = _teacher_forced(model, ids, prompt_len=10, cuda_graph=True, compile=mode)
     assert (eager - graph).abs().max() < 1e-4
     assert (eager - compiled).abs().max() < 1e-4
     # A second request whose token column has other strides reuses the compiled step: a
     # recompile (minutes at real sizes) would raise here, warn and fail.
     with torch._dynamo.config.patch(error_on_recompile=True), warnings.catch_warnings():
-        warnings.filterwarnings("error", "torch.compile of the decode step failed")
-        again = _teacher_forced(model, ids.T.contiguous().T, prompt_len=10, cuda_graph=True, compile=True)
+        warnings.filterwarnings("error", "torch.compile of the decode (step|layers) failed")
+        again = _teacher_forced(model, ids.T.contiguous().T, prompt_len=10, cuda_graph=True, compile=mode)
     assert (again - compiled).abs().max() < 1e-4
 
 
@@ -96,3 +98,50 @@ def test_failed_compile_falls_back_to_the_uncompiled_graph(hf_dir, monkeypatch):
     with pytest.warns(UserWarning, match="no compiler here"):
         fallback = _teacher_forced(model, ids, prompt_len=10, cuda_graph=True, compile=True)
     assert (eager - fallback).abs().max() < 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_generation_reads_the_cpu_table_in_the_graph(tiny):
+    """The per-layer table stays in CPU memory and the graph step gathers its rows itself (no host
+    round trip), and generation, which queues each step before reading the last tokens, gives
+    the CPU's greedy tokens; a batch of seeded rows equals each row alone."""
+    import g3n
+    from g3n.generate import SamplingParams, generate, generate_rows
+
+    cpu_model, tok = tiny
+    model, _ = g3n.load("tiny", dtype="float32", device="cuda", ple_device="cpu")
+    gen = Generator(model, 1, 64)
+    assert gen.ple_table is not None and gen.ple_table.device.type == "cuda"
+    assert model.model.embed_tokens_per_layer.weight.device.type == "cpu"
+    prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in ("Hi", "What is 12+7?")]
+    greedy = SamplingParams(greedy=True, max_new_tokens=24)
+    assert generate(model, prompts, greedy) == generate(cpu_model, prompts, greedy)
+    params = [SamplingParams(seed=s, max_new_tokens=16, temperature=1.5) for s in (1, 2)]
+    batched = list(zip(*generate_rows(model, prompts, params), strict=True))  # per row: 16 tokens
+    for prompt, p, row in zip(prompts, params, batched, strict=True):
+        (alone,) = zip(*generate_rows(model, [prompt], [p]), strict=True)
+        assert alone == row
+
+
+def test_per_layer_compile_shares_one_graph_per_kind_of_layer(tiny, monkeypatch):
+    """The per-layer compile (`compile="layers"`) traces decode_layer_cached once per kind of
+    layer (sliding or full, K/V computed or shared, sparsity, width: at most 6 graphs for the
+    shipped model's 25 layers), not once per layer, and decodes as the model's own layers do."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(engine.decode_layer_cached, backend=backend, fullgraph=True, dynamic=False)
+    monkeypatch.setattr(engine, "_compiled_layer", lambda: compiled)
+    model = tiny[0]
+    cfg = model.config
+    kinds = {(cfg.layer_types[i], i >= cfg.first_kv_shared_layer, cfg.activation_sparsity_pattern[i],
+              cfg.intermediate_size[i]) for i in range(cfg.num_hidden_layers)}  # fmt: skip
+    ids = torch.randint(0, 700, (1, 30), generator=torch.Generator().manual_seed(8))
+    with torch._dynamo.config.patch(recompile_limit=64):
+        layered = _teacher_forced(model, ids, prompt_len=10, cuda_graph=False, fused="layers")
+    own = _teacher_forced(model, ids, prompt_len=10, cuda_graph=False, fused=False)
+    assert len(graphs) <= len(kinds) == 6  # of 25 layers
+    assert (layered - own).abs().max() < TOL

@@ -8,14 +8,22 @@ that a CUDA graph can replay.
   the chunk's last `sliding_window` positions.
 - On CUDA the decode step is captured once as a CUDA graph (inputs copied into static buffers,
   then replayed): at batch 1 the model is bound by kernel launches, which the graph removes. The
-  per-layer embedding rows of the new tokens are gathered outside the graph, wherever the table
-  lives (it can stay in CPU memory).
-- Optionally (`compile=True`, or G3N_COMPILE=1 in the environment) the step is first compiled with
-  torch.compile through `decode_layer` (inductor fuses the ~160 small kernels of a layer: norms,
-  AltUp, casts, attention): 2.3-2.5x the tokens/s on an H200, but the first step then compiles for
-  75-120 s (E2B-E4B), which pays off only after some ten thousand tokens, so it is off by default
-  (for servers and long runs). If compiling fails the uncompiled step is captured instead and a
-  warning says why.
+  per-layer embedding rows of the new tokens are gathered inside the graph: from the table on the
+  GPU, or from the table in CPU memory, page-locked in place and read by the GPU over the bus
+  (`mapped_table`: only the current tokens' rows move, with no host round trip per token; if the
+  table cannot be page-locked, the rows are gathered on the host before each replay).
+- Optionally the step is compiled with torch.compile before it is captured, through
+  `decode_layer` (inductor fuses the ~160 small kernels of a layer: norms, AltUp, casts,
+  attention). `compile=True` / G3N_COMPILE=1 compiles the whole step as one graph (E2B 238 tokens/s
+  on an H200 against 87 uncompiled; compiling takes 75-120 s, E2B-E4B); `compile="layers"` /
+  G3N_COMPILE=layers compiles `decode_layer_cached` once per kind of layer (6 graphs for E2B and
+  E4B) and runs the rest of the step uncompiled inside the same graph (E2B 236, E4B 180 tokens/s;
+  compiling takes 16-30 s). Either pays off only after some thousands of tokens, so compiling is
+  off by default (for servers and long runs). If compiling fails the uncompiled step is captured
+  instead and a warning says why. G3N_GEMV_TUNING=1 adds inductor's coordinate-descent tuning,
+  which also writes the batch-1 matrix-vector products (about 60% of the compiled step's GPU
+  time, in cuBLAS) as fused, tuned reductions: correct on an H200, but its compile took 242 s
+  for the whole E2B step and its speed is not measured yet.
 - Compiled code is specialised to the cache's shapes, so with compiling on the cache length is
   rounded up to a power of two (at least 1024, at most the context): one compile serves every
   request of that bucket and batch size.
@@ -27,6 +35,7 @@ import contextlib
 import math
 import os
 import warnings
+import weakref
 
 import torch
 
@@ -122,6 +131,22 @@ def decode_layer(layer, streams, per_layer_input, cos, sin, kv_for, mask):
     return torch.cat([corrected[:1], corrected[1:] + ple], dim=0)
 
 
+def decode_layer_cached(layer, streams, per_layer_input, cos, sin, kbuf, vbuf, slots, mask):
+    """decode_layer reading and writing the cache's buffers directly: a K/V-computing layer writes
+    its new K/V at `slots` of `kbuf`/`vbuf` and attends to them, a KV-shared layer attends to its
+    source's. Nothing here depends on the layer's index, so one compiled function serves every
+    layer of the same kind (the per-layer compile, `compile="layers"`)."""
+
+    def kv_for(attn, normed):
+        if not attn.kv_shared:
+            k, v = attn.project_kv(normed, cos, sin)
+            kbuf.index_copy_(2, slots, k)
+            vbuf.index_copy_(2, slots, v)
+        return kbuf, vbuf
+
+    return decode_layer(layer, streams, per_layer_input, cos, sin, kv_for, mask)
+
+
 def forward_cached(
     model, cache: StaticCache, ids: torch.Tensor, index: torch.Tensor, ple_rows=None, fused=False, embeds=None
 ):
@@ -172,9 +197,13 @@ def forward_cached(
         return produced[layer]
 
     if decode and fused:
+        run_layer = _compiled_layer() if fused == "layers" else decode_layer_cached
         for i, layer in enumerate(body.layers):
-            kind = cfg.layer_types[i]
-            streams = decode_layer(layer, streams, per_layer[:, :, i, :], *rope[kind], kv_for, masks[kind])
+            kind, source = cfg.layer_types[i], cfg.kv_source(i)
+            kv = cache.keys[source], cache.values[source]
+            streams = run_layer(
+                layer, streams, per_layer[:, :, i, :], *rope[kind], *kv, index % cache.size[kind], masks[kind]
+            )
     else:
         streams = body.run_layers(streams, per_layer, rope, kv_for, masks)
     if not decode:
@@ -189,15 +218,104 @@ def decode_logits(model, cache: StaticCache, tokens, ple_rows, index, fused=Fals
     return model.logits(forward_cached(model, cache, tokens, index, ple_rows, fused)[:, -1])
 
 
-_compiled_decode = None
+# Inductor's coordinate-descent tuning (G3N_GEMV_TUNING=1): inductor then also decomposes batch-1
+# matrix-vector products into reductions it fuses with their neighbours and tunes, instead of one
+# cuBLAS call each. Off by default: on an H200 it made the whole-step E2B compile take 242 s
+# instead of 75 s (beside a test compiling at the same time; its logits passed the same checks;
+# its speed is not measured yet).
+GEMV_TUNING = os.environ.get("G3N_GEMV_TUNING", "0") == "1"
+_compiled_decode: dict[bool, object] = {}
 
 
 def compiled_decode():
-    """decode_logits under torch.compile (one per process: compiled code is cached per shape)."""
-    global _compiled_decode
-    if _compiled_decode is None:
-        _compiled_decode = torch.compile(decode_logits, fullgraph=True, dynamic=False)
-    return _compiled_decode
+    """decode_logits under torch.compile (one per process and GEMV_TUNING setting: compiled code
+    is cached per shape)."""
+    tuned = GEMV_TUNING
+    if tuned not in _compiled_decode:
+        options = {"coordinate_descent_tuning": True} if tuned else None
+        _compiled_decode[tuned] = torch.compile(decode_logits, fullgraph=True, dynamic=False, options=options)
+    return _compiled_decode[tuned]
+
+
+class _MappedTable:
+    """A CPU tensor page-locked in place (cudaHostRegister) and a CUDA tensor over the same memory:
+    with unified addressing a GPU kernel reads host memory through the host's own pointer, so a
+    gather from `view` moves only the rows it reads, and can run inside a CUDA graph."""
+
+    def __init__(self, table: torch.Tensor, device: torch.device):
+        self.table, self.ptr = table, table.data_ptr()
+        nbytes = table.numel() * table.element_size()
+        err = int(torch.cuda.cudart().cudaHostRegister(self.ptr, nbytes, 0))
+        if err != 0:
+            # The runtime keeps the failure as its last error, which torch's check after the next
+            # kernel launch would report: one launch here takes (and clears) it.
+            with contextlib.suppress(Exception):
+                torch.ones(1, device=device).add_(1)
+            raise RuntimeError(f"cudaHostRegister failed (cudaError {err})")
+        storage = torch._C._construct_storage_from_data_pointer(self.ptr, device, nbytes)
+        self.view = torch.empty(0, dtype=table.dtype, device=device).set_(storage, 0, table.shape, table.stride())
+
+    def __deepcopy__(self, memo):  # a copied model maps its own table when it first needs it
+        return None
+
+    def __del__(self):
+        with contextlib.suppress(Exception):
+            torch.cuda.cudart().cudaHostUnregister(self.ptr)
+
+
+def mapped_table(model):
+    """A CUDA tensor that reads the per-layer table where it lives: the table itself on the GPU;
+    for a table in CPU memory beside a CUDA model, a view of that memory page-locked in place
+    (made once per table; kept on the model); None where that fails (a warning says why) or
+    the model is not on CUDA."""
+    body = model.model
+    table = body.embed_tokens_per_layer.weight
+    if table.device == model.device:
+        return table
+    if model.device.type != "cuda" or table.device.type != "cpu" or not table.is_contiguous():
+        return None
+    held = getattr(body, "_mapped_ple", None)
+    if held is not None and (held.table is not table or held.ptr != table.data_ptr()):
+        held = None  # the table was replaced: map the new one
+    if held is None:
+        held = _MAPPED.get(table.data_ptr())  # another model sharing this table mapped it
+        if held is None or held.table is not table:
+            try:
+                held = _MappedTable(table, model.device)
+            except Exception as e:  # noqa: BLE001 - any failure: gather on the host instead
+                warnings.warn(
+                    f"the per-layer table could not be mapped for the GPU, gathering its rows on the host: {e}"
+                )
+                held = _Unmapped(table)
+            _MAPPED[table.data_ptr()] = held
+        body._mapped_ple = held
+    return held.view
+
+
+_MAPPED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # data_ptr -> mapping, while models hold it
+
+
+class _Unmapped:
+    """A table that could not be mapped (not tried again)."""
+
+    def __init__(self, table):
+        self.table, self.ptr, self.view = table, table.data_ptr(), None
+
+    def __deepcopy__(self, memo):
+        return None
+
+
+_compiled_layers: dict[bool, object] = {}
+
+
+def _compiled_layer():
+    """decode_layer_cached under torch.compile: compiled once per kind of layer (sliding or full,
+    K/V computed or shared, sparse or dense MLP, width), not once for the whole step."""
+    tuned = GEMV_TUNING
+    if tuned not in _compiled_layers:
+        options = {"coordinate_descent_tuning": True} if tuned else None
+        _compiled_layers[tuned] = torch.compile(decode_layer_cached, fullgraph=True, dynamic=False, options=options)
+    return _compiled_layers[tuned]
 
 
 def _strict_dynamo():
@@ -218,8 +336,9 @@ class Generator:
     """Prefill + decode for one batch of prompts against a StaticCache.
 
     On CUDA `step` is captured as a CUDA graph at its first call (`cuda_graph=False`: eager steps),
-    compiled first when `compile` (default: G3N_COMPILE=1 in the environment); `fused`: decode
-    through `decode_layer` (default: when compiling; otherwise the model's own layers).
+    compiled first when `compile` is True (the whole step) or "layers" (each kind of layer;
+    default: G3N_COMPILE=1 or =layers in the environment); `fused`: decode through `decode_layer`
+    (default: when compiling; otherwise the model's own layers).
     """
 
     def __init__(
@@ -235,14 +354,17 @@ class Generator:
         self.device = model.device
         self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else cuda_graph
         if compile is None:
-            compile = os.environ.get("G3N_COMPILE", "0") == "1"
-        self.compile = compile and self.cuda_graph
+            compile = {"1": True, "layers": "layers"}.get(os.environ.get("G3N_COMPILE", "0"), False)
+        self.compile = compile if self.cuda_graph else False
         self.fused = self.compile if fused is None else fused
         if self.compile:
             max_len = cache_bucket(max_len, model.config.max_position_embeddings)
         self.cache = StaticCache(model.config, batch, max_len, self.device, model.dtype)
         self.graph = None
         self.compiled = False  # whether the captured step is the compiled one
+        # where decode steps read per-layer rows on the device (None: gathered on the host)
+        self.ple_table = mapped_table(model) if self.device.type == "cuda" else None
+        self._ple_holder = getattr(model.model, "_mapped_ple", None)  # keeps the mapping while in use
 
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor, embeds: torch.Tensor | None = None) -> torch.Tensor:
@@ -260,63 +382,94 @@ class Generator:
             hidden = forward_cached(self.model, cache, chunk, index, embeds=chunk_embeds)
         return self.model.logits(hidden[:, -1])
 
+    @property
+    def captured(self) -> bool:
+        """Whether `step` replays a captured graph (and so returns without waiting for the host)."""
+        return self.graph is not None
+
     def _step(self, tokens, ple_rows, index):
         return decode_logits(self.model, self.cache, tokens, ple_rows, index, self.fused)
 
+    def _host_rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The tokens' per-layer rows gathered where the table lives (a host sync when on the CPU)."""
+        return self.model.model.ple_rows(tokens[:, None])
+
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
-        """Logits (batch, vocab) after feeding `tokens` (batch,) at cache position `position`."""
-        body = self.model.model
+        """Logits (batch, vocab) after feeding `tokens` (batch,) at cache position `position`.
+
+        With the per-layer rows read on the device (`ple_table`), a graph step never waits for the
+        host: the caller may read earlier tokens while it runs. The logits are the graph's output
+        buffer, overwritten by the next step."""
         tokens = tokens.to(self.device)
-        ple_rows = body.ple_rows(tokens[:, None].cpu() if self._ple_on_cpu else tokens[:, None])
         if not self.cuda_graph:
             index = torch.tensor([position], device=self.device)
-            return self._step(tokens[:, None], ple_rows.to(self.device), index)
+            rows = self._host_rows(tokens) if self.ple_table is None else self._device_rows(tokens[:, None])
+            return self._step(tokens[:, None], rows.to(self.device), index)
         if self.graph is None:
-            self._capture(tokens, ple_rows, position)
+            self._capture(tokens, position)
         self.static_tokens.copy_(tokens[:, None])
-        self.static_rows.copy_(ple_rows, non_blocking=True)
+        if self.ple_table is None:
+            self.static_rows.copy_(self._host_rows(tokens), non_blocking=True)
         self.static_index.fill_(position)
         self.graph.replay()
         return self.static_logits
 
-    @property
-    def _ple_on_cpu(self) -> bool:
-        return self.model.model.embed_tokens_per_layer.weight.device.type == "cpu"
+    def _device_rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.model.ple_rows(tokens, table=self.ple_table)
 
-    def _capture(self, tokens, ple_rows, position: int):
+    def _capture(self, tokens, position: int):
         """Warm up (compiling, if on) on a side stream, then capture one decode step into a CUDA
-        graph. The warm-up runs the real first step (writing the same K/V and bookkeeping each
-        time), so it leaves the cache as that step will, also after a failed compile."""
+        graph (with the gather of the per-layer rows, when they are read on the device). The
+        warm-up runs the real first step (writing the same K/V and bookkeeping each time), so it
+        leaves the cache as that step will, also after a failed compile."""
         # Fresh buffers with default strides: compiled code is guarded on strides too (a token
         # column sliced out of a wider tensor has stride 16 where argmax's has 1: a recompile).
         self.static_tokens = torch.empty((len(tokens), 1), dtype=tokens.dtype, device=self.device)
         self.static_tokens.copy_(tokens[:, None])
-        self.static_rows = torch.empty(ple_rows.shape, dtype=ple_rows.dtype, device=self.device)
-        self.static_rows.copy_(ple_rows)
+        rows = self._host_rows(tokens) if self.ple_table is None else self._device_rows(self.static_tokens)
+        self.static_rows = torch.empty(rows.shape, dtype=rows.dtype, device=self.device)
+        self.static_rows.copy_(rows)
         self.static_index = torch.full((1,), position, device=self.device, dtype=torch.long)
         inputs = (self.model, self.cache, self.static_tokens, self.static_rows, self.static_index)
+
+        def run(step, args):
+            if self.ple_table is not None:
+                self.static_rows.copy_(self._device_rows(self.static_tokens))
+            return step(*args)
+
         step = decode_logits
-        if self.compile:
+        if self.compile == "layers":  # the graph runs the step uncompiled, each layer compiled
+            try:
+                # one graph per kind of layer, batch size and cache bucket (dynamo's default limit: 8)
+                with _strict_dynamo(), torch._dynamo.config.patch(recompile_limit=256):
+                    self._warm_up(run, step, (*inputs, "layers"))
+                self.compiled, self.fused = True, "layers"
+            except Exception as e:  # noqa: BLE001 - any compiler failure: decode uncompiled
+                warnings.warn(
+                    f"torch.compile of the decode layers failed, decoding uncompiled: {type(e).__name__}: {e}"
+                )
+                self.fused = False
+        elif self.compile:
             try:
                 with _strict_dynamo():
-                    self._warm_up(compiled_decode(), (*inputs, self.fused))
+                    self._warm_up(run, compiled_decode(), (*inputs, self.fused))
                 step, self.compiled = compiled_decode(), True
             except Exception as e:  # noqa: BLE001 - any compiler failure: decode uncompiled
                 warnings.warn(f"torch.compile of the decode step failed, decoding uncompiled: {type(e).__name__}: {e}")
                 self.fused = False  # uncompiled, the model's own layers are faster
         args = (*inputs, self.fused)
         if not self.compiled:
-            self._warm_up(step, args)
+            self._warm_up(run, step, args)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.static_logits = step(*args)
+            self.static_logits = run(step, args)
 
     @staticmethod
-    def _warm_up(step, args):
+    def _warm_up(run, step, args):
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                step(*args)
+                run(step, args)
         torch.cuda.current_stream().wait_stream(stream)

@@ -101,6 +101,26 @@ def next_tokens(logits, p: SamplingParams, seen=None, generator=None) -> torch.T
     return (drawn if ids is None else ids.gather(-1, drawn)).squeeze(-1)
 
 
+def _copy_to_host(tokens: torch.Tensor):
+    """Start copying `tokens` to the host without waiting for work queued after the copy;
+    `_host_values` waits for this copy only. So a decode step queued in between runs on the GPU
+    while the host reads and hands out the tokens before it."""
+    if tokens.device.type != "cuda":
+        return tokens, None
+    host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+    host.copy_(tokens, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return host, done
+
+
+def _host_values(pending) -> list:
+    host, done = pending
+    if done is not None:
+        done.synchronize()
+    return host.tolist()
+
+
 def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(x) for x in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -164,17 +184,31 @@ def generate_steps(
         generator = torch.Generator(device=device).manual_seed(params.seed)
     penalize = params.repetition_penalty != 1.0
     ids, seen, engine, logits = _prefill(model, prompts, pad_id, max_new, penalize, media, compile)
-    stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    for step in range(max_new):
-        tok = next_tokens(logits, params, seen, generator)
-        yield [None if d else int(t) for t, d in zip(tok.tolist(), done.tolist())]
-        done |= torch.isin(tok, stops)
-        if bool(done.all()) or step == max_new - 1:
-            return
+    stops = set(stop_ids)
+    done = [False] * len(prompts)
+
+    def advance(tok, step):
         if seen is not None:
             seen[torch.arange(len(prompts), device=device), tok] = True
-        logits = engine.step(tok, ids.shape[1] + step)
+        return engine.step(tok, ids.shape[1] + step)
+
+    for step in range(max_new):
+        tok = next_tokens(logits, params, seen, generator)
+        pending = _copy_to_host(tok)
+        last = step == max_new - 1
+        # A captured step is queued before the host reads `tok`, so the GPU runs it meanwhile
+        # (wasted work if every row stops here); the first (capturing, maybe compiling) step
+        # waits until the first token is out.
+        queued = not last and engine.captured
+        if queued:
+            logits = advance(tok, step)
+        values = _host_values(pending)
+        yield [None if d else t for t, d in zip(values, done)]
+        done = [d or t in stops for t, d in zip(values, done)]
+        if all(done) or last:
+            return
+        if not queued:
+            logits = advance(tok, step)
 
 
 @torch.inference_mode()
@@ -211,27 +245,37 @@ def generate_rows(
     ids, seen, engine, logits = _prefill(model, prompts, pad_id, steps, penalize, media, compile)
     stops = set(stop_ids)
     done = [n == 0 for n in max_new]
+
+    def advance(tokens, step):
+        if seen is not None:
+            seen[torch.arange(len(prompts), device=device), tokens] = True
+        return engine.step(tokens, ids.shape[1] + step)
+
     for step in range(steps):
         if stopped is not None:
             done = [d or bool(stopped(row)) for row, d in enumerate(done)]
         if all(done):
             return
-        out: list[int | None] = [None] * len(prompts)
+        live = [row for row, d in enumerate(done) if not d]
         tokens = torch.zeros(len(prompts), dtype=torch.long, device=device)
-        for row, p in enumerate(params):
-            if done[row]:
-                continue
+        for row in live:
             row_seen = None if seen is None else seen[row : row + 1]
-            tok = next_tokens(logits[row : row + 1], p, row_seen, generators[row])
-            tokens[row] = tok[0]
-            out[row] = int(tok[0])
+            tokens[row] = next_tokens(logits[row : row + 1], params[row], row_seen, generators[row])[0]
+        pending = _copy_to_host(tokens)
+        # queued before the host reads `tokens` once captured, as in generate_steps
+        queued = engine.captured and any(step + 1 < max_new[row] for row in live)
+        if queued:
+            logits = advance(tokens, step)
+        values = _host_values(pending)
+        out: list[int | None] = [None] * len(prompts)
+        for row in live:
+            out[row] = values[row]
             done[row] = out[row] in stops or step + 1 >= max_new[row]
         yield out
         if all(done):
             return
-        if seen is not None:
-            seen[torch.arange(len(prompts), device=device), tokens] = True
-        logits = engine.step(tokens, ids.shape[1] + step)
+        if not queued:
+            logits = advance(tokens, step)
 
 
 def generate(

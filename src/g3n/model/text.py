@@ -375,11 +375,12 @@ class TextModel(nn.Module):
         w = self.embed_tokens.weight
         return F.embedding(input_ids, w) * torch.tensor(self.cfg.hidden_size**0.5).to(w.dtype)
 
-    def ple_rows(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def ple_rows(self, input_ids: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
         """The scaled per-layer-table rows of `input_ids` (ids past the table use row 0), computed
-        where the table lives (it may stay on the CPU: only these rows move)."""
+        where the table lives (it may stay on the CPU: only these rows move); `table`: the table
+        as another device sees it (the engine's view of a page-locked CPU table)."""
         cfg = self.cfg
-        table = self.embed_tokens_per_layer.weight
+        table = self.embed_tokens_per_layer.weight if table is None else table
         ids = torch.where((input_ids >= 0) & (input_ids < cfg.vocab_size_per_layer_input), input_ids, 0)
         return F.embedding(ids.to(table.device), table) * torch.tensor(cfg.hidden_size_per_layer_input**0.5).to(
             table.dtype
