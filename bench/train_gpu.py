@@ -129,7 +129,7 @@ def run_g3n(cfg, state, data, device, warmup, steps, checkpointing, compiled, dt
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    scaler = torch.amp.GradScaler(device) if dtype == torch.float16 else None
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**10) if dtype == torch.float16 else None  # as the loop
     it = iter(data)
     finite, skipped = [], []
 

@@ -49,9 +49,10 @@ def test_model_loss_equals_transformers(hf_model, ours):
 
 @pytest.mark.parametrize("packed", [True, False])
 def test_gradient_checkpointing_keeps_loss_and_gradients(hf_dir, packed, monkeypatch):
-    """Recomputing layers in backward, on the device or with inputs offloaded, and compiled layers
-    (traced by torch.compile; aot_eager here, inductor on GPUs) change nothing: KV-shared layers
-    get the sources' K/V gradients, and LoRA dropout draws the same masks when recomputed."""
+    """Recomputing layers in backward, on the device or with inputs offloaded, compiled layers
+    (traced by torch.compile; aot_eager here, inductor on GPUs) and long rows' per-token work in
+    checkpointed tiles change nothing: KV-shared layers get the sources' K/V gradients, and LoRA
+    dropout draws the same masks when recomputed."""
     from g3n.model import recompute
     from g3n.model.load import load_model
     from g3n.train.lora import add_lora
@@ -63,28 +64,34 @@ def test_gradient_checkpointing_keeps_loss_and_gradients(hf_dir, packed, monkeyp
     labels = ids.clone()
     segments = torch.tensor([[0] * 10 + [1] * 14, [0] * 24]) if packed else None
     results = []
-    modes = [(False, False), (True, False), ("offload", False), ("offload", True), (True, True)]
-    for checkpointing, compiled in modes if packed else modes[:3]:
+    modes = [(False, False, 0), (True, False, 0), ("offload", False, 0), ("offload", True, 0), (True, True, 0),
+             ("offload", False, 7), ("offload", True, 7)]  # fmt: skip
+    for checkpointing, compiled, tile in modes if packed else modes[:3] + modes[-1:]:
         model.model.gradient_checkpointing, model.model.compiled = checkpointing, compiled
+        if tile:  # per-token work in tiles of 7 tokens (the last one shorter)
+            monkeypatch.setattr(recompute, "TILE_FROM", tile)
+            monkeypatch.setattr(recompute, "TILE", tile)
         model.zero_grad()
         torch.manual_seed(0)
         loss = causal_lm_loss(model, ids, labels, None, segments)
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        results.append((compiled, loss.item(), grads))
+        results.append((compiled or tile, loss.item(), grads))
     _, loss_a, grads_a = results[0]
     assert len(grads_a) > 100
-    for compiled, loss_b, grads_b in results[1:]:
+    for reordered, loss_b, grads_b in results[1:]:
         assert loss_a == pytest.approx(loss_b, abs=1e-6)
         assert grads_a.keys() == grads_b.keys()
         for name, ref in grads_a.items():
-            if compiled:  # float32 sums in another order (AltUp as broadcast sums, fused loss): ~1e-4
+            if reordered:  # float32 sums in another order (AltUp as broadcast sums, fused loss, tiles): ~1e-4
                 assert (grads_b[name] - ref).abs().max() <= 5e-4 * ref.abs().max() + 1e-7, name
             else:
                 torch.testing.assert_close(grads_b[name], ref, atol=1e-5, rtol=1e-4, msg=name)
 
     add_lora(model, r=4, alpha=8, dropout=0.3)  # dropout: the recompute must replay the RNG
     results = []
+    monkeypatch.setattr(recompute, "TILE_FROM", 7)
+    monkeypatch.setattr(recompute, "TILE", 7)
     for checkpointing in (False, "offload"):
         model.model.gradient_checkpointing, model.model.compiled = checkpointing, False
         model.zero_grad()

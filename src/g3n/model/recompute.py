@@ -60,13 +60,41 @@ def project_kv(attn, normed, cos, sin, compiled: bool = False):
 
 
 def layer_forward(layer, streams, per_layer_input, cos, sin, kv_for, mask, compiled: bool = False):
-    """One decoder layer (DecoderLayer.forward), its halves compiled when `compiled`."""
-    if not compiled:
+    """One decoder layer (DecoderLayer.forward), its halves compiled when `compiled`. Past
+    TILE_FROM tokens the halves before and after attention (all per-token work) run in tiles of
+    TILE tokens, each checkpointed: only one tile's intermediates (MLP 4 x 16384 wide for E4B,
+    float32 norms) exist at a time, at the cost of recomputing them once more."""
+    tiled = streams.shape[2] > TILE_FROM
+    if not compiled and not tiled:
         return layer(streams, per_layer_input, cos, sin, kv_for, mask)
-    begin, attend, end, _ = _compiled()
-    predictions, normed, laurel = begin(layer, streams)
+    begin, attend, end, _ = _compiled() if compiled else (_begin, _attend, _end, None)
+    predictions, normed, laurel = _tiles(begin, layer, [(streams, 2)], (2, 1, 1))
     k, v = kv_for(layer.self_attn, normed)
-    return end(layer, predictions, attend(layer.self_attn, normed, cos, sin, k, v, mask), laurel, per_layer_input)
+    attn = attend(layer.self_attn, normed, cos, sin, k, v, mask)
+    pieces = [(predictions, 2), (attn, 1), (laurel, 1), (per_layer_input, 1)]
+    return _tiles(end, layer, pieces, (2,))[0]
+
+
+TILE_FROM, TILE = 8192, 4096  # tokens per row
+
+
+def _tiles(fn, layer, pieces: list, out_dims: tuple) -> tuple:
+    """fn(layer, *tensors) over token tiles (`pieces`: (tensor, its token dim)), each tile
+    checkpointed when gradients are on; outputs joined along `out_dims`."""
+    length = pieces[0][0].shape[pieces[0][1]]
+    if length <= TILE_FROM:
+        out = fn(layer, *(t for t, _ in pieces))
+        return out if isinstance(out, tuple) else (out,)
+    outs = []
+    for start in range(0, length, TILE):
+        args = [t.narrow(dim, start, min(TILE, length - start)) for t, dim in pieces]
+        out = (
+            torch.utils.checkpoint.checkpoint(fn, layer, *args, use_reentrant=False)
+            if torch.is_grad_enabled()
+            else fn(layer, *args)
+        )
+        outs.append(out if isinstance(out, tuple) else (out,))
+    return tuple(torch.cat([o[i] for o in outs], dim=dim) for i, dim in enumerate(out_dims))
 
 
 class Offloader:
