@@ -15,7 +15,8 @@ that a CUDA graph can replay.
   AltUp, casts, attention): 2.3-2.5x the tokens/s on an H200, but the first step then compiles for
   75-120 s (E2B-E4B), which pays off only after some ten thousand tokens, so it is off by default
   (for servers and long runs). If compiling fails the uncompiled step is captured instead and a
-  warning says why.
+  warning says why. A model with 4-bit weights (bitsandbytes) is not compiled: its step is captured
+  uncompiled, with a warning.
 - Compiled code is specialised to the cache's shapes, so with compiling on the cache length is
   rounded up to a power of two (at least 1024, at most the context): one compile serves every
   request of that bucket and batch size.
@@ -236,6 +237,10 @@ class Generator:
         self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else cuda_graph
         if compile is None:
             compile = os.environ.get("G3N_COMPILE", "0") == "1"
+        if compile and getattr(model, "is_loaded_in_4bit", False):
+            # bitsandbytes' 4-bit weights are tensor subclasses torch.compile does not trace in one graph
+            warnings.warn("G3N_COMPILE/compile: 4-bit weights decode through the uncompiled CUDA graph")
+            compile = False
         self.compile = compile and self.cuda_graph
         self.fused = self.compile if fused is None else fused
         if self.compile:
