@@ -14,7 +14,8 @@ def load(
     "bfloat16" or "float16" (or a torch.dtype); device: None (CUDA when present), "cpu", "cuda".
     matformer: a MatFormer plan (name or file) to run that sub-model from the parent's weights.
     modalities: ("image", "audio") or a subset: also load those towers (a multimodal checkpoint).
-    load_in_4bit: the decoder layers' attention and MLP weights stored as NF4 (bitsandbytes; QLoRA).
+    load_in_4bit: the decoder layers' attention and MLP weights stored as NF4 (bitsandbytes; QLoRA);
+    pair it with ple_device="cpu" on a GPU (the per-layer table is as large as E2B's 4-bit weights).
     """
     from .model.load import load_model, resolve_model_dir
     from .tokenizer import Tokenizer

@@ -183,7 +183,8 @@ def load_engine(model: str = "tiny", dtype="auto", device=None, matformer=None, 
 
     modalities: towers to load now ("image", "audio"), or "all" for every tower the checkpoint has;
     lazy_towers: load others when their input first appears (the CLI; not the server);
-    load_in_4bit: NF4 attention/MLP weights; an adapter then runs beside them, unmerged."""
+    load_in_4bit: NF4 attention/MLP weights, the per-layer table in CPU memory; an adapter then
+    runs beside them, unmerged."""
     start = time.perf_counter()
     name = model_name(model)
     if str(model).lower().endswith(".gguf"):
@@ -213,7 +214,9 @@ def load_engine(model: str = "tiny", dtype="auto", device=None, matformer=None, 
         except G3nError as e:  # "all" means: what this checkpoint and this install can do
             _say(f"[g3n] serving text only: {e}")
             kinds = []
-    m, tok = load(model, dtype=dtype, device=device, matformer=matformer, modalities=kinds, load_in_4bit=load_in_4bit)
+    # 4-bit: the per-layer table (as large as E2B's 4-bit weights together) stays in CPU memory
+    m, tok = load(model, dtype=dtype, device=device, matformer=matformer, modalities=kinds, load_in_4bit=load_in_4bit,
+                  ple_device="cpu" if load_in_4bit else None)  # fmt: skip
     extra = f", MatFormer plan {matformer}" if matformer else ""
     if load_in_4bit:
         extra += ", attention/MLP weights in 4 bits (NF4)"

@@ -25,7 +25,7 @@ from ..errors import G3nError
 
 QUANTIZED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 INSTALL = "pip install 'g3n[qlora]'"
-MIN_VERSION = (0, 48)  # 4-bit on the CPU through PyTorch ops
+MIN_VERSION = (0, 50)  # tested here (CUDA, and the CPU through PyTorch ops)
 
 
 def require_backend(device: torch.device | str = "cpu"):
