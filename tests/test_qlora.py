@@ -203,3 +203,11 @@ def test_adapter_runs_beside_4bit_weights(tmp_path):
     assert pieces and pieces[-1].finish in ("stop", "length")
     with pytest.raises(G3nError, match="GGUF"):
         load_engine("model.gguf", load_in_4bit=True)
+
+
+def test_compiled_decode_is_skipped_for_4bit(tiny4):
+    from g3n.engine import Generator
+
+    with pytest.warns(UserWarning, match="4-bit weights decode through the uncompiled CUDA graph"):
+        gen = Generator(tiny4[0], batch=1, max_len=16, compile=True)
+    assert not gen.compile

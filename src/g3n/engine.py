@@ -32,6 +32,7 @@ import warnings
 import torch
 
 from .config import FULL, SLIDING, TextConfig
+from .model.quant import is_4bit
 from .model.text import apply_rope, build_mask
 
 PREFILL_CHUNK = 1024
@@ -237,7 +238,7 @@ class Generator:
         self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else cuda_graph
         if compile is None:
             compile = os.environ.get("G3N_COMPILE", "0") == "1"
-        if compile and getattr(model, "is_loaded_in_4bit", False):
+        if compile and is_4bit(model):
             # bitsandbytes' 4-bit weights are tensor subclasses torch.compile does not trace in one graph
             warnings.warn("G3N_COMPILE/compile: 4-bit weights decode through the uncompiled CUDA graph")
             compile = False
