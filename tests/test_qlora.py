@@ -211,3 +211,31 @@ def test_compiled_decode_is_skipped_for_4bit(tiny4):
     with pytest.warns(UserWarning, match="4-bit weights decode through the uncompiled CUDA graph"):
         gen = Generator(tiny4[0], batch=1, max_len=16, compile=True)
     assert not gen.compile
+
+
+def test_compiled_training_layers_run_4bit(monkeypatch):
+    """`compile: true` traces bitsandbytes' 4-bit layers and PEFT's LoRA on them (aot_eager here:
+    the same tracing as inductor on GPUs, no code generation): outputs and LoRA gradients unchanged."""
+    from g3n.model import recompute
+    from g3n.train.lora import add_lora
+
+    monkeypatch.setattr(recompute, "BACKEND", "aot_eager")
+    model, tok = g3n.load("tiny", dtype="float32", device="cpu", load_in_4bit=True)
+    add_lora(model, r=4, alpha=4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    model.train()
+    model.model.gradient_checkpointing = True
+    ids = torch.tensor([tok.encode("The capital of France is Paris.", add_bos=True)])
+    results = []
+    for compiled in (False, True):
+        model.model.compiled = compiled
+        model.zero_grad()
+        logits = model(ids)
+        logits.float().logsumexp(-1).mean().backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+        results.append((logits.detach(), grads))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-5)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-6) and results[0][1].abs().max() > 0
