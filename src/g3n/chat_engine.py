@@ -178,11 +178,13 @@ def model_name(model: str) -> str:
 
 
 def load_engine(model: str = "tiny", dtype="auto", device=None, matformer=None, adapter=None, max_batch: int = 8,
-                modalities=(), lazy_towers: bool = True):  # fmt: skip
+                modalities=(), lazy_towers: bool = True, load_in_4bit: bool = False):  # fmt: skip
     """Open MODEL (checkpoint directory, cached HF id, 'tiny' or .gguf file) as an engine.
 
     modalities: towers to load now ("image", "audio"), or "all" for every tower the checkpoint has;
-    lazy_towers: load others when their input first appears (the CLI; not the server)."""
+    lazy_towers: load others when their input first appears (the CLI; not the server);
+    load_in_4bit: NF4 attention/MLP weights, the per-layer table in CPU memory; an adapter then
+    runs beside them, unmerged."""
     start = time.perf_counter()
     name = model_name(model)
     if str(model).lower().endswith(".gguf"):
@@ -193,6 +195,9 @@ def load_engine(model: str = "tiny", dtype="auto", device=None, matformer=None, 
                            "(g3n export --adapter DIR --format gguf)")  # fmt: skip
         if modalities and modalities != "all":
             raise G3nError("a GGUF file runs text only here; pass the checkpoint directory for images and audio")
+        if load_in_4bit:
+            raise G3nError("--load-in-4bit quantizes a checkpoint; a GGUF file has its own quantization "
+                           "(g3n export --format gguf --quant)")  # fmt: skip
         engine = GGUFEngine(model, name)
         _say(f"[g3n] loaded {model} with llama.cpp in {time.perf_counter() - start:.1f}s")
         return engine
@@ -209,15 +214,23 @@ def load_engine(model: str = "tiny", dtype="auto", device=None, matformer=None, 
         except G3nError as e:  # "all" means: what this checkpoint and this install can do
             _say(f"[g3n] serving text only: {e}")
             kinds = []
-    m, tok = load(model, dtype=dtype, device=device, matformer=matformer, modalities=kinds)
+    # 4-bit: the per-layer table (as large as E2B's 4-bit weights together) stays in CPU memory
+    m, tok = load(model, dtype=dtype, device=device, matformer=matformer, modalities=kinds, load_in_4bit=load_in_4bit,
+                  ple_device="cpu" if load_in_4bit else None)  # fmt: skip
     extra = f", MatFormer plan {matformer}" if matformer else ""
+    if load_in_4bit:
+        extra += ", attention/MLP weights in 4 bits (NF4)"
     if kinds:
         extra += f", {' and '.join(sorted(kinds))} tower{'s' if len(kinds) > 1 else ''}"
     if adapter:
         from .train.lora import load_adapter, merge_lora
 
-        merge_lora(load_adapter(m, adapter))
-        extra += f", adapter {adapter} merged"
+        load_adapter(m, adapter)
+        if load_in_4bit:  # merging would round the adapter's change away (quant.refuse_merge)
+            extra += f", adapter {adapter} applied beside the 4-bit weights"
+        else:
+            merge_lora(m)
+            extra += f", adapter {adapter} merged"
     _say(f"[g3n] loaded {model} ({m.config.num_hidden_layers} layers{extra}, {m.dtype}, {m.device})"
          f" in {time.perf_counter() - start:.1f}s")  # fmt: skip
     return TorchEngine(m.eval(), tok, name, max_batch, model_dir, lazy_towers)

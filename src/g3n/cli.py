@@ -31,6 +31,12 @@ a filesystem every host sees). G3N_DIST_TIMEOUT (seconds, default 900) bounds ho
 waits for the others."""
 
 
+LOAD_IN_4BIT_HELP = (
+    "store the decoder layers' attention and MLP weights in 4 bits (NF4, bitsandbytes: pip install 'g3n[qlora]'); "
+    "--dtype is then the compute dtype"
+)
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument(
@@ -46,6 +52,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="weights and compute dtype (auto: bfloat16 on GPU, float32 on CPU for small models)",
     )
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
+    g.add_argument("--load-in-4bit", action="store_true", help=LOAD_IN_4BIT_HELP)
     g.add_argument(
         "--matformer",
         default=None,
@@ -136,7 +143,7 @@ def _engine(args, modalities=None, **kw):
 
     kinds = [k for k in ("image", "audio") if getattr(args, k, None)] if modalities is None else modalities
     return load_engine(args.model, dtype=args.dtype, device=args.device, matformer=args.matformer, modalities=kinds,
-                       **kw)  # fmt: skip
+                       load_in_4bit=args.load_in_4bit, **kw)  # fmt: skip
 
 
 def cmd_generate(args) -> int:
@@ -344,7 +351,7 @@ def cmd_train(args) -> int:
         if launched():
             raise G3nError("--gpus: this process already runs under torchrun; leave --gpus out")
         return _launch_torchrun(args)
-    cfg = load_train_config(args.config, args.set or [])
+    cfg = load_train_config(args.config, (args.set or []) + ["load_in_4bit=true"] * args.load_in_4bit)
     history = train(cfg, resume=args.resume, overwrite=args.overwrite)
     if os.environ.get("RANK", "0") != "0":
         return 0  # process 0 reports
@@ -384,7 +391,7 @@ def _launch_torchrun(args) -> int:
     argv = [args.config] if args.config else []
     for item in args.set or []:
         argv += ["--set", item]
-    argv += ["--resume"] * args.resume + ["--overwrite"] * args.overwrite
+    argv += ["--resume"] * args.resume + ["--overwrite"] * args.overwrite + ["--load-in-4bit"] * args.load_in_4bit
     if args.gpus == 1:
         return main(["train", *argv])
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.gpus}"]
@@ -464,6 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in output_dir")
+    p.add_argument("--load-in-4bit", action="store_true", help="QLoRA: the same as --set load_in_4bit=true")
     p.add_argument(
         "--gpus",
         type=int,
@@ -547,7 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_model_args(p)
-    p.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory, merged in at load")
+    p.add_argument("--adapter", default=None,
+                   help="a PEFT LoRA adapter directory, merged in at load (with --load-in-4bit: run beside the 4-bit "
+                   "weights, unmerged)")  # fmt: skip
     p.add_argument("--text-only", action="store_true",
                    help="do not load a multimodal checkpoint's vision/audio towers (less memory; images and "
                    "audio then get a 400)")  # fmt: skip

@@ -23,7 +23,8 @@ that a CUDA graph can replay.
   instead and a warning says why. G3N_GEMV_TUNING=1 adds inductor's coordinate-descent tuning,
   which also writes the batch-1 matrix-vector products (about 60% of the compiled step's GPU
   time, in cuBLAS) as fused, tuned reductions: correct on an H200, but its compile took 242 s
-  for the whole E2B step and its speed is not measured yet.
+  for the whole E2B step and its speed is not measured yet. A model with 4-bit weights
+  (bitsandbytes) is not compiled: its step is captured uncompiled, with a warning.
 - Compiled code is specialised to the cache's shapes, so with compiling on the cache length is
   rounded up to a power of two (at least 1024, at most the context): one compile serves every
   request of that bucket and batch size.
@@ -40,6 +41,7 @@ import weakref
 import torch
 
 from .config import FULL, SLIDING, TextConfig
+from .model.quant import is_4bit
 from .model.text import apply_rope, build_mask
 
 PREFILL_CHUNK = 1024
@@ -355,6 +357,10 @@ class Generator:
         self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else cuda_graph
         if compile is None:
             compile = {"1": True, "layers": "layers"}.get(os.environ.get("G3N_COMPILE", "0"), False)
+        if compile and is_4bit(model):
+            # bitsandbytes' 4-bit weights are tensor subclasses torch.compile does not trace in one graph
+            warnings.warn("G3N_COMPILE/compile: 4-bit weights decode through the uncompiled CUDA graph")
+            compile = False
         self.compile = compile if self.cuda_graph else False
         self.fused = self.compile if fused is None else fused
         if self.compile:

@@ -256,6 +256,7 @@ def load_model(
     ple_device: str | torch.device | None = None,
     matformer=None,
     modalities=(),
+    load_in_4bit: bool = False,
 ) -> Gemma3nForCausalLM:
     """Build the text decoder from a checkpoint, reading only the text weights.
 
@@ -263,6 +264,8 @@ def load_model(
     by default it sits with the rest of the model. `matformer` (a plan name, plan file or Plan)
     builds that MatFormer sub-model straight from the parent's weights, reading only its slices.
     `modalities` ("image", "audio") also loads those towers (model.towers), and nothing else of them.
+    `load_in_4bit`: the layers' attention and MLP projections stored as NF4 (quant.py), each one
+    quantized on `device` as it is read; `dtype` is then the compute dtype and that of the rest.
     """
     model_dir = resolve_model_dir(path_or_name)
     if not model_dir.is_dir():
@@ -276,10 +279,23 @@ def load_model(
     ple_name = "model.embed_tokens_per_layer.weight"
     ple_device = torch.device(ple_device) if ple_device is not None else device
 
+    if load_in_4bit:
+        from .quant import is_quantized_name, linear_4bit, require_backend
+
+        require_backend(device)
     state = {}
     for name in tensors.shapes:
+        if load_in_4bit and is_quantized_name(name):  # one matrix at a time, 16-bit only while quantized
+            module, _, child = name.removesuffix(".weight").rpartition(".")
+            setattr(model.get_submodule(module), child, linear_4bit(tensors.read(name), dtype, device))
+            continue
         state[name] = tensors.read(name).to(dtype=dtype, device=ple_device if name == ple_name else device)
-    model.load_state_dict(state, assign=True, strict=True)
+    result = model.load_state_dict(state, assign=True, strict=not load_in_4bit)
+    if load_in_4bit:
+        missing = [k for k in result.missing_keys if not is_quantized_name(k)]
+        if missing or result.unexpected_keys:  # a bug, not a user error: the names come from the model
+            raise RuntimeError(f"4-bit load: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
+        model.is_loaded_in_4bit = True  # PEFT wraps bitsandbytes layers with its 4-bit LoRA layers when set
     model.model.rotary_emb = RotaryEmbedding(cfg).to(device)
     if modalities:
         from .towers import load_towers

@@ -78,3 +78,44 @@ def save_text_checkpoint(model, out_dir: str | Path, dtype: torch.dtype = torch.
     text = json.dumps(hf_config_dict(model.config, dtype), indent=2) + "\n"
     write_atomic(out / "config.json", lambda p: p.write_text(text))
     return out
+
+
+SHARD_BYTES = 2 * 2**30
+
+
+def save_tensors(items, cfg: TextConfig, out_dir: Path, dtype: torch.dtype, shard_bytes: int = SHARD_BYTES) -> Path:
+    """config.json + safetensors from (name, tensor) pairs, holding at most one shard in memory:
+    model.safetensors when everything fits one shard, else model-0000i-of-0000N.safetensors and
+    model.safetensors.index.json, as transformers writes them. Write into a temporary directory
+    (atomic_dir): shard files are renamed once their count is known."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    parts, shard, size, total = [], {}, 0, 0
+
+    def flush():
+        nonlocal shard, size
+        path = out / f".shard-{len(parts)}.safetensors"
+        save_file(shard, str(path), metadata={"format": "pt"})
+        parts.append((path, list(shard)))
+        shard, size = {}, 0
+
+    for name, tensor in items:
+        nbytes = tensor.numel() * tensor.element_size()
+        if shard and size + nbytes > shard_bytes:
+            flush()
+        shard[name] = tensor.detach().to("cpu").contiguous()
+        size, total = size + nbytes, total + nbytes
+    if shard or not parts:
+        flush()
+    if len(parts) == 1:
+        os.replace(parts[0][0], out / "model.safetensors")
+    else:
+        weight_map = {}
+        for i, (path, names) in enumerate(parts, 1):
+            final = f"model-{i:05d}-of-{len(parts):05d}.safetensors"
+            os.replace(path, out / final)
+            weight_map.update(dict.fromkeys(names, final))
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(hf_config_dict(cfg, dtype), indent=2) + "\n")
+    return out

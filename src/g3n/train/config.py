@@ -16,6 +16,7 @@ class TrainConfig:
     # model and method
     model: str = "tiny"  # checkpoint directory, cached HF id, or tiny
     lora: bool = True  # false: full fine-tuning
+    load_in_4bit: bool = False  # QLoRA: attention/MLP base weights as NF4 (bitsandbytes)
     lora_r: int = 16
     lora_alpha: int = 16
     lora_dropout: float = 0.0
@@ -81,6 +82,11 @@ class TrainConfig:
                 "config: finetune_language_layers, finetune_vision_layers and finetune_audio_layers are all false, "
                 "so nothing would be trained"
             )
+        if self.load_in_4bit and not self.lora:
+            raise G3nError(
+                "config: load_in_4bit stores the base weights in 4 bits, which cannot be trained; use it with "
+                "lora: true (QLoRA)"
+            )
         if not self.lora and {"image", "audio"} & set(self.parts):
             raise G3nError(
                 "config: the vision/audio tower is tuned with LoRA only (lora: true); full fine-tuning covers "
@@ -125,6 +131,9 @@ def _check_type(name: str, annotation: str, value) -> None:
 HELP = {
     "model": "checkpoint directory, cached HF id, or tiny",
     "lora": "true: LoRA adapters (PEFT format); false: full fine-tuning",
+    "load_in_4bit": "QLoRA: the decoder layers' attention and MLP weights stored as NF4 (bitsandbytes: "
+    "pip install 'g3n[qlora]'); embeddings, norms, the per-layer table and small projections stay 16-bit; "
+    "save_merged merges into the checkpoint's 16-bit weights",
     "lora_r": "LoRA rank", "lora_alpha": "LoRA alpha (scale = alpha / r)", "lora_dropout": "LoRA dropout",
     "finetune_attention_modules": "LoRA on q/k/v/o projections",
     "finetune_mlp_modules": "LoRA on gate/up/down projections",

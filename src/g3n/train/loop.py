@@ -194,7 +194,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
 def _train(cfg: TrainConfig, d: Dist, resume: bool, overwrite: bool, progress: bool, stop_after):
     from .. import load
     from ..model.load import resolve_model_dir
-    from .lora import add_lora, save_adapter, save_merged
+    from .lora import add_lora, merge_checkpoint, save_adapter, save_merged
 
     if not cfg.train_data:
         raise G3nError("config: train_data names no file")
@@ -203,7 +203,12 @@ def _train(cfg: TrainConfig, d: Dist, resume: bool, overwrite: bool, progress: b
     out = Path(cfg.output_dir)
     torch.manual_seed(cfg.seed)
     device = str(d.device) if d.on else cfg.device
-    model, tok = load(cfg.model, dtype=cfg.dtype, device=device, ple_device="cpu" if cfg.ple_on_cpu else None)
+    model, tok = load(cfg.model, dtype=cfg.dtype, device=device, ple_device="cpu" if cfg.ple_on_cpu else None,
+                      load_in_4bit=cfg.load_in_4bit)  # fmt: skip
+    if cfg.load_in_4bit:
+        from ..model.quant import for_training
+
+        for_training(model)
     model_dir = resolve_model_dir(cfg.model)
     if d.on and cfg.parts != ["text"]:
         raise PeerError("tuning the vision/audio tower runs on one process for now (set finetune_*_layers)")
@@ -369,7 +374,10 @@ def _train(cfg: TrainConfig, d: Dist, resume: bool, overwrite: bool, progress: b
 
     if cfg.lora and d.main:
         save_adapter(model, out / "adapter", base_model=str(cfg.model))
-    if cfg.save_merged:
+    if cfg.save_merged and cfg.load_in_4bit:  # from the base checkpoint's 16-bit weights, not the 4-bit ones
+        if d.main:
+            merge_checkpoint(model_dir, out / "adapter", out / "merged", overwrite=True)
+    elif cfg.save_merged:
         full = distributed.gathered_model(d, model)  # every process takes part under FSDP
         if d.main:
             save_merged(full, out / "merged", resolve_model_dir(cfg.model), overwrite=True)

@@ -112,9 +112,13 @@ def load_adapter(model, adapter_dir: str | Path):
 
 @torch.no_grad()
 def merge_lora(model):
-    """Fold the adapters into the base weights and remove the LoRA layers (in place)."""
+    """Fold the adapters into the base weights and remove the LoRA layers (in place). Refused for
+    4-bit weights (quant.refuse_merge says why); merge_checkpoint merges into the 16-bit originals."""
     from peft.tuners.lora import LoraLayer
 
+    from ..model.quant import refuse_merge
+
+    refuse_merge(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, LoraLayer):
             module.merge()
@@ -134,12 +138,48 @@ def save_merged(
 ) -> Path:
     """Merge the adapters (if any) and write an HF checkpoint with the tokenizer files copied; the
     directory appears complete or not at all."""
+    from ..model.quant import refuse_merge
+
+    refuse_merge(model, "writing a merged checkpoint from a model")
     merge_lora(model)
     with atomic_dir(out_dir, overwrite) as tmp:
         save_text_checkpoint(model, tmp, dtype)
-        for name in TOKENIZER_FILES if tokenizer_dir is not None else ():
-            if (Path(tokenizer_dir) / name).is_file():
-                shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
+        copy_tokenizer_files(tokenizer_dir, tmp)
+    return Path(out_dir)
+
+
+def copy_tokenizer_files(tokenizer_dir: str | Path | None, out: Path) -> None:
+    for name in TOKENIZER_FILES if tokenizer_dir is not None else ():
+        if (Path(tokenizer_dir) / name).is_file():
+            shutil.copy2(Path(tokenizer_dir) / name, out / name)
+
+
+def merge_checkpoint(
+    model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, dtype=torch.bfloat16, overwrite: bool = False
+) -> Path:
+    """The base checkpoint's own 16-bit text weights + the adapter's deltas (float32 sums), read,
+    merged and written one tensor at a time (no model in memory; shards of SHARD_BYTES), with the
+    tokenizer files: how a QLoRA run's adapter is merged, never into its 4-bit weights."""
+    from ..model.load import TextTensors
+    from ..model.save import save_tensors
+
+    model_dir = Path(model_dir)
+    tensors, deltas = TextTensors(model_dir), AdapterDeltas(adapter_dir)
+    unknown = sorted(deltas.pairs.keys() - tensors.shapes.keys())
+    if unknown:
+        raise G3nError(f"{adapter_dir}: the adapter has weights for {unknown[0]}, which {model_dir} lacks: "
+                       "an adapter of another model")  # fmt: skip
+
+    def merged():
+        for name in tensors.shapes:
+            yield name, deltas.merge(name, tensors.read(name)).to(dtype)
+
+    try:
+        with atomic_dir(out_dir, overwrite) as tmp:
+            save_tensors(merged(), tensors.config, tmp, dtype)
+            copy_tokenizer_files(model_dir, tmp)
+    finally:
+        tensors.close()
     return Path(out_dir)
 
 
