@@ -14,6 +14,7 @@ float32 adapters, causal_lm_loss, clipping), the per-layer table in CPU memory.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import statistics
@@ -310,6 +311,11 @@ def main() -> int:
                 if device == "cuda":
                     torch.cuda.set_per_process_memory_fraction(1.0)
         state = None
+        gc.collect()
+        torch._dynamo.reset()  # compiled code can hold this size's modules (and weights) alive
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            print(f"[bench] after {size}: {torch.cuda.memory_allocated() / GiB:.2f} GiB still allocated", flush=True)
     print("\n| size | work | who | cap GiB | tokens/s | peak GiB | first loss | first step s | finite (skipped) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -4,9 +4,11 @@ every process with one clear message.
 
 Tolerance: float32 sums run in another order (rows split between processes, padded differently,
 gradients all-reduced) and the logged values are rounded (loss to 1e-6, gradient norm to 1e-4), so
-per-step losses must agree within 2e-5 and gradient norms within 1e-4 + 5e-5 x the norm (Adam turns
+per-step losses must agree within 2e-5 and gradient norms within 1e-4 + 5e-4 x the norm (Adam turns
 float noise in near-zero gradients into relative differences of the next steps' norms). Observed
-here: losses within 1e-6, gradient norms within 1.3e-5 x the norm.
+here: losses within 5e-6, gradient norms within 2.3e-4 x the norm at step 3 (1.3e-5 while padded
+rows still had an attention mask; a padded batch's gradient equals its rows' within 6e-7 either
+way). A lost or doubled gradient moves the norm by percents.
 """
 
 import json
@@ -29,7 +31,7 @@ from g3n.train.loop import train
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 PLANETS = ["Zork", "Blip", "Quax", "Murn", "Telo", "Vesk", "Oran", "Pym", "Abra", "Kell", "Lunn", "Sorb"]
-TOL = {"loss": (2e-5, 0), "grad_norm": (1e-4, 5e-5), "eval_loss": (2e-5, 0)}  # (absolute, relative)
+TOL = {"loss": (2e-5, 0), "grad_norm": (1e-4, 5e-4), "eval_loss": (2e-5, 0)}  # (absolute, relative)
 
 
 @pytest.fixture(scope="module")

@@ -231,7 +231,7 @@ def _train(cfg: TrainConfig, d: Dist, resume: bool, overwrite: bool, progress: b
         if table.device != model.device:  # kept off the accelerator: frozen
             table.requires_grad_(False)
     model.model.gradient_checkpointing = cfg.gradient_checkpointing
-    model.model.compiled = cfg.compile
+    model.model.compiled = cfg.compile if cfg.compile != "auto" else (model.device.type == "cuda" and not d.on)
     model.train()
 
     examples, stats = load_examples(cfg.train_data, tok, cfg.max_length, cfg.responses_only, cfg.skip_bad, media_tokens)
