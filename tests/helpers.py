@@ -202,3 +202,32 @@ class ServerThread:
         self.server.should_exit = True
         self.thread.join(timeout=15)
         self.sock.close()
+
+
+CAPITALS = ["Zork", "Blip", "Quax", "Murn", "Telo", "Vesk", "Oran", "Pym"]
+
+
+def write_capitals_dataset(d):
+    """Chat records teaching made-up capitals: train.jsonl (8) and eval.jsonl (the first 3)."""
+    import json
+
+    rows = [
+        {"messages": [{"role": "user", "content": f"What is the capital of {p}?"},
+                      {"role": "assistant", "content": f"The capital of {p} is {p}ville."}]}
+        for p in CAPITALS
+    ]  # fmt: skip
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    return d
+
+
+def train_config(dataset, out, **overrides):
+    """A short CPU fine-tune of the tiny model on write_capitals_dataset's files."""
+    from g3n.train.config import load_train_config
+
+    base = {
+        "train_data": [str(dataset / "train.jsonl")], "eval_data": [str(dataset / "eval.jsonl")], "output_dir": str(out),
+        "batch_size": 2, "max_steps": 6, "save_steps": 3, "eval_steps": 3, "learning_rate": 3e-3, "lora_r": 8, "max_length": 64,
+        "device": "cpu",
+    }  # fmt: skip
+    return load_train_config(base={**base, **overrides})

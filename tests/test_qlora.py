@@ -14,8 +14,8 @@ bnb = pytest.importorskip("bitsandbytes")
 import g3n
 from g3n.errors import G3nError
 from g3n.model.quant import QUANTIZED
-from g3n.train.config import load_train_config
 from g3n.train.loop import train
+from helpers import train_config, write_capitals_dataset
 
 # The 16 NF4 levels (QLoRA paper, appendix E): quantiles of N(0, 1) scaled to [-1, 1].
 NF4 = torch.tensor([
@@ -52,25 +52,13 @@ def tiny4():
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    rows = [
-        {"messages": [{"role": "user", "content": f"What is the capital of {p}?"},
-                      {"role": "assistant", "content": f"The capital of {p} is {p}ville."}]}
-        for p in ["Zork", "Blip", "Quax", "Murn", "Telo", "Vesk", "Oran", "Pym"]
-    ]  # fmt: skip
-    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (d / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
-    return d
+    return write_capitals_dataset(tmp_path_factory.mktemp("data"))
 
 
 def _cfg(dataset, out, **kw):
-    base = {
-        "train_data": [str(dataset / "train.jsonl")], "eval_data": [str(dataset / "eval.jsonl")], "output_dir": str(out),
-        "batch_size": 2, "max_steps": 12, "save_steps": 12, "eval_steps": 12, "learning_rate": 3e-3, "lora_r": 8,
-        "max_length": 64, "device": "cpu", "load_in_4bit": True,
-    }  # fmt: skip
-    base.update(kw)
-    return load_train_config(base=base)
+    return train_config(
+        dataset, out, **{"max_steps": 12, "save_steps": 12, "eval_steps": 12, "load_in_4bit": True, **kw}
+    )
 
 
 def test_4bit_layers_match_16bit_within_nf4_error(tiny, tiny4):

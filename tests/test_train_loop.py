@@ -10,35 +10,15 @@ pytest.importorskip("peft")
 from g3n.errors import G3nError
 from g3n.train.config import load_train_config
 from g3n.train.loop import train
-
-PLANETS = ["Zork", "Blip", "Quax", "Murn", "Telo", "Vesk", "Oran", "Pym"]
+from helpers import train_config, write_capitals_dataset
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    rows = [
-        {
-            "messages": [
-                {"role": "user", "content": f"What is the capital of {p}?"},
-                {"role": "assistant", "content": f"The capital of {p} is {p}ville."},
-            ]
-        }
-        for p in PLANETS
-    ]
-    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (d / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
-    return d
+    return write_capitals_dataset(tmp_path_factory.mktemp("data"))
 
 
-def _cfg(dataset, out, **kw):
-    base = {
-        "train_data": [str(dataset / "train.jsonl")], "eval_data": [str(dataset / "eval.jsonl")], "output_dir": str(out),
-        "batch_size": 2, "max_steps": 6, "save_steps": 3, "eval_steps": 3, "learning_rate": 3e-3, "lora_r": 8, "max_length": 64,
-        "device": "cpu",
-    }  # fmt: skip
-    base.update(kw)
-    return load_train_config(base=base)
+_cfg = train_config
 
 
 def test_lora_run_lowers_eval_loss(dataset, tmp_path):

@@ -33,7 +33,6 @@ that a CUDA graph can replay.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import warnings
 import weakref
@@ -67,35 +66,6 @@ class StaticCache:
         return real & (key_index >= 0)[None]
 
 
-def _small_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, weight) for AltUp's 4-wide weights as a float32 broadcast sum (products of
-    low-precision numbers are exact in float32, so only the summation order differs): a compiler
-    fuses it into the neighbouring kernels instead of launching a GEMM for 4 outputs."""
-    return (x.float()[..., None, :] * weight.float()).sum(-1).to(x.dtype)
-
-
-def _modalities(altup, x: torch.Tensor) -> torch.Tensor:
-    scale = torch.tensor(altup.cfg.hidden_size**-1.0).to(x.dtype)
-    routed = _small_linear(altup.router_norm(x) * scale, altup.modality_router.weight)
-    return torch.tanh(routed.float()).type_as(x)
-
-
-def _altup_predict(altup, streams: torch.Tensor) -> torch.Tensor:
-    """AltUp.predict without GEMMs: prediction j = sum_i streams[i] * coef[j, i], plus streams."""
-    n = altup.cfg.altup_num_inputs
-    modalities = _modalities(altup, streams[altup.cfg.altup_active_idx])
-    coefs = _small_linear(modalities, altup.prediction_coefs.weight).reshape(*modalities.shape[:-1], n, n)
-    mixed = (streams.permute(1, 2, 0, 3)[:, :, None].float() * coefs[..., None].float()).sum(3)
-    return (mixed.to(streams.dtype).permute(2, 0, 1, 3) + streams).type_as(streams)
-
-
-def _altup_correct(altup, predictions: torch.Tensor, activated: torch.Tensor) -> torch.Tensor:
-    modalities = _modalities(altup, activated)
-    innovation = activated - predictions[altup.cfg.altup_active_idx]
-    coefs = (_small_linear(modalities, altup.correction_coefs.weight) + 1.0).permute(2, 0, 1).unsqueeze(-1)
-    return (innovation.unsqueeze(0) * coefs + predictions).type_as(activated)
-
-
 def _attend(attn, x, cos, sin, k, v, mask):
     """Attention.forward for one query position as float32 broadcast sums: the query heads that
     share a K/V head are grouped (no K/V copy per head), and a compiler turns scores, softmax and
@@ -111,26 +81,14 @@ def _attend(attn, x, cos, sin, k, v, mask):
 
 
 def decode_layer(layer, streams, per_layer_input, cos, sin, kv_for, mask):
-    """DecoderLayer.forward for one new token per row, with AltUp's tiny matrices and attention as
-    float32 broadcast sums: fewer, fusable kernels for a compiled decode step (tests compare it
-    with the layer itself and with transformers). Eagerly it materialises the broadcasts, so
-    uncompiled decoding keeps the model's own layers."""
-    cfg, altup, active = layer.cfg, layer.altup, layer.cfg.altup_active_idx
-    predictions = _altup_predict(altup, streams)
-    x = predictions[active]
-    normed = layer.input_layernorm(x)
-    laurel = layer.laurel(normed)
+    """DecoderLayer.forward for one new token per row, its attention as float32 broadcast sums
+    (`_attend`; AltUp's tiny matrices are such sums too under compile, `small_linear`): fewer,
+    fusable kernels for a compiled decode step (tests compare it with the layer itself and with
+    transformers). Eagerly the broadcasts would be materialised, so uncompiled decoding keeps the
+    model's own layers."""
+    predictions, normed, laurel = layer.begin(streams)
     k, v = kv_for(layer.self_attn, normed)
-    attn = layer.post_attention_layernorm(_attend(layer.self_attn, normed, cos, sin, k, v, mask))
-    h = (x + attn + laurel) / math.sqrt(2)
-    h = h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
-    corrected = _altup_correct(altup, predictions, h)
-    first = corrected[active]
-    if cfg.altup_correct_scale:
-        first = altup.scale_corrected_output(first)
-    gated = layer.act(layer.per_layer_input_gate(first)) * per_layer_input
-    ple = layer.post_per_layer_input_norm(layer.per_layer_projection(gated))
-    return torch.cat([corrected[:1], corrected[1:] + ple], dim=0)
+    return layer.end(predictions, _attend(layer.self_attn, normed, cos, sin, k, v, mask), laurel, per_layer_input)
 
 
 def decode_layer_cached(layer, streams, per_layer_input, cos, sin, kbuf, vbuf, slots, mask):

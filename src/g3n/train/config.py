@@ -158,7 +158,7 @@ HELP = {
     "offload (default): also keep each layer's input in pinned CPU memory until then (half the GPU memory at "
     "the same speed, measured on an H200)",
     "compile": "run the decoder layers and the loss through torch.compile (1.7-2.3x the tokens/s of the uncompiled "
-    "step on an H200, after a one-off compile of 30-70 s); auto: on when training on one CUDA GPU",
+    "step on an H200, after a one-off compile of 30-70 s); auto: on when training 16-bit weights on one CUDA GPU",
     "ple_on_cpu": "keep the per-layer embedding table in CPU memory (only the batch's rows move to the GPU; "
     "frozen in full fine-tuning)",
     "seed": "seed for data order and initialisation",

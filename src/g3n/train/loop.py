@@ -231,7 +231,10 @@ def _train(cfg: TrainConfig, d: Dist, resume: bool, overwrite: bool, progress: b
         if table.device != model.device:  # kept off the accelerator: frozen
             table.requires_grad_(False)
     model.model.gradient_checkpointing = cfg.gradient_checkpointing
-    model.model.compiled = cfg.compile if cfg.compile != "auto" else (model.device.type == "cuda" and not d.on)
+    # auto: one CUDA GPU, 16-bit weights (compiled 4-bit layers and compiled DDP/FSDP are not yet
+    # measured on a GPU: `compile: true` asks for them)
+    auto = model.device.type == "cuda" and not d.on and not cfg.load_in_4bit
+    model.model.compiled = auto if cfg.compile == "auto" else cfg.compile
     model.train()
 
     examples, stats = load_examples(cfg.train_data, tok, cfg.max_length, cfg.responses_only, cfg.skip_bad, media_tokens)
