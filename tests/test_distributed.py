@@ -237,3 +237,52 @@ def test_checkpoint_of_another_model_is_refused():
         distributed.load_model_state(distributed.Dist(), model, {**state, name: torch.zeros(3, 3)}, "ckpt")
     with pytest.raises(G3nError, match=r"ckpt: has a weight 'lora_A' .*another model or method"):
         distributed.load_model_state(distributed.Dist(), model, {**state, "lora_A": torch.zeros(1)}, "ckpt")
+
+
+FSDP_SCRIPT = """
+import os, sys, tempfile, torch, torch.distributed as dist
+sys.path.insert(0, {tests!r})
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="{port}")
+dist.init_process_group("gloo", rank=0, world_size=1)
+from helpers import make_hf_model
+from g3n.model import recompute
+from g3n.model.load import load_model
+from g3n.train.loss import causal_lm_loss
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+recompute.BACKEND = "aot_eager"
+d = tempfile.mkdtemp()
+make_hf_model(attn_implementation="eager").save_pretrained(d)
+ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+losses = []
+for sharded in (False, True):
+    model = load_model(d, dtype="float32", device="cpu").requires_grad_(True).train()
+    if sharded:
+        mesh = init_device_mesh("cpu", (1,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model.model, mesh=mesh)
+    for mode, compiled, tile in (("offload", False, 7), (True, False, 7), ("offload", True, 0)):
+        model.model.gradient_checkpointing, model.model.compiled = mode, compiled
+        recompute.TILE_FROM = recompute.TILE = tile or 8192
+        model.zero_grad()
+        loss = causal_lm_loss(model, ids, ids.clone())
+        loss.backward()
+        losses.append(loss.item())
+print("LOSSES", losses)
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp_layers_run_tiled_and_compiled(tmp_path):
+    """Long rows' tiles and compiled layers still go through each layer's call, where FSDP2
+    gathers the layer's shards (the first version called the halves directly: mixed Tensor and
+    DTensor). One process, gloo; the sharded losses equal the plain model's."""
+    script = tmp_path / "fsdp.py"
+    script.write_text(FSDP_SCRIPT.format(tests=str(Path(__file__).parent), port=_free_port()))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent / "src"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    losses = json.loads(done.stdout.split("LOSSES", 1)[1].strip())
+    plain, sharded = losses[:3], losses[3:]
+    assert all(abs(a - b) < 1e-5 for a, b in zip(plain, sharded, strict=True)), losses

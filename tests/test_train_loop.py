@@ -142,3 +142,21 @@ def test_save_merged_writes_a_loadable_checkpoint(dataset, tmp_path):
     assert (a - b).abs().max() < 0.15  # merged weights are stored in bfloat16
     assert torch.equal(a[0, -1].argmax(), b[0, -1].argmax())
     assert (out / "merged" / "tokenizer.model").is_file()
+
+
+def test_resume_accepts_runs_started_before_new_settings(tmp_path):
+    """A run saved before `compile`/`load_in_4bit` existed (and with the old checkpointing default)
+    resumes; switching how layers run (checkpointing, compile) does not block a resume."""
+    from g3n.train.config import TrainConfig
+    from g3n.train.loop import CONFIG_FILE, prepare_output
+
+    cfg = TrainConfig(output_dir=str(tmp_path), train_data=["x.jsonl"], compile=False)
+    old = {**cfg.to_dict(), "gradient_checkpointing": True}
+    del old["compile"], old["load_in_4bit"]
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(old))
+    (tmp_path / "latest.json").write_text("{}")
+    prepare_output(cfg, resume=True, overwrite=False)
+    with pytest.raises(G3nError, match="other settings \\(lora_r\\)"):
+        prepare_output(
+            TrainConfig(output_dir=str(tmp_path), train_data=["x.jsonl"], lora_r=4), resume=True, overwrite=False
+        )

@@ -61,13 +61,16 @@ def project_kv(attn, normed, cos, sin, compiled: bool = False):
 
 
 def layer_forward(layer, streams, per_layer_input, cos, sin, kv_for, mask, compiled: bool = False):
-    """One decoder layer (DecoderLayer.forward), its halves compiled when `compiled`. Past
-    TILE_FROM tokens the halves before and after attention (all per-token work) run in tiles of
-    TILE tokens, each checkpointed: only one tile's intermediates (MLP 4 x 16384 wide for E4B,
-    float32 norms) exist at a time, at the cost of recomputing them once more."""
-    tiled = streams.shape[2] > TILE_FROM
-    if not compiled and not tiled:
-        return layer(streams, per_layer_input, cos, sin, kv_for, mask)
+    """One decoder layer, always through the module's call (so wrappers' hooks run: FSDP gathers
+    the layer's shards there); DecoderLayer.forward hands long rows and `compiled` to layer_body."""
+    return layer(streams, per_layer_input, cos, sin, kv_for, mask, compiled=compiled)
+
+
+def layer_body(layer, streams, per_layer_input, cos, sin, kv_for, mask, compiled: bool = False):
+    """DecoderLayer.forward's work, its halves compiled when `compiled`. Past TILE_FROM tokens the
+    halves before and after attention (all per-token work) run in tiles of TILE tokens, each
+    checkpointed: only one tile's intermediates (MLP 4 x 16384 wide for E4B, float32 norms) exist
+    at a time, at the cost of recomputing them once more."""
     begin, attend, end, _ = _compiled() if compiled else (_begin, _attend, _end, None)
     predictions, normed, laurel = _tiles(begin, layer, [(streams, 2)], (2, 1, 1))
     k, v = kv_for(layer.self_attn, normed)
@@ -113,7 +116,7 @@ class Offloader:
         if self.stream is None:
             self.saved.append(x)
             return len(self.saved) - 1
-        buf = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        buf = _pinned(len(self.saved), x)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
             buf.copy_(x, non_blocking=True)
@@ -141,11 +144,26 @@ class Offloader:
             return x
         self._fetch(index)
         x, ready = self.fetched.pop(index)
-        self.saved[index] = None  # frees the pinned buffer (returned to the caching allocator)
+        self.saved[index] = None
         torch.cuda.current_stream(self.device).wait_event(ready)
         x.record_stream(torch.cuda.current_stream(self.device))
         self._fetch(index - 1)
         return x
+
+
+_PINNED: dict[int, torch.Tensor] = {}  # per offloaded layer: one pinned buffer, reused every step
+
+
+def _pinned(index: int, like: torch.Tensor) -> torch.Tensor:
+    """Layer `index`'s pinned CPU buffer, shaped like `like`; grown only when a longer batch comes.
+    (Fresh pinned tensors per step would each be rounded up to a power of two and kept by the
+    caching allocator: up to twice the memory, more with varying lengths.) Reuse is safe: every
+    copy into or out of a buffer runs on the offloader's side stream, in order, and a step's
+    backward has read a layer's input before the next forward overwrites it."""
+    buf = _PINNED.get(index)
+    if buf is None or buf.dtype != like.dtype or buf.numel() < like.numel():
+        _PINNED[index] = buf = torch.empty(like.numel(), dtype=like.dtype, pin_memory=True)
+    return buf[: like.numel()].view(like.shape)
 
 
 def _rng_state(device: torch.device):

@@ -247,8 +247,11 @@ class DecoderLayer(nn.Module):
         self.post_per_layer_input_norm = RMSNorm(h, eps)
         self.act = ACTIVATIONS[cfg.hidden_activation]
 
-    def forward(self, streams, per_layer_input, cos, sin, kv_for, mask):
-        """streams: (n, batch, seq, hidden). kv_for(normed) returns the K/V this layer attends to."""
+    def forward(self, streams, per_layer_input, cos, sin, kv_for, mask, compiled: bool = False):
+        """streams: (n, batch, seq, hidden). kv_for(normed) returns the K/V this layer attends to.
+        `compiled` and rows past recompute.TILE_FROM tokens go through recompute.layer_body."""
+        if compiled or streams.shape[2] > recompute.TILE_FROM:
+            return recompute.layer_body(self, streams, per_layer_input, cos, sin, kv_for, mask, compiled)
         predictions, normed, laurel = self.begin(streams)
         k, v = kv_for(self.self_attn, normed)
         return self.end(predictions, self.self_attn(normed, cos, sin, k, v, mask), laurel, per_layer_input)

@@ -157,8 +157,10 @@ def prepare_output(cfg: TrainConfig, resume: bool, overwrite: bool, processes: i
         if not (out / "latest.json").is_file():
             raise G3nError(f"{out}: no checkpoint to resume from")
         before = json.loads(saved.read_text())
-        free = ("max_steps", "batch_size", "grad_accum")  # only their product with the processes matters
-        changed = sorted(k for k, v in cfg.to_dict().items() if before.get(k) != v and k not in free)
+        # only their product with the processes matters; how layers run does not change the maths
+        free = ("max_steps", "batch_size", "grad_accum", "gradient_checkpointing", "compile")
+        defaults = {"load_in_4bit": False}  # settings added since older runs were started
+        changed = sorted(k for k, v in cfg.to_dict().items() if before.get(k, defaults.get(k)) != v and k not in free)
         if changed:
             raise G3nError(f"{out}: the run was started with other settings ({', '.join(changed)}); cannot resume")
         was = before["batch_size"] * before["grad_accum"] * before.get("processes", 1)
