@@ -281,7 +281,9 @@ def test_fsdp_layers_run_tiled_and_compiled(tmp_path):
     script = tmp_path / "fsdp.py"
     script.write_text(FSDP_SCRIPT.format(tests=str(Path(__file__).parent), port=_free_port()))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent / "src"), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600, check=False)
+    done = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600, check=False
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     losses = json.loads(done.stdout.split("LOSSES", 1)[1].strip())
     plain, sharded = losses[:3], losses[3:]
