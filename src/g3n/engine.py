@@ -238,7 +238,8 @@ def mapped_table(model):
     if held is not None and (held.table is not table or held.ptr != table.data_ptr()):
         held = None  # the table was replaced: map the new one
     if held is None:
-        held = _MAPPED.get(table.data_ptr())  # another model sharing this table mapped it
+        key = (table.data_ptr(), str(model.device))
+        held = _MAPPED.get(key)  # another model on this device sharing this table mapped it
         if held is None or held.table is not table:
             try:
                 held = _MappedTable(table, model.device)
@@ -247,12 +248,12 @@ def mapped_table(model):
                     f"the per-layer table could not be mapped for the GPU, gathering its rows on the host: {e}"
                 )
                 held = _Unmapped(table)
-            _MAPPED[table.data_ptr()] = held
+            _MAPPED[key] = held
         body._mapped_ple = held
     return held.view
 
 
-_MAPPED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # data_ptr -> mapping, while models hold it
+_MAPPED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # (data_ptr, device) -> mapping, while held
 
 
 class _Unmapped:
