@@ -300,6 +300,14 @@ def _train(cfg: TrainConfig, d: Dist, resume: bool, overwrite: bool, progress: b
     )
     if d.main:
         print(summary, flush=True)
+        layers = {
+            True: "recomputed in backward",
+            False: "kept",
+            "offload": "recomputed in backward, inputs in CPU memory",
+        }
+        print(f"[g3n] layer activations {layers[cfg.gradient_checkpointing]}"
+              + ("; compiling the decoder layers (the first steps take 30-70 s longer)" if model.model.compiled else ""),
+              flush=True)  # fmt: skip
         for problem in stats.skipped[:5]:
             print(f"[g3n] skipped: {problem}", flush=True)
     bar = None
