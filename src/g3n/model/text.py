@@ -183,29 +183,35 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, k, v, mask):
         """Attend x's queries to k/v (already including cached and shared states). `mask`: a
-        (batch, 1, q, k) bool tensor, or None for plain causal attention over the same positions
-        (within the sliding window on sliding layers)."""
+        (batch, 1, q, k) bool tensor; or, for causal attention over the same positions (within the
+        sliding window on sliding layers), None or the (batch, seq) segment ids of packed rows."""
         shape = (*x.shape[:-1], -1, self.head_dim)
         q = apply_rope(self.q_norm(self.q_proj(x).view(shape)), cos, sin).transpose(1, 2)
         if self.n_heads != self.n_kv_heads:
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        if mask is None:
-            out = causal_attention(q, k, v, self.window)
+        if mask is None or mask.dtype != torch.bool:  # None or segment ids: no (q x k) mask given
+            out = causal_attention(q, k, v, self.window, mask)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
         return self.o_proj(out.transpose(1, 2).reshape(*x.shape[:-1], -1))
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> torch.Tensor:
+def causal_attention(q, k, v, window: int | None, segments: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of positions 0..T-1 to themselves without a (T x T) mask, so GPUs run
     their flash kernels and memory stays linear in T (long-context training).
 
     Full layers use SDPA's is_causal. A sliding layer's queries go in blocks of `window`: block b
     attends to keys [b*window - window, b*window + window) under one small (window x 2*window)
     mask, the same for every block (the keys before position 0 are padding, masked in block 0).
+    With `segments` (packed rows) tokens attend only within their own segment: sliding layers
+    add that to each block's mask (still linear in T); full layers build the (T x T) mask.
     """
     T = q.shape[2]
+    if segments is not None and (window is None or T <= window):
+        index, real = torch.arange(T, device=q.device), torch.ones_like(segments, dtype=torch.bool)
+        mask = build_mask(index, index, real, None, segments)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
     if window is None or T <= window:  # within one window, causal is the whole rule
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
     W, B, H, D = window, q.shape[0], q.shape[1], q.shape[3]
@@ -217,12 +223,16 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
     j = torch.arange(2 * W, device=q.device)[None, :]
     first = (torch.arange(blocks, device=q.device) == 0)[:, None, None]
     # key j of a block sees query i when 0 <= (i + W) - j < W; block 0 has no keys before position 0
-    mask = (j > i) & (j <= i + W) & (~first | (j >= W))  # (blocks, W, 2W)
+    mask = ((j > i) & (j <= i + W) & (~first | (j >= W))).expand(B, blocks, W, 2 * W)
+    if segments is not None:  # padded queries (-3) see padded keys (-3), never the ones before 0 (-2)
+        seg_q = F.pad(segments, (0, pad), value=-3).reshape(B, blocks, W)
+        seg_k = F.pad(F.pad(segments, (W, 0), value=-2), (0, pad), value=-3).unfold(1, 2 * W, W)
+        mask = mask & (seg_q[..., :, None] == seg_k[..., None, :])
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2).reshape(B * blocks, H, W, D),
         k.transpose(1, 2).reshape(B * blocks, H, 2 * W, D),
         v.transpose(1, 2).reshape(B * blocks, H, 2 * W, D),
-        attn_mask=mask.repeat(B, 1, 1).unsqueeze(1),
+        attn_mask=mask.reshape(B * blocks, 1, W, 2 * W),
         scale=1.0,
     )
     return out.reshape(B, blocks, H, W, D).transpose(1, 2).reshape(B, H, blocks * W, D)[:, :, :T]
@@ -445,10 +455,11 @@ class TextModel(nn.Module):
         streams, per_layer = self.embed_streams(input_ids, embeds=inputs_embeds)
 
         rope = {kind: self.rotary_emb(position_ids, kind, streams.dtype) for kind in set(cfg.layer_types)}
-        # Without a cache, padding or packed samples attention is plainly causal: no mask tensors
-        # (None: causal_attention, flash kernels, memory linear in the length).
-        masks = {kind: None for kind in set(cfg.layer_types)}
-        if cache is not None or attention_mask is not None or segment_ids is not None:
+        # Without a cache or padding mask attention is causal over the row: no (q x k) mask tensors
+        # (causal_attention gets None, or packed rows' segment ids: flash kernels, memory linear in
+        # the length on sliding layers).
+        masks = {kind: segment_ids for kind in set(cfg.layer_types)}
+        if cache is not None or attention_mask is not None:
             q_index = torch.arange(past, past + T, device=device)
             for kind in masks:
                 kept = cache.kept(kind) if cache is not None else 0
