@@ -28,17 +28,17 @@ def _chunk_forward(h, weight, safe, softcap):
     """(log-sum-exp, target logit) of one chunk of rows."""
     logits = _chunk_tanh(h, weight, softcap)
     if softcap:
-        logits = logits * softcap
+        logits.mul_(softcap)  # in place: one (chunk x vocab) float32 buffer when run eagerly
     return torch.logsumexp(logits, dim=-1), logits.gather(1, safe[:, None]).squeeze(1)
 
 
 def _chunk_backward(h, weight, safe, scale, lse, softcap):
     """d loss / d logits of one chunk (`scale`: the rows' weights in the mean, 0 for ignored)."""
     t = _chunk_tanh(h, weight, softcap)
-    g = (t * softcap if softcap else t).sub(lse[:, None]).exp()  # softmax
-    g = g.scatter_add(1, safe[:, None], -torch.ones_like(g[:, :1])) * scale[:, None]
+    g = (t * softcap if softcap else t).sub_(lse[:, None]).exp_()  # softmax; in place (eager memory)
+    g.scatter_add_(1, safe[:, None], -torch.ones_like(g[:, :1])).mul_(scale[:, None])
     if softcap:
-        g = g * (1 - t * t)  # d(c tanh(x/c))/dx = 1 - tanh^2
+        g.mul_(t.square_().neg_().add_(1))  # d(c tanh(x/c))/dx = 1 - tanh^2
     return g.to(h.dtype)
 
 
