@@ -207,14 +207,15 @@ class ServerThread:
 CAPITALS = ["Zork", "Blip", "Quax", "Murn", "Telo", "Vesk", "Oran", "Pym"]
 
 
-def write_capitals_dataset(d):
-    """Chat records teaching made-up capitals: train.jsonl (8) and eval.jsonl (the first 3)."""
+def write_capitals_dataset(d, places=CAPITALS, answer_end="."):
+    """Chat records teaching made-up capitals: train.jsonl (one per place) and eval.jsonl (the
+    first 3)."""
     import json
 
     rows = [
         {"messages": [{"role": "user", "content": f"What is the capital of {p}?"},
-                      {"role": "assistant", "content": f"The capital of {p} is {p}ville."}]}
-        for p in CAPITALS
+                      {"role": "assistant", "content": f"The capital of {p} is {p}ville{answer_end}"}]}
+        for p in places
     ]  # fmt: skip
     (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (d / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))

@@ -28,6 +28,7 @@ from g3n.errors import G3nError
 from g3n.train import distributed
 from g3n.train.config import load_train_config
 from g3n.train.loop import train
+from helpers import write_capitals_dataset
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 PLANETS = ["Zork", "Blip", "Quax", "Murn", "Telo", "Vesk", "Oran", "Pym", "Abra", "Kell", "Lunn", "Sorb"]
@@ -36,14 +37,7 @@ TOL = {"loss": (2e-5, 0), "grad_norm": (1e-4, 5e-4), "eval_loss": (2e-5, 0)}  # 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    rows = [
-        {"messages": [{"role": "user", "content": f"What is the capital of {p}?"},
-                      {"role": "assistant", "content": f"The capital of {p} is {p}ville, of course."}]}
-        for p in PLANETS
-    ]  # fmt: skip
-    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (d / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    d = write_capitals_dataset(tmp_path_factory.mktemp("data"), PLANETS, ", of course.")
     _small_model(d / "model")
     return d
 
