@@ -120,6 +120,9 @@ def run_hf(size, data, device, warmup, steps, train=True):
     return result, state, cfg
 
 
+FP16_WARMUP = 14  # float16 rows: 2^10 down to 2^-3 if every warm-up step overflowed
+
+
 def run_g3n(cfg, state, data, device, warmup, steps, checkpointing, compiled, dtype=torch.bfloat16):
     model = g3n_model(cfg, state, device, "cpu", dtype)
     add_lora(model, 16, 16, 0.0)
@@ -154,7 +157,7 @@ def run_g3n(cfg, state, data, device, warmup, steps, checkpointing, compiled, dt
 
     reset(device)
     result = timed_steps(step, warmup, steps, device)
-    return result, (all(finite), sum(skipped))
+    return result, (all(finite), sum(skipped), scaler.get_scale() if scaler else None)
 
 
 def reset(device):
@@ -253,7 +256,7 @@ def main() -> int:
             record(size, work, f"g3n {name}", None, cap=cap, error=f"{type(e).__name__}: {str(e)[:300]}")
         torch.cuda.empty_cache() if device == "cuda" else None
 
-    def record(size, work, who, result, finite=(True, 0), cap=None, error=None):
+    def record(size, work, who, result, finite=(True, 0, None), cap=None, error=None):
         row = {"size": size, "work": work, "who": who, "cap_gib": cap}
         if error:
             row["error"] = error
@@ -263,6 +266,8 @@ def main() -> int:
             row.update(tok_s=round(bs * seq / med), peak_gib=round(peak(device), 2), loss=round(loss, 4),
                        first_step_s=round(first, 1), spread=round((max(times) - min(times)) / med, 3),
                        finite=finite[0], skipped=finite[1])  # fmt: skip
+            if finite[2] is not None:
+                row["final_scale"] = finite[2]
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -292,10 +297,13 @@ def main() -> int:
             _, state, cfg = run_hf(size, batches(1, 1, 64, vocab, device), device, 0, 1, train=False)
             state[ple] = state[ple].cpu()
         if "fp16" in rows_kind and size != "E4B":
-            data = batches(args.warmup + args.steps, *speed[0], vocab, device)
+            # the loss scale starts at the loop's 2^10 and halves on each overflowing step: warm up
+            # until it has settled, so the timed steps are applied ones (skipped counts all steps)
+            warmup16 = max(args.warmup, FP16_WARMUP)
+            data = batches(warmup16 + args.steps, *speed[0], vocab, device)
             half = {n: t.to(torch.float16) for n, t in state.items()}
             g3n_row(size, f"{speed[0][0]} x {speed[0][1]}", f"{args.long_variant}, float16 + loss scaling",
-                    None, cfg, half, data, device, args.warmup, args.steps, *variants[args.long_variant], torch.float16)  # fmt: skip
+                    None, cfg, half, data, device, warmup16, args.steps, *variants[args.long_variant], torch.float16)  # fmt: skip
             if device == "cuda":
                 fp16_probe(cfg, half, data[0], device)
             del half
@@ -316,12 +324,12 @@ def main() -> int:
         if device == "cuda":
             torch.cuda.empty_cache()
             print(f"[bench] after {size}: {torch.cuda.memory_allocated() / GiB:.2f} GiB still allocated", flush=True)
-    print("\n| size | work | who | cap GiB | tokens/s | peak GiB | first loss | first step s | finite (skipped) |")
+    print("\n| size | work | who | cap GiB | tokens/s | peak GiB | first loss | first step s | finite (skipped; final loss scale) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['size']} | {r['work']} | {r['who']} | {r['cap_gib'] or ''} | {r.get('tok_s', r.get('error'))} | "
               f"{r.get('peak_gib', '')} | {r.get('loss', '')} | {r.get('first_step_s', '')} | "
-              f"{r.get('finite', '')} ({r.get('skipped', '')}) |")  # fmt: skip
+              f"{r.get('finite', '')} ({r.get('skipped', '')}{'; ' + str(r['final_scale']) if 'final_scale' in r else ''}) |")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0
