@@ -31,8 +31,9 @@ import torch
 
 from g3n import engine
 from g3n.config import text_config_from_dict
-from g3n.engine import Generator, compiled_decode, decode_logits, mapped_table
+from g3n.engine import Generator, compiled_decode, decode_logits
 from g3n.generate import SamplingParams, generate_steps, next_tokens
+from g3n.model.ple_table import device_view
 from g3n.model.text import Gemma3nForCausalLM, RotaryEmbedding
 
 SIZES = {
@@ -325,7 +326,7 @@ def main() -> int:
         if size not in models:
             models[size] = build_g3n(size)
             start = time.perf_counter()
-            mapped = mapped_table(models[size])
+            mapped = device_view(models[size].model, models[size].device)
             log(f"[{size}] built; per-layer table mapped for the GPU: {mapped is not None} "
                 f"({time.perf_counter() - start:.1f} s)")  # fmt: skip
         model = models[size]

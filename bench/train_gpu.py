@@ -324,7 +324,9 @@ def main() -> int:
         if device == "cuda":
             torch.cuda.empty_cache()
             print(f"[bench] after {size}: {torch.cuda.memory_allocated() / GiB:.2f} GiB still allocated", flush=True)
-    print("\n| size | work | who | cap GiB | tokens/s | peak GiB | first loss | first step s | finite (skipped; final loss scale) |")
+    print(
+        "\n| size | work | who | cap GiB | tokens/s | peak GiB | first loss | first step s | finite (skipped; final loss scale) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['size']} | {r['work']} | {r['who']} | {r['cap_gib'] or ''} | {r.get('tok_s', r.get('error'))} | "

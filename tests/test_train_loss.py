@@ -130,3 +130,28 @@ def test_offload_tiles_and_compile_on_cuda_keep_loss_and_gradients(hf_dir, monke
         assert loss_b == pytest.approx(loss_a, abs=1e-4)
         for name, ref in grads_a.items():
             assert (grads_b[name] - ref).abs().max() <= 1e-3 * ref.abs().max() + 1e-6, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_training_reads_the_cpu_table_through_the_mapped_view(hf_dir, monkeypatch):
+    """With the per-layer table in CPU memory, a CUDA model gathers the rows of its ids on the GPU
+    through the page-locked view (no host gather): the same loss and gradients as the host gather."""
+    from g3n.model import ple_table
+    from g3n.model.load import load_model
+
+    model = load_model(hf_dir, dtype="float32", device="cuda", ple_device="cpu").requires_grad_(True).train()
+    model.model.embed_tokens_per_layer.requires_grad_(False)
+    ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(4)).cuda()
+    results = []
+    for mapped in (True, False):
+        if not mapped:
+            monkeypatch.setattr(ple_table, "device_view", lambda body, device: None)
+        model.zero_grad()
+        loss = causal_lm_loss(model, ids, ids.clone())
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        if mapped:
+            assert isinstance(model.model._mapped_ple, ple_table._MappedTable)
+    assert results[0][0] == results[1][0]
+    for name, ref in results[1][1].items():
+        torch.testing.assert_close(results[0][1][name], ref, atol=0, rtol=0, msg=name)

@@ -10,7 +10,7 @@ that a CUDA graph can replay.
   then replayed): at batch 1 the model is bound by kernel launches, which the graph removes. The
   per-layer embedding rows of the new tokens are gathered inside the graph: from the table on the
   GPU, or from the table in CPU memory, page-locked in place and read by the GPU over the bus
-  (`mapped_table`: only the current tokens' rows move, with no host round trip per token; if the
+  (`model/ple_table.py`: only the current tokens' rows move, with no host round trip per token; if the
   table cannot be page-locked, the rows are gathered on the host before each replay).
 - Optionally the step is compiled with torch.compile before it is captured, through
   `decode_layer` (inductor fuses the ~160 small kernels of a layer: norms, AltUp, casts,
@@ -35,11 +35,11 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-import weakref
 
 import torch
 
 from .config import FULL, SLIDING, TextConfig
+from .model.ple_table import device_view
 from .model.quant import is_4bit
 from .model.text import apply_rope, build_mask
 
@@ -197,75 +197,6 @@ def compiled_decode():
     return _compiled_decode[tuned]
 
 
-class _MappedTable:
-    """A CPU tensor page-locked in place (cudaHostRegister) and a CUDA tensor over the same memory:
-    with unified addressing a GPU kernel reads host memory through the host's own pointer, so a
-    gather from `view` moves only the rows it reads, and can run inside a CUDA graph."""
-
-    def __init__(self, table: torch.Tensor, device: torch.device):
-        self.table, self.ptr = table, table.data_ptr()
-        nbytes = table.numel() * table.element_size()
-        err = int(torch.cuda.cudart().cudaHostRegister(self.ptr, nbytes, 0))
-        if err != 0:
-            # The runtime keeps the failure as its last error, which torch's check after the next
-            # kernel launch would report: one launch here takes (and clears) it.
-            with contextlib.suppress(Exception):
-                torch.ones(1, device=device).add_(1)
-            raise RuntimeError(f"cudaHostRegister failed (cudaError {err})")
-        storage = torch._C._construct_storage_from_data_pointer(self.ptr, device, nbytes)
-        self.view = torch.empty(0, dtype=table.dtype, device=device).set_(storage, 0, table.shape, table.stride())
-
-    def __deepcopy__(self, memo):  # a copied model maps its own table when it first needs it
-        return None
-
-    def __del__(self):
-        with contextlib.suppress(Exception):
-            torch.cuda.cudart().cudaHostUnregister(self.ptr)
-
-
-def mapped_table(model):
-    """A CUDA tensor that reads the per-layer table where it lives: the table itself on the GPU;
-    for a table in CPU memory beside a CUDA model, a view of that memory page-locked in place
-    (made once per table; kept on the model); None where that fails (a warning says why) or
-    the model is not on CUDA."""
-    body = model.model
-    table = body.embed_tokens_per_layer.weight
-    if table.device == model.device:
-        return table
-    if model.device.type != "cuda" or table.device.type != "cpu" or not table.is_contiguous():
-        return None
-    held = getattr(body, "_mapped_ple", None)
-    if held is not None and (held.table is not table or held.ptr != table.data_ptr()):
-        held = None  # the table was replaced: map the new one
-    if held is None:
-        key = (table.data_ptr(), str(model.device))
-        held = _MAPPED.get(key)  # another model on this device sharing this table mapped it
-        if held is None or held.table is not table:
-            try:
-                held = _MappedTable(table, model.device)
-            except Exception as e:  # noqa: BLE001 - any failure: gather on the host instead
-                warnings.warn(
-                    f"the per-layer table could not be mapped for the GPU, gathering its rows on the host: {e}"
-                )
-                held = _Unmapped(table)
-            _MAPPED[key] = held
-        body._mapped_ple = held
-    return held.view
-
-
-_MAPPED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # (data_ptr, device) -> mapping, while held
-
-
-class _Unmapped:
-    """A table that could not be mapped (not tried again)."""
-
-    def __init__(self, table):
-        self.table, self.ptr, self.view = table, table.data_ptr(), None
-
-    def __deepcopy__(self, memo):
-        return None
-
-
 _compiled_layers: dict[bool, object] = {}
 
 
@@ -328,7 +259,7 @@ class Generator:
         self.graph = None
         self.compiled = False  # whether the captured step is the compiled one
         # where decode steps read per-layer rows on the device (None: gathered on the host)
-        self.ple_table = mapped_table(model) if self.device.type == "cuda" else None
+        self.ple_table = device_view(model.model, self.device) if self.device.type == "cuda" else None
         self._ple_holder = getattr(model.model, "_mapped_ple", None)  # keeps the mapping while in use
 
     @torch.inference_mode()

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..config import FULL, SLIDING, TextConfig
 from ..errors import G3nError
-from . import recompute
+from . import ple_table, recompute
 
 ACTIVATIONS = {
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -389,11 +389,16 @@ class TextModel(nn.Module):
         return F.embedding(input_ids, w) * torch.tensor(self.cfg.hidden_size**0.5).to(w.dtype)
 
     def ple_rows(self, input_ids: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
-        """The scaled per-layer-table rows of `input_ids` (ids past the table use row 0), computed
-        where the table lives (it may stay on the CPU: only these rows move); `table`: the table
-        as another device sees it (the engine's view of a page-locked CPU table)."""
+        """The scaled per-layer-table rows of `input_ids` (ids past the table use row 0). A table
+        kept in CPU memory is read from the ids' GPU through a page-locked view (ple_table.py:
+        only these rows move, no host gather) unless it is being trained; else the rows are
+        gathered where the table lives. `table`: a view to read instead."""
         cfg = self.cfg
-        table = self.embed_tokens_per_layer.weight if table is None else table
+        if table is None:
+            table = self.embed_tokens_per_layer.weight
+            if input_ids.device.type == "cuda" and table.device.type == "cpu" and not table.requires_grad:
+                view = ple_table.device_view(self, input_ids.device)
+                table = table if view is None else view
         ids = torch.where((input_ids >= 0) & (input_ids < cfg.vocab_size_per_layer_input), input_ids, 0)
         return F.embedding(ids.to(table.device), table) * torch.tensor(cfg.hidden_size_per_layer_input**0.5).to(
             table.dtype
