@@ -58,3 +58,23 @@ def test_compiled_with_dynamic_lengths():
         torch.testing.assert_close(attend(q, k, v, 4), reference(q, k, v, 4), atol=1e-12, rtol=0)
         segments = packed(T, T)
         torch.testing.assert_close(attend(q, k, v, 4, segments), reference(q, k, v, 4, segments), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("T", [9, 13, 17])
+def test_long_packed_rows_on_full_layers_attend_in_chunks(T, monkeypatch):
+    """Past DENSE_MASK_MAX tokens a full layer's packed row attends in checkpointed chunks of
+    queries (no (seq x seq) mask): the same outputs and gradients, also inside torch.compile."""
+    from g3n.model import text
+
+    monkeypatch.setattr(text, "DENSE_MASK_MAX", 8)
+    monkeypatch.setattr(text, "QUERY_CHUNK", 5)
+    q, k, v = (t.requires_grad_() for t in inputs(T, T + 200))
+    segments = packed(T, T + 1)
+    ref = reference(q, k, v, None, segments)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    attend = torch.compile(causal_attention, backend="aot_eager", dynamic=True)
+    for fn in (causal_attention, attend):
+        got = fn(q, k, v, None, segments)
+        torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
+        for g, r in zip(torch.autograd.grad(got.square().sum(), (q, k, v)), ref_grads):
+            torch.testing.assert_close(g, r, atol=1e-10, rtol=0)

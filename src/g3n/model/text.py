@@ -22,6 +22,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from ..config import FULL, SLIDING, TextConfig
@@ -205,9 +206,14 @@ def causal_attention(q, k, v, window: int | None, segments: torch.Tensor | None 
     attends to keys [b*window - window, b*window + window) under one small (window x 2*window)
     mask, the same for every block (the keys before position 0 are padding, masked in block 0).
     With `segments` (packed rows) tokens attend only within their own segment: sliding layers
-    add that to each block's mask (still linear in T); full layers build the (T x T) mask.
+    add that to each block's mask (still linear in T); full layers build the (T x T) mask, or
+    past DENSE_MASK_MAX tokens attend in checkpointed chunks of QUERY_CHUNK queries, each with its
+    own (chunk x keys) mask, so only one chunk's mask exists at a time (32K tokens: 128 MB
+    instead of 1 GB, and the float copy SDPA makes of it).
     """
     T = q.shape[2]
+    if segments is not None and window is None and T > DENSE_MASK_MAX:
+        return _segment_chunks(q, k, v, segments)
     if segments is not None and (window is None or T <= window):
         index, real = torch.arange(T, device=q.device), torch.ones_like(segments, dtype=torch.bool)
         mask = build_mask(index, index, real, None, segments)
@@ -236,6 +242,33 @@ def causal_attention(q, k, v, window: int | None, segments: torch.Tensor | None 
         scale=1.0,
     )
     return out.reshape(B, blocks, H, W, D).transpose(1, 2).reshape(B, H, blocks * W, D)[:, :, :T]
+
+
+DENSE_MASK_MAX = 8192  # full layers of packed rows: longer rows attend in chunks of queries
+QUERY_CHUNK = 4096
+
+
+@torch.compiler.disable  # run eagerly: a compiled loop over the chunks would recompile for every length
+def _segment_chunks(q, k, v, segments):
+    """Full-layer attention of a long packed row, QUERY_CHUNK queries at a time, each chunk
+    checkpointed (its mask is rebuilt in the backward pass instead of kept)."""
+    chunks = [
+        torch.utils.checkpoint.checkpoint(
+            _segment_chunk, q[:, :, s : s + QUERY_CHUNK], k, v, segments, s, use_reentrant=False
+        )
+        for s in range(0, q.shape[2], QUERY_CHUNK)
+    ]
+    return torch.cat(chunks, dim=2)
+
+
+def _segment_chunk(q, k, v, segments, start: int):
+    """Causal attention of the queries at positions [start, start + len) to the keys before them
+    that share their segment (a full layer's chunk of a packed row)."""
+    end = start + q.shape[2]
+    index = torch.arange(end, device=q.device)
+    causal = index[None, :] <= index[start:, None]
+    mask = causal[None] & (segments[:, start:end, None] == segments[:, None, :end])
+    return F.scaled_dot_product_attention(q, k[:, :, :end], v[:, :, :end], attn_mask=mask[:, None], scale=1.0)
 
 
 class DecoderLayer(nn.Module):

@@ -63,7 +63,7 @@ def collate(rows, pad_id: int, processor=None) -> Batch:
 
     Right padding needs no attention mask: causal attention never looks ahead, so real tokens do
     not see the padding after them, and padding carries no labels. Segment ids are kept only when
-    a row packs several samples (they then cost a (seq x seq) mask per batch)."""
+    a row packs several samples (full layers then build masks from them: model/text.py)."""
     width = max(len(r[0]) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
