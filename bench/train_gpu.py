@@ -89,6 +89,18 @@ def batches(n: int, bs: int, seq: int, vocab: int, device: str):
     return [torch.randint(0, vocab, (bs, seq), generator=g).to(device) for _ in range(n)]
 
 
+def packed_segments(seq: int, device: str, shortest: int = 256, longest: int = 4096) -> torch.Tensor:
+    """(1, seq) segment ids of samples of random lengths packed into one row, as the training
+    loop's `packing` makes them."""
+    g = torch.Generator().manual_seed(2)
+    shortest, longest = min(shortest, seq // 8), min(longest, seq // 2)  # several samples on short rows too
+    lengths, total = [], 0
+    while total < seq:
+        lengths.append(min(int(torch.randint(shortest, longest + 1, (1,), generator=g)), seq - total))
+        total += lengths[-1]
+    return torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None].to(device)
+
+
 def run_hf(size, data, device, warmup, steps, train=True):
     """The baseline's timed steps; returns them with its base weights (names as g3n's) and config."""
     from peft import LoraConfig, get_peft_model
@@ -123,7 +135,7 @@ def run_hf(size, data, device, warmup, steps, train=True):
 FP16_WARMUP = 14  # float16 rows: 2^10 down to 2^-3 if every warm-up step overflowed
 
 
-def run_g3n(cfg, state, data, device, warmup, steps, checkpointing, compiled, dtype=torch.bfloat16):
+def run_g3n(cfg, state, data, device, warmup, steps, checkpointing, compiled, dtype=torch.bfloat16, segments=None):
     model = g3n_model(cfg, state, device, "cpu", dtype)
     add_lora(model, 16, 16, 0.0)
     for p in model.parameters():
@@ -139,7 +151,7 @@ def run_g3n(cfg, state, data, device, warmup, steps, checkpointing, compiled, dt
 
     def step():
         ids = next(it)
-        loss = causal_lm_loss(model, ids, ids, None, None)
+        loss = causal_lm_loss(model, ids, ids, None, segments)
         (scaler.scale(loss) if scaler else loss).backward()
         if scaler:
             scaler.unscale_(opt)
@@ -219,7 +231,9 @@ def fp16_probe(cfg, half_state, ids, device):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="E2B,E4B")
-    ap.add_argument("--rows", default="speed,long,fp16", help="speed (1x2048, 4x2048), long (1 x 8K..32K), fp16")
+    ap.add_argument("--rows", default="speed,long,fp16",
+                    help="speed (1x2048, 4x2048), long (1 x 8K..32K), packed (the long rows packing samples of "
+                         "256-4096 tokens), fp16")  # fmt: skip
     ap.add_argument("--variants", default="ckpt,ckpt+compile,offload,offload+compile")
     ap.add_argument("--long", default="8192,16384,32768")
     ap.add_argument("--long-variant", default="offload+compile", help="the g3n variant of the long and fp16 rows")
@@ -314,7 +328,11 @@ def main() -> int:
                 torch.cuda.set_per_process_memory_fraction(cap * GiB / torch.cuda.get_device_properties(0).total_memory)
             data = batches(3, 1, seq, vocab, device)
             try:
-                g3n_row(size, f"1 x {seq}", args.long_variant, cap, cfg, state, data, device, 1, 2, *variants[args.long_variant])  # fmt: skip
+                for packing in [False, True] if "packed" in rows_kind else [False]:
+                    segments = packed_segments(seq, device) if packing else None
+                    name = args.long_variant + (", packed samples" if packing else "")
+                    g3n_row(size, f"1 x {seq}", name, cap, cfg, state, data, device, 1, 2, *variants[args.long_variant],
+                            torch.bfloat16, segments)  # fmt: skip
             finally:
                 if device == "cuda":
                     torch.cuda.set_per_process_memory_fraction(1.0)
