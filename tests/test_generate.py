@@ -86,6 +86,20 @@ def test_greedy_equals_argmax_of_full_forward(tiny):
     assert new == expected
 
 
+def test_greedy_applies_the_repetition_penalty_as_transformers(hf_model, ours):
+    """Greedy decoding with a repetition penalty picks the argmax of the penalized logits, the
+    same tokens as transformers' generate(do_sample=False, repetition_penalty=...)."""
+    prompt = torch.randint(0, 300, (1, 10), generator=torch.Generator().manual_seed(5))
+    params = SamplingParams(greedy=True, repetition_penalty=3.0, max_new_tokens=12)
+    (new,) = generate(ours, [prompt[0].tolist()], params, stop_ids=())
+    with torch.no_grad():
+        ref = hf_model.generate(prompt, do_sample=False, repetition_penalty=3.0, max_new_tokens=12,
+                                min_new_tokens=12, eos_token_id=None, pad_token_id=0)  # fmt: skip
+    assert new == ref[0, 10:].tolist()
+    (plain,) = generate(ours, [prompt[0].tolist()], SamplingParams(greedy=True, max_new_tokens=12), stop_ids=())
+    assert plain != new  # the penalty changed the choice (else this test would not see it)
+
+
 def test_batched_equals_one_by_one(tiny):
     model, tok = tiny
     questions = ["Hi", "What is 12+7?", "What is the opposite of hot?", "What sound does a duck make?"]

@@ -93,9 +93,10 @@ def candidate_probs(logits, p: SamplingParams, seen=None) -> tuple[torch.Tensor,
 
 
 def next_tokens(logits, p: SamplingParams, seen=None, generator=None) -> torch.Tensor:
-    """One token per row: argmax when greedy, else a draw from the filtered distribution."""
+    """One token per row: argmax when greedy (after the repetition penalty, as in transformers
+    and llama.cpp), else a draw from the filtered distribution."""
     if p.greedy:
-        return logits.argmax(-1)
+        return _penalize_and_scale(logits, p, seen).argmax(-1)
     probs, ids = candidate_probs(logits, p, seen)
     drawn = torch.multinomial(probs, 1, generator=generator)
     return (drawn if ids is None else ids.gather(-1, drawn)).squeeze(-1)
