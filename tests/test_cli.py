@@ -75,6 +75,14 @@ def test_chat_keeps_conversation_and_commands(capsys, monkeypatch):
     assert "Lima" in out and "[conversation reset]" in out and "unknown command '/nonsense'" in out
 
 
+def test_chat_drops_a_message_that_does_not_fit_and_goes_on(capsys, monkeypatch):
+    script = "word " * 3000 + "\nWhat is the capital of Peru?\n/quit\n"
+    rc, out, err = run_cli(["chat", "--greedy", "--device", "cpu"], capsys, script, monkeypatch)
+    assert rc == 0
+    assert "does not fit" in err and "message dropped" in err
+    assert "Lima" in out
+
+
 def test_demo_runs_on_tiny(tmp_path, capsys):
     """The whole path: chat, fine-tune (held-out loss falls), export, and the export answers as the
     fine-tuned model does."""

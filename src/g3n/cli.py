@@ -221,7 +221,12 @@ def cmd_chat(args) -> int:
             continue
         pending = {"image": [], "audio": []}
         sys.stdout.write("model> ")
-        reply = _print_stream(engine.stream(ids, params, media))
+        try:
+            reply = _print_stream(engine.stream(ids, params, media))
+        except G3nError as e:  # e.g. no longer fits the context: drop this message, keep the chat
+            print(f"\ng3n: {e} (message dropped; /reset starts a new conversation)", file=sys.stderr)
+            history.pop()
+            continue
         history.append({"role": "assistant", "content": reply})
     return 0
 
