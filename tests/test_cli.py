@@ -83,6 +83,28 @@ def test_chat_drops_a_message_that_does_not_fit_and_goes_on(capsys, monkeypatch)
     assert "Lima" in out
 
 
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["generate", "--prompt", "x", "--device", "gpu"], "'gpu' is not a device (cpu, cuda or cuda:N)"),
+        (["serve", "--port", "99999"], "99999 is outside 0..65535"),
+        (["serve", "--max-queue", "-1"], "-1 < 0"),
+        (["serve", "--max-batch", "0"], "0 < 1"),
+        (["generate", "--prompt", "x", "--context", "0"], "0 < 1"),
+    ],
+)
+def test_bad_option_values_are_usage_errors(args, needle, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_result_files_get_their_directory_before_the_work(tmp_path, capsys):
+    plot = tmp_path / "new" / "dir" / "absmax.png"
+    assert main(["inspect", "--model", "tiny", "--plot", str(plot)]) == 0
+    assert plot.is_file()
+
+
 def test_demo_runs_on_tiny(tmp_path, capsys):
     """The whole path: chat, fine-tune (held-out loss falls), export, and the export answers as the
     fine-tuned model does."""
@@ -103,6 +125,8 @@ def test_demo_runs_on_tiny(tmp_path, capsys):
         (["generate", "--model", "/no/such/dir", "--prompt", "x"], "/no/such/dir: no such directory"),
         (["generate", "--prompt", "x", "--top-p", "0"], "invalid top_p"),
         (["generate", "--model", "model.gguf", "--prompt", "x"], "GGUF"),
+        (["generate", "--raw", "--system", "be brief", "--prompt", "x"], "need the chat format"),
+        (["slice", "search", "--budget", "1B", "--data", "x.jsonl", "--load-in-4bit"], "drop --load-in-4bit"),
     ],
 )
 def test_errors_are_one_line(args, needle, capsys):

@@ -256,3 +256,21 @@ def test_serve_runs_a_gguf(exports, tiny):
         image = {"type": "image_url", "image_url": {"url": url}}
         with pytest.raises(openai.BadRequestError, match="is a GGUF file run by llama.cpp, which takes text only"):
             client.chat.completions.create(model="tiny-f32", messages=[{"role": "user", "content": [image]}])
+
+
+def test_gguf_context_defaults_to_the_models_own_and_is_capped_by_it(exports, tiny, capsys):
+    """The tiny model declares 2048 tokens: llama.cpp gets 2048 (not 4096), a longer prompt is
+    refused as by g3n's own engine, and --context beyond 2048 is refused before loading."""
+    from g3n.errors import G3nError
+    from g3n.gguf_runner import GGUFModel
+
+    path = exports["f16"]
+    assert GGUFModel(path).n_ctx == tiny[0].config.max_position_embeddings == 2048
+    assert GGUFModel(path, n_ctx=512).n_ctx == 512
+    with pytest.raises(G3nError, match="longer than the model's own"):
+        GGUFModel(path, n_ctx=4096)
+    long_prompt = "word " * 2100
+    assert main(["generate", "--model", str(path), "--prompt", long_prompt, "--max-new-tokens", "2"]) == 2
+    assert "does not fit the context of 2048" in capsys.readouterr().err
+    assert main(["generate", "--model", "tiny", "--context", "512", "--prompt", "x"]) == 2
+    assert "--context sets llama.cpp's context for a .gguf file" in capsys.readouterr().err

@@ -104,10 +104,10 @@ class GGUFEngine:
     modalities = frozenset({"text"})
     max_batch = 1
 
-    def __init__(self, path: str, name: str):
+    def __init__(self, path: str, name: str, context: int | None = None):
         from .gguf_runner import GGUFModel
 
-        self.gguf, self.name = GGUFModel(path), name
+        self.gguf, self.name = GGUFModel(path, context), name
         self.context_length = self.gguf.n_ctx
         self.encode_chat, self.encode = self.gguf.encode_chat, self.gguf.encode
 
@@ -178,13 +178,13 @@ def model_name(model: str) -> str:
 
 
 def load_engine(model: str = "tiny", dtype="auto", device=None, matformer=None, adapter=None, max_batch: int = 8,
-                modalities=(), lazy_towers: bool = True, load_in_4bit: bool = False):  # fmt: skip
+                modalities=(), lazy_towers: bool = True, load_in_4bit: bool = False, context: int | None = None):  # fmt: skip
     """Open MODEL (checkpoint directory, cached HF id, 'tiny' or .gguf file) as an engine.
 
     modalities: towers to load now ("image", "audio"), or "all" for every tower the checkpoint has;
     lazy_towers: load others when their input first appears (the CLI; not the server);
     load_in_4bit: NF4 attention/MLP weights, the per-layer table in CPU memory; an adapter then
-    runs beside them, unmerged."""
+    runs beside them, unmerged; context: llama.cpp's context for a GGUF file (gguf_runner.py)."""
     start = time.perf_counter()
     name = model_name(model)
     if str(model).lower().endswith(".gguf"):
@@ -198,9 +198,11 @@ def load_engine(model: str = "tiny", dtype="auto", device=None, matformer=None, 
         if load_in_4bit:
             raise G3nError("--load-in-4bit quantizes a checkpoint; a GGUF file has its own quantization "
                            "(g3n export --format gguf --quant)")  # fmt: skip
-        engine = GGUFEngine(model, name)
+        engine = GGUFEngine(model, name, context)
         _say(f"[g3n] loaded {model} with llama.cpp in {time.perf_counter() - start:.1f}s")
         return engine
+    if context is not None:
+        raise G3nError("--context sets llama.cpp's context for a .gguf file; a checkpoint runs to its own context")
     from . import load
     from .model.load import resolve_model_dir
 

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 from .errors import G3nError
 
@@ -37,6 +38,40 @@ LOAD_IN_4BIT_HELP = (
 )
 
 
+def _device_arg(text: str) -> str:
+    """--device: what torch accepts, checked when parsed (torch's own error is a traceback)."""
+    import torch
+
+    try:
+        torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda or cuda:N)") from None
+    return text
+
+
+def _int_in(low: int, high: int | None = None):
+    """An argparse type for integers in [low, high]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(
+                f"{value} is outside {low}..{high}" if high is not None else f"{value} < {low}"
+            )
+        return value
+
+    return parse
+
+
+def _parent_dir(path: str) -> str:
+    """Create the directory a result file goes to (checked before long work, not after it)."""
+    Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument(
@@ -51,8 +86,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         choices=["auto", "float32", "bfloat16", "float16"],
         help="weights and compute dtype (auto: bfloat16 on GPU, float32 on CPU for small models)",
     )
-    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
+    g.add_argument("--device", type=_device_arg, default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
     g.add_argument("--load-in-4bit", action="store_true", help=LOAD_IN_4BIT_HELP)
+    g.add_argument(
+        "--context",
+        type=_int_in(1),
+        default=None,
+        metavar="TOKENS",
+        help="for a .gguf file: llama.cpp's context, allocated up front (default: 4096 or the model's own "
+        "context, whichever is smaller)",
+    )
     g.add_argument(
         "--matformer",
         default=None,
@@ -112,13 +155,16 @@ def _sampling(args):
 
 
 def _load(args):
+    """The model for commands that need g3n's own model object (slice search): 16-bit weights."""
     from . import load
 
+    if args.load_in_4bit or args.context or args.matformer:
+        raise G3nError("slice search evaluates plans of the 16-bit parent checkpoint: drop --load-in-4bit, "
+                       "--context and --matformer")  # fmt: skip
     start = time.perf_counter()
-    model, tok = load(args.model, dtype=args.dtype, device=args.device, matformer=args.matformer)
-    sub = f", MatFormer plan {args.matformer}" if args.matformer else ""
+    model, tok = load(args.model, dtype=args.dtype, device=args.device)
     print(
-        f"[g3n] loaded {args.model} ({model.config.num_hidden_layers} layers{sub}, {model.dtype}, {model.device})"
+        f"[g3n] loaded {args.model} ({model.config.num_hidden_layers} layers, {model.dtype}, {model.device})"
         f" in {time.perf_counter() - start:.1f}s",
         file=sys.stderr,
     )
@@ -143,13 +189,14 @@ def _engine(args, modalities=None, **kw):
 
     kinds = [k for k in ("image", "audio") if getattr(args, k, None)] if modalities is None else modalities
     return load_engine(args.model, dtype=args.dtype, device=args.device, matformer=args.matformer, modalities=kinds,
-                       load_in_4bit=args.load_in_4bit, **kw)  # fmt: skip
+                       load_in_4bit=args.load_in_4bit, context=args.context, **kw)  # fmt: skip
 
 
 def cmd_generate(args) -> int:
     params = _sampling(args)
-    if args.raw and (args.image or args.audio):
-        raise G3nError("--raw continues plain text; images and audio need the chat format (drop --raw)")
+    if args.raw and (args.image or args.audio or args.system):
+        raise G3nError("--raw continues plain text; a system prompt, images and audio need the chat format "
+                       "(drop --raw)")  # fmt: skip
     engine = _engine(args)
     media = None
     if args.raw:
@@ -518,7 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Saves a PNG of abs max per layer/block. This is how the vision tower's Conv2D problem shows.",
     )
     p.add_argument("--model", default="tiny", help="checkpoint directory, cached HF id or 'tiny'")
-    p.add_argument("--plot", default=None, metavar="PNG", help="where to save the plot (default: NAME-absmax.png)")
+    p.add_argument("--plot", type=_parent_dir, default=None, metavar="PNG",
+                   help="where to save the plot (default: NAME-absmax.png)")  # fmt: skip
     p.add_argument("--no-plot", action="store_true", help="only print the table")
     p.add_argument("--top", type=int, default=25, help="show the N groups with the largest weights (and all flagged)")
     p.add_argument("--all", action="store_true", help="show every group")
@@ -547,10 +595,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(s)
     s.add_argument("--budget", required=True, help="effective parameters allowed, e.g. 2B, 900M, 1.5e9")
     s.add_argument("--data", required=True, help='calibration JSONL: {"text": ...} or {"messages": [...]} per line')
-    s.add_argument("--max-tokens", type=int, default=20000, help="calibration tokens to use (20000)")
-    s.add_argument("--max-length", type=int, default=1024, help="tokens per calibration sequence (1024)")
-    s.add_argument("--plan-out", default="best_plan.yaml", help="where to write the best plan (best_plan.yaml)")
-    s.add_argument("--plot", default="matformer_pareto.png", help="where to save the Pareto plot (PNG)")
+    s.add_argument("--max-tokens", type=_int_in(1), default=20000, help="calibration tokens to use (20000)")
+    s.add_argument("--max-length", type=_int_in(2), default=1024, help="tokens per calibration sequence (1024)")
+    s.add_argument("--plan-out", type=_parent_dir, default="best_plan.yaml",
+                   help="where to write the best plan (best_plan.yaml)")  # fmt: skip
+    s.add_argument("--plot", type=_parent_dir, default="matformer_pareto.png",
+                   help="where to save the Pareto plot (PNG)")  # fmt: skip
     s.set_defaults(func=cmd_slice_search)
 
     p = sub.add_parser(
@@ -568,15 +618,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "audio then get a 400)")  # fmt: skip
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
-    g.add_argument("--port", type=int, default=8000, help="port (8000)")
+    g.add_argument("--port", type=_int_in(0, 65535), default=8000, help="port (8000)")
     g.add_argument("--api-key", default=None,
                    help="require this key (Authorization: Bearer KEY) on every route but /health; "
                    "also read from $G3N_API_KEY. The chat page asks for it as a password")  # fmt: skip
-    g.add_argument("--max-batch", type=int, default=8, help="requests generated together (8)")
-    g.add_argument("--max-queue", type=int, default=32, help="requests that may wait; more get 429 (32)")
-    g.add_argument("--max-prompt-tokens", type=int, default=None,
+    g.add_argument("--max-batch", type=_int_in(1), default=8, help="requests generated together (8)")
+    g.add_argument("--max-queue", type=_int_in(0), default=32, help="requests that may wait; more get 429 (32)")
+    g.add_argument("--max-prompt-tokens", type=_int_in(1), default=None,
                    help="longest prompt accepted (default: the model's context minus one)")  # fmt: skip
-    g.add_argument("--max-tokens", type=int, default=1024,
+    g.add_argument("--max-tokens", type=_int_in(1), default=1024,
                    help="new tokens per reply when a request sets no max_tokens (1024)")  # fmt: skip
     g.add_argument("--max-body-mb", type=float, default=20, help="largest request body in MiB, media included (20)")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
@@ -593,7 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and checked against the fine-tuned model.",
     )
     p.add_argument("--model", default="tiny", help="checkpoint directory, cached HF id, or 'tiny' (default)")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
+    p.add_argument("--device", type=_device_arg, default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
     p.add_argument("--seed", type=int, default=0, help="random seed (0)")
     p.add_argument("--out", default=None, help="keep the run and the export in this directory (default: a temp dir)")
     p.set_defaults(func=cmd_demo)

@@ -12,22 +12,46 @@ from .generate import SamplingParams
 from .gguf_export import import_llama_cpp
 from .tokenizer import format_chat, with_single_bos
 
-DEFAULT_CONTEXT = 4096
+DEFAULT_CONTEXT = 4096  # llama.cpp's KV cache is allocated for the whole context up front
+
+
+def trained_context(path: Path) -> int | None:
+    """The context length the GGUF file declares ({arch}.context_length), read from its header."""
+    import gguf
+
+    try:
+        fields = gguf.GGUFReader(path).fields
+        arch = fields["general.architecture"].contents()
+        return int(fields[f"{arch}.context_length"].contents())
+    except Exception:  # noqa: BLE001 - not declared, or not a GGUF: llama.cpp will say what is wrong
+        return None
 
 
 class GGUFModel:
-    def __init__(self, path: str | Path, n_ctx: int = DEFAULT_CONTEXT, n_threads: int | None = None):
+    """`n_ctx`: the context in tokens (default: DEFAULT_CONTEXT or the model's own, whichever is
+    smaller; more than the model's own is refused)."""
+
+    def __init__(self, path: str | Path, n_ctx: int | None = None, n_threads: int | None = None):
         path = Path(path).expanduser()
         if not path.is_file():
             raise G3nError(f"{path}: no such GGUF file")
+        if n_ctx is not None and n_ctx < 1:
+            raise G3nError(f"invalid context {n_ctx} (must be >= 1)")
+        trained = trained_context(path)
+        if n_ctx is not None and trained and n_ctx > trained:
+            raise G3nError(f"{path}: context {n_ctx} is longer than the model's own ({trained})")
+        self.path = path
+        self.llm = self._open(path, n_ctx or min(DEFAULT_CONTEXT, trained or DEFAULT_CONTEXT), n_threads)
+        self.n_ctx = self.llm.n_ctx()
+
+    @staticmethod
+    def _open(path: Path, n_ctx: int, n_threads: int | None):
         llama_cpp = import_llama_cpp("running a GGUF file")
         try:  # n_gpu_layers=-1 offloads everything when llama.cpp was built with a GPU backend
-            self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_gpu_layers=-1, n_threads=n_threads,
-                                       verbose=False)  # fmt: skip
+            return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_gpu_layers=-1, n_threads=n_threads,
+                                   verbose=False)  # fmt: skip
         except ValueError as e:
             raise G3nError(f"{path}: llama.cpp could not load it ({e})") from None
-        self.path = path
-        self.n_ctx = n_ctx
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         text = format_chat(messages)
