@@ -9,7 +9,7 @@ pytest.importorskip("peft")
 
 from g3n.errors import G3nError
 from g3n.train.config import load_train_config
-from g3n.train.loop import train
+from g3n.train.loop import CONFIG_FILE, train
 from helpers import train_config, write_capitals_dataset
 
 
@@ -160,3 +160,41 @@ def test_resume_accepts_runs_started_before_new_settings(tmp_path):
         prepare_output(
             TrainConfig(output_dir=str(tmp_path), train_data=["x.jsonl"], lora_r=4), resume=True, overwrite=False
         )
+
+
+def test_overwrite_refuses_a_directory_that_is_not_a_run(dataset, tmp_path):
+    """--overwrite replaces an earlier run, never a directory of other files nor one holding the
+    data; without it, such a directory is refused too when it holds the data."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    (tmp_path / "mine" / CONFIG_FILE).write_text("{}")
+    (tmp_path / "mine" / "latest.json").write_text("{}")
+    with pytest.raises(G3nError, match=r"--overwrite replaces only an earlier g3n run.*\(notes.txt\)"):
+        train(_cfg(dataset, tmp_path / "mine", max_steps=1), overwrite=True, progress=False)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    for out in (dataset, dataset.parent):
+        with pytest.raises(G3nError, match=r"output_dir .* holds train_data"):
+            train(_cfg(dataset, out, max_steps=1), overwrite=True, progress=False)
+    assert (dataset / "train.jsonl").is_file()
+    (tmp_path / "empty").mkdir()
+    assert len(train(_cfg(dataset, tmp_path / "empty", max_steps=1), overwrite=True, progress=False)) == 2
+
+
+def test_a_run_that_fails_early_does_not_block_the_next(dataset, tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"messages": 3}\n')
+    out = tmp_path / "r"
+    with pytest.raises(G3nError, match="bad.jsonl:1"):
+        train(_cfg(dataset, out, train_data=[str(tmp_path / "bad.jsonl")]), progress=False)
+    with pytest.raises(G3nError, match="no such directory"):
+        train(_cfg(dataset, out, model=str(tmp_path / "nowhere")), progress=False)
+    assert not out.exists() or not (out / "latest.json").exists()
+    with pytest.raises(G3nError, match="no checkpoint to resume from"):
+        train(_cfg(dataset, out, max_steps=1), resume=True, progress=False)
+    assert len(train(_cfg(dataset, out, max_steps=1), progress=False)) == 2
+
+
+def test_resume_from_another_spelling_of_output_dir(dataset, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    train(_cfg(dataset, "runs/t1", max_steps=2, save_steps=1), progress=False, stop_after=1)
+    resumed = train(_cfg(dataset, "./runs/t1", max_steps=2, save_steps=1), resume=True, progress=False)
+    assert resumed[-1]["step"] == 2
