@@ -198,3 +198,30 @@ def test_resume_from_another_spelling_of_output_dir(dataset, tmp_path, monkeypat
     train(_cfg(dataset, "runs/t1", max_steps=2, save_steps=1), progress=False, stop_after=1)
     resumed = train(_cfg(dataset, "./runs/t1", max_steps=2, save_steps=1), resume=True, progress=False)
     assert resumed[-1]["step"] == 2
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("max_steps=-1", r"invalid max_steps -1: must be >= 0 \(0: use epochs\)"),
+        ("epochs=0", r"invalid epochs 0: must be > 0"),
+        ("max_grad_norm=-1", r"invalid max_grad_norm -1: must be >= 0 \(0 or null: no clipping\)"),
+        ("warmup_steps=-2", r"invalid warmup_steps -2: must be >= 0"),
+        ("lora_alpha=0", r"invalid lora_alpha 0: must be > 0"),
+        ("lora_dropout=1.5", r"invalid lora_dropout 1.5: must be >= 0 and < 1"),
+    ],
+)
+def test_settings_out_of_range(setting, message):
+    with pytest.raises(G3nError, match=f"config: {message}"):
+        load_train_config(None, [setting])
+
+
+def test_max_grad_norm_zero_or_null_means_no_clipping(dataset, tmp_path):
+    import torch
+
+    assert load_train_config(None, ["max_grad_norm=null"]).max_grad_norm is None
+    out = tmp_path / "noclip"
+    history = train(_cfg(dataset, out, max_steps=1, max_grad_norm=0), progress=False)
+    assert history[-1]["grad_norm"] > 0
+    state = torch.load(out / "checkpoint-1" / "state.pt", weights_only=False)
+    assert any(t.abs().sum() > 0 for name, t in state["model"].items() if "lora_B" in name)  # the step moved them

@@ -42,7 +42,7 @@ class TrainConfig:
     max_steps: int = 0  # > 0 overrides epochs
     batch_size: int = 2
     grad_accum: int = 1
-    max_grad_norm: float = 1.0
+    max_grad_norm: float | None = 1.0  # 0 or None: no clipping
     optim: str = "adamw"  # adamw, or adamw_8bit (bitsandbytes, CUDA)
     dtype: str = "auto"
     device: str | None = None
@@ -69,14 +69,19 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise G3nError(f"config: {name} {getattr(self, name)!r}: use {', '.join(map(str, allowed)).lower()}")
-        checks = {
-            "max_length": self.max_length > 1, "batch_size": self.batch_size >= 1, "grad_accum": self.grad_accum >= 1,
-            "learning_rate": self.learning_rate > 0, "eval_fraction": 0 <= self.eval_fraction < 1,
-            "lora_r": self.lora_r >= 1, "save_steps": self.save_steps >= 1, "eval_steps": self.eval_steps >= 1,
+        checks = {  # name: (valid, the allowed range)
+            "max_length": (self.max_length > 1, ">= 2"), "batch_size": (self.batch_size >= 1, ">= 1"),
+            "grad_accum": (self.grad_accum >= 1, ">= 1"), "learning_rate": (self.learning_rate > 0, "> 0"),
+            "eval_fraction": (0 <= self.eval_fraction < 1, ">= 0 and < 1"), "lora_r": (self.lora_r >= 1, ">= 1"),
+            "save_steps": (self.save_steps >= 1, ">= 1"), "eval_steps": (self.eval_steps >= 1, ">= 1"),
+            "max_steps": (self.max_steps >= 0, ">= 0 (0: use epochs)"), "epochs": (self.epochs > 0, "> 0"),
+            "warmup_steps": (self.warmup_steps >= 0, ">= 0"), "weight_decay": (self.weight_decay >= 0, ">= 0"),
+            "max_grad_norm": (self.max_grad_norm is None or self.max_grad_norm >= 0, ">= 0 (0 or null: no clipping)"),
+            "lora_alpha": (self.lora_alpha > 0, "> 0"), "lora_dropout": (0 <= self.lora_dropout < 1, ">= 0 and < 1"),
         }  # fmt: skip
-        for name, ok in checks.items():
+        for name, (ok, allowed) in checks.items():
             if not ok:
-                raise G3nError(f"config: invalid {name} {getattr(self, name)!r}")
+                raise G3nError(f"config: invalid {name} {getattr(self, name)!r}: must be {allowed}")
         if not self.parts:
             raise G3nError(
                 "config: finetune_language_layers, finetune_vision_layers and finetune_audio_layers are all false, "
@@ -118,8 +123,10 @@ def _check_type(name: str, annotation: str, value) -> None:
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
     elif annotation == "bool | str":
         ok = isinstance(value, (bool, str))
-    elif annotation == "str | None":
-        ok = value is None or isinstance(value, str)
+    elif annotation.endswith(" | None") and value is None:
+        ok = True
+    elif annotation.endswith(" | None"):
+        return _check_type(name, annotation.removesuffix(" | None"), value)
     else:
         ok = isinstance(value, _TYPES[annotation]) and (annotation == "bool" or not isinstance(value, bool))
     if not ok:
@@ -151,7 +158,7 @@ HELP = {
     "warmup_steps": "linear warmup steps", "weight_decay": "AdamW weight decay",
     "epochs": "passes over the data (ignored when max_steps > 0)", "max_steps": "optimizer steps (0: use epochs)",
     "batch_size": "rows per micro-batch (per process under torchrun)", "grad_accum": "micro-batches per optimizer step",
-    "max_grad_norm": "gradient clipping", "optim": "adamw, or adamw_8bit (bitsandbytes on CUDA)",
+    "max_grad_norm": "clip the gradient norm to this (0 or null: no clipping)", "optim": "adamw, or adamw_8bit (bitsandbytes on CUDA)",
     "dtype": "auto, float32, bfloat16 or float16 (float16: loss scaling, float32 LoRA weights)",
     "device": "cpu, cuda (default: cuda when present)",
     "gradient_checkpointing": "recompute each layer in the backward pass instead of storing its activations; "

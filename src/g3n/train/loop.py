@@ -399,7 +399,7 @@ def _train(cfg: TrainConfig, d: Dist, resume: bool, overwrite: bool, progress: b
                 raise G3nError(f"loss became {loss_sum} at step {step + 1}; the last good checkpoint is kept in {out}")
             if scaler:
                 scaler.unscale_(opt)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)  # 0/None: measured only
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP
             if not torch.isfinite(grad_norm) and not scaler:  # with loss scaling: skip the step, lower the scale
                 raise G3nError(f"gradients became non-finite at step {step + 1}; the last good checkpoint is in {out}")
