@@ -225,3 +225,18 @@ def test_max_grad_norm_zero_or_null_means_no_clipping(dataset, tmp_path):
     assert history[-1]["grad_norm"] > 0
     state = torch.load(out / "checkpoint-1" / "state.pt", weights_only=False)
     assert any(t.abs().sum() > 0 for name, t in state["model"].items() if "lora_B" in name)  # the step moved them
+
+
+def test_resume_with_more_steps_follows_the_new_schedule(dataset, tmp_path):
+    """A finished linear schedule ends at lr 0; resumed with a larger max_steps, the next step takes
+    the rate the new schedule gives there, and training moves on."""
+    from g3n.train.loop import lr_lambda
+
+    cfg = _cfg(dataset, tmp_path / "r", max_steps=4, save_steps=4, eval_steps=100)
+    first = train(cfg, progress=False)
+    longer = _cfg(dataset, tmp_path / "r", max_steps=8, save_steps=4, eval_steps=100)
+    resumed = train(longer, resume=True, progress=False)
+    step5 = resumed[len(first)]
+    assert step5["step"] == 5 and step5["lr"] > 0
+    assert step5["lr"] == pytest.approx(longer.learning_rate * lr_lambda(longer, 8)(4))
+    assert len({h["loss"] for h in resumed if h["step"] > 4}) > 1

@@ -109,6 +109,15 @@ def lr_lambda(cfg: TrainConfig, total: int):
     return f
 
 
+def resume_schedule(sched, saved: dict) -> None:
+    """Restore the scheduler's position, with the learning rate this run's schedule gives there:
+    max_steps may have changed since the checkpoint, and the saved rate (e.g. 0 at the end of a
+    linear decay) belongs to the old total."""
+    sched.load_state_dict(saved)
+    sched.last_epoch -= 1
+    sched.step()  # recomputes every group's rate from the schedule at the restored position
+
+
 @torch.no_grad()
 def evaluate(model, rows, cfg: TrainConfig, pad_id: int, d: Dist | None = None, processor=None) -> float:
     """Mean loss over the eval rows (token-weighted). Several processes share the batches; each
@@ -334,7 +343,7 @@ def _train(cfg: TrainConfig, d: Dist, resume: bool, overwrite: bool, progress: b
         state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False, mmap=True)
         distributed.load_model_state(d, model, state["model"], str(ckpt))
         distributed.load_optimizer_state(d, model, opt, state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+        resume_schedule(sched, state["scheduler"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
