@@ -240,3 +240,16 @@ def test_resume_with_more_steps_follows_the_new_schedule(dataset, tmp_path):
     assert step5["step"] == 5 and step5["lr"] > 0
     assert step5["lr"] == pytest.approx(longer.learning_rate * lr_lambda(longer, 8)(4))
     assert len({h["loss"] for h in resumed if h["step"] > 4}) > 1
+
+
+def test_model_path_is_relative_to_the_config_file(tmp_path, monkeypatch):
+    (tmp_path / "cfg" / "models" / "base").mkdir(parents=True)
+    for model in ("models/base", "./models/base"):
+        (tmp_path / "cfg" / "c.yaml").write_text(f"model: {model}\n")
+        monkeypatch.chdir(tmp_path)  # not the config's folder
+        assert load_train_config(tmp_path / "cfg" / "c.yaml").model == str(tmp_path / "cfg" / "models" / "base")
+    (tmp_path / "cfg" / "c.yaml").write_text("model: ../elsewhere\n")  # written as a path: named where looked for
+    assert load_train_config(tmp_path / "cfg" / "c.yaml").model == str(tmp_path / "elsewhere")
+    for model in ("tiny", "google/gemma-3n-E2B-it"):
+        (tmp_path / "cfg" / "c.yaml").write_text(f"model: {model}\n")
+        assert load_train_config(tmp_path / "cfg" / "c.yaml").model == model

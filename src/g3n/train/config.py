@@ -136,7 +136,7 @@ def _check_type(name: str, annotation: str, value) -> None:
 
 
 HELP = {
-    "model": "checkpoint directory, cached HF id, or tiny",
+    "model": "checkpoint directory (relative to the config file), cached HF id, or tiny",
     "lora": "true: LoRA adapters (PEFT format); false: full fine-tuning",
     "load_in_4bit": "QLoRA: the decoder layers' attention and MLP weights stored as NF4 (bitsandbytes: "
     "pip install 'g3n[qlora]'); embeddings, norms, the per-layer table and small projections stay 16-bit; "
@@ -191,10 +191,22 @@ def _check_keys(data: dict, where: str) -> None:
             raise G3nError(f"{where}: unknown setting {key!r}{hint}")
 
 
+def _model_beside(model: str, base: Path) -> str:
+    """A relative model path in a config file is relative to the file, as data paths are: one
+    written as a path (./x, ../x) or found there. tiny, HF ids and absolute paths stay as they are."""
+    path = Path(model).expanduser()
+    if model == "tiny" or path.is_absolute():
+        return model
+    if model.startswith(("./", "../", ".\\", "..\\")) or (base / path).exists():
+        return str((base / path).resolve())
+    return model
+
+
 def load_train_config(
     path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None
 ) -> TrainConfig:
-    """Settings from a YAML file (relative data paths resolved against it), then key=value overrides."""
+    """Settings from a YAML file (relative data and model paths resolved against it), then key=value
+    overrides (relative to the current directory)."""
     import yaml
 
     data = dict(base or {})
@@ -210,6 +222,8 @@ def load_train_config(
             if key in loaded:
                 files = [loaded[key]] if isinstance(loaded[key], str) else loaded[key]
                 loaded[key] = [str((path.parent / f).resolve()) if not Path(f).is_absolute() else f for f in files]
+        if isinstance(loaded.get("model"), str):
+            loaded["model"] = _model_beside(loaded["model"], path.parent)
         data.update(loaded)
     for item in overrides:
         key, sep, value = item.partition("=")
