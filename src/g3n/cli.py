@@ -360,7 +360,8 @@ def cmd_train(args) -> int:
     print(f"done: step {last.get('step')}, train loss {last.get('loss')}", end="")
     if evals:
         print(f", eval loss {evals[0]['eval_loss']} -> {evals[-1]['eval_loss']}", end="")
-    print(f"; outputs in {cfg.output_dir}")
+    model = f"; model in {os.path.join(cfg.output_dir, 'merged')}" if cfg.writes_model else ""
+    print(f"; outputs in {cfg.output_dir}{model}")
     return 0
 
 

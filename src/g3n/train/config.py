@@ -54,7 +54,7 @@ class TrainConfig:
     output_dir: str = "runs/g3n"
     save_steps: int = 50
     eval_steps: int = 50
-    save_merged: bool = False  # also write the merged model (HF checkpoint) to output_dir/merged
+    save_merged: bool | None = None  # write the model (HF checkpoint) to output_dir/merged; None: for full only
 
     def __post_init__(self):
         for name in ("train_data", "eval_data"):
@@ -108,6 +108,12 @@ class TrainConfig:
         """What is tuned: "text" (the decoder), "image" (vision tower), "audio" (audio tower)."""
         switches = (self.finetune_language_layers, self.finetune_vision_layers, self.finetune_audio_layers)
         return [p for p, on in zip(("text", "image", "audio"), switches, strict=True) if on]
+
+    @property
+    def writes_model(self) -> bool:
+        """Whether the run ends by writing an HF checkpoint to output_dir/merged: when asked, and by
+        default for full fine-tuning, whose checkpoints are otherwise only resumable state."""
+        return self.save_merged if self.save_merged is not None else not self.lora
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -171,7 +177,8 @@ HELP = {
     "seed": "seed for data order and initialisation",
     "output_dir": "where checkpoints, metrics.jsonl, loss.png and the adapter go (relative to the current directory)",
     "save_steps": "checkpoint every N steps", "eval_steps": "eval every N steps",
-    "save_merged": "also write the merged model (HF checkpoint) to output_dir/merged at the end",
+    "save_merged": "write the model as an HF checkpoint (bfloat16, tokenizer files included) to output_dir/merged "
+    "at the end: LoRA merged into the base (default false); full fine-tuning's only loadable output (default true)",
 }  # fmt: skip
 
 

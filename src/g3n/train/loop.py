@@ -256,7 +256,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
 def _train(cfg: TrainConfig, d: Dist, resume: bool, overwrite: bool, progress: bool, stop_after):
     from .. import load
     from ..model.load import resolve_model_dir
-    from .lora import add_lora, merge_checkpoint, save_adapter, save_merged
+    from .lora import add_lora, merge_checkpoint, save_adapter, save_merged, save_model_dir
 
     if not cfg.train_data:
         raise G3nError("config: train_data names no file")
@@ -447,13 +447,14 @@ def _train(cfg: TrainConfig, d: Dist, resume: bool, overwrite: bool, progress: b
 
     if cfg.lora and d.main:
         save_adapter(model, out / "adapter", base_model=str(cfg.model))
-    if cfg.save_merged and cfg.load_in_4bit:  # from the base checkpoint's 16-bit weights, not the 4-bit ones
+    if cfg.writes_model and cfg.load_in_4bit:  # from the base checkpoint's 16-bit weights, not the 4-bit ones
         if d.main:
             merge_checkpoint(model_dir, out / "adapter", out / "merged", overwrite=True)
-    elif cfg.save_merged:
+    elif cfg.writes_model:
         full = distributed.gathered_model(d, model)  # every process takes part under FSDP
         if d.main:
-            save_merged(full, out / "merged", model_dir, overwrite=True)
+            write = save_merged if cfg.lora else save_model_dir
+            write(full, out / "merged", model_dir, overwrite=True)
     if d.main:
         plot_losses(history, out / "loss.png")
     d.barrier()  # every process returns once the outputs are written
