@@ -80,6 +80,9 @@ def test_config_value_types(tmp_path):
     with pytest.raises(G3nError, match="vision/audio tower are saved in PEFT's format only"):
         load_train_config(None, ["finetune_vision_layers=true", "save_merged=true"])
     assert load_train_config(None, ["learning_rate=1"]).learning_rate == 1  # an int where a float goes is fine
+    (tmp_path / "c.yaml").write_text("learning_rate: 1e-3\n")  # a string to PyYAML (no dot)
+    assert load_train_config(tmp_path / "c.yaml", ["weight_decay=1e-2"]).learning_rate == 0.001
+    assert load_train_config(None, ["weight_decay=1e-2"]).weight_decay == 0.01
 
 
 def test_adamw_8bit_needs_cuda(dataset, tmp_path):

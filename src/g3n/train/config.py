@@ -62,6 +62,7 @@ class TrainConfig:
             if isinstance(value, str):
                 setattr(self, name, [value])
         for name, f in FIELDS.items():
+            setattr(self, name, _yaml_float(f.type, getattr(self, name)))
             _check_type(name, f.type, getattr(self, name))
         choices = {"lr_scheduler": ("linear", "cosine", "constant"), "optim": ("adamw", "adamw_8bit"),
                    "dtype": ("auto", "float32", "bfloat16", "float16"),
@@ -121,6 +122,16 @@ class TrainConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _TYPES = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}
+
+
+def _yaml_float(annotation: str, value):
+    """YAML 1.1 (PyYAML) reads 1e-3, without a dot, as a string; a float setting takes it as the number."""
+    if annotation.startswith("float") and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _check_type(name: str, annotation: str, value) -> None:
