@@ -179,6 +179,8 @@ def test_overwrite_refuses_a_directory_that_is_not_a_run(dataset, tmp_path):
         with pytest.raises(G3nError, match=r"output_dir .* holds train_data"):
             train(_cfg(dataset, out, max_steps=1), overwrite=True, progress=False)
     assert (dataset / "train.jsonl").is_file()
+    with pytest.raises(G3nError, match=r"output_dir .*train.jsonl is a file"):
+        train(_cfg(dataset, dataset / "train.jsonl", max_steps=1), overwrite=True, progress=False)
     (tmp_path / "empty").mkdir()
     assert len(train(_cfg(dataset, tmp_path / "empty", max_steps=1), overwrite=True, progress=False)) == 2
 

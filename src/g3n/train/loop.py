@@ -171,6 +171,8 @@ def foreign_entries(out: Path) -> list[str]:
 def check_output_place(cfg: TrainConfig, out: Path, model_dir: Path | None) -> None:
     """output_dir may not be, or hold, the data files or the model: a run writes (and --overwrite
     deletes) there."""
+    if out.exists() and not out.is_dir():
+        raise G3nError(f"config: output_dir {out} is a file, not a directory")
     where = out.resolve()
     inputs = [("train_data", f) for f in cfg.train_data] + [("eval_data", f) for f in cfg.eval_data]
     inputs += [("model", model_dir)] if model_dir is not None else []
