@@ -202,3 +202,25 @@ def test_export_merges_an_adapter(tmp_path, capsys, monkeypatch):
     with pytest.raises(OSError):
         main(["export", "--model", "tiny", "--out", str(tmp_path / "failed")])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "merged"]
+
+
+def test_full_fine_tune_writes_a_loadable_model(tmp_path, capsys):
+    """lora: false ends with an HF checkpoint in output_dir/merged, named in the last line."""
+    import torch
+
+    import g3n
+    from helpers import write_capitals_dataset
+
+    data = write_capitals_dataset(tmp_path)
+    out = tmp_path / "full"
+    sets = [f"train_data={data / 'train.jsonl'}", f"eval_data={data / 'eval.jsonl'}", f"output_dir={out}",
+            "lora=false", "max_steps=2", "batch_size=2", "max_length=64", "learning_rate=0.001", "device=cpu"]  # fmt: skip
+    rc, stdout, err = run_cli(["train", *[a for s in sets for a in ("--set", s)]], capsys)
+    assert rc == 0, err
+    assert stdout.strip().splitlines()[-1].endswith(f"; outputs in {out}; model in {out / 'merged'}")
+    tuned, tok = g3n.load(out / "merged", dtype="float32", device="cpu")
+    base, _ = g3n.load("tiny", dtype="float32", device="cpu")
+    ids = torch.tensor([tok.encode_chat([{"role": "user", "content": "What is the capital of Zork?"}])])
+    with torch.no_grad():
+        assert (tuned(ids) - base(ids)).abs().max() > 1e-3
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # written atomically, no leftovers

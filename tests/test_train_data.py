@@ -148,6 +148,9 @@ def test_pack_fits_rows():
         ('{"text": "ok"}\n{"prompt": "x"}\n', r"d.jsonl:2: unknown record format"),
         ('{"conversations": [{"from": "bot", "value": "x"}]}\n', r"d.jsonl:1: unknown ShareGPT speaker 'bot'"),
         ('{"messages": [{"role": "assistant", "content": "x"}]}\n', r"d.jsonl:1: message 0: expected a user turn"),
+        ('{"text": "ok"}\n{"instruction": "Hi", "output": null}\n', r"d.jsonl:2: field output is null"),
+        ('{"instruction": null, "output": "x"}\n', r"d.jsonl:1: field instruction is null"),
+        ('{"instruction": "Hi", "input": ["a"], "output": "x"}\n', r"d.jsonl:1: field input must be text, got list"),
     ],
 )
 def test_bad_records(tmp_path, tiny, content, match):
@@ -164,12 +167,29 @@ def test_bad_files(tmp_path):
         list(read_records(tmp_path / "d.txt"))
 
 
+def test_files_that_are_not_utf8(tmp_path, tiny):
+    latin1 = '{"text": "café"}\n'.encode("latin-1")
+    (tmp_path / "d.jsonl").write_bytes(b'{"text": "ok"}\n' + latin1)
+    with pytest.raises(G3nError, match=r"d.jsonl:2: not UTF-8 \(byte offset 13 in the line\)"):
+        load_examples(tmp_path / "d.jsonl", tiny[1], max_length=64)
+    examples, stats = load_examples(tmp_path / "d.jsonl", tiny[1], max_length=64, skip_bad=True)
+    assert len(examples) == 1 and stats.skipped == [f"{tmp_path}/d.jsonl:2: not UTF-8 (byte offset 13 in the line)"]
+    (tmp_path / "d.json").write_bytes(b"[" + latin1 + b"]")
+    with pytest.raises(G3nError, match=r"d.json: not UTF-8 \(byte offset 14\)"):
+        list(read_records(tmp_path / "d.json"))
+    (tmp_path / "d.csv").write_bytes(b"text\nok\n" + "café\n".encode("latin-1"))
+    with pytest.raises(G3nError, match=r"d.csv: not UTF-8"):
+        list(read_records(tmp_path / "d.csv"))
+
+
 def test_skip_bad_counts_and_lists(tmp_path, tiny):
     path = tmp_path / "d.jsonl"
-    path.write_text('{"text": "ok"}\n{broken\n{"prompt": "x"}\n{"text": "fine too"}\n')
+    path.write_text(
+        '{"text": "ok"}\n{broken\n{"prompt": "x"}\n{"text": "fine too"}\n{"instruction": "q", "output": null}\n'
+    )
     examples, stats = load_examples(path, tiny[1], max_length=64, skip_bad=True)
     assert len(examples) == 2 and stats.samples == 2
-    assert [s.split(":")[1] for s in stats.skipped] == ["2", "3"]
+    assert [s.split(":")[1] for s in stats.skipped] == ["2", "3", "5"]
 
 
 def test_datasets_directories(tmp_path, tiny):

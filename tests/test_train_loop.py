@@ -9,7 +9,7 @@ pytest.importorskip("peft")
 
 from g3n.errors import G3nError
 from g3n.train.config import load_train_config
-from g3n.train.loop import train
+from g3n.train.loop import CONFIG_FILE, train
 from helpers import train_config, write_capitals_dataset
 
 
@@ -80,6 +80,9 @@ def test_config_value_types(tmp_path):
     with pytest.raises(G3nError, match="vision/audio tower are saved in PEFT's format only"):
         load_train_config(None, ["finetune_vision_layers=true", "save_merged=true"])
     assert load_train_config(None, ["learning_rate=1"]).learning_rate == 1  # an int where a float goes is fine
+    (tmp_path / "c.yaml").write_text("learning_rate: 1e-3\n")  # a string to PyYAML (no dot)
+    assert load_train_config(tmp_path / "c.yaml", ["weight_decay=1e-2"]).learning_rate == 0.001
+    assert load_train_config(None, ["weight_decay=1e-2"]).weight_decay == 0.01
 
 
 def test_adamw_8bit_needs_cuda(dataset, tmp_path):
@@ -160,3 +163,98 @@ def test_resume_accepts_runs_started_before_new_settings(tmp_path):
         prepare_output(
             TrainConfig(output_dir=str(tmp_path), train_data=["x.jsonl"], lora_r=4), resume=True, overwrite=False
         )
+
+
+def test_overwrite_refuses_a_directory_that_is_not_a_run(dataset, tmp_path):
+    """--overwrite replaces an earlier run, never a directory of other files nor one holding the
+    data; without it, such a directory is refused too when it holds the data."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    (tmp_path / "mine" / CONFIG_FILE).write_text("{}")
+    (tmp_path / "mine" / "latest.json").write_text("{}")
+    with pytest.raises(G3nError, match=r"--overwrite replaces only an earlier g3n run.*\(notes.txt\)"):
+        train(_cfg(dataset, tmp_path / "mine", max_steps=1), overwrite=True, progress=False)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    for out in (dataset, dataset.parent):
+        with pytest.raises(G3nError, match=r"output_dir .* holds train_data"):
+            train(_cfg(dataset, out, max_steps=1), overwrite=True, progress=False)
+    assert (dataset / "train.jsonl").is_file()
+    with pytest.raises(G3nError, match=r"output_dir .*train.jsonl is a file"):
+        train(_cfg(dataset, dataset / "train.jsonl", max_steps=1), overwrite=True, progress=False)
+    (tmp_path / "empty").mkdir()
+    assert len(train(_cfg(dataset, tmp_path / "empty", max_steps=1), overwrite=True, progress=False)) == 2
+
+
+def test_a_run_that_fails_early_does_not_block_the_next(dataset, tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"messages": 3}\n')
+    out = tmp_path / "r"
+    with pytest.raises(G3nError, match="bad.jsonl:1"):
+        train(_cfg(dataset, out, train_data=[str(tmp_path / "bad.jsonl")]), progress=False)
+    with pytest.raises(G3nError, match="no such directory"):
+        train(_cfg(dataset, out, model=str(tmp_path / "nowhere")), progress=False)
+    assert not out.exists() or not (out / "latest.json").exists()
+    with pytest.raises(G3nError, match="no checkpoint to resume from"):
+        train(_cfg(dataset, out, max_steps=1), resume=True, progress=False)
+    assert len(train(_cfg(dataset, out, max_steps=1), progress=False)) == 2
+
+
+def test_resume_from_another_spelling_of_output_dir(dataset, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    train(_cfg(dataset, "runs/t1", max_steps=2, save_steps=1), progress=False, stop_after=1)
+    resumed = train(_cfg(dataset, "./runs/t1", max_steps=2, save_steps=1), resume=True, progress=False)
+    assert resumed[-1]["step"] == 2
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("max_steps=-1", r"invalid max_steps -1: must be >= 0 \(0: use epochs\)"),
+        ("epochs=0", r"invalid epochs 0: must be > 0"),
+        ("max_grad_norm=-1", r"invalid max_grad_norm -1: must be >= 0 \(0 or null: no clipping\)"),
+        ("warmup_steps=-2", r"invalid warmup_steps -2: must be >= 0"),
+        ("lora_alpha=0", r"invalid lora_alpha 0: must be > 0"),
+        ("lora_dropout=1.5", r"invalid lora_dropout 1.5: must be >= 0 and < 1"),
+    ],
+)
+def test_settings_out_of_range(setting, message):
+    with pytest.raises(G3nError, match=f"config: {message}"):
+        load_train_config(None, [setting])
+
+
+def test_max_grad_norm_zero_or_null_means_no_clipping(dataset, tmp_path):
+    import torch
+
+    assert load_train_config(None, ["max_grad_norm=null"]).max_grad_norm is None
+    out = tmp_path / "noclip"
+    history = train(_cfg(dataset, out, max_steps=1, max_grad_norm=0), progress=False)
+    assert history[-1]["grad_norm"] > 0
+    state = torch.load(out / "checkpoint-1" / "state.pt", weights_only=False)
+    assert any(t.abs().sum() > 0 for name, t in state["model"].items() if "lora_B" in name)  # the step moved them
+
+
+def test_resume_with_more_steps_follows_the_new_schedule(dataset, tmp_path):
+    """A finished linear schedule ends at lr 0; resumed with a larger max_steps, the next step takes
+    the rate the new schedule gives there, and training moves on."""
+    from g3n.train.loop import lr_lambda
+
+    cfg = _cfg(dataset, tmp_path / "r", max_steps=4, save_steps=4, eval_steps=100)
+    first = train(cfg, progress=False)
+    longer = _cfg(dataset, tmp_path / "r", max_steps=8, save_steps=4, eval_steps=100)
+    resumed = train(longer, resume=True, progress=False)
+    step5 = resumed[len(first)]
+    assert step5["step"] == 5 and step5["lr"] > 0
+    assert step5["lr"] == pytest.approx(longer.learning_rate * lr_lambda(longer, 8)(4))
+    assert len({h["loss"] for h in resumed if h["step"] > 4}) > 1
+
+
+def test_model_path_is_relative_to_the_config_file(tmp_path, monkeypatch):
+    (tmp_path / "cfg" / "models" / "base").mkdir(parents=True)
+    for model in ("models/base", "./models/base"):
+        (tmp_path / "cfg" / "c.yaml").write_text(f"model: {model}\n")
+        monkeypatch.chdir(tmp_path)  # not the config's folder
+        assert load_train_config(tmp_path / "cfg" / "c.yaml").model == str(tmp_path / "cfg" / "models" / "base")
+    (tmp_path / "cfg" / "c.yaml").write_text("model: ../elsewhere\n")  # written as a path: named where looked for
+    assert load_train_config(tmp_path / "cfg" / "c.yaml").model == str(tmp_path / "elsewhere")
+    for model in ("tiny", "google/gemma-3n-E2B-it"):
+        (tmp_path / "cfg" / "c.yaml").write_text(f"model: {model}\n")
+        assert load_train_config(tmp_path / "cfg" / "c.yaml").model == model

@@ -412,7 +412,8 @@ def cmd_train(args) -> int:
     print(f"done: step {last.get('step')}, train loss {last.get('loss')}", end="")
     if evals:
         print(f", eval loss {evals[0]['eval_loss']} -> {evals[-1]['eval_loss']}", end="")
-    print(f"; outputs in {cfg.output_dir}")
+    model = f"; model in {os.path.join(cfg.output_dir, 'merged')}" if cfg.writes_model else ""
+    print(f"; outputs in {cfg.output_dir}{model}")
     return 0
 
 
@@ -522,7 +523,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="YAML file of settings (optional with --set)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in output_dir")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier run in output_dir: only a directory that is empty or holds nothing but a run's "
+        "own files (train_config.json, latest.json, metrics.jsonl, loss.png, checkpoint-N, adapter, merged); "
+        "anything else there is refused, never deleted",
+    )
     p.add_argument("--load-in-4bit", action="store_true", help="QLoRA: the same as --set load_in_4bit=true")
     p.add_argument(
         "--gpus",

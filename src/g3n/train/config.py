@@ -42,7 +42,7 @@ class TrainConfig:
     max_steps: int = 0  # > 0 overrides epochs
     batch_size: int = 2
     grad_accum: int = 1
-    max_grad_norm: float = 1.0
+    max_grad_norm: float | None = 1.0  # 0 or None: no clipping
     optim: str = "adamw"  # adamw, or adamw_8bit (bitsandbytes, CUDA)
     dtype: str = "auto"
     device: str | None = None
@@ -54,7 +54,7 @@ class TrainConfig:
     output_dir: str = "runs/g3n"
     save_steps: int = 50
     eval_steps: int = 50
-    save_merged: bool = False  # also write the merged model (HF checkpoint) to output_dir/merged
+    save_merged: bool | None = None  # write the model (HF checkpoint) to output_dir/merged; None: for full only
 
     def __post_init__(self):
         for name in ("train_data", "eval_data"):
@@ -62,6 +62,7 @@ class TrainConfig:
             if isinstance(value, str):
                 setattr(self, name, [value])
         for name, f in FIELDS.items():
+            setattr(self, name, _yaml_float(f.type, getattr(self, name)))
             _check_type(name, f.type, getattr(self, name))
         choices = {"lr_scheduler": ("linear", "cosine", "constant"), "optim": ("adamw", "adamw_8bit"),
                    "dtype": ("auto", "float32", "bfloat16", "float16"),
@@ -69,14 +70,19 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise G3nError(f"config: {name} {getattr(self, name)!r}: use {', '.join(map(str, allowed)).lower()}")
-        checks = {
-            "max_length": self.max_length > 1, "batch_size": self.batch_size >= 1, "grad_accum": self.grad_accum >= 1,
-            "learning_rate": self.learning_rate > 0, "eval_fraction": 0 <= self.eval_fraction < 1,
-            "lora_r": self.lora_r >= 1, "save_steps": self.save_steps >= 1, "eval_steps": self.eval_steps >= 1,
+        checks = {  # name: (valid, the allowed range)
+            "max_length": (self.max_length > 1, ">= 2"), "batch_size": (self.batch_size >= 1, ">= 1"),
+            "grad_accum": (self.grad_accum >= 1, ">= 1"), "learning_rate": (self.learning_rate > 0, "> 0"),
+            "eval_fraction": (0 <= self.eval_fraction < 1, ">= 0 and < 1"), "lora_r": (self.lora_r >= 1, ">= 1"),
+            "save_steps": (self.save_steps >= 1, ">= 1"), "eval_steps": (self.eval_steps >= 1, ">= 1"),
+            "max_steps": (self.max_steps >= 0, ">= 0 (0: use epochs)"), "epochs": (self.epochs > 0, "> 0"),
+            "warmup_steps": (self.warmup_steps >= 0, ">= 0"), "weight_decay": (self.weight_decay >= 0, ">= 0"),
+            "max_grad_norm": (self.max_grad_norm is None or self.max_grad_norm >= 0, ">= 0 (0 or null: no clipping)"),
+            "lora_alpha": (self.lora_alpha > 0, "> 0"), "lora_dropout": (0 <= self.lora_dropout < 1, ">= 0 and < 1"),
         }  # fmt: skip
-        for name, ok in checks.items():
+        for name, (ok, allowed) in checks.items():
             if not ok:
-                raise G3nError(f"config: invalid {name} {getattr(self, name)!r}")
+                raise G3nError(f"config: invalid {name} {getattr(self, name)!r}: must be {allowed}")
         if not self.parts:
             raise G3nError(
                 "config: finetune_language_layers, finetune_vision_layers and finetune_audio_layers are all false, "
@@ -104,6 +110,12 @@ class TrainConfig:
         switches = (self.finetune_language_layers, self.finetune_vision_layers, self.finetune_audio_layers)
         return [p for p, on in zip(("text", "image", "audio"), switches, strict=True) if on]
 
+    @property
+    def writes_model(self) -> bool:
+        """Whether the run ends by writing an HF checkpoint to output_dir/merged: when asked, and by
+        default for full fine-tuning, whose checkpoints are otherwise only resumable state."""
+        return self.save_merged if self.save_merged is not None else not self.lora
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -112,14 +124,26 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _TYPES = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}
 
 
+def _yaml_float(annotation: str, value):
+    """YAML 1.1 (PyYAML) reads 1e-3, without a dot, as a string; a float setting takes it as the number."""
+    if annotation.startswith("float") and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def _check_type(name: str, annotation: str, value) -> None:
     """YAML and --set give typed values; say which setting got the wrong kind of value."""
     if annotation == "list[str]":
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
     elif annotation == "bool | str":
         ok = isinstance(value, (bool, str))
-    elif annotation == "str | None":
-        ok = value is None or isinstance(value, str)
+    elif annotation.endswith(" | None") and value is None:
+        ok = True
+    elif annotation.endswith(" | None"):
+        return _check_type(name, annotation.removesuffix(" | None"), value)
     else:
         ok = isinstance(value, _TYPES[annotation]) and (annotation == "bool" or not isinstance(value, bool))
     if not ok:
@@ -129,7 +153,7 @@ def _check_type(name: str, annotation: str, value) -> None:
 
 
 HELP = {
-    "model": "checkpoint directory, cached HF id, or tiny",
+    "model": "checkpoint directory (relative to the config file), cached HF id, or tiny",
     "lora": "true: LoRA adapters (PEFT format); false: full fine-tuning",
     "load_in_4bit": "QLoRA: the decoder layers' attention and MLP weights stored as NF4 (bitsandbytes: "
     "pip install 'g3n[qlora]'); embeddings, norms, the per-layer table and small projections stay 16-bit; "
@@ -151,7 +175,7 @@ HELP = {
     "warmup_steps": "linear warmup steps", "weight_decay": "AdamW weight decay",
     "epochs": "passes over the data (ignored when max_steps > 0)", "max_steps": "optimizer steps (0: use epochs)",
     "batch_size": "rows per micro-batch (per process under torchrun)", "grad_accum": "micro-batches per optimizer step",
-    "max_grad_norm": "gradient clipping", "optim": "adamw, or adamw_8bit (bitsandbytes on CUDA)",
+    "max_grad_norm": "clip the gradient norm to this (0 or null: no clipping)", "optim": "adamw, or adamw_8bit (bitsandbytes on CUDA)",
     "dtype": "auto, float32, bfloat16 or float16 (float16: loss scaling, float32 LoRA weights)",
     "device": "cpu, cuda (default: cuda when present)",
     "gradient_checkpointing": "recompute each layer in the backward pass instead of storing its activations; "
@@ -164,7 +188,8 @@ HELP = {
     "seed": "seed for data order and initialisation",
     "output_dir": "where checkpoints, metrics.jsonl, loss.png and the adapter go (relative to the current directory)",
     "save_steps": "checkpoint every N steps", "eval_steps": "eval every N steps",
-    "save_merged": "also write the merged model (HF checkpoint) to output_dir/merged at the end",
+    "save_merged": "write the model as an HF checkpoint (bfloat16, tokenizer files included) to output_dir/merged "
+    "at the end: LoRA merged into the base (default false); full fine-tuning's only loadable output (default true)",
 }  # fmt: skip
 
 
@@ -184,10 +209,22 @@ def _check_keys(data: dict, where: str) -> None:
             raise G3nError(f"{where}: unknown setting {key!r}{hint}")
 
 
+def _model_beside(model: str, base: Path) -> str:
+    """A relative model path in a config file is relative to the file, as data paths are: one
+    written as a path (./x, ../x) or found there. tiny, HF ids and absolute paths stay as they are."""
+    path = Path(model).expanduser()
+    if model == "tiny" or path.is_absolute():
+        return model
+    if model.startswith(("./", "../", ".\\", "..\\")) or (base / path).exists():
+        return str((base / path).resolve())
+    return model
+
+
 def load_train_config(
     path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None
 ) -> TrainConfig:
-    """Settings from a YAML file (relative data paths resolved against it), then key=value overrides."""
+    """Settings from a YAML file (relative data and model paths resolved against it), then key=value
+    overrides (relative to the current directory)."""
     import yaml
 
     data = dict(base or {})
@@ -203,6 +240,8 @@ def load_train_config(
             if key in loaded:
                 files = [loaded[key]] if isinstance(loaded[key], str) else loaded[key]
                 loaded[key] = [str((path.parent / f).resolve()) if not Path(f).is_absolute() else f for f in files]
+        if isinstance(loaded.get("model"), str):
+            loaded["model"] = _model_beside(loaded["model"], path.parent)
         data.update(loaded)
     for item in overrides:
         key, sep, value = item.partition("=")

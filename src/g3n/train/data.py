@@ -48,16 +48,16 @@ def read_records(path: str | Path) -> Iterator[tuple[str, dict]]:
         raise G3nError(f"{path}: dataset file not found")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
-        with path.open() as f:
-            for n, line in enumerate(f, start=1):
-                if line.strip():
-                    try:
-                        yield f"{path}:{n}", json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise G3nError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        for n, line in _lines(path):
+            try:
+                yield f"{path}:{n}", json.loads(line)
+            except json.JSONDecodeError as e:
+                raise G3nError(f"{path}:{n}: not valid JSON ({e.msg})") from None
     elif suffix == ".json":
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise G3nError(f"{path}: not UTF-8 (byte offset {e.start})") from None
         except json.JSONDecodeError as e:
             raise G3nError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
         if not isinstance(data, list):
@@ -65,9 +65,13 @@ def read_records(path: str | Path) -> Iterator[tuple[str, dict]]:
         for n, record in enumerate(data):
             yield f"{path}[{n}]", record
     elif suffix == ".csv":
-        with path.open(newline="") as f:
-            for n, row in enumerate(csv.DictReader(f), start=2):
-                yield f"{path}:{n}", dict(row)
+        with path.open(newline="", encoding="utf-8") as f:
+            n = 1
+            try:
+                for n, row in enumerate(csv.DictReader(f), start=2):
+                    yield f"{path}:{n}", dict(row)
+            except UnicodeDecodeError:
+                raise G3nError(f"{path}: not UTF-8 (after line {n})") from None
     elif suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
@@ -79,6 +83,23 @@ def read_records(path: str | Path) -> Iterator[tuple[str, dict]]:
         raise G3nError(
             f"{path}: unknown dataset format {suffix!r} (use .jsonl, .json, .csv, .parquet or a datasets directory)"
         )
+
+
+def _lines(path: Path, stats: DataStats | None = None) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a JSONL file's non-blank lines; a line that is not UTF-8 is an error
+    naming it (with `stats` given, skipped and listed)."""
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                problem = f"{path}:{n}: not UTF-8 (byte offset {e.start} in the line)"
+                if stats is None:
+                    raise G3nError(problem) from None
+                stats.skipped.append(problem)
+                continue
+            if line.strip():
+                yield n, line
 
 
 def _read_saved_dataset(path: Path) -> Iterator[tuple[str, dict]]:
@@ -130,13 +151,26 @@ def to_messages(record, where: str) -> list[dict] | str:
             out.append({"role": role, "content": t.get("value")})
         return out
     if "instruction" in record and "output" in record:
-        prompt = str(record["instruction"])
+        prompt = _alpaca_text(record, "instruction", where)
         if record.get("input"):
-            prompt += "\n\n" + str(record["input"])
-        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": str(record["output"])}]
+            prompt += "\n\n" + _alpaca_text(record, "input", where)
+        return [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": _alpaca_text(record, "output", where)},
+        ]
     if isinstance(record.get("text"), str):
         return record["text"]
     raise G3nError(f"{where}: unknown record format (expected messages, conversations, instruction/output or text)")
+
+
+def _alpaca_text(record: dict, name: str, where: str) -> str:
+    """An Alpaca field as text (numbers included); null or a list/object would train on its repr."""
+    value = record[name]
+    if value is None:
+        raise G3nError(f"{where}: field {name} is null")
+    if isinstance(value, (dict, list)):
+        raise G3nError(f"{where}: field {name} must be text, got {type(value).__name__}")
+    return str(value)
 
 
 @dataclass
@@ -266,13 +300,11 @@ def _records(path, stats: DataStats | None):
     if stats is None or Path(path).suffix.lower() not in (".jsonl", ".ndjson"):
         yield from read_records(path)
         return
-    with Path(path).open() as f:
-        for n, line in enumerate(f, start=1):
-            if line.strip():
-                try:
-                    yield f"{path}:{n}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    stats.skipped.append(f"{path}:{n}: not valid JSON ({e.msg})")
+    for n, line in _lines(Path(path), stats):
+        try:
+            yield f"{path}:{n}", json.loads(line)
+        except json.JSONDecodeError as e:
+            stats.skipped.append(f"{path}:{n}: not valid JSON ({e.msg})")
 
 
 @dataclass

@@ -19,6 +19,7 @@ import functools
 import json
 import math
 import os
+import re
 import shutil
 import time
 import warnings
@@ -108,6 +109,15 @@ def lr_lambda(cfg: TrainConfig, total: int):
     return f
 
 
+def resume_schedule(sched, saved: dict) -> None:
+    """Restore the scheduler's position, with the learning rate this run's schedule gives there:
+    max_steps may have changed since the checkpoint, and the saved rate (e.g. 0 at the end of a
+    linear decay) belongs to the old total."""
+    sched.load_state_dict(saved)
+    sched.last_epoch -= 1
+    sched.step()  # recomputes every group's rate from the schedule at the restored position
+
+
 @torch.no_grad()
 def evaluate(model, rows, cfg: TrainConfig, pad_id: int, d: Dist | None = None, processor=None) -> float:
     """Mean loss over the eval rows (token-weighted). Several processes share the batches; each
@@ -148,37 +158,89 @@ def save_checkpoint(out: Path, model, opt, sched, scaler, step: int, history: li
     return final
 
 
-def prepare_output(cfg: TrainConfig, resume: bool, overwrite: bool, processes: int = 1) -> Path:
+# What a run writes into output_dir (the temporary names are write_atomic's and atomic_dir's)
+RUN_FILES = (CONFIG_FILE, "latest.json", "metrics.jsonl", "loss.png", "adapter", "merged")
+RUN_PATTERN = re.compile(r"checkpoint-\d+|\..+\.tmp-\d+(\.png)?")
+
+
+def foreign_entries(out: Path) -> list[str]:
+    """The names in output_dir that a g3n run does not write (empty for an earlier run's directory)."""
+    return sorted(p.name for p in out.iterdir() if p.name not in RUN_FILES and not RUN_PATTERN.fullmatch(p.name))
+
+
+def check_output_place(cfg: TrainConfig, out: Path, model_dir: Path | None) -> None:
+    """output_dir may not be, or hold, the data files or the model: a run writes (and --overwrite
+    deletes) there."""
+    if out.exists() and not out.is_dir():
+        raise G3nError(f"config: output_dir {out} is a file, not a directory")
+    where = out.resolve()
+    inputs = [("train_data", f) for f in cfg.train_data] + [("eval_data", f) for f in cfg.eval_data]
+    inputs += [("model", model_dir)] if model_dir is not None else []
+    for name, f in inputs:
+        path = Path(f).resolve()
+        if path == where or where in path.parents:
+            raise G3nError(f"config: output_dir {out} holds {name} {f}; choose a directory of its own for the run")
+
+
+def prepare_output(
+    cfg: TrainConfig, resume: bool, overwrite: bool, processes: int = 1, model_dir: Path | None = None
+) -> Path:
+    """Check output_dir and record the settings in it. An earlier run is a directory with a
+    checkpoint (latest.json); one without (a run that failed before its first checkpoint) is
+    started afresh. --overwrite replaces only an empty directory or one holding nothing but a
+    run's own files."""
     out = Path(cfg.output_dir)
+    check_output_place(cfg, out, model_dir)
     saved = out / CONFIG_FILE
-    if saved.is_file() and not (resume or overwrite):
+    earlier = saved.is_file() and (out / "latest.json").is_file()
+    if earlier and not (resume or overwrite):
         raise G3nError(f"{out}: holds an earlier run; pass --resume to continue it or --overwrite to replace it")
     if resume:
-        if not (out / "latest.json").is_file():
+        if not earlier:
             raise G3nError(f"{out}: no checkpoint to resume from")
-        before = json.loads(saved.read_text())
-        # only their product with the processes matters; how layers run does not change the maths
-        free = ("max_steps", "batch_size", "grad_accum", "gradient_checkpointing", "compile")
-        defaults = {"load_in_4bit": False}  # settings added since older runs were started
-        changed = sorted(k for k, v in cfg.to_dict().items() if before.get(k, defaults.get(k)) != v and k not in free)
-        if changed:
-            raise G3nError(f"{out}: the run was started with other settings ({', '.join(changed)}); cannot resume")
-        was = before["batch_size"] * before["grad_accum"] * before.get("processes", 1)
-        now = cfg.batch_size * cfg.grad_accum * processes
-        if was != now:
-            raise G3nError(
-                f"{out}: the run used a global batch of {was} rows ({before['batch_size']} x {before['grad_accum']} "
-                f"x {before.get('processes', 1)} processes), this one {now} ({cfg.batch_size} x {cfg.grad_accum} x "
-                f"{processes}); "
-                + (f"set batch_size x grad_accum to {was // processes} to resume on {processes} process(es)"
-                   if was % processes == 0 else f"it cannot be split over {processes} processes")
-            )  # fmt: skip
-    elif overwrite and out.exists():
-        shutil.rmtree(out)
+        check_resumable(json.loads(saved.read_text()), cfg, out, processes)
+    elif overwrite and out.is_dir():
+        clear_run(out)
+    elif saved.is_file():  # a run that stopped before its first checkpoint: started afresh
+        (out / "metrics.jsonl").unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     record = {**cfg.to_dict(), "processes": processes}
     write_atomic(saved, lambda p: p.write_text(json.dumps(record, indent=2)))
     return out
+
+
+def clear_run(out: Path) -> None:
+    """--overwrite: empty output_dir when it holds nothing but a run's own files; anything else
+    there is refused rather than deleted."""
+    foreign = foreign_entries(out)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise G3nError(
+            f"{out}: --overwrite replaces only an earlier g3n run, and this directory holds other files ({shown}); "
+            "choose another output_dir or remove them yourself"
+        )
+    shutil.rmtree(out)
+
+
+def check_resumable(before: dict, cfg: TrainConfig, out: Path, processes: int) -> None:
+    """The settings a run was started with must match the resuming ones, but for those that do not
+    change the maths (output_dir: a run directory may be moved or named another way)."""
+    # only their product with the processes matters; how layers run does not change the maths
+    free = ("max_steps", "batch_size", "grad_accum", "gradient_checkpointing", "compile", "output_dir", "save_merged")
+    defaults = {"load_in_4bit": False}  # settings added since older runs were started
+    changed = sorted(k for k, v in cfg.to_dict().items() if before.get(k, defaults.get(k)) != v and k not in free)
+    if changed:
+        raise G3nError(f"{out}: the run was started with other settings ({', '.join(changed)}); cannot resume")
+    was = before["batch_size"] * before["grad_accum"] * before.get("processes", 1)
+    now = cfg.batch_size * cfg.grad_accum * processes
+    if was != now:
+        raise G3nError(
+            f"{out}: the run used a global batch of {was} rows ({before['batch_size']} x {before['grad_accum']} "
+            f"x {before.get('processes', 1)} processes), this one {now} ({cfg.batch_size} x {cfg.grad_accum} x "
+            f"{processes}); "
+            + (f"set batch_size x grad_accum to {was // processes} to resume on {processes} process(es)"
+               if was % processes == 0 else f"it cannot be split over {processes} processes")
+        )  # fmt: skip
 
 
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progress: bool = True, stop_after=None):
@@ -196,12 +258,13 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
 def _train(cfg: TrainConfig, d: Dist, resume: bool, overwrite: bool, progress: bool, stop_after):
     from .. import load
     from ..model.load import resolve_model_dir
-    from .lora import add_lora, merge_checkpoint, save_adapter, save_merged
+    from .lora import add_lora, merge_checkpoint, save_adapter, save_merged, save_model_dir
 
     if not cfg.train_data:
         raise G3nError("config: train_data names no file")
     distributed.check_same_settings(d, cfg.to_dict())
-    distributed.on_main(d, lambda: prepare_output(cfg, resume, overwrite, d.world))
+    model_dir = resolve_model_dir(cfg.model)  # a bad model name fails before output_dir is touched
+    distributed.on_main(d, lambda: prepare_output(cfg, resume, overwrite, d.world, model_dir))
     out = Path(cfg.output_dir)
     torch.manual_seed(cfg.seed)
     device = str(d.device) if d.on else cfg.device
@@ -211,7 +274,6 @@ def _train(cfg: TrainConfig, d: Dist, resume: bool, overwrite: bool, progress: b
         from ..model.quant import for_training
 
         for_training(model)
-    model_dir = resolve_model_dir(cfg.model)
     if d.on and cfg.parts != ["text"]:
         raise PeerError("tuning the vision/audio tower runs on one process for now (set finetune_*_layers)")
     media_tokens = _media_setup(cfg, model, model_dir)
@@ -283,7 +345,7 @@ def _train(cfg: TrainConfig, d: Dist, resume: bool, overwrite: bool, progress: b
         state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False, mmap=True)
         distributed.load_model_state(d, model, state["model"], str(ckpt))
         distributed.load_optimizer_state(d, model, opt, state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+        resume_schedule(sched, state["scheduler"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
@@ -348,7 +410,7 @@ def _train(cfg: TrainConfig, d: Dist, resume: bool, overwrite: bool, progress: b
                 raise G3nError(f"loss became {loss_sum} at step {step + 1}; the last good checkpoint is kept in {out}")
             if scaler:
                 scaler.unscale_(opt)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)  # 0/None: measured only
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP
             if not torch.isfinite(grad_norm) and not scaler:  # with loss scaling: skip the step, lower the scale
                 raise G3nError(f"gradients became non-finite at step {step + 1}; the last good checkpoint is in {out}")
@@ -387,13 +449,14 @@ def _train(cfg: TrainConfig, d: Dist, resume: bool, overwrite: bool, progress: b
 
     if cfg.lora and d.main:
         save_adapter(model, out / "adapter", base_model=str(cfg.model))
-    if cfg.save_merged and cfg.load_in_4bit:  # from the base checkpoint's 16-bit weights, not the 4-bit ones
+    if cfg.writes_model and cfg.load_in_4bit:  # from the base checkpoint's 16-bit weights, not the 4-bit ones
         if d.main:
             merge_checkpoint(model_dir, out / "adapter", out / "merged", overwrite=True)
-    elif cfg.save_merged:
+    elif cfg.writes_model:
         full = distributed.gathered_model(d, model)  # every process takes part under FSDP
         if d.main:
-            save_merged(full, out / "merged", resolve_model_dir(cfg.model), overwrite=True)
+            write = save_merged if cfg.lora else save_model_dir
+            write(full, out / "merged", model_dir, overwrite=True)
     if d.main:
         plot_losses(history, out / "loss.png")
     d.barrier()  # every process returns once the outputs are written

@@ -142,6 +142,14 @@ def save_merged(
 
     refuse_merge(model, "writing a merged checkpoint from a model")
     merge_lora(model)
+    return save_model_dir(model, out_dir, tokenizer_dir, dtype, overwrite)
+
+
+def save_model_dir(
+    model, out_dir: str | Path, tokenizer_dir: str | Path | None = None, dtype=torch.bfloat16, overwrite: bool = False
+) -> Path:
+    """An HF checkpoint of the model as it is (no adapters), tokenizer files copied; the directory
+    appears complete or not at all."""
     with atomic_dir(out_dir, overwrite) as tmp:
         save_text_checkpoint(model, tmp, dtype)
         copy_tokenizer_files(tokenizer_dir, tmp)
