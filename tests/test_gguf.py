@@ -87,11 +87,12 @@ def test_bad_input(tmp_path, hf_dir, exports):
         export_gguf("tiny", tmp_path / "x.gguf", quant="q3_x")
     with pytest.raises(G3nError, match="exists"):
         export_gguf("tiny", exports["f16"], quant="f16")
-    with pytest.raises(G3nError, match="not a writable directory"):
-        export_gguf("tiny", tmp_path / "no" / "x.gguf")
     with pytest.raises(G3nError, match="tokenizer.model: missing"):
-        export_gguf(hf_dir, tmp_path / "x.gguf")
-    assert list(tmp_path.iterdir()) == []
+        export_gguf(hf_dir, tmp_path / "no" / "x.gguf")
+    assert list(tmp_path.iterdir()) == []  # nothing written, no parent directory created for a refused export
+    (tmp_path / "file").write_text("")
+    with pytest.raises(G3nError, match="file: cannot create the output directory"):
+        export_gguf("tiny", tmp_path / "file" / "x.gguf")
 
 
 def test_unrepresentable_config_is_refused(tmp_path):
@@ -119,6 +120,36 @@ def test_ollama_modelfile(tmp_path, capsys):
     assert "<start_of_turn>model" in text and "<bos>" not in text
     for line in ("PARAMETER temperature 1", "PARAMETER top_k 64", "PARAMETER top_p 0.95"):
         assert line in text
+
+
+def test_ollama_export_creates_parents_and_checks_every_output_first(tmp_path, capsys, monkeypatch):
+    """The README's `--out ollama/tiny.gguf` creates ollama/; an existing Modelfile is refused
+    before the GGUF is written; --overwrite replaces both."""
+    monkeypatch.chdir(tmp_path)
+    args = ["export", "--format", "ollama", "--quant", "f16", "--out", "ollama/tiny.gguf"]
+    assert main(args) == 0
+    assert sorted(p.name for p in (tmp_path / "ollama").iterdir()) == ["Modelfile", "tiny.gguf"]
+    (tmp_path / "ollama" / "tiny.gguf").unlink()
+    assert main(args) == 2
+    assert "Modelfile: exists (pass --overwrite" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "ollama").iterdir()) == ["Modelfile"]
+    assert main([*args, "--overwrite"]) == 0
+    assert sorted(p.name for p in (tmp_path / "ollama").iterdir()) == ["Modelfile", "tiny.gguf"]
+
+
+def test_adapter_of_another_shape_is_refused(tmp_path):
+    from g3n.train.lora import AdapterDeltas
+    from helpers import tiny_with_saved_adapter, widen_first_lora_a
+
+    tiny_with_saved_adapter(tmp_path / "adapter")
+    key = widen_first_lora_a(tmp_path / "adapter")
+    with pytest.raises(G3nError) as e:
+        export_gguf("tiny", tmp_path / "x.gguf", adapter=tmp_path / "adapter")
+    module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+    assert f"adapter tensor {module}.lora_A.weight has shape (4, " in str(e.value)
+    assert f"{module}.weight" in str(e.value) and "an adapter of another model" in str(e.value)
+    assert not (tmp_path / "x.gguf").exists()
+    assert AdapterDeltas(tmp_path / "adapter").pairs  # still readable: the check is against the base
 
 
 def test_vocab_larger_than_tokenizer_and_per_layer_table(tmp_path, tiny):
