@@ -359,11 +359,16 @@ def import_llama_cpp(purpose: str):
     return llama_cpp
 
 
-# Ollama's Gemma 3 template (a system turn is folded into the user turn; no BOS: llama.cpp adds it).
-OLLAMA_TEMPLATE = """{{- range $i, $_ := .Messages }}
+# Ollama's Gemma 3 template, as g3n's format_chat: the system prompt (Ollama passes all system
+# messages joined as .System and keeps them in .Messages) is folded into the first user turn,
+# followed by a blank line; system messages make no turn of their own. No BOS: llama.cpp adds it.
+OLLAMA_TEMPLATE = """{{- $system := $.System }}
+{{- range $i, $_ := .Messages }}
 {{- $last := eq (len (slice $.Messages $i)) 1 }}
-{{- if or (eq .Role "user") (eq .Role "system") }}<start_of_turn>user
-{{ .Content }}<end_of_turn>
+{{- if eq .Role "user" }}<start_of_turn>user
+{{ if $system }}{{ $system }}
+
+{{ $system = "" }}{{ end }}{{ .Content }}<end_of_turn>
 {{ if $last }}<start_of_turn>model
 {{ end }}
 {{- else if eq .Role "assistant" }}<start_of_turn>model
