@@ -254,6 +254,8 @@ class AdapterDeltas:
             raise G3nError(f"{self.dir}: the adapter has weights for {unknown[0]}, which {model_dir} lacks: "
                            "an adapter of another model (pass its base with --model)")  # fmt: skip
         for name, pair in self.pairs.items():
+            if pair.keys() != {"A", "B"}:
+                raise G3nError(f"{self.dir}: the adapter has lora_{next(iter(pair))} but not its pair for {name}")
             out_features, in_features = tuple(shapes[name])
             a, b = pair["A"].shape, pair["B"].shape
             for part, got, want in (("A", a, (a[0], in_features)), ("B", b, (out_features, a[0]))):
