@@ -75,6 +75,18 @@ def tiny_with_saved_adapter(adapter_dir, seed=0):
     return model.eval()
 
 
+def widen_first_lora_a(adapter):
+    """Give the adapter's first lora_A one more input column: an adapter of another model's shapes."""
+    from safetensors.torch import load_file, save_file
+
+    path = adapter / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = min(k for k in tensors if "lora_A" in k)
+    tensors[key] = torch.cat([tensors[key], tensors[key][:, :1]], dim=1)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return key
+
+
 # ---- multimodal -------------------------------------------------------------------------------
 # A tiny Gemma3nForConditionalGeneration: the tiny tokenizer's 768 pieces, then 8 vision and 8
 # audio ids (as the real model puts them past its 262144 pieces); a MobileNetV5 with small widths

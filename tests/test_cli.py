@@ -224,3 +224,99 @@ def test_full_fine_tune_writes_a_loadable_model(tmp_path, capsys):
     with torch.no_grad():
         assert (tuned(ids) - base(ids)).abs().max() > 1e-3
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # written atomically, no leftovers
+
+
+def test_export_overwrite_replaces_only_an_earlier_export(tmp_path, capsys):
+    """--overwrite never deletes the model, the adapter or a directory with other files (it used to
+    remove sb2 with sb2/base in it); an HF export into a file and a GGUF into a directory are refused."""
+    import shutil
+
+    from g3n.model.load import TINY_DIR
+    from helpers import tiny_with_saved_adapter
+
+    shutil.copytree(TINY_DIR, tmp_path / "sb2" / "base")
+    (tmp_path / "sb2" / "notes.txt").write_text("mine")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    base = str(tmp_path / "sb2" / "base")
+    for out in ("sb2", "sb2/base"):
+        rc, _, err = run_cli(["export", "--model", base, "--out", str(tmp_path / out), "--overwrite"], capsys)
+        assert rc == 2 and f"is or contains {base}, which this export reads; choose another --out" in err
+    tiny_with_saved_adapter(tmp_path / "run" / "adapter")
+    rc, _, err = run_cli(["export", "--adapter", str(tmp_path / "run" / "adapter"), "--out", str(tmp_path / "run"),
+                          "--overwrite"], capsys)  # fmt: skip
+    assert rc == 2 and "which this export reads" in err
+    rc, _, err = run_cli(
+        ["export", "--model", base, "--out", str(tmp_path / "sb2" / "notes.txt"), "--overwrite"], capsys
+    )
+    assert rc == 2 and "notes.txt: not a directory; an HF export writes a directory" in err
+    shutil.copytree(TINY_DIR, tmp_path / "other")
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    rc, _, err = run_cli(["export", "--out", str(tmp_path / "other"), "--overwrite"], capsys)
+    assert rc == 2 and "other: holds notes.txt, which an HF export does not write" in err
+    rc, _, err = run_cli(["export", "--format", "gguf", "--out", str(tmp_path / "other"), "--overwrite"], capsys)
+    assert rc == 2 and "other: not a file; a GGUF export writes one file" in err
+    rc, _, err = run_cli(["export", "--format", "gguf", "--out", str(tmp_path / "sb2" / "notes.txt"), "--overwrite"],
+                         capsys)  # fmt: skip
+    assert rc == 2 and "notes.txt: not a GGUF file" in err
+    assert (tmp_path / "sb2" / "notes.txt").read_text() == "mine"
+    assert (
+        sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if "run" not in p.parts and "other" not in p.parts)
+        == before
+    )
+
+    out = tmp_path / "exports" / "merged"  # an earlier export is replaced
+    assert main(["export", "--out", str(out)]) == 0
+    assert main(["export", "--out", str(out), "--overwrite", "--dtype", "float16"]) == 0
+    assert '"dtype": "float16"' in (out / "config.json").read_text()
+
+
+def test_export_uses_the_adapters_base_model(tmp_path, capsys):
+    """Without --model, the adapter's recorded base is merged into (not 'tiny'); an unknown or
+    missing base asks for --model; an adapter of another shape is a one-line error."""
+    import json
+    import shutil
+
+    from g3n.model.load import TINY_DIR
+    from helpers import tiny_with_saved_adapter, widen_first_lora_a
+
+    base = tmp_path / "base"
+    shutil.copytree(TINY_DIR, base)
+    adapter = tmp_path / "adapter"
+    tiny_with_saved_adapter(adapter)
+    config_path = adapter / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "base_model_name_or_path": str(base)}))
+    rc, out, err = run_cli(["export", "--adapter", str(adapter), "--out", str(tmp_path / "merged")], capsys)
+    assert rc == 0, err
+    assert f"exported {base} + adapter {adapter}" in out
+
+    for recorded, message in ((str(tmp_path / "gone"), "base model '.*gone' not found"),
+                              ("", "records no base_model_name_or_path")):  # fmt: skip
+        config_path.write_text(json.dumps({**config, "base_model_name_or_path": recorded}))
+        rc, _, err = run_cli(["export", "--adapter", str(adapter), "--out", str(tmp_path / "x")], capsys)
+        assert rc == 2 and re.search(message, err) and "pass the base model with --model" in err
+        assert len(err.strip().splitlines()) == 1
+
+    widen_first_lora_a(adapter)
+    for fmt in ("hf", "gguf"):
+        rc, _, err = run_cli(["export", "--model", "tiny", "--adapter", str(adapter), "--format", fmt,
+                              "--out", str(tmp_path / f"bad-{fmt}")], capsys)  # fmt: skip
+        assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+        assert re.search(r"adapter tensor .*lora_A.weight has shape \(4, \d+\), but .* needs \(4, \d+\)", err), err
+    assert not (tmp_path / "bad-hf").exists() and not (tmp_path / "bad-gguf").exists()
+
+
+def test_export_refuses_contradictory_options(tmp_path, capsys):
+    from g3n.gguf_export import QUANTS
+
+    rc, _, err = run_cli(["export", "--format", "hf", "--quant", "q4_0", "--out", str(tmp_path / "a")], capsys)
+    assert rc == 2 and "--quant q4_0 is for --format gguf/ollama" in err
+    rc, _, err = run_cli(
+        ["export", "--format", "gguf", "--dtype", "float32", "--out", str(tmp_path / "a.gguf")], capsys
+    )
+    assert rc == 2 and "--dtype float32 is for --format hf; a GGUF's weight type is --quant" in err
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert ", ".join(QUANTS) in help_text and "dynamic" in help_text and "q4_k_m" in help_text

@@ -10,7 +10,7 @@ import torch
 from g3n.cli import main
 from g3n.errors import G3nError
 from g3n.generate import SamplingParams
-from g3n.gguf_export import QUANTS, export_gguf
+from g3n.gguf_export import OLLAMA_TEMPLATE, QUANTS, export_gguf
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -87,11 +87,12 @@ def test_bad_input(tmp_path, hf_dir, exports):
         export_gguf("tiny", tmp_path / "x.gguf", quant="q3_x")
     with pytest.raises(G3nError, match="exists"):
         export_gguf("tiny", exports["f16"], quant="f16")
-    with pytest.raises(G3nError, match="not a writable directory"):
-        export_gguf("tiny", tmp_path / "no" / "x.gguf")
     with pytest.raises(G3nError, match="tokenizer.model: missing"):
-        export_gguf(hf_dir, tmp_path / "x.gguf")
-    assert list(tmp_path.iterdir()) == []
+        export_gguf(hf_dir, tmp_path / "no" / "x.gguf")
+    assert list(tmp_path.iterdir()) == []  # nothing written, no parent directory created for a refused export
+    (tmp_path / "file").write_text("")
+    with pytest.raises(G3nError, match="file: cannot create the output directory"):
+        export_gguf("tiny", tmp_path / "file" / "x.gguf")
 
 
 def test_unrepresentable_config_is_refused(tmp_path):
@@ -119,6 +120,36 @@ def test_ollama_modelfile(tmp_path, capsys):
     assert "<start_of_turn>model" in text and "<bos>" not in text
     for line in ("PARAMETER temperature 1", "PARAMETER top_k 64", "PARAMETER top_p 0.95"):
         assert line in text
+
+
+def test_ollama_export_creates_parents_and_checks_every_output_first(tmp_path, capsys, monkeypatch):
+    """The README's `--out ollama/tiny.gguf` creates ollama/; an existing Modelfile is refused
+    before the GGUF is written; --overwrite replaces both."""
+    monkeypatch.chdir(tmp_path)
+    args = ["export", "--format", "ollama", "--quant", "f16", "--out", "ollama/tiny.gguf"]
+    assert main(args) == 0
+    assert sorted(p.name for p in (tmp_path / "ollama").iterdir()) == ["Modelfile", "tiny.gguf"]
+    (tmp_path / "ollama" / "tiny.gguf").unlink()
+    assert main(args) == 2
+    assert "Modelfile: exists (pass --overwrite" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "ollama").iterdir()) == ["Modelfile"]
+    assert main([*args, "--overwrite"]) == 0
+    assert sorted(p.name for p in (tmp_path / "ollama").iterdir()) == ["Modelfile", "tiny.gguf"]
+
+
+def test_adapter_of_another_shape_is_refused(tmp_path):
+    from g3n.train.lora import AdapterDeltas
+    from helpers import tiny_with_saved_adapter, widen_first_lora_a
+
+    tiny_with_saved_adapter(tmp_path / "adapter")
+    key = widen_first_lora_a(tmp_path / "adapter")
+    with pytest.raises(G3nError) as e:
+        export_gguf("tiny", tmp_path / "x.gguf", adapter=tmp_path / "adapter")
+    module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+    assert f"adapter tensor {module}.lora_A.weight has shape (4, " in str(e.value)
+    assert f"{module}.weight" in str(e.value) and "an adapter of another model" in str(e.value)
+    assert not (tmp_path / "x.gguf").exists()
+    assert AdapterDeltas(tmp_path / "adapter").pairs  # still readable: the check is against the base
 
 
 def test_vocab_larger_than_tokenizer_and_per_layer_table(tmp_path, tiny):
@@ -274,3 +305,165 @@ def test_gguf_context_defaults_to_the_models_own_and_is_capped_by_it(exports, ti
     assert "does not fit the context of 2048" in capsys.readouterr().err
     assert main(["generate", "--model", "tiny", "--context", "512", "--prompt", "x"]) == 2
     assert "--context sets llama.cpp's context for a .gguf file" in capsys.readouterr().err
+
+
+def _go_template(template: str, data: dict) -> str:
+    """Render the subset of Go's text/template that OLLAMA_TEMPLATE uses (trim markers, range with
+    index, if / else if / else, := and =, eq/and/or/not/len/slice, .Field, $.Field, $var), so the
+    Modelfile's template is checked without Ollama."""
+    import re
+
+    parts = re.split(r"(\{\{-?\s*.*?\s*-?\}\})", template, flags=re.DOTALL)
+    items = []  # ("text", s) or ("action", body)
+    for n, part in enumerate(parts):
+        if n % 2 == 0:
+            items.append(["text", part])
+            continue
+        m = re.fullmatch(r"\{\{(-?)\s*(.*?)\s*(-?)\}\}", part, flags=re.DOTALL)
+        if m.group(1) and items and items[-1][0] == "text":
+            items[-1][1] = items[-1][1].rstrip()
+        items.append(["action", m.group(2), bool(m.group(3))])
+    for n, item in enumerate(items):
+        if item[0] == "action" and item[2] and n + 1 < len(items):
+            items[n + 1][1] = items[n + 1][1].lstrip()
+
+    def parse(pos):  # -> (nodes, pos, the closing action)
+        nodes = []
+        while pos < len(items):
+            kind, body = items[pos][0], items[pos][1]
+            pos += 1
+            if kind == "text":
+                nodes.append(("text", body))
+            elif body == "end" or body == "else" or body.startswith("else if "):
+                return nodes, pos, body
+            elif body.startswith("range "):
+                names, expr = body[6:].split(":=")
+                inner, pos, _ = parse(pos)
+                nodes.append(("range", [v.strip() for v in names.split(",")], expr.strip(), inner))
+            elif body.startswith("if "):
+                branches, cond = [], body[3:]
+                while True:
+                    inner, pos, close = parse(pos)
+                    branches.append((cond, inner))
+                    if close == "end":
+                        break
+                    cond = close[8:] if close.startswith("else if ") else "true"
+                nodes.append(("if", branches))
+            elif m := re.fullmatch(r"(\$\w+)\s*(:?=)\s*(.*)", body, flags=re.DOTALL):
+                nodes.append(("set", m.group(1), m.group(2), m.group(3)))
+            else:
+                nodes.append(("out", body))
+        return nodes, pos, None
+
+    def tokens(expr):
+        return re.findall(r'"(?:[^"\\]|\\.)*"|\(|\)|[^\s()]+', expr)
+
+    def value(toks, scopes, dot):
+        tok = toks.pop(0)
+        if tok == "(":
+            v = call(toks, scopes, dot)
+            assert toks.pop(0) == ")"
+            return v
+        if tok.startswith('"'):
+            return tok[1:-1].replace("\\n", "\n")
+        if tok == "true":
+            return True
+        if tok.isdigit():
+            return int(tok)
+        if tok.startswith("$."):
+            return data[tok[2:]]
+        if tok.startswith("$"):
+            return next(s[tok] for s in reversed(scopes) if tok in s)
+        if tok.startswith("."):
+            return dot[tok[1:]]
+        raise AssertionError(f"unsupported operand {tok}")
+
+    funcs = {
+        "eq": lambda a, b: a == b,
+        "and": lambda *a: next((x for x in a if not x), a[-1]),
+        "or": lambda *a: next((x for x in a if x), a[-1]),
+        "not": lambda a: not a,
+        "len": len,
+        "slice": lambda a, i: a[i:],
+    }
+
+    def call(toks, scopes, dot):
+        if toks[0] in funcs:
+            f, args = funcs[toks.pop(0)], []
+            while toks and toks[0] != ")":
+                args.append(value(toks, scopes, dot))
+            return f(*args)
+        return value(toks, scopes, dot)
+
+    def run(nodes, scopes, dot, out):
+        for node in nodes:
+            if node[0] == "text":
+                out.append(node[1])
+            elif node[0] == "out":
+                out.append(str(call(tokens(node[1]), scopes, dot)))
+            elif node[0] == "set":
+                v = call(tokens(node[3]), scopes, dot)
+                target = scopes[-1] if node[2] == ":=" else next(s for s in reversed(scopes) if node[1] in s)
+                target[node[1]] = v
+            elif node[0] == "if":
+                for cond, body in node[1]:
+                    if call(tokens(cond), scopes, dot):
+                        run(body, [*scopes, {}], dot, out)
+                        break
+            else:
+                names, expr, body = node[1:]
+                for i, element in enumerate(call(tokens(expr), scopes, dot)):
+                    run(body, [*scopes, {names[0]: i, names[-1]: element}], element, out)
+
+    out = []
+    run(parse(0)[0], [{}], data, out)
+    return "".join(out)
+
+
+def _ollama_render(messages):
+    """What Ollama passes the template: .System = the system messages joined by a blank line, and
+    .Messages with consecutive messages of one role merged (system messages kept)."""
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    collated = []
+    for m in messages:
+        if collated and collated[-1]["Role"] == m["role"]:
+            collated[-1]["Content"] += "\n\n" + m["content"]
+        else:
+            collated.append({"Role": m["role"], "Content": m["content"]})
+    return _go_template(OLLAMA_TEMPLATE, {"System": system, "Messages": collated})
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [
+            {"role": "system", "content": "Answer in French."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Bonjour"},
+            {"role": "user", "content": "Capital of Italy?"},
+        ],
+        [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "2+2?"},
+        ],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        [{"role": "user", "content": "Hi"}],
+    ],
+)
+def test_ollama_template_renders_like_format_chat(messages):
+    """The Modelfile's TEMPLATE folds the system prompt into the first user turn followed by a blank
+    line, as g3n's (and transformers') Gemma 3n template; it used to make it a user turn of its own."""
+    from g3n.tokenizer import format_chat
+
+    assert '{{ if $system }}{{ $system }}\n\n{{ $system = "" }}{{ end }}' in OLLAMA_TEMPLATE
+    assert _ollama_render(messages) == format_chat(messages)
+
+
+def test_ollama_template_golden():
+    messages = [{"role": "system", "content": "SYS"}, {"role": "user", "content": "Q1"},
+                {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"}]  # fmt: skip
+    assert _ollama_render(messages) == (
+        "<start_of_turn>user\nSYS\n\nQ1<end_of_turn>\n<start_of_turn>model\nA1<end_of_turn>\n"
+        "<start_of_turn>user\nQ2<end_of_turn>\n<start_of_turn>model\n"
+    )

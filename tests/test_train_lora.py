@@ -76,3 +76,24 @@ def test_merge_equals_adapter_and_transformers_loads_it(hf_dir, tmp_path):
     hf = Gemma3nForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
     with torch.no_grad():
         assert (hf(_ids()).logits - before).abs().max().item() < TOL
+
+
+def test_load_adapter_of_another_shape_is_one_line(tmp_path):
+    """An adapter whose tensors do not fit the model: G3nError naming the adapter, the tensor and
+    both shapes (was PyTorch's RuntimeError from load_state_dict), for export and serve alike."""
+    import g3n
+    from g3n.errors import G3nError
+    from g3n.train.lora import load_adapter
+    from helpers import tiny_with_saved_adapter, widen_first_lora_a
+
+    tiny_with_saved_adapter(tmp_path / "adapter")
+    key = widen_first_lora_a(tmp_path / "adapter")
+    model, _ = g3n.load("tiny", dtype="float32", device="cpu")
+    with pytest.raises(G3nError) as e:
+        load_adapter(model, tmp_path / "adapter")
+    width = model.get_submodule(key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")).in_features
+    tensor = key.removeprefix("base_model.model.")
+    assert str(e.value) == (
+        f"{tmp_path / 'adapter'}: adapter tensor {tensor} has shape (4, {width + 1}), but "
+        f"{tensor.removesuffix('.lora_A.weight')} needs (4, {width}): an adapter of another model (pass its base with --model)"
+    )

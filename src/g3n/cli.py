@@ -454,20 +454,37 @@ def _launch_torchrun(args) -> int:
 
 def cmd_export(args) -> int:
     start = time.perf_counter()
+    if args.format == "hf" and args.quant is not None:
+        raise G3nError(f"--quant {args.quant} is for --format gguf/ollama; an HF export's weight type is --dtype")
+    if args.format != "hf" and args.dtype is not None:
+        raise G3nError(f"--dtype {args.dtype} is for --format hf; a GGUF's weight type is --quant (e.g. --quant f32)")
+    if args.model is None:
+        model = "tiny"
+        if args.adapter:
+            from .train.lora import adapter_base_model
+
+            model = adapter_base_model(args.adapter)
+            print(f"[g3n] base model from {args.adapter}/adapter_config.json: {model}")
+    else:
+        model = args.model
     if args.format == "hf":
         from .export import export_hf
 
-        out = export_hf(args.model, args.out, adapter=args.adapter, dtype=args.dtype, overwrite=args.overwrite)
-        detail = args.dtype
+        detail = args.dtype or "bfloat16"
+        out = export_hf(model, args.out, adapter=args.adapter, dtype=detail, overwrite=args.overwrite)
     else:
-        from .gguf_export import export_gguf, write_modelfile
+        from pathlib import Path
 
-        out = export_gguf(args.model, args.out, adapter=args.adapter, quant=args.quant, overwrite=args.overwrite)
-        detail = args.quant
+        from .gguf_export import export_gguf, modelfile_path, write_modelfile
+
+        detail = args.quant or "f16"
+        if args.format == "ollama":  # every output checked before anything is written
+            modelfile_path(Path(args.out), overwrite=args.overwrite)
+        out = export_gguf(model, args.out, adapter=args.adapter, quant=detail, overwrite=args.overwrite)
         if args.format == "ollama":
             modelfile = write_modelfile(out, overwrite=args.overwrite)
             print(f"[g3n] wrote {modelfile}; run: ollama create NAME -f {modelfile}")
-    what = f"{args.model} + adapter {args.adapter}" if args.adapter else args.model
+    what = f"{model} + adapter {args.adapter}" if args.adapter else model
     print(f"[g3n] exported {what} to {out} ({args.format}, {detail}) in {time.perf_counter() - start:.1f} s")
     return 0
 
@@ -540,6 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_train)
 
+    from .gguf_export import QUANTS
+
     p = sub.add_parser(
         "export",
         help="write a model (with a LoRA adapter merged in) as an HF checkpoint, GGUF or Ollama model",
@@ -547,20 +566,27 @@ def build_parser() -> argparse.ArgumentParser:
         "runs/NAME/adapter from g3n train) is merged in first.\n"
         "  --format hf      an HF checkpoint directory (config.json, model.safetensors, tokenizer files) "
         "of the text decoder, for transformers and g3n\n"
-        "  --format gguf    one GGUF file for llama.cpp (--quant f32, f16, bf16 or q8_0)\n"
+        f"  --format gguf    one GGUF file for llama.cpp (--quant {', '.join(QUANTS)})\n"
         "  --format ollama  the GGUF plus a Modelfile beside it (Gemma's template, <end_of_turn> stop, "
         "Google's sampling defaults)\n"
         "Outputs appear complete or not at all.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", default="tiny", help="base model: checkpoint directory, cached HF id, or 'tiny'")
+    p.add_argument("--model", default=None,
+                   help="base model: checkpoint directory, cached HF id, or 'tiny' (default: with --adapter, the base "
+                   "its adapter_config.json records; else 'tiny')")  # fmt: skip
     p.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory to merge in")
-    p.add_argument("--out", required=True, help="output directory (hf) or .gguf file (gguf, ollama)")
+    p.add_argument("--out", required=True, help="output directory (hf) or .gguf file (gguf, ollama); "
+                   "missing parent directories are created")  # fmt: skip
     p.add_argument("--format", default="hf", choices=["hf", "gguf", "ollama"], help="hf (default), gguf or ollama")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
-                   help="hf: dtype of the written weights (bfloat16)")  # fmt: skip
-    p.add_argument("--quant", default="f16", help="gguf/ollama: f32, f16 (default), bf16 or q8_0")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="hf only: dtype of the written weights (default bfloat16)")  # fmt: skip
+    p.add_argument("--quant", default=None, type=str.lower, choices=QUANTS, metavar="QUANT",
+                   help=f"gguf/ollama only: {', '.join(QUANTS)} (default f16; q4_0..q6_k through llama.cpp's "
+                   "quantizer; dynamic: g3n's per-tensor mix)")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier export at --out (never a directory with other files, the model or the "
+                   "adapter)")  # fmt: skip
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .errors import G3nError
 from .model.load import parse_dtype, resolve_model_dir
+from .model.save import check_export_target
 
 
 def export_hf(model: str, out: str | Path, adapter: str | Path | None = None, dtype: str = "bfloat16",
@@ -20,12 +21,9 @@ def export_hf(model: str, out: str | Path, adapter: str | Path | None = None, dt
     from . import load
     from .train.lora import load_adapter, save_merged
 
-    out = Path(out)
-    if out.exists() and not overwrite:  # checked before the (slow) load, and again at the rename
-        raise G3nError(f"{out}: output directory exists (pass --overwrite to replace it)")
     model_dir = resolve_model_dir(model)
-    if out.resolve() == model_dir.resolve():
-        raise G3nError(f"{out}: the output directory must differ from the model's")
+    # before the (slow) load: only an earlier export is replaced, never the model, the adapter or other files
+    out = check_export_target(out, "hf", overwrite, protect=(model_dir, adapter))
     torch_dtype = parse_dtype(dtype)
     if torch_dtype is None:
         raise G3nError("export needs a concrete dtype: float32, bfloat16 or float16")

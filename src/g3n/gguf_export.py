@@ -15,14 +15,15 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from .config import SLIDING, TextConfig, read_text_config
 from .errors import G3nError
 from .llama_cpp_limits import llama_cpp_problems
-from .model.text import std_multiplier
+
+if TYPE_CHECKING:  # imported where used, so `g3n export --help` lists QUANTS without loading torch
+    import numpy as np
+    import torch
 
 # Written directly with gguf-py: one type for every weight matrix (norms and other 1-D tensors stay F32).
 DIRECT = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
@@ -75,6 +76,7 @@ class _Entry:
 
     def encode(self, chunk: torch.Tensor) -> np.ndarray:
         import gguf
+        import numpy as np
 
         data = chunk.float().numpy()
         if self.qtype is None:
@@ -96,6 +98,7 @@ def _storage(shape: tuple[int, ...], requested: str) -> str:
 def _entries(tensors, cfg: TextConfig, quant: str, adapter=None) -> list[_Entry]:
     """Every tensor llama.cpp's Gemma 3n graph loads, as lazily read row chunks."""
     import gguf
+    import torch
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3N, cfg.num_hidden_layers)
     entries = []
@@ -168,6 +171,8 @@ def _write_tensor_data(w, entries: list[_Entry]) -> None:
 
 
 def _add_metadata(w, cfg: TextConfig, name: str) -> None:
+    from .model.text import std_multiplier
+
     w.add_name(name)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -261,22 +266,20 @@ def _chat_template(model_dir: Path) -> str | None:
 
 
 def export_gguf(model: str, out: str | Path, adapter=None, quant: str = "f16", overwrite: bool = False) -> Path:
-    """Write `model` (with `adapter` merged) as one GGUF file llama.cpp and Ollama load."""
+    """Write `model` (with `adapter` merged) as one GGUF file llama.cpp and Ollama load; missing
+    parent directories are created."""
     import gguf
+    import numpy as np
 
     from .model.load import TextTensors, resolve_model_dir
-    from .model.save import write_atomic
+    from .model.save import check_export_target, write_atomic
     from .train.lora import AdapterDeltas
 
     quant = quant.lower()
     if quant not in QUANTS:
         raise G3nError(f"unknown quant {quant!r}; choose one of {', '.join(QUANTS)}")
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise G3nError(f"{out}: exists (pass --overwrite to replace it)")
-    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
-        raise G3nError(f"{out.parent}: not a writable directory")
     model_dir = resolve_model_dir(model)
+    out = check_export_target(out, "gguf", overwrite, protect=(model_dir, adapter))
     tokenizer_path = model_dir / "tokenizer.model"
     if not tokenizer_path.is_file():
         raise G3nError(f"{tokenizer_path}: missing; GGUF needs the SentencePiece tokenizer.model")
@@ -284,7 +287,14 @@ def export_gguf(model: str, out: str | Path, adapter=None, quant: str = "f16", o
     if problems:
         raise G3nError(f"{model_dir}: llama.cpp cannot run this model: " + "; ".join(problems))
     tensors = TextTensors(model_dir)
-    adapter_deltas = AdapterDeltas(adapter) if adapter is not None else None
+    try:
+        adapter_deltas = AdapterDeltas(adapter) if adapter is not None else None
+        if adapter_deltas is not None:
+            adapter_deltas.check(tensors.shapes, model_dir)
+        make_parent(out)
+    except BaseException:
+        tensors.close()
+        raise
     cfg = tensors.config
 
     direct = "f16" if quant in LLAMA_QUANTIZER else quant
@@ -314,6 +324,16 @@ def export_gguf(model: str, out: str | Path, adapter=None, quant: str = "f16", o
     return out
 
 
+def make_parent(out: Path) -> None:
+    """Create `out`'s missing parent directories (as an HF export does); refuse an unwritable one."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise G3nError(f"{out.parent}: cannot create the output directory ({e.strerror or e})") from None
+    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+        raise G3nError(f"{out.parent}: not a writable directory")
+
+
 def _llama_quantize(write_f16, path: Path, ftype: str) -> None:
     """Write an f16 GGUF beside `path`, then quantize it into `path` with llama.cpp."""
     import ctypes
@@ -339,11 +359,16 @@ def import_llama_cpp(purpose: str):
     return llama_cpp
 
 
-# Ollama's Gemma 3 template (a system turn is folded into the user turn; no BOS: llama.cpp adds it).
-OLLAMA_TEMPLATE = """{{- range $i, $_ := .Messages }}
+# Ollama's Gemma 3 template, as g3n's format_chat: the system prompt (Ollama passes all system
+# messages joined as .System and keeps them in .Messages) is folded into the first user turn,
+# followed by a blank line; system messages make no turn of their own. No BOS: llama.cpp adds it.
+OLLAMA_TEMPLATE = """{{- $system := $.System }}
+{{- range $i, $_ := .Messages }}
 {{- $last := eq (len (slice $.Messages $i)) 1 }}
-{{- if or (eq .Role "user") (eq .Role "system") }}<start_of_turn>user
-{{ .Content }}<end_of_turn>
+{{- if eq .Role "user" }}<start_of_turn>user
+{{ if $system }}{{ $system }}
+
+{{ $system = "" }}{{ end }}{{ .Content }}<end_of_turn>
 {{ if $last }}<start_of_turn>model
 {{ end }}
 {{- else if eq .Role "assistant" }}<start_of_turn>model
@@ -353,13 +378,22 @@ OLLAMA_TEMPLATE = """{{- range $i, $_ := .Messages }}
 {{- end }}"""
 
 
+def modelfile_path(gguf_path: Path, overwrite: bool = False) -> Path:
+    """The Modelfile beside `gguf_path`, refused when it exists (without `overwrite`) or is not a
+    file: checked before the GGUF is written."""
+    path = Path(gguf_path).with_name("Modelfile")
+    if path.exists() and not overwrite:
+        raise G3nError(f"{path}: exists (pass --overwrite to replace it)")
+    if path.exists() and not path.is_file():
+        raise G3nError(f"{path}: not a file; the Modelfile is written beside the GGUF (choose another --out)")
+    return path
+
+
 def write_modelfile(gguf_path: Path, overwrite: bool = False) -> Path:
     """An Ollama Modelfile beside the GGUF: FROM, Gemma's template, stop token, Google's sampling."""
     from .model.save import write_atomic
 
-    path = gguf_path.with_name("Modelfile")
-    if path.exists() and not overwrite:
-        raise G3nError(f"{path}: exists (pass --overwrite to replace it)")
+    path = modelfile_path(gguf_path, overwrite)
     text = (
         f"FROM ./{gguf_path.name}\n"
         f'TEMPLATE """{OLLAMA_TEMPLATE}"""\n'

@@ -7,6 +7,7 @@ leaves a half-written checkpoint under the final name.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
 import shutil
@@ -68,6 +69,47 @@ def atomic_dir(out: str | Path, overwrite: bool = False):
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "chat_template.jinja")  # fmt: skip
+# What an HF export writes (save_tensors / save_text_checkpoint + copy_tokenizer_files): the only
+# files a directory may hold for --overwrite to replace it.
+HF_EXPORT_FILES = ("config.json", "*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES)
+GGUF_MAGIC = b"GGUF"
+
+
+def check_export_target(out: str | Path, fmt: str, overwrite: bool = False, protect=()) -> Path:
+    """Refuse an output path an export must not write: one that exists (without `overwrite`), that
+    is or contains a directory in `protect` (the model, the adapter), or, for `overwrite`, that is
+    not an earlier export of the same kind: a directory holding only HF_EXPORT_FILES (`fmt` "hf")
+    or a GGUF file ("gguf")."""
+    out = Path(out)
+    where = out.resolve()
+    for p in protect:
+        if p is not None and (where == Path(p).resolve() or where in Path(p).resolve().parents):
+            raise G3nError(f"{out}: is or contains {p}, which this export reads; choose another --out")
+    if not out.exists() and not out.is_symlink():
+        return out
+    if not overwrite:
+        raise G3nError(f"{out}: {'output directory ' if fmt == 'hf' else ''}exists (pass --overwrite to replace it)")
+    if fmt == "hf":
+        if not out.is_dir() or out.is_symlink():
+            raise G3nError(
+                f"{out}: not a directory; an HF export writes a directory (a .gguf file needs --format gguf)"
+            )
+        for f in sorted(out.iterdir()):
+            if not f.is_file() or not any(fnmatch.fnmatch(f.name, pattern) for pattern in HF_EXPORT_FILES):
+                raise G3nError(f"{out}: holds {f.name}, which an HF export does not write; "
+                               "--overwrite only replaces an earlier export (choose another --out)")  # fmt: skip
+    else:
+        if not out.is_file():
+            raise G3nError(f"{out}: not a file; a GGUF export writes one file (e.g. --out {out / 'model.gguf'})")
+        with open(out, "rb") as f:
+            if f.read(4) != GGUF_MAGIC:
+                raise G3nError(f"{out}: not a GGUF file; --overwrite only replaces an earlier export "
+                               "(choose another --out)")  # fmt: skip
+    return out
 
 
 def save_text_checkpoint(model, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:

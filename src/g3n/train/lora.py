@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import G3nError
-from ..model.save import atomic_dir, save_text_checkpoint, write_atomic
+from ..model.save import TOKENIZER_FILES, atomic_dir, save_text_checkpoint, write_atomic
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -104,10 +104,44 @@ def load_adapter(model, adapter_dir: str | Path):
     peft.inject_adapter_in_model(config, model)
     model.lora_config = config
     state = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(adapter_dir / "adapter_model.safetensors").items()}
+    params = dict(model.named_parameters())
+    for key, tensor in state.items():
+        module, _, part = key.rpartition(".lora_")
+        own = params.get(f"{module}.lora_{part.partition('.')[0]}.default.{part.partition('.')[2]}")
+        if own is not None and own.shape != tensor.shape:
+            raise G3nError(_shape_error(adapter_dir, key, tensor.shape, own.shape, module))
     result = peft.set_peft_model_state_dict(model, state)
     if getattr(result, "unexpected_keys", None):
         raise G3nError(f"{adapter_dir}: adapter tensors that fit no module: {result.unexpected_keys[:3]}")
     return model
+
+
+def _shape_error(adapter_dir, key, got, want, module) -> str:
+    return (f"{adapter_dir}: adapter tensor {key} has shape {tuple(got)}, but {module} needs {tuple(want)}: "
+            "an adapter of another model (pass its base with --model)")  # fmt: skip
+
+
+def adapter_base_model(adapter_dir: str | Path) -> str:
+    """The base model an adapter records (adapter_config.json's base_model_name_or_path), checked to
+    resolve to a checkpoint; an error asking for --model when it is missing or does not resolve."""
+    from ..model.load import resolve_model_dir
+
+    config_path = Path(adapter_dir) / "adapter_config.json"
+    if not config_path.is_file():
+        raise G3nError(f"{config_path}: not found (a PEFT adapter directory is expected)")
+    try:
+        base = json.loads(config_path.read_text()).get("base_model_name_or_path")
+    except (ValueError, AttributeError) as e:
+        raise G3nError(f"{config_path}: not a PEFT adapter config ({e})") from None
+    if not base or not isinstance(base, str):
+        raise G3nError(f"{config_path}: records no base_model_name_or_path; pass the base model with --model")
+    try:
+        resolve_model_dir(base)
+    except G3nError as e:
+        raise G3nError(
+            f"{config_path}: base model {base!r} not found ({e}); pass the base model with --model"
+        ) from None
+    return base
 
 
 @torch.no_grad()
@@ -127,10 +161,6 @@ def merge_lora(model):
     if hasattr(model, "lora_config"):
         del model.lora_config
     return model
-
-
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json", "chat_template.jinja")  # fmt: skip
 
 
 def save_merged(
@@ -173,10 +203,11 @@ def merge_checkpoint(
 
     model_dir = Path(model_dir)
     tensors, deltas = TextTensors(model_dir), AdapterDeltas(adapter_dir)
-    unknown = sorted(deltas.pairs.keys() - tensors.shapes.keys())
-    if unknown:
-        raise G3nError(f"{adapter_dir}: the adapter has weights for {unknown[0]}, which {model_dir} lacks: "
-                       "an adapter of another model")  # fmt: skip
+    try:
+        deltas.check(tensors.shapes, model_dir)
+    except G3nError:
+        tensors.close()
+        raise
 
     def merged():
         for name in tensors.shapes:
@@ -199,7 +230,7 @@ class AdapterDeltas:
     def __init__(self, adapter_dir: str | Path):
         from safetensors.torch import load_file
 
-        adapter_dir = Path(adapter_dir)
+        adapter_dir = self.dir = Path(adapter_dir)
         config_path = adapter_dir / "adapter_config.json"
         weights = adapter_dir / "adapter_model.safetensors"
         if not config_path.is_file() or not weights.is_file():
@@ -222,6 +253,25 @@ class AdapterDeltas:
                 )
             suffix = module[module.index("layers.") :]  # the same for text-only and multimodal layouts
             self.pairs.setdefault(f"model.{suffix}.weight", {})[part[0]] = tensor
+
+    def check(self, shapes: dict, model_dir) -> None:
+        """Refuse an adapter whose weights name tensors `model_dir` lacks, or do not fit their shapes
+        (base weight (out, in): A must be (r, in), B (out, r)): an adapter of another model."""
+        unknown = sorted(self.pairs.keys() - shapes.keys())
+        if unknown:
+            raise G3nError(f"{self.dir}: the adapter has weights for {unknown[0]}, which {model_dir} lacks: "
+                           "an adapter of another model (pass its base with --model)")  # fmt: skip
+        for name, pair in self.pairs.items():
+            if pair.keys() != {"A", "B"}:
+                raise G3nError(f"{self.dir}: the adapter has lora_{next(iter(pair))} but not its pair for {name}")
+            out_features, in_features = tuple(shapes[name])
+            a, b = pair["A"].shape, pair["B"].shape
+            for part, got, want in (("A", a, (a[0], in_features)), ("B", b, (out_features, a[0]))):
+                if tuple(got) != want:
+                    key = f"{name.removesuffix('.weight')}.lora_{part}.weight"
+                    raise G3nError(
+                        _shape_error(self.dir, key, got, want, f"{model_dir}'s {name} {tuple(shapes[name])}")
+                    )
 
     def merge(self, name: str, rows: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Rows `start`.. of the base tensor `name` with their delta added, in float32; unchanged
