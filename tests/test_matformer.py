@@ -6,6 +6,7 @@ transformers. Its weights are scaled down so that float32 rounding is not amplif
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -185,6 +186,20 @@ def test_output_exists(parent, tmp_path):
     with pytest.raises(G3nError, match="exists .*--overwrite"):
         slice_checkpoint(parent[1], "E2B", tmp_path / "out")
     assert slice_checkpoint(parent[1], "E2B", tmp_path / "out", overwrite=True).config.num_hidden_layers == 30
+    assert slice_checkpoint(parent[1], "E2B", tmp_path / "out", overwrite=True).config.num_hidden_layers == 30
+
+
+def test_overwrite_replaces_only_an_earlier_slice(parent, tmp_path):
+    """--overwrite must not delete a directory that is not a slice or export, nor the parent."""
+    keep = tmp_path / "work"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("precious")
+    with pytest.raises(G3nError, match="holds notes.txt"):
+        slice_checkpoint(parent[1], "E2B", keep, overwrite=True)
+    assert (keep / "notes.txt").read_text() == "precious"
+    with pytest.raises(G3nError, match="is or contains"):
+        slice_checkpoint(parent[1], "E2B", Path(parent[1]).parent, overwrite=True)
+    assert Path(parent[1]).is_dir()
 
 
 def test_parent_not_gemma3n(tmp_path):

@@ -24,7 +24,7 @@ from .errors import G3nError
 from .llama_cpp_limits import llama_cpp_problems
 from .matformer import Plan, Source, effective_parameters, load_plan, sub_config, tensor_source
 from .model.load import DTYPE_SIZES, INDEX_FILE, SINGLE_FILE, TEXT_PREFIXES, ShardReader, TensorIndex, resolve_model_dir
-from .model.save import atomic_dir
+from .model.save import atomic_dir, check_export_target
 
 CHUNK_BYTES = 64 * 2**20
 
@@ -133,9 +133,9 @@ def slice_checkpoint(model, plan_spec, out_dir, overwrite: bool = False, progres
     parent = read_text_config(model_dir / "config.json")
     plan = load_plan(plan_spec, parent)
     child = sub_config(parent, plan)
-    out = Path(out_dir)
-    if out.resolve() == model_dir.resolve():
-        raise G3nError(f"{out}: the output directory must differ from the parent checkpoint")
+    # --overwrite replaces only an earlier slice or export (a slice also copies the parent's other files)
+    parent_files = [f.name for f in model_dir.iterdir() if f.is_file()]
+    out = check_export_target(out_dir, "hf", overwrite, protect=(model_dir,), also=parent_files)
 
     index = TensorIndex(model_dir)
     prefix = next((p for p in TEXT_PREFIXES if any(k.startswith(p + "layers.") for k in index.file_of)), None)

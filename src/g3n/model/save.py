@@ -79,11 +79,11 @@ HF_EXPORT_FILES = ("config.json", "*.safetensors", "model.safetensors.index.json
 GGUF_MAGIC = b"GGUF"
 
 
-def check_export_target(out: str | Path, fmt: str, overwrite: bool = False, protect=()) -> Path:
+def check_export_target(out: str | Path, fmt: str, overwrite: bool = False, protect=(), also=()) -> Path:
     """Refuse an output path an export must not write: one that exists (without `overwrite`), that
     is or contains a directory in `protect` (the model, the adapter), or, for `overwrite`, that is
-    not an earlier export of the same kind: a directory holding only HF_EXPORT_FILES (`fmt` "hf")
-    or a GGUF file ("gguf")."""
+    not an earlier export of the same kind: a directory holding only HF_EXPORT_FILES or the names
+    in `also` (`fmt` "hf"), or a GGUF file ("gguf")."""
     out = Path(out)
     where = out.resolve()
     for p in protect:
@@ -99,7 +99,7 @@ def check_export_target(out: str | Path, fmt: str, overwrite: bool = False, prot
                 f"{out}: not a directory; an HF export writes a directory (a .gguf file needs --format gguf)"
             )
         for f in sorted(out.iterdir()):
-            if not f.is_file() or not any(fnmatch.fnmatch(f.name, pattern) for pattern in HF_EXPORT_FILES):
+            if not f.is_file() or not any(fnmatch.fnmatch(f.name, pattern) for pattern in (*HF_EXPORT_FILES, *also)):
                 raise G3nError(f"{out}: holds {f.name}, which an HF export does not write; "
                                "--overwrite only replaces an earlier export (choose another --out)")  # fmt: skip
     else:
