@@ -297,6 +297,15 @@ def test_export_uses_the_adapters_base_model(tmp_path, capsys):
         assert rc == 2 and re.search(message, err) and "pass the base model with --model" in err
         assert len(err.strip().splitlines()) == 1
 
+    from argparse import Namespace
+
+    from g3n.cli import _resolve_model  # serve, chat and generate --adapter resolve --model the same way
+
+    config_path.write_text(json.dumps({**config, "base_model_name_or_path": str(base)}))
+    assert _resolve_model(Namespace(model=None, adapter=str(adapter))) == str(base)
+    assert _resolve_model(Namespace(model=None)) == "tiny"
+    capsys.readouterr()
+
     widen_first_lora_a(adapter)
     for fmt in ("hf", "gguf"):
         rc, _, err = run_cli(["export", "--model", "tiny", "--adapter", str(adapter), "--format", fmt,

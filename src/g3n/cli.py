@@ -76,9 +76,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument(
         "--model",
-        default="tiny",
-        help="checkpoint directory, cached HF id, 'tiny' (default), or a .gguf file (run by llama.cpp "
-        "through llama-cpp-python; --dtype/--device/--matformer do not apply)",
+        default=None,
+        help="checkpoint directory, cached HF id, 'tiny' (default; with --adapter: the adapter's base model), "
+        "or a .gguf file (run by llama.cpp through llama-cpp-python; --dtype/--device/--matformer do not apply)",
     )
     g.add_argument(
         "--dtype",
@@ -154,6 +154,18 @@ def _sampling(args):
     )
 
 
+def _resolve_model(args) -> str:
+    """--model, else the base model an --adapter records, else the tiny model (set on args)."""
+    if args.model is None:
+        args.model = "tiny"
+        if getattr(args, "adapter", None):
+            from .train.lora import adapter_base_model
+
+            args.model = adapter_base_model(args.adapter)
+            print(f"[g3n] base model from {args.adapter}/adapter_config.json: {args.model}", file=sys.stderr)
+    return args.model
+
+
 def _load(args):
     """The model for commands that need g3n's own model object (slice search): 16-bit weights."""
     from . import load
@@ -162,7 +174,7 @@ def _load(args):
         raise G3nError("slice search evaluates plans of the 16-bit parent checkpoint: drop --load-in-4bit, "
                        "--context and --matformer")  # fmt: skip
     start = time.perf_counter()
-    model, tok = load(args.model, dtype=args.dtype, device=args.device)
+    model, tok = load(_resolve_model(args), dtype=args.dtype, device=args.device)
     print(
         f"[g3n] loaded {args.model} ({model.config.num_hidden_layers} layers, {model.dtype}, {model.device})"
         f" in {time.perf_counter() - start:.1f}s",
@@ -188,7 +200,7 @@ def _engine(args, modalities=None, **kw):
     from .chat_engine import load_engine
 
     kinds = [k for k in ("image", "audio") if getattr(args, k, None)] if modalities is None else modalities
-    return load_engine(args.model, dtype=args.dtype, device=args.device, matformer=args.matformer, modalities=kinds,
+    return load_engine(_resolve_model(args), dtype=args.dtype, device=args.device, matformer=args.matformer, modalities=kinds,
                        load_in_4bit=args.load_in_4bit, context=args.context, **kw)  # fmt: skip
 
 
@@ -458,15 +470,7 @@ def cmd_export(args) -> int:
         raise G3nError(f"--quant {args.quant} is for --format gguf/ollama; an HF export's weight type is --dtype")
     if args.format != "hf" and args.dtype is not None:
         raise G3nError(f"--dtype {args.dtype} is for --format hf; a GGUF's weight type is --quant (e.g. --quant f32)")
-    if args.model is None:
-        model = "tiny"
-        if args.adapter:
-            from .train.lora import adapter_base_model
-
-            model = adapter_base_model(args.adapter)
-            print(f"[g3n] base model from {args.adapter}/adapter_config.json: {model}")
-    else:
-        model = args.model
+    model = _resolve_model(args)
     if args.format == "hf":
         from .export import export_hf
 
