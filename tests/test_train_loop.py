@@ -214,6 +214,7 @@ def test_resume_from_another_spelling_of_output_dir(dataset, tmp_path, monkeypat
         ("warmup_steps=-2", r"invalid warmup_steps -2: must be >= 0"),
         ("lora_alpha=0", r"invalid lora_alpha 0: must be > 0"),
         ("lora_dropout=1.5", r"invalid lora_dropout 1.5: must be >= 0 and < 1"),
+        ("device=gpu", r"invalid device 'gpu': use cpu, cuda or cuda:N"),
     ],
 )
 def test_settings_out_of_range(setting, message):
