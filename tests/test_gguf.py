@@ -135,6 +135,12 @@ def test_ollama_export_creates_parents_and_checks_every_output_first(tmp_path, c
     assert sorted(p.name for p in (tmp_path / "ollama").iterdir()) == ["Modelfile"]
     assert main([*args, "--overwrite"]) == 0
     assert sorted(p.name for p in (tmp_path / "ollama").iterdir()) == ["Modelfile", "tiny.gguf"]
+    (tmp_path / "ollama" / "Modelfile").write_text("FROM ./base.gguf\nSYSTEM my own\n")  # the user's own
+    assert main([*args, "--overwrite"]) == 2
+    assert "not the Modelfile of an earlier export" in capsys.readouterr().err
+    assert (tmp_path / "ollama" / "Modelfile").read_text() == "FROM ./base.gguf\nSYSTEM my own\n"
+    assert main(["export", "--out", ".", "--overwrite"]) == 2  # the current directory is never replaced
+    assert "is or contains the current directory" in capsys.readouterr().err
 
 
 def test_adapter_of_another_shape_is_refused(tmp_path):

@@ -2,6 +2,7 @@
 settings and output directories are checked."""
 
 import json
+import shutil
 
 import pytest
 
@@ -198,11 +199,40 @@ def test_a_run_that_fails_early_does_not_block_the_next(dataset, tmp_path):
     assert len(train(_cfg(dataset, out, max_steps=1), progress=False)) == 2
 
 
+def test_a_run_with_results_but_no_checkpoint_is_still_an_earlier_run(dataset, tmp_path, monkeypatch):
+    """Checkpoints deleted to free disk: the adapter is still there, so a new run is refused (not
+    silently replacing it); --overwrite works also for output_dir "." (its entries are removed)."""
+    out = tmp_path / "r"
+    train(_cfg(dataset, out, max_steps=1), progress=False)
+    for ckpt in out.glob("checkpoint-*"):
+        shutil.rmtree(ckpt)
+    (out / "latest.json").unlink()
+    with pytest.raises(G3nError, match="holds an earlier run"):
+        train(_cfg(dataset, out, max_steps=1), progress=False)
+    monkeypatch.chdir(out)
+    assert train(_cfg(dataset, ".", max_steps=1), overwrite=True, progress=False)[-1]["step"] == 1
+    assert (out / "adapter").is_dir()
+
+
 def test_resume_from_another_spelling_of_output_dir(dataset, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     train(_cfg(dataset, "runs/t1", max_steps=2, save_steps=1), progress=False, stop_after=1)
     resumed = train(_cfg(dataset, "./runs/t1", max_steps=2, save_steps=1), resume=True, progress=False)
     assert resumed[-1]["step"] == 2
+
+
+def test_resume_when_the_model_was_recorded_as_a_relative_path(dataset, tmp_path, monkeypatch):
+    """Runs started before model paths were resolved recorded them as given: the same directory
+    spelled another way still resumes."""
+    from g3n.model.load import TINY_DIR
+
+    shutil.copytree(TINY_DIR, tmp_path / "ckpt")
+    monkeypatch.chdir(tmp_path)
+    cfg = _cfg(dataset, "run", max_steps=2, save_steps=1, model=str(tmp_path / "ckpt"))
+    train(cfg, progress=False, stop_after=1)
+    saved = json.loads((tmp_path / "run" / CONFIG_FILE).read_text())
+    (tmp_path / "run" / CONFIG_FILE).write_text(json.dumps({**saved, "model": "ckpt"}))
+    assert train(cfg, resume=True, progress=False)[-1]["step"] == 2
 
 
 @pytest.mark.parametrize(

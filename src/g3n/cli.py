@@ -68,8 +68,9 @@ def _int_in(low: int, high: int | None = None):
 
 def _parent_dir(path: str) -> str:
     """Create the directory a result file goes to (checked before long work, not after it)."""
-    Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    return path
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return str(path)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:

@@ -386,6 +386,9 @@ def modelfile_path(gguf_path: Path, overwrite: bool = False) -> Path:
         raise G3nError(f"{path}: exists (pass --overwrite to replace it)")
     if path.exists() and not path.is_file():
         raise G3nError(f"{path}: not a file; the Modelfile is written beside the GGUF (choose another --out)")
+    if path.exists() and not path.read_text(errors="replace").startswith(f"FROM ./{Path(gguf_path).name}\n"):
+        raise G3nError(f"{path}: not the Modelfile of an earlier export to {Path(gguf_path).name}; --overwrite "
+                       "replaces only that (choose another --out)")  # fmt: skip
     return path
 
 

@@ -56,7 +56,7 @@ def write_atomic(path: Path, write) -> None:
 def atomic_dir(out: str | Path, overwrite: bool = False):
     """Yield a temporary directory beside `out`; when the block succeeds it replaces `out` by a
     rename, so an interrupted write never leaves a partial directory under the final name."""
-    out = Path(out)
+    out = Path(out).expanduser().resolve()
     if out.exists() and not overwrite:
         raise G3nError(f"{out}: output directory exists (pass --overwrite to replace it)")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -79,16 +79,28 @@ HF_EXPORT_FILES = ("config.json", "*.safetensors", "model.safetensors.index.json
 GGUF_MAGIC = b"GGUF"
 
 
+def is_or_contains(outer: Path, inner: Path) -> bool:
+    """Whether directory `outer` is `inner` or one of its ancestors: by resolved path, and for
+    existing paths also by file identity (case-insensitive filesystems, bind mounts)."""
+    outer, inner = Path(outer).resolve(), Path(inner).resolve()
+    if outer == inner or outer in inner.parents:
+        return True
+    if not outer.exists():
+        return False
+    return any(a.exists() and os.path.samefile(outer, a) for a in (inner, *inner.parents))
+
+
 def check_export_target(out: str | Path, fmt: str, overwrite: bool = False, protect=(), also=()) -> Path:
     """Refuse an output path an export must not write: one that exists (without `overwrite`), that
     is or contains a directory in `protect` (the model, the adapter), or, for `overwrite`, that is
     not an earlier export of the same kind: a directory holding only HF_EXPORT_FILES or the names
     in `also` (`fmt` "hf"), or a GGUF file ("gguf")."""
-    out = Path(out)
-    where = out.resolve()
+    out = Path(out).expanduser()
     for p in protect:
-        if p is not None and (where == Path(p).resolve() or where in Path(p).resolve().parents):
+        if p is not None and is_or_contains(out, Path(p)):
             raise G3nError(f"{out}: is or contains {p}, which this export reads; choose another --out")
+    if is_or_contains(out, Path.cwd()):
+        raise G3nError(f"{out}: is or contains the current directory; choose an --out of its own")
     if not out.exists() and not out.is_symlink():
         return out
     if not overwrite:

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..errors import G3nError
-from ..model.save import atomic_dir, write_atomic
+from ..model.save import atomic_dir, is_or_contains, write_atomic
 from ..model.towers import MediaTokens, add_towers
 from . import distributed
 from .config import TrainConfig
@@ -173,12 +173,10 @@ def check_output_place(cfg: TrainConfig, out: Path, model_dir: Path | None) -> N
     deletes) there."""
     if out.exists() and not out.is_dir():
         raise G3nError(f"config: output_dir {out} is a file, not a directory")
-    where = out.resolve()
     inputs = [("train_data", f) for f in cfg.train_data] + [("eval_data", f) for f in cfg.eval_data]
     inputs += [("model", model_dir)] if model_dir is not None else []
     for name, f in inputs:
-        path = Path(f).resolve()
-        if path == where or where in path.parents:
+        if is_or_contains(out, Path(f)):
             raise G3nError(f"config: output_dir {out} holds {name} {f}; choose a directory of its own for the run")
 
 
@@ -192,11 +190,13 @@ def prepare_output(
     out = Path(cfg.output_dir)
     check_output_place(cfg, out, model_dir)
     saved = out / CONFIG_FILE
-    earlier = saved.is_file() and (out / "latest.json").is_file()
+    # an earlier run: a checkpoint or results; a run that failed before either is started afresh
+    results = [out / "latest.json", out / "adapter", out / "merged", *out.glob("checkpoint-*")]
+    earlier = saved.is_file() and any(p.exists() for p in results)
     if earlier and not (resume or overwrite):
         raise G3nError(f"{out}: holds an earlier run; pass --resume to continue it or --overwrite to replace it")
     if resume:
-        if not earlier:
+        if not (out / "latest.json").is_file():
             raise G3nError(f"{out}: no checkpoint to resume from")
         check_resumable(json.loads(saved.read_text()), cfg, out, processes)
     elif overwrite and out.is_dir():
@@ -219,7 +219,16 @@ def clear_run(out: Path) -> None:
             f"{out}: --overwrite replaces only an earlier g3n run, and this directory holds other files ({shown}); "
             "choose another output_dir or remove them yourself"
         )
-    shutil.rmtree(out)
+    for entry in out.iterdir():  # the entries, not the directory: it may be "." or a symlink
+        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+
+def _same_path(a, b) -> bool:
+    """Two spellings of one existing file or directory."""
+    try:
+        return os.path.samefile(Path(a).expanduser(), Path(b).expanduser())
+    except (OSError, TypeError, ValueError):
+        return False
 
 
 def check_resumable(before: dict, cfg: TrainConfig, out: Path, processes: int) -> None:
@@ -229,6 +238,8 @@ def check_resumable(before: dict, cfg: TrainConfig, out: Path, processes: int) -
     free = ("max_steps", "batch_size", "grad_accum", "gradient_checkpointing", "compile", "output_dir", "save_merged")
     defaults = {"load_in_4bit": False}  # settings added since older runs were started
     changed = sorted(k for k, v in cfg.to_dict().items() if before.get(k, defaults.get(k)) != v and k not in free)
+    if "model" in changed and _same_path(before["model"], cfg.model):
+        changed.remove("model")  # a relative path recorded before it was resolved against the config file
     if changed:
         raise G3nError(f"{out}: the run was started with other settings ({', '.join(changed)}); cannot resume")
     was = before["batch_size"] * before["grad_accum"] * before.get("processes", 1)
