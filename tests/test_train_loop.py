@@ -221,6 +221,13 @@ def test_resume_from_another_spelling_of_output_dir(dataset, tmp_path, monkeypat
     assert resumed[-1]["step"] == 2
 
 
+def test_resume_below_the_checkpoints_step_is_refused(dataset, tmp_path):
+    out = tmp_path / "r"
+    train(_cfg(dataset, out, max_steps=3, save_steps=1), progress=False, stop_after=2)
+    with pytest.raises(G3nError, match="at step 2, past this run's 1 steps; raise max_steps"):
+        train(_cfg(dataset, out, max_steps=1, save_steps=1), resume=True, progress=False)
+
+
 def test_resume_when_the_model_was_recorded_as_a_relative_path(dataset, tmp_path, monkeypatch):
     """Runs started before model paths were resolved recorded them as given: the same directory
     spelled another way still resumes."""

@@ -362,6 +362,9 @@ def _train(cfg: TrainConfig, d: Dist, resume: bool, overwrite: bool, progress: b
         torch.set_rng_state(state["rng"])
         meta = json.loads((ckpt / STATE_FILE).read_text())
         step, history = meta["step"], meta["history"]
+        if step > total:
+            raise G3nError(f"{ckpt}: the run is at step {step}, past this run's {total} steps; raise max_steps to "
+                           "continue it")  # fmt: skip
 
     processes = f" x {d.world} processes" if d.on else ""
     summary = (
