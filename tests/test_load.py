@@ -208,3 +208,10 @@ def test_hub_id_from_cache(hf_model, hf_dir, tmp_path, monkeypatch):
         monkeypatch.undo()
         importlib.reload(huggingface_hub.constants)
     assert _same_logits(model, hf_model)
+
+
+def test_unknown_device_is_a_clear_error():
+    import g3n
+
+    with pytest.raises(G3nError, match=r"'gpu' is not a device \(cpu, cuda or cuda:N\)"):
+        g3n.load("tiny", device="gpu")

@@ -251,7 +251,7 @@ def test_resume_when_the_model_was_recorded_as_a_relative_path(dataset, tmp_path
         ("warmup_steps=-2", r"invalid warmup_steps -2: must be >= 0"),
         ("lora_alpha=0", r"invalid lora_alpha 0: must be > 0"),
         ("lora_dropout=1.5", r"invalid lora_dropout 1.5: must be >= 0 and < 1"),
-        ("device=gpu", r"invalid device 'gpu': use cpu, cuda or cuda:N"),
+        ("device=gpu", r"invalid device: 'gpu' is not a device \(cpu, cuda or cuda:N\)"),
     ],
 )
 def test_settings_out_of_range(setting, message):

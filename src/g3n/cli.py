@@ -39,13 +39,13 @@ LOAD_IN_4BIT_HELP = (
 
 
 def _device_arg(text: str) -> str:
-    """--device: what torch accepts, checked when parsed (torch's own error is a traceback)."""
-    import torch
+    """--device: checked when parsed, as a usage error."""
+    from .model.load import parse_device
 
     try:
-        torch.device(text)
-    except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda or cuda:N)") from None
+        parse_device(text)
+    except G3nError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return text
 
 
@@ -478,8 +478,6 @@ def cmd_export(args) -> int:
         detail = args.dtype or "bfloat16"
         out = export_hf(model, args.out, adapter=args.adapter, dtype=detail, overwrite=args.overwrite)
     else:
-        from pathlib import Path
-
         from .gguf_export import export_gguf, modelfile_path, write_modelfile
 
         detail = args.quant or "f16"

@@ -98,6 +98,14 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def parse_device(device: str | torch.device) -> torch.device:
+    """A device name as torch reads it; a clear error for one it does not (torch's is a traceback)."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, ValueError):
+        raise G3nError(f"{device!r} is not a device (cpu, cuda or cuda:N)") from None
+
+
 TORCH_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -270,14 +278,14 @@ def load_model(
     model_dir = resolve_model_dir(path_or_name)
     if not model_dir.is_dir():
         raise G3nError(f"{model_dir}: no such directory")
-    device = torch.device(device) if device is not None else default_device()
+    device = parse_device(device) if device is not None else default_device()
     if device.type == "cuda" and not torch.cuda.is_available():
         raise G3nError(f"device {device} requested but CUDA is not available")
     tensors = TextTensors(model_dir, matformer)
     cfg, model = tensors.config, tensors.meta
     dtype = parse_dtype(dtype) or default_dtype(cfg, device, sum(s.numel() for s in tensors.shapes.values()))
     ple_name = "model.embed_tokens_per_layer.weight"
-    ple_device = torch.device(ple_device) if ple_device is not None else device
+    ple_device = parse_device(ple_device) if ple_device is not None else device
 
     if load_in_4bit:
         from .quant import is_quantized_name, linear_4bit, require_backend

@@ -84,12 +84,12 @@ class TrainConfig:
             if not ok:
                 raise G3nError(f"config: invalid {name} {getattr(self, name)!r}: must be {allowed}")
         if self.device is not None:
-            import torch
+            from ..model.load import parse_device
 
             try:
-                torch.device(self.device)
-            except (RuntimeError, ValueError):
-                raise G3nError(f"config: invalid device {self.device!r}: use cpu, cuda or cuda:N") from None
+                parse_device(self.device)
+            except G3nError as e:
+                raise G3nError(f"config: invalid device: {e}") from None
         if not self.parts:
             raise G3nError(
                 "config: finetune_language_layers, finetune_vision_layers and finetune_audio_layers are all false, "
