@@ -182,32 +182,69 @@ def peak(device) -> float:
     return torch.cuda.max_memory_allocated() / GiB if device == "cuda" else float("nan")
 
 
-def profile_step(cfg, state, data, device):
-    """Top kernels of one g3n step (eager, checkpointing), to see where the time goes."""
+def profile_step(cfg, state, data, device, checkpointing="offload", compiled=True):
+    """One g3n step (the default offload+compile after warm-up) under the profiler: wall time
+    against the GPU's kernel time (the gap is host work the GPU waits for), and the top kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     model = g3n_model(cfg, state, device, "cpu")
     add_lora(model, 16, 16, 0.0)
-    model.model.gradient_checkpointing = True
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    model.model.gradient_checkpointing, model.model.compiled = checkpointing, compiled
     model.train()
-    for ids in data[:2]:
+    for ids in data[:3]:
         causal_lm_loss(model, ids, ids, None, None).backward()
+    torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        causal_lm_loss(model, data[2], data[2], None, None).backward()
+        start = time.perf_counter()
+        causal_lm_loss(model, data[3], data[3], None, None).backward()
         torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0) for e in kernels) / 1e3
+    print(f"profile ({checkpointing}, compiled={compiled}): step {wall * 1e3:.0f} ms wall (under the profiler), "
+          f"{len(kernels)} GPU kernels/copies taking {busy:.0f} ms", flush=True)  # fmt: skip
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
+    del model
+    torch._dynamo.reset()
 
 
-def fp16_probe(cfg, half_state, ids, device):
-    """Where float16 overflows: per decoder layer, abs max of its output and of the gradient that
-    reaches it (one unscaled step, no checkpointing), and the non-finite parameter gradients."""
+def fp16_overflow(cfg, half_state, ids, device, scale: float):
+    """Where float16 overflows: one eager step without checkpointing, its loss scaled by `scale`
+    (as GradScaler does), the backward watched op by op. Prints the first ops whose inputs are
+    finite and whose output is not, with the forward line that made their autograd node
+    (anomaly mode records it), and each decoder layer's output abs max and gradient abs max."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
     model = g3n_model(cfg, half_state, device, "cpu", torch.float16)
     add_lora(model, 16, 16, 0.0)
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
+    model.model.gradient_checkpointing = False
     model.train()
-    stats = {}
+    found, stats = [], {}
+
+    def floats(tree):
+        return [t for t in tree_leaves(tree) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+    class FirstOverflow(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if len(found) < 6 and "empty" not in str(func) and any(not torch.isfinite(t).all() for t in floats(out)):
+                ins = floats((args, kwargs))
+                if all(torch.isfinite(t).all() for t in ins):
+                    node = torch._C._current_autograd_node()
+                    trace = (node.metadata.get("traceback_") or []) if node is not None else []
+                    where = [line.strip() for line in "".join(trace).splitlines() if "g3n/" in line][-3:]
+                    found.append({"op": str(func), "node": node.name() if node is not None else None,
+                                  "inputs": [(tuple(t.shape), str(t.dtype).replace("torch.", ""),
+                                              float(f"{t.abs().max().item():.4g}")) for t in ins],
+                                  "forward": where})  # fmt: skip
+            return out
 
     def hook(i):
         def forward(module, args, out):
@@ -217,15 +254,24 @@ def fp16_probe(cfg, half_state, ids, device):
         return forward
 
     handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(model.model.layers)]
-    loss = causal_lm_loss(model, ids, ids, None, None)
-    loss.backward()
+    try:
+        with torch.autograd.detect_anomaly(check_nan=False):
+            loss = causal_lm_loss(model, ids, ids, None, None)
+            with FirstOverflow():
+                (loss * scale).backward()
+    except RuntimeError as e:  # anomaly mode or a non-finite op: what was found so far still counts
+        print(f"fp16 overflow probe: backward stopped: {str(e)[:200]}", flush=True)
     for h in handles:
         h.remove()
     bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
-    print(f"fp16 probe: loss {loss.item():.4f}; non-finite grads in {len(bad)} tensors {bad[:3]}", flush=True)
-    print("fp16 probe per layer (output abs max, grad abs max): "
+    print(f"fp16 overflow probe at scale {scale:g}: loss {loss.item():.4f}; non-finite grads in {len(bad)} "
+          f"tensors {bad[:3]}; first overflowing ops:", flush=True)  # fmt: skip
+    for f in found:
+        print("   ", json.dumps(f), flush=True)
+    print("    per layer (output abs max / grad abs max): "
           + " ".join(f"{i}:{a:.3g}/{g if g is None else f'{g:.3g}'}" for i, (a, g) in sorted(stats.items())),
           flush=True)  # fmt: skip
+    del model
 
 
 def main() -> int:
@@ -303,7 +349,7 @@ def main() -> int:
                     record(size, work, "transformers+PEFT (ckpt)", None, error="OOM")
                     _, state, cfg = run_hf(size, data[:1], device, 0, 1, train=False)
                 state[ple] = state[ple].cpu()  # moved once; every g3n variant keeps it in CPU memory
-            if args.profile and bs == 1 and device == "cuda":
+            if args.profile and bs == 1 and device == "cuda" and len(data) >= 4:
                 profile_step(cfg, state, data, device)
             for name in chosen:
                 g3n_row(size, work, name, None, cfg, state, data, device, args.warmup, args.steps, *variants[name])  # fmt: skip
@@ -319,7 +365,8 @@ def main() -> int:
             g3n_row(size, f"{speed[0][0]} x {speed[0][1]}", f"{args.long_variant}, float16 + loss scaling",
                     None, cfg, half, data, device, warmup16, args.steps, *variants[args.long_variant], torch.float16)  # fmt: skip
             if device == "cuda":
-                fp16_probe(cfg, half, data[0], device)
+                for scale in (1.0, 2.0**5):
+                    fp16_overflow(cfg, half, data[0], device, scale)
             del half
         for seq in longs if "long" in rows_kind else []:
             cap = float(caps.get(size, 0)) or None
