@@ -6,8 +6,7 @@ Decode variants: `eager` (no graph), `graph` (the model's layers captured as a C
 decode_layer, then the graph: what G3N_COMPILE=1 runs), `tuned` (`fused` with inductor's
 coordinate-descent tuning, whose batch-1 matrix-vector products are fused, tuned reductions:
 G3N_GEMV_TUNING=1), `layers` (each kind of decoder layer compiled once, the rest of the step
-uncompiled, all in the graph: G3N_COMPILE=layers), `layers-tuned` (both); `NAME+cublas`: NAME with
-the layers' matrix-vector products in cuBLAS instead of g3n's kernel (kernels/gemv.py). Timed two ways: `api`
+uncompiled, all in the graph: G3N_COMPILE=layers), `layers-tuned` (both). Timed two ways: `api`
 (g3n.generate.generate_steps as users run it, which queues each step before reading the last
 tokens) and `sync` (--sync: the bench's own loop, reading each token on the host before the next
 step); both gather the per-layer rows inside the graph from the page-locked CPU table. Before any
@@ -33,7 +32,6 @@ import torch
 from g3n import engine
 from g3n.config import text_config_from_dict
 from g3n.engine import Generator, compiled_decode, decode_logits
-from g3n.kernels import gemv
 from g3n.generate import SamplingParams, generate_steps, next_tokens
 from g3n.model.ple_table import device_view
 from g3n.model.text import Gemma3nForCausalLM, RotaryEmbedding
@@ -56,14 +54,8 @@ TUNED = {"tuned": True, "layers-tuned": True}  # engine.GEMV_TUNING per variant 
 
 
 def use_variant(name: str) -> dict:
-    """Generator keywords of `name`, with the switches it implies: inductor's GEMV tuning
-    (`tuned`), and g3n's decode GEMV kernel (kernels/gemv.py; off for `NAME+cublas`)."""
-    base, _, suffix = name.partition("+")
-    engine.GEMV_TUNING = TUNED.get(base, False)
-    if gemv.ENABLED != (suffix != "cublas"):
-        gemv.ENABLED = suffix != "cublas"
-        torch._dynamo.reset()  # compiled steps traced with the other choice
-    return VARIANTS[base]
+    engine.GEMV_TUNING = TUNED.get(name, False)
+    return VARIANTS[name]
 
 
 T0 = time.perf_counter()
@@ -197,7 +189,7 @@ def replay_ms(gen, n: int = 50) -> float:
 def run_api(model, batch: int, variant: str, prompt=PROMPT, new=NEW, others: int = 0) -> dict:
     """generate_steps as users run it (a warm-up request first, so compiling is not counted):
     time to the first token, the first decode step (graph capture), then tokens/s over the rest."""
-    kw = use_variant(variant)
+    use_variant(variant)
     params = SamplingParams(max_new_tokens=new)
     prompts = torch.randint(0, 262144, (batch, prompt)).tolist()
     out = {}
@@ -205,7 +197,7 @@ def run_api(model, batch: int, variant: str, prompt=PROMPT, new=NEW, others: int
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         stamps = [time.perf_counter()]
-        for _ in generate_steps(model, prompts, params, compile=kw.get("compile", False)):
+        for _ in generate_steps(model, prompts, params, compile=VARIANTS[variant].get("compile", False)):
             stamps.append(time.perf_counter())
         out.setdefault("first_step_s", round(stamps[2] - stamps[1], 1))
     out.update(tok_s=round(batch * (new - 2) / (stamps[-1] - stamps[2]), 1), ttft_s=round(stamps[1] - stamps[0], 3),

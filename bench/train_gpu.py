@@ -285,7 +285,9 @@ def main() -> int:
     ap.add_argument("--long-variant", default="offload+compile", help="the g3n variant of the long and fp16 rows")
     ap.add_argument("--caps", default="E2B:16,E4B:24", help="GiB caps for the long rows")
     ap.add_argument("--no-baseline", action="store_true")
-    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="profile one compiled 1 x 2048 step (host vs GPU time)")
+    ap.add_argument("--fp16-probe", nargs="+", type=float, metavar="SCALE",
+                    help="after the float16 row: the first ops that overflow at these loss scales")  # fmt: skip
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--cpu-smoke", action="store_true")
@@ -364,8 +366,8 @@ def main() -> int:
             half = {n: t.to(torch.float16) for n, t in state.items()}
             g3n_row(size, f"{speed[0][0]} x {speed[0][1]}", f"{args.long_variant}, float16 + loss scaling",
                     None, cfg, half, data, device, warmup16, args.steps, *variants[args.long_variant], torch.float16)  # fmt: skip
-            if device == "cuda":
-                for scale in (1.0, 2.0**5):
+            if device == "cuda" and args.fp16_probe:
+                for scale in args.fp16_probe:
                     fp16_overflow(cfg, half, data[0], device, scale)
             del half
         for seq in longs if "long" in rows_kind else []:

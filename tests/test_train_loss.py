@@ -155,3 +155,33 @@ def test_cuda_training_reads_the_cpu_table_through_the_mapped_view(hf_dir, monke
     assert results[0][0] == results[1][0]
     for name, ref in results[1][1].items():
         torch.testing.assert_close(results[0][1][name], ref, atol=0, rtol=0, msg=name)
+
+
+def test_float16_sparse_mlp_backward_does_not_overflow():
+    """The Gaussian top-k's statistics sum `width` gradients per token in backward: in float16 that
+    sum overflowed at a loss scale of 32 on E2B (bench/train_gpu.py's probe). Here the per-element
+    gradients (~240) are far inside float16's range and their sum (~49000) times Phi^-1(0.95) is not, while the input's
+    true gradient (~41000) is: it must be finite and equal float32's."""
+    from g3n.config import text_config_from_dict
+    from g3n.model.text import MLP
+
+    from helpers import hf_text_config
+
+    cfg = text_config_from_dict(hf_text_config(intermediate_size=4096, hidden_size=8).to_dict())
+    mlp = MLP(cfg, 0)  # sparsity 0.95: about 205 of 4096 gate values pass
+    assert mlp.std_multiplier is not None
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        mlp.gate_proj.weight.zero_()[:, 0] = torch.randn(4096, generator=g)
+        mlp.up_proj.weight.zero_()[:, 0] = 1.0
+        mlp.down_proj.weight.fill_(1.0)
+    x = torch.zeros(1, 1, 8)
+    x[..., 0] = 1.0
+    grads = {}
+    for dtype in (torch.float32, torch.float16):
+        m, xi = MLP(cfg, 0).to(dtype), x.to(dtype).detach().requires_grad_()
+        m.load_state_dict(mlp.state_dict())
+        m(xi).backward(torch.full((1, 1, 8), 30.0, dtype=dtype))
+        grads[dtype] = xi.grad.float()
+    assert torch.isfinite(grads[torch.float16]).all()
+    assert torch.allclose(grads[torch.float16], grads[torch.float32], rtol=2e-2, atol=1.0)

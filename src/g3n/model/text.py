@@ -27,7 +27,6 @@ from torch import nn
 
 from ..config import FULL, SLIDING, TextConfig
 from ..errors import G3nError
-from ..kernels import gemv
 from . import ple_table, recompute
 
 ACTIVATIONS = {
@@ -35,16 +34,6 @@ ACTIVATIONS = {
     "gelu": F.gelu,
     "silu": F.silu,
 }
-
-
-class Linear(nn.Linear):
-    """nn.Linear whose decode-step products (CUDA, no gradient, a few rows) run through
-    kernels/gemv.py's matrix-vector kernel instead of cuBLAS's GEMM."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if gemv.usable(x, self.weight, self.bias):
-            return gemv.gemv(x, self.weight)
-        return F.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -68,8 +57,8 @@ class Laurel(nn.Module):
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.linear_left = Linear(cfg.hidden_size, cfg.laurel_rank, bias=False)
-        self.linear_right = Linear(cfg.laurel_rank, cfg.hidden_size, bias=False)
+        self.linear_left = nn.Linear(cfg.hidden_size, cfg.laurel_rank, bias=False)
+        self.linear_right = nn.Linear(cfg.laurel_rank, cfg.hidden_size, bias=False)
         self.post_laurel_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,9 +75,9 @@ class MLP(nn.Module):
     def __init__(self, cfg: TextConfig, layer: int):
         super().__init__()
         width = cfg.intermediate_size[layer]
-        self.gate_proj = Linear(cfg.hidden_size, width, bias=False)
-        self.up_proj = Linear(cfg.hidden_size, width, bias=False)
-        self.down_proj = Linear(width, cfg.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(cfg.hidden_size, width, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, width, bias=False)
+        self.down_proj = nn.Linear(width, cfg.hidden_size, bias=False)
         self.act = ACTIVATIONS[cfg.hidden_activation]
         sparsity = cfg.activation_sparsity_pattern[layer]
         self.std_multiplier = std_multiplier(sparsity) if sparsity > 0.0 else None
@@ -97,9 +86,12 @@ class MLP(nn.Module):
         gate = self.gate_proj(x)
         if self.std_multiplier is not None:
             # Gaussian top-k: keep what lies above mean + std * Phi^-1(sparsity) (biased std).
-            mult = torch.tensor(self.std_multiplier, dtype=torch.float32).to(gate.dtype)
-            cutoff = gate.mean(-1, keepdim=True) + gate.std(-1, keepdim=True, unbiased=False) * mult
-            gate = F.relu(gate - cutoff)
+            # float16 takes the statistics in float32: their backward sums `width` gradients per
+            # token, which overflowed float16 at a loss scale of 32 (E2B, bench/train_gpu.py).
+            stats = gate.float() if gate.dtype == torch.float16 else gate
+            mult = torch.tensor(self.std_multiplier, dtype=torch.float32).to(stats.dtype)
+            cutoff = stats.mean(-1, keepdim=True) + stats.std(-1, keepdim=True, unbiased=False) * mult
+            gate = F.relu(stats - cutoff).to(gate.dtype)
         return self.down_proj(self.act(gate) * self.up_proj(x))
 
 
@@ -111,9 +103,9 @@ class AltUp(nn.Module):
         n = cfg.altup_num_inputs
         self.cfg = cfg
         self.correct_output_scale = nn.Parameter(torch.zeros(cfg.hidden_size))
-        self.correction_coefs = Linear(n, n, bias=False)
-        self.prediction_coefs = Linear(n, n * n, bias=False)
-        self.modality_router = Linear(cfg.hidden_size, n, bias=False)
+        self.correction_coefs = nn.Linear(n, n, bias=False)
+        self.prediction_coefs = nn.Linear(n, n * n, bias=False)
+        self.modality_router = nn.Linear(cfg.hidden_size, n, bias=False)
         self.router_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def _modalities(self, x: torch.Tensor) -> torch.Tensor:
@@ -177,14 +169,14 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.kv_shared = layer >= cfg.first_kv_shared_layer
         self.window = cfg.sliding_window if cfg.layer_types[layer] == SLIDING else None
-        self.q_proj = Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         if not self.kv_shared:
-            self.k_proj = Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
-            self.v_proj = Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+            self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+            self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.v_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, with_scale=False)
-        self.o_proj = Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def project_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """New keys and values for x, shaped (batch, kv_heads, seq, dim)."""
@@ -296,8 +288,8 @@ class DecoderLayer(nn.Module):
         self.post_feedforward_layernorm = RMSNorm(h, eps)
         self.altup = AltUp(cfg)
         self.laurel = Laurel(cfg)
-        self.per_layer_input_gate = Linear(h, cfg.hidden_size_per_layer_input, bias=False)
-        self.per_layer_projection = Linear(cfg.hidden_size_per_layer_input, h, bias=False)
+        self.per_layer_input_gate = nn.Linear(h, cfg.hidden_size_per_layer_input, bias=False)
+        self.per_layer_projection = nn.Linear(cfg.hidden_size_per_layer_input, h, bias=False)
         self.post_per_layer_input_norm = RMSNorm(h, eps)
         self.act = ACTIVATIONS[cfg.hidden_activation]
 
@@ -414,11 +406,11 @@ class TextModel(nn.Module):
         h, L, P = cfg.hidden_size, cfg.num_hidden_layers, cfg.hidden_size_per_layer_input
         self.embed_tokens = nn.Embedding(cfg.vocab_size, h, padding_idx=cfg.pad_token_id)
         self.embed_tokens_per_layer = nn.Embedding(cfg.vocab_size_per_layer_input, L * P, padding_idx=cfg.pad_token_id)
-        self.per_layer_model_projection = Linear(h, L * P, bias=False)
+        self.per_layer_model_projection = nn.Linear(h, L * P, bias=False)
         self.per_layer_projection_norm = RMSNorm(P, cfg.rms_norm_eps)
-        self.altup_projections = nn.ModuleList(Linear(h, h, bias=False) for _ in range(cfg.altup_num_inputs - 1))
+        self.altup_projections = nn.ModuleList(nn.Linear(h, h, bias=False) for _ in range(cfg.altup_num_inputs - 1))
         self.altup_unembed_projections = nn.ModuleList(
-            Linear(h, h, bias=False) for _ in range(cfg.altup_num_inputs - 1)
+            nn.Linear(h, h, bias=False) for _ in range(cfg.altup_num_inputs - 1)
         )
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(L))
         self.norm = RMSNorm(h, cfg.rms_norm_eps)
