@@ -160,11 +160,10 @@ def test_cuda_training_reads_the_cpu_table_through_the_mapped_view(hf_dir, monke
 def test_float16_sparse_mlp_backward_does_not_overflow():
     """The Gaussian top-k's statistics sum `width` gradients per token in backward: in float16 that
     sum overflowed at a loss scale of 32 on E2B (bench/train_gpu.py's probe). Here the per-element
-    gradients (~240) are far inside float16's range and their sum (~49000) times Phi^-1(0.95) is not, while the input's
-    true gradient (~41000) is: it must be finite and equal float32's."""
+    gradients (~240) are far inside float16's range and their sum (~49000) times Phi^-1(0.95) is
+    not, while the input's true gradient (~41000) is: it must be finite and equal float32's."""
     from g3n.config import text_config_from_dict
     from g3n.model.text import MLP
-
     from helpers import hf_text_config
 
     cfg = text_config_from_dict(hf_text_config(intermediate_size=4096, hidden_size=8).to_dict())

@@ -16,14 +16,6 @@ import torch
 from ..model import recompute
 
 IGNORE = -100
-LOGITS_BYTES = 2**28  # one chunk's float32 logits: 256 rows of Gemma 3n's 262,400-wide vocabulary
-
-
-def chunk_rows(vocab: int) -> int:
-    """Rows per chunk: float32 logits of about LOGITS_BYTES, a multiple of 64 rows (at least 64).
-    The backward holds about five such buffers at once, its peak for short rows (E4B at 1 x 2048:
-    512 rows made the step's peak 10.1 GiB, 47% of transformers + PEFT's)."""
-    return max(64, round(LOGITS_BYTES / (4 * vocab) / 64) * 64)
 
 
 def _chunk_tanh(h: torch.Tensor, weight: torch.Tensor, softcap: float | None) -> torch.Tensor:
@@ -105,20 +97,19 @@ def chunked_cross_entropy(
     weight: torch.Tensor,
     labels: torch.Tensor,
     softcap: float | None = 30.0,
-    chunk: int | None = None,
+    chunk: int = 512,
     compiled: bool = False,
 ) -> torch.Tensor:
     """Mean cross-entropy of softcap(hidden @ weight.T) against labels (-100 = ignored).
 
     hidden (tokens, dim), weight (vocab, dim), labels (tokens,): already shifted so that hidden[i]
-    predicts labels[i]. `chunk`: rows per chunk (default `chunk_rows`).
+    predicts labels[i].
     """
-    chunk = chunk or chunk_rows(weight.shape[0])
     return _ChunkedCE.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), softcap, chunk, compiled)
 
 
 def causal_lm_loss(
-    model, input_ids, labels, attention_mask=None, segment_ids=None, chunk: int | None = None, body=None, media=None
+    model, input_ids, labels, attention_mask=None, segment_ids=None, chunk: int = 512, body=None, media=None
 ):
     """Next-token loss of a g3n model on (batch, seq) ids with transformers-style unshifted labels.
     `body` runs the text model in place of model.model (a DistributedDataParallel wrapper of it);
