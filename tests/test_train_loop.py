@@ -143,7 +143,7 @@ def test_save_merged_writes_a_loadable_checkpoint(dataset, tmp_path):
     ids = torch.tensor([tok.encode_chat([{"role": "user", "content": "What is the capital of Zork?"}])])
     with torch.no_grad():
         a, b = merged(ids), base(ids)
-    assert (a - b).abs().max() < 0.15  # merged weights are stored in bfloat16
+    assert (a - b).abs().max() < 1e-3  # a float32 run's merged weights stay float32 (were bfloat16: 0.1)
     assert torch.equal(a[0, -1].argmax(), b[0, -1].argmax())
     assert (out / "merged" / "tokenizer.model").is_file()
 

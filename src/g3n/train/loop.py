@@ -288,7 +288,8 @@ def _train(cfg: TrainConfig, d: Dist, resume: bool, overwrite: bool, progress: b
     if d.on and cfg.parts != ["text"]:
         raise PeerError("tuning the vision/audio tower runs on one process for now (set finetune_*_layers)")
     media_tokens = _media_setup(cfg, model, model_dir)
-    half = model.dtype == torch.float16
+    run_dtype = model.dtype  # of the 16/32-bit weights: the merged checkpoint keeps it (lossless)
+    half = run_dtype == torch.float16
     if cfg.lora:
         add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.finetune_attention_modules,
                  cfg.finetune_mlp_modules, parts=cfg.parts)  # fmt: skip
@@ -470,7 +471,7 @@ def _train(cfg: TrainConfig, d: Dist, resume: bool, overwrite: bool, progress: b
         full = distributed.gathered_model(d, model)  # every process takes part under FSDP
         if d.main:
             write = save_merged if cfg.lora else save_model_dir
-            write(full, out / "merged", model_dir, overwrite=True)
+            write(full, out / "merged", model_dir, dtype=run_dtype, overwrite=True)
     if d.main:
         plot_losses(history, out / "loss.png")
     d.barrier()  # every process returns once the outputs are written
