@@ -195,7 +195,7 @@ HELP = {
     "seed": "seed for data order and initialisation",
     "output_dir": "where checkpoints, metrics.jsonl, loss.png and the adapter go (relative to the current directory)",
     "save_steps": "checkpoint every N steps", "eval_steps": "eval every N steps",
-    "save_merged": "write the model as an HF checkpoint (bfloat16, tokenizer files included) to output_dir/merged "
+    "save_merged": "write the model as an HF checkpoint (the run's weight dtype, tokenizer files included) to output_dir/merged "
     "at the end: LoRA merged into the base (default false); full fine-tuning's only loadable output (default true)",
 }  # fmt: skip
 
