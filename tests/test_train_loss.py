@@ -184,3 +184,50 @@ def test_float16_sparse_mlp_backward_does_not_overflow():
         grads[dtype] = xi.grad.float()
     assert torch.isfinite(grads[torch.float16]).all()
     assert torch.allclose(grads[torch.float16], grads[torch.float32], rtol=2e-2, atol=1.0)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_float16_altup_backward_does_not_overflow(compiled):
+    """AltUp's 4 x 4 coefficients' gradient sums hidden_size products of gradient and stream
+    (prediction) or innovation (correction): in float16 that overflowed at a loss scale of 256 on
+    E2B. Here each product is 4 x 8 and the sum over 4096 hidden units is ~131000, out of float16's
+    range, while the inputs' true gradients are ~4-16 (the router's weights and 1/hidden_size
+    scale shrink that sum on its way back): they must be finite and equal float32's, eagerly and
+    compiled."""
+    from g3n.config import text_config_from_dict
+    from g3n.model.text import AltUp
+    from helpers import hf_text_config
+
+    cfg = text_config_from_dict(hf_text_config(hidden_size=4096).to_dict())
+    g = torch.Generator().manual_seed(0)
+    altup = AltUp(cfg)
+    with torch.no_grad():
+        for w in altup.parameters():
+            w.copy_(torch.randn(w.shape, generator=g) * 0.05)
+        altup.router_norm.weight.fill_(1.0)
+    altup.half().float()  # the same (float16-rounded) weights in both dtypes
+    streams = (8.0 + 0.5 * torch.randn(4, 1, 2, 4096, generator=g)).half().float()
+    step = (8.0 + 0.5 * torch.randn(1, 2, 4096, generator=g)).half().float()  # innovation ~8
+
+    def run(dtype):
+        m = AltUp(cfg).to(dtype)
+        m.load_state_dict(altup.state_dict())
+        m.requires_grad_(False)  # float16 trains LoRA only: AltUp's weights are frozen
+        s = streams.to(dtype, copy=True).requires_grad_()
+        predict = torch.compile(m.predict, backend="aot_eager") if compiled else m.predict
+        correct = torch.compile(m.correct, backend="aot_eager") if compiled else m.correct
+        predictions = predict(s)
+        p = predictions.detach().requires_grad_()
+        a = (p[cfg.altup_active_idx] + step.to(dtype)).detach().requires_grad_()
+        corrected = correct(p, a)
+        assert predictions.dtype == corrected.dtype == dtype
+        predictions.backward(torch.full_like(predictions, 4.0))
+        corrected.backward(torch.full_like(corrected, 4.0))
+        return [t.grad.float() for t in (s, p, a)]
+
+    names = ("streams (predict)", "predictions (correct)", "activated (correct)")
+    grads = dict(zip(names, zip(run(torch.float16), run(torch.float32))))
+    assert not [name for name, (got, _) in grads.items() if not torch.isfinite(got).all()]
+    for name, (got, ref) in grads.items():
+        assert ref.abs().max() < 100, name
+        torch.testing.assert_close(got, ref, rtol=1e-2, atol=1e-2, msg=name)

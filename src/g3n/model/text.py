@@ -116,25 +116,27 @@ class AltUp(nn.Module):
     def predict(self, streams: torch.Tensor) -> torch.Tensor:
         """streams: (n, batch, seq, hidden) -> predictions of the same shape."""
         n, clip = self.cfg.altup_num_inputs, self.cfg.altup_coef_clip
-        modalities = self._modalities(streams[self.cfg.altup_active_idx])
+        x = _upcast_float16(streams)
+        modalities = self._modalities(x[self.cfg.altup_active_idx])
         if self.training and clip is not None:
             self.prediction_coefs.weight.data.clamp_(-clip, clip)
         coefs = small_linear(modalities, self.prediction_coefs.weight).reshape(*modalities.shape[:-1], n, n)
         if torch.compiler.is_compiling():  # prediction j = sum_i streams[i] * coefs[j, i], fused
-            mixed = (streams.permute(1, 2, 0, 3)[:, :, None].float() * coefs[..., None].float()).sum(3)
-            return (mixed.to(streams.dtype).permute(2, 0, 1, 3) + streams).contiguous()
-        predictions = torch.matmul(streams.permute(1, 2, 3, 0), coefs.permute(0, 1, 3, 2)).permute(3, 0, 1, 2)
-        return (predictions + streams).contiguous().type_as(streams)
+            mixed = (x.permute(1, 2, 0, 3)[:, :, None].float() * coefs[..., None].float()).sum(3)
+            return (mixed.to(x.dtype).permute(2, 0, 1, 3) + x).contiguous().to(streams.dtype)
+        predictions = torch.matmul(x.permute(1, 2, 3, 0), coefs.permute(0, 1, 3, 2)).permute(3, 0, 1, 2)
+        return (predictions + x).contiguous().type_as(streams)
 
     def correct(self, predictions: torch.Tensor, activated: torch.Tensor) -> torch.Tensor:
         clip = self.cfg.altup_coef_clip
-        modalities = self._modalities(activated)
-        innovation = activated - predictions[self.cfg.altup_active_idx]
+        p, a = _upcast_float16(predictions), _upcast_float16(activated)
+        modalities = self._modalities(a)
+        innovation = a - p[self.cfg.altup_active_idx]
         weight = self.correction_coefs.weight
         if self.training and clip is not None:
             weight = weight.clamp(-clip, clip)
         coefs = (small_linear(modalities, weight) + 1.0).permute(2, 0, 1).unsqueeze(-1)
-        return (innovation.unsqueeze(0) * coefs + predictions).contiguous().type_as(activated)
+        return (innovation.unsqueeze(0) * coefs + p).contiguous().type_as(activated)
 
     def scale_corrected_output(self, x: torch.Tensor) -> torch.Tensor:
         return (x.type_as(self.correct_output_scale) * self.correct_output_scale).type_as(x)
@@ -147,7 +149,16 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     outputs; eagerly that would materialise the broadcast, so it stays a GEMM there."""
     if torch.compiler.is_compiling():
         return (x.float()[..., None, :] * weight.float()).sum(-1).to(x.dtype)
-    return F.linear(x, weight)
+    return F.linear(x, weight.to(x.dtype))  # a float16 weight meets float32 (_upcast_float16)
+
+
+def _upcast_float16(x: torch.Tensor) -> torch.Tensor:
+    """AltUp computes in float32 under float16 (bfloat16 and float32 stay as they are, like
+    transformers): the backward of its 4 x 4 coefficients sums hidden_size products of gradient
+    and stream (or innovation) per token, which overflowed float16 at a loss scale of 256 (E2B,
+    bench/train_gpu.py --fp16-probe), although the router's weights and its 1/hidden_size scale
+    bring it back into range on the way to the streams."""
+    return x.float() if x.dtype == torch.float16 else x
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
