@@ -88,7 +88,7 @@ class MLP(nn.Module):
             # Gaussian top-k: keep what lies above mean + std * Phi^-1(sparsity) (biased std).
             # float16 takes the statistics in float32: their backward sums `width` gradients per
             # token, which overflowed float16 at a loss scale of 32 (E2B, bench/train_gpu.py).
-            stats = gate.float() if gate.dtype == torch.float16 else gate
+            stats = _upcast_float16(gate)
             mult = torch.tensor(self.std_multiplier, dtype=torch.float32).to(stats.dtype)
             cutoff = stats.mean(-1, keepdim=True) + stats.std(-1, keepdim=True, unbiased=False) * mult
             gate = F.relu(stats - cutoff).to(gate.dtype)
@@ -153,11 +153,13 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def _upcast_float16(x: torch.Tensor) -> torch.Tensor:
-    """AltUp computes in float32 under float16 (bfloat16 and float32 stay as they are, like
-    transformers): the backward of its 4 x 4 coefficients sums hidden_size products of gradient
-    and stream (or innovation) per token, which overflowed float16 at a loss scale of 256 (E2B,
-    bench/train_gpu.py --fp16-probe), although the router's weights and its 1/hidden_size scale
-    bring it back into range on the way to the streams."""
+    """float16 as float32; bfloat16 and float32 stay as they are (transformers' arithmetic).
+
+    For sums whose backward overflows float16 under loss scaling (bench/train_gpu.py
+    --fp16-probe, E2B): AltUp's 4 x 4 coefficients, whose gradient sums hidden_size products of
+    gradient and stream (or innovation) per token (at a loss scale of 256), although the router's
+    weights and its 1/hidden_size scale bring it back into range on the way to the streams; and
+    the MLP's top-k statistics."""
     return x.float() if x.dtype == torch.float16 else x
 
 
