@@ -231,3 +231,52 @@ def test_float16_altup_backward_does_not_overflow(compiled):
     for name, (got, ref) in grads.items():
         assert ref.abs().max() < 100, name
         torch.testing.assert_close(got, ref, rtol=1e-2, atol=1e-2, msg=name)
+
+
+def test_compiled_checkpointed_layers_recompute_with_their_own_graph(monkeypatch):
+    """Checkpointed layers must recompute with the compiled graph their forward ran. After a
+    48-token row, a 160-token row makes dynamo add a dynamic-shape graph beside the static one;
+    tried most recent first, the next (packed) row's recompute picked another graph than its
+    forward, whose saved tensors differ under inductor, and backward stopped with CheckpointError
+    (an H200 at 32K tokens; pytorch/pytorch#166926). Here with inductor on the CPU, tiles, the
+    dense-mask limit and query chunks at 64 tokens: the packed row trains (it raised without
+    recompute._no_lru_cache_entries) and its loss and gradients equal the uncompiled run's."""
+    from g3n.config import text_config_from_dict
+    from g3n.model import recompute, text
+    from g3n.model.text import Gemma3nForCausalLM
+    from g3n.train.lora import add_lora
+    from helpers import hf_text_config
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(recompute, "BACKEND", "inductor")
+    for name in ("TILE_FROM", "TILE"):
+        monkeypatch.setattr(recompute, name, 64)
+    monkeypatch.setattr(text, "DENSE_MASK_MAX", 64)
+    monkeypatch.setattr(text, "QUERY_CHUNK", 64)
+    hf = hf_text_config(hidden_size=64, num_attention_heads=8, num_key_value_heads=2, head_dim=32, sliding_window=16,
+                        intermediate_size=128, num_hidden_layers=10, num_kv_shared_layers=5,
+                        activation_sparsity_pattern=[0.95] * 3 + [0.0] * 7)  # fmt: skip
+    torch.manual_seed(0)
+    model = Gemma3nForCausalLM(text_config_from_dict(hf.to_dict()))
+    for n, p in model.named_parameters():
+        torch.nn.init.ones_(p) if "norm" in n else torch.nn.init.normal_(p, std=0.05)
+    add_lora(model, 16, 16, 0.0)
+    model.train()
+    g = torch.Generator().manual_seed(3)
+    segments = torch.repeat_interleave(torch.arange(5), torch.tensor([40, 8, 33, 39, 40]))[None]
+    rows = [(torch.randint(0, 300, (1, n), generator=g), None) for n in (48, 160)]
+    rows.append((torch.randint(0, 300, (1, 160), generator=g), segments))
+    for checkpointing, compiled in (("offload", True), (False, False)):
+        model.model.gradient_checkpointing, model.model.compiled = checkpointing, compiled
+        for ids, seg in rows if compiled else rows[-1:]:
+            model.zero_grad()
+            loss = causal_lm_loss(model, ids, ids.clone(), None, seg)
+            loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        if compiled:
+            got = (loss.item(), grads)
+    torch._dynamo.reset()
+    assert got[0] == pytest.approx(loss.item(), abs=1e-5)
+    assert got[1].keys() == grads.keys() and len(grads) > 20
+    for name, ref in grads.items():  # float32 sums in other orders (fused kernels, tiles, chunks)
+        assert (got[1][name] - ref).abs().max() <= 1e-3 * ref.abs().max() + 1e-7, name

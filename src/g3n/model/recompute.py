@@ -52,7 +52,23 @@ def _compile(backend: str):
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(config, name):
             setattr(config, name, max(getattr(config, name), 64))
+    _no_lru_cache_entries()
     return tuple(torch.compile(f, backend=backend) for f in (_begin, _attend, _end, _project_kv))
+
+
+def _no_lru_cache_entries():
+    """Make dynamo try a function's compiled graphs in the order they were made, not most recent
+    first. A checkpointed region must recompute with the graph its forward ran: once a function
+    has a static and a dynamic-shape graph that both accept the inputs (a 2048-token batch, then
+    a longer one), the most-recent-first order could pick the other in the backward pass, and
+    torch.utils.checkpoint stopped with "Recomputed values ... have different metadata"
+    (packed 32K rows on an H200; pytorch/pytorch#166926; torchtitan applies the same setting)."""
+    import torch._dynamo
+
+    if hasattr(torch._dynamo.config, "cache_entry_use_lru"):  # newer torch
+        torch._dynamo.config.cache_entry_use_lru = False
+    elif hasattr(torch._C._dynamo.eval_frame, "_set_lru_cache"):
+        torch._C._dynamo.eval_frame._set_lru_cache(False)
 
 
 def project_kv(attn, normed, cos, sin, compiled: bool = False):
