@@ -67,6 +67,18 @@ def g3n_model(hf_cfg, state: dict, device: str, ple_device: str, dtype=torch.bfl
     return model
 
 
+def lora_model(cfg, state, device: str, dtype, checkpointing, compiled: bool):
+    """g3n's model over `state` with the training loop's LoRA (r16 on TARGETS' kinds, float32
+    adapters over `dtype` weights) and the given checkpointing mode and compiling."""
+    model = g3n_model(cfg, state, device, "cpu", dtype)
+    add_lora(model, 16, 16, 0.0)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    model.model.gradient_checkpointing, model.model.compiled = checkpointing, compiled
+    return model
+
+
 def timed_steps(step, warmup: int, steps: int, device: str) -> tuple[float, list[float], float]:
     """(first loss, per-step seconds of the timed steps, first step's seconds incl. compiling)."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -136,12 +148,7 @@ FP16_WARMUP = 14  # float16 rows: 2^10 down to 2^-3 if every warm-up step overfl
 
 
 def run_g3n(cfg, state, data, device, warmup, steps, checkpointing, compiled, dtype=torch.bfloat16, segments=None):
-    model = g3n_model(cfg, state, device, "cpu", dtype)
-    add_lora(model, 16, 16, 0.0)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    model.model.gradient_checkpointing, model.model.compiled = checkpointing, compiled
+    model = lora_model(cfg, state, device, dtype, checkpointing, compiled)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -187,12 +194,7 @@ def profile_step(cfg, state, data, device, checkpointing="offload", compiled=Tru
     against the GPU's kernel time (the gap is host work the GPU waits for), and the top kernels."""
     from torch.profiler import ProfilerActivity, profile
 
-    model = g3n_model(cfg, state, device, "cpu")
-    add_lora(model, 16, 16, 0.0)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    model.model.gradient_checkpointing, model.model.compiled = checkpointing, compiled
+    model = lora_model(cfg, state, device, torch.bfloat16, checkpointing, compiled)
     model.train()
     for ids in data[:3]:
         causal_lm_loss(model, ids, ids, None, None).backward()
@@ -219,12 +221,7 @@ def fp16_overflow(cfg, half_state, ids, device, scale: float):
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
 
-    model = g3n_model(cfg, half_state, device, "cpu", torch.float16)
-    add_lora(model, 16, 16, 0.0)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    model.model.gradient_checkpointing = False
+    model = lora_model(cfg, half_state, device, torch.float16, False, False)
     model.train()
     found, stats = [], {}
 
