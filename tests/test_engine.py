@@ -58,6 +58,22 @@ def test_left_padded_batch_equals_rows_alone(ours, fused):
         assert (torch.stack([b[r] for b in batched]) - alone).abs().max() < TOL
 
 
+def test_decode_compiles_after_training_compiled_in_the_same_process():
+    """Training's compile leaves dynamo's suppress_errors on; the decode step's strict setting
+    must still let torch.compile build (on an H200, decoding after training ran uncompiled) and
+    still raise past the recompile limit instead of running uncompiled."""
+    from g3n.model import recompute
+
+    recompute._compiled()
+    assert torch._dynamo.config.suppress_errors
+    with engine._strict_dynamo(), torch._dynamo.config.patch(recompile_limit=1):
+        double = torch.compile(lambda x: x * 2, backend="eager", dynamic=False)
+        assert double(torch.ones(2)).tolist() == [2.0, 2.0]
+        with pytest.raises(Exception, match="recompile"):
+            double(torch.ones(3))
+    torch._dynamo.reset()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("mode", [True, "layers"])
 def test_cuda_graph_and_compiled_steps_equal_eager(hf_dir, mode):

@@ -213,10 +213,12 @@ def _compiled_layer():
 def _strict_dynamo():
     """Past its recompile limit (8 shapes: batch sizes x cache buckets) dynamo would quietly run
     the step uncompiled, here the fused layers, eagerly slower than the model's own: make it raise,
-    so the step falls back like any failed compile."""
+    so the step falls back like any failed compile. Training's compile turns dynamo's
+    suppress_errors on for the whole process, which torch refuses together with this setting:
+    off here, or generation after training in one process (g3n demo) would never compile."""
     if not hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):  # older torch: its default
         return contextlib.nullcontext()
-    return torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
+    return torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, suppress_errors=False)
 
 
 def cache_bucket(max_len: int, limit: int) -> int:
