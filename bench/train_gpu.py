@@ -213,6 +213,79 @@ def profile_step(cfg, state, data, device, checkpointing="offload", compiled=Tru
     torch._dynamo.reset()
 
 
+def memory_at_peak(cfg, state, data, device, top: int = 14):
+    """Where one g3n training step's memory peaks (offload+compile, AdamW, after warm-up): each
+    phase's peak above what the step starts with, then the tensors alive at the whole step's
+    peak grouped by size (the allocator's trace; sizes name them: a (512 x 262400) float32 loss
+    chunk, a (2048 x intermediate) MLP activation...)."""
+    model = lora_model(cfg, state, device, torch.bfloat16, "offload", True)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    phases: list = []
+
+    def mark(name):
+        torch.cuda.synchronize()
+        phases.append((name, torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()))
+        torch.cuda.reset_peak_memory_stats()
+
+    def layers_done(module, args, out):
+        mark("embeddings + layers forward")
+        out.register_hook(lambda g: mark("loss backward"))
+
+    def step(ids, marks):
+        noted = mark if marks else (lambda name: None)
+        handle = model.model.register_forward_hook(layers_done) if marks else None
+        loss = causal_lm_loss(model, ids, ids, None, None)
+        noted("loss forward")
+        loss.backward()
+        noted("layers backward")
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        noted("clip + AdamW step")
+        if handle:
+            handle.remove()
+
+    for ids in data[:3]:
+        step(ids, False)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step(data[3], True)
+    print(f"memory by phase ({before / GiB:.2f} GiB allocated before the step; peak / allocated at the end, GiB):",
+          flush=True)  # fmt: skip
+    for name, top_, now in phases:
+        print(f"    {name:28s} {top_ / GiB:6.2f} / {now / GiB:6.2f}", flush=True)
+    try:
+        torch.cuda.memory._record_memory_history(max_entries=1_000_000, context=None)
+        step(data[4 % len(data)], False)
+        torch.cuda.synchronize()
+        snap = torch.cuda.memory._snapshot()
+    except Exception as e:  # noqa: BLE001 - the phases above still count
+        print(f"memory trace failed: {type(e).__name__}: {e}", flush=True)
+        snap = None
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    if snap is not None:
+        live, total, best, at_peak = {}, 0, 0, {}
+        for e in snap["device_traces"][torch.cuda.current_device()]:
+            if e["action"] == "alloc":
+                live[e["addr"]] = e["size"]
+                total += e["size"]
+            elif e["action"] == "free_requested" and e["addr"] in live:
+                total -= live.pop(e["addr"])
+            if total > best:
+                best, at_peak = total, dict(live)
+        sizes: dict = {}
+        for size in at_peak.values():
+            sizes[size] = sizes.get(size, 0) + 1
+        print(f"at the step's peak, {best / GiB:.2f} GiB allocated in the step are alive:", flush=True)
+        for size, count in sorted(sizes.items(), key=lambda kv: -kv[0] * kv[1])[:top]:
+            print(f"    {count:4d} x {size / 2**20:9.2f} MiB = {count * size / GiB:6.3f} GiB", flush=True)
+    torch._dynamo.reset()  # the model and optimizer go with this frame
+
+
 def fp16_overflow(cfg, half_state, ids, device, scale: float):
     """Where float16 overflows: one eager step without checkpointing, its loss scaled by `scale`
     (as GradScaler does), the backward watched op by op. Prints the first ops whose inputs are
@@ -283,6 +356,7 @@ def main() -> int:
     ap.add_argument("--caps", default="E2B:16,E4B:24", help="GiB caps for the long rows")
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--profile", action="store_true", help="profile one compiled 1 x 2048 step (host vs GPU time)")
+    ap.add_argument("--memory", action="store_true", help="what is alive at one 1 x 2048 step's memory peak")
     ap.add_argument("--fp16-probe", nargs="+", type=float, metavar="SCALE",
                     help="after the float16 row: the first ops that overflow at these loss scales")  # fmt: skip
     ap.add_argument("--steps", type=int, default=5)
@@ -350,6 +424,8 @@ def main() -> int:
                 state[ple] = state[ple].cpu()  # moved once; every g3n variant keeps it in CPU memory
             if args.profile and bs == 1 and device == "cuda" and len(data) >= 4:
                 profile_step(cfg, state, data, device)
+            if args.memory and bs == 1 and device == "cuda" and len(data) >= 5:
+                memory_at_peak(cfg, state, data, device)
             for name in chosen:
                 g3n_row(size, work, name, None, cfg, state, data, device, args.warmup, args.steps, *variants[name])  # fmt: skip
         if state is None:

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from g3n.model import recompute
 from g3n.train.loss import IGNORE, causal_lm_loss, chunked_cross_entropy
 
 
@@ -14,8 +15,11 @@ def naive(hidden, weight, labels, softcap):
     return F.cross_entropy(logits, labels, ignore_index=IGNORE)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("softcap,chunk", [(30.0, 7), (30.0, 1000), (None, 16)])
-def test_value_and_gradients(softcap, chunk):
+def test_value_and_gradients(softcap, chunk, compiled, monkeypatch):
+    """Compiled, the gradient takes another form (the target's -1 by comparison, no scatter)."""
+    monkeypatch.setattr(recompute, "BACKEND", "aot_eager")
     g = torch.Generator().manual_seed(0)
     hidden = (torch.randn(50, 24, generator=g) * 3).requires_grad_()
     weight = torch.randn(300, 24, generator=g).requires_grad_()
@@ -23,7 +27,7 @@ def test_value_and_gradients(softcap, chunk):
     labels[::4] = IGNORE
     ref = naive(hidden, weight, labels, softcap)
     ref_gh, ref_gw = torch.autograd.grad(ref, (hidden, weight))
-    got = chunked_cross_entropy(hidden, weight, labels, softcap, chunk)
+    got = chunked_cross_entropy(hidden, weight, labels, softcap, chunk, compiled)
     gh, gw = torch.autograd.grad(got, (hidden, weight))
     assert got.item() == pytest.approx(ref.item(), rel=1e-5)
     assert torch.allclose(gh, ref_gh, atol=1e-5, rtol=1e-4)
@@ -50,8 +54,8 @@ def test_model_loss_equals_transformers(hf_model, ours):
 @pytest.mark.parametrize("packed", [True, False])
 def test_gradient_checkpointing_keeps_loss_and_gradients(hf_dir, packed, monkeypatch):
     """Recomputing layers in backward, on the device or with inputs offloaded, compiled layers
-    (traced by torch.compile; aot_eager here, inductor on GPUs) and long rows' per-token work in
-    checkpointed tiles change nothing: KV-shared layers get the sources' K/V gradients, and LoRA
+    (traced by torch.compile; aot_eager here, inductor on GPUs), long rows' per-token work in
+    checkpointed tiles and offloaded layers' backward in tiles change nothing: KV-shared layers get the sources' K/V gradients, and LoRA
     dropout draws the same masks when recomputed."""
     from g3n.model import recompute
     from g3n.model.load import load_model
@@ -68,9 +72,12 @@ def test_gradient_checkpointing_keeps_loss_and_gradients(hf_dir, packed, monkeyp
              ("offload", False, 7), ("offload", True, 7)]  # fmt: skip
     for checkpointing, compiled, tile in modes if packed else modes[:3] + modes[-1:]:
         model.model.gradient_checkpointing, model.model.compiled = checkpointing, compiled
-        if tile:  # per-token work in tiles of 7 tokens (the last one shorter)
+        if tile:  # per-token work in tiles of 7 tokens (the last one shorter), in the offloaded
+            # layers' backward too (tiles of 14 tokens over the batch of 2: 7 per row)
             monkeypatch.setattr(recompute, "TILE_FROM", tile)
             monkeypatch.setattr(recompute, "TILE", tile)
+            monkeypatch.setattr(recompute, "END_TILE_ELEMENTS", 1)
+            monkeypatch.setattr(recompute, "END_TILE_MIN_TOKENS", 2 * tile)
         model.zero_grad()
         torch.manual_seed(0)
         loss = causal_lm_loss(model, ids, labels, None, segments)
