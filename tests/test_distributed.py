@@ -245,7 +245,6 @@ from g3n.train.loss import causal_lm_loss
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 recompute.BACKEND = "aot_eager"
-recompute.END_TILE_ELEMENTS, recompute.END_TILE_MIN_TOKENS = 1, 14  # offloaded layers' backward: tiles of 7 per row
 d = tempfile.mkdtemp()
 make_hf_model(attn_implementation="eager").save_pretrained(d)
 ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -272,9 +271,9 @@ dist.destroy_process_group()
 
 
 def test_fsdp_layers_run_tiled_and_compiled(tmp_path):
-    """Long rows' tiles, offloaded layers' backward in tiles and compiled layers still go through
-    each layer's call (or its backward), where FSDP2 gathers the layer's shards (the first version
-    called the halves directly: mixed Tensor and DTensor). One process, gloo; the sharded losses
+    """Long rows' tiles and compiled layers still go through each layer's call, where FSDP2
+    gathers the layer's shards (the first version called the halves directly: mixed Tensor and
+    DTensor). One process, gloo; the sharded losses
     and gradient norms equal the plain model's."""
     script = tmp_path / "fsdp.py"
     script.write_text(FSDP_SCRIPT.format(tests=str(Path(__file__).parent), port=_free_port()))

@@ -54,10 +54,9 @@ def test_model_loss_equals_transformers(hf_model, ours):
 @pytest.mark.parametrize("packed", [True, False])
 def test_gradient_checkpointing_keeps_loss_and_gradients(hf_dir, packed, monkeypatch):
     """Recomputing layers in backward, on the device or with inputs offloaded, compiled layers
-    (traced by torch.compile; aot_eager here, inductor on GPUs), long rows' per-token work in
-    checkpointed tiles and offloaded layers' backward in tiles change nothing: KV-shared layers get the sources' K/V gradients, and LoRA
+    (traced by torch.compile; aot_eager here, inductor on GPUs) and long rows' per-token work in
+    checkpointed tiles change nothing: KV-shared layers get the sources' K/V gradients, and LoRA
     dropout draws the same masks when recomputed."""
-    from g3n.model import recompute
     from g3n.model.load import load_model
     from g3n.train.lora import add_lora
 
@@ -72,12 +71,9 @@ def test_gradient_checkpointing_keeps_loss_and_gradients(hf_dir, packed, monkeyp
              ("offload", False, 7), ("offload", True, 7)]  # fmt: skip
     for checkpointing, compiled, tile in modes if packed else modes[:3] + modes[-1:]:
         model.model.gradient_checkpointing, model.model.compiled = checkpointing, compiled
-        if tile:  # per-token work in tiles of 7 tokens (the last one shorter), in the offloaded
-            # layers' backward too (tiles of 14 tokens over the batch of 2: 7 per row)
+        if tile:  # per-token work in tiles of 7 tokens (the last one shorter)
             monkeypatch.setattr(recompute, "TILE_FROM", tile)
             monkeypatch.setattr(recompute, "TILE", tile)
-            monkeypatch.setattr(recompute, "END_TILE_ELEMENTS", 1)
-            monkeypatch.setattr(recompute, "END_TILE_MIN_TOKENS", 2 * tile)
         model.zero_grad()
         torch.manual_seed(0)
         loss = causal_lm_loss(model, ids, labels, None, segments)
@@ -114,7 +110,6 @@ def test_gradient_checkpointing_keeps_loss_and_gradients(hf_dir, packed, monkeyp
 def test_offload_tiles_and_compile_on_cuda_keep_loss_and_gradients(hf_dir, monkeypatch):
     """On a GPU, offloading goes through pinned memory, a side stream and prefetching, and compiled
     layers through inductor: the same loss and gradients as keeping every activation."""
-    from g3n.model import recompute
     from g3n.model.load import load_model
 
     model = load_model(hf_dir, dtype="float32", device="cuda", ple_device="cpu").requires_grad_(True).train()
@@ -249,7 +244,7 @@ def test_compiled_checkpointed_layers_recompute_with_their_own_graph(monkeypatch
     dense-mask limit and query chunks at 64 tokens: the packed row trains (it raised without
     recompute._no_lru_cache_entries) and its loss and gradients equal the uncompiled run's."""
     from g3n.config import text_config_from_dict
-    from g3n.model import recompute, text
+    from g3n.model import text
     from g3n.model.text import Gemma3nForCausalLM
     from g3n.train.lora import add_lora
     from helpers import hf_text_config

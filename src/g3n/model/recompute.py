@@ -14,7 +14,6 @@ argument, so every layer of the same kind shares one compiled graph.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
@@ -92,77 +91,11 @@ def layer_body(layer, streams, per_layer_input, cos, sin, kv_for, mask, compiled
     predictions, normed, laurel = _tiles(begin, layer, [(streams, 2)], (2, 1, 1))
     k, v = kv_for(layer.self_attn, normed)
     attn = attend(layer.self_attn, normed, cos, sin, k, v, mask)
-    if _graph_only and torch.is_grad_enabled() and not _draws_random(layer):
-        tile = max(1, max(END_TILE_MIN_TOKENS, END_TILE_ELEMENTS // layer.mlp.width) // attn.shape[0])
-        return _EndByTiles.apply(end, layer, tile, predictions, attn, laurel, per_layer_input)
     pieces = [(predictions, 2), (attn, 1), (laurel, 1), (per_layer_input, 1)]
     return _tiles(end, layer, pieces, (2,))[0]
 
 
 TILE_FROM, TILE = 8192, 4096  # tokens per row
-# An offloaded layer's backward runs the half after attention in tiles of at most this many
-# tokens x MLP width (32 MiB per bfloat16 MLP activation: E4B's 16384-wide MLP in 1024-token tiles,
-# E2B's in 2048) but at least END_TILE_MIN_TOKENS tokens over the batch (smaller tiles leave the
-# GPU waiting for kernel launches).
-END_TILE_ELEMENTS, END_TILE_MIN_TOKENS = 2**24, 1024
-_graph_only = False  # True while an offloaded layer is recomputed only to backpropagate through it
-
-
-@contextlib.contextmanager
-def graph_only():
-    """While an offloaded layer recomputes for its backward pass: its output's values are never
-    read, only backpropagated through (DecoderLayer.forward then takes layer_body's path)."""
-    global _graph_only
-    _graph_only = True
-    try:
-        yield
-    finally:
-        _graph_only = False
-
-
-def recomputing_graph_only() -> bool:
-    return _graph_only
-
-
-def _draws_random(layer) -> bool:
-    """Whether running the layer draws random numbers (LoRA dropout while training): tiles drawn
-    in the backward pass would not reproduce the forward's masks, so such layers are not tiled."""
-    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 and m.training for m in layer.modules())
-
-
-class _EndByTiles(torch.autograd.Function):
-    """The half after attention (residuals, MLP, AltUp correction, per-layer input: all per token)
-    of an offloaded layer's recompute. Its output is only backpropagated through, so the forward
-    computes nothing and returns an uninitialised tensor of the output's shape; the backward runs
-    the half tile by tile, each tile's forward followed at once by its backward: one tile's MLP
-    activations exist at a time (E4B at 2048 tokens: half the layer's peak) and nothing is
-    computed twice."""
-
-    @staticmethod
-    def forward(ctx, end, layer, tile, predictions, attn, laurel, per_layer_input):
-        ctx.end, ctx.layer, ctx.tile = end, layer, tile
-        ctx.save_for_backward(predictions, attn, laurel, per_layer_input)
-        return torch.empty_like(predictions)
-
-    @staticmethod
-    def backward(ctx, grad):
-        inputs, dims = ctx.saved_tensors, (2, 1, 1, 1)
-        needs = ctx.needs_input_grad[3:]
-        length = inputs[0].shape[2]
-        grads = None
-        for start in range(0, length, ctx.tile):
-            n = min(ctx.tile, length - start)
-            with torch.enable_grad():
-                tile = [t.narrow(d, start, n).detach().requires_grad_(need) for t, d, need in zip(inputs, dims, needs)]
-                torch.autograd.backward(ctx.end(ctx.layer, *tile), grad.narrow(2, start, n))
-            if n == length:  # one tile: its gradients are the inputs' own
-                return None, None, None, *(t.grad for t in tile)
-            if grads is None:
-                grads = [torch.zeros_like(t) if need else None for t, need in zip(inputs, needs)]
-            for g, t, d in zip(grads, tile, dims):
-                if g is not None and t.grad is not None:
-                    g.narrow(d, start, n).copy_(t.grad)
-        return None, None, None, *grads
 
 
 def _tiles(fn, layer, pieces: list, out_dims: tuple) -> tuple:
@@ -276,7 +209,7 @@ class _OffloadedLayer(torch.autograd.Function):
         )  # fmt: skip
         cpu_rng, device_rng = ctx.rng
         devices = [x.device] if device_rng is not None else []
-        with torch.random.fork_rng(devices=devices), torch.enable_grad(), graph_only():
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
             torch.set_rng_state(cpu_rng)
             if device_rng is not None:
                 torch.cuda.set_rng_state(device_rng, x.device)

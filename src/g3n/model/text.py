@@ -74,7 +74,7 @@ def std_multiplier(sparsity: float) -> float:
 class MLP(nn.Module):
     def __init__(self, cfg: TextConfig, layer: int):
         super().__init__()
-        self.width = width = cfg.intermediate_size[layer]
+        width = cfg.intermediate_size[layer]
         self.gate_proj = nn.Linear(cfg.hidden_size, width, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, width, bias=False)
         self.down_proj = nn.Linear(width, cfg.hidden_size, bias=False)
@@ -308,9 +308,8 @@ class DecoderLayer(nn.Module):
 
     def forward(self, streams, per_layer_input, cos, sin, kv_for, mask, compiled: bool = False):
         """streams: (n, batch, seq, hidden). kv_for(normed) returns the K/V this layer attends to.
-        `compiled`, rows past recompute.TILE_FROM tokens and an offloaded layer's recompute go
-        through recompute.layer_body."""
-        if compiled or streams.shape[2] > recompute.TILE_FROM or recompute.recomputing_graph_only():
+        `compiled` and rows past recompute.TILE_FROM tokens go through recompute.layer_body."""
+        if compiled or streams.shape[2] > recompute.TILE_FROM:
             return recompute.layer_body(self, streams, per_layer_input, cos, sin, kv_for, mask, compiled)
         predictions, normed, laurel = self.begin(streams)
         k, v = kv_for(self.self_attn, normed)
