@@ -215,9 +215,9 @@ def profile_step(cfg, state, data, device, checkpointing="offload", compiled=Tru
 
 def memory_at_peak(cfg, state, data, device, top: int = 14):
     """Where one g3n training step's memory peaks (offload+compile, AdamW, after warm-up): each
-    phase's peak above what the step starts with, then the tensors alive at the whole step's
-    peak grouped by size (the allocator's trace; sizes name them: a (512 x 262400) float32 loss
-    chunk, a (2048 x intermediate) MLP activation...)."""
+    phase's peak, then, from the allocator's trace of another step's layers backward (E4B
+    1 x 2048's peak phase), the tensors allocated there and alive at its peak, grouped by size
+    (sizes name them: a (2048 x intermediate) bf16 MLP activation is 64 MiB for E4B...)."""
     model = lora_model(cfg, state, device, torch.bfloat16, "offload", True)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -229,45 +229,47 @@ def memory_at_peak(cfg, state, data, device, top: int = 14):
         phases.append((name, torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()))
         torch.cuda.reset_peak_memory_stats()
 
-    def layers_done(module, args, out):
-        mark("embeddings + layers forward")
-        out.register_hook(lambda g: mark("loss backward"))
+    def start_trace():
+        torch.cuda.memory._record_memory_history(max_entries=1_000_000, context=None)
 
-    def step(ids, marks):
+    def step(ids, marks=False, trace=False):
         noted = mark if marks else (lambda name: None)
-        handle = model.model.register_forward_hook(layers_done) if marks else None
+
+        def layers_done(module, args, out):
+            noted("embeddings + layers forward")
+            out.register_hook(lambda g: start_trace() if trace else noted("loss backward"))
+
+        handle = model.model.register_forward_hook(layers_done)
         loss = causal_lm_loss(model, ids, ids, None, None)
         noted("loss forward")
         loss.backward()
         noted("layers backward")
+        snap = torch.cuda.memory._snapshot() if trace else None
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         noted("clip + AdamW step")
-        if handle:
-            handle.remove()
+        handle.remove()
+        return snap
 
     for ids in data[:3]:
-        step(ids, False)
+        step(ids)
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    step(data[3], True)
+    step(data[3], marks=True)
     print(f"memory by phase ({before / GiB:.2f} GiB allocated before the step; peak / allocated at the end, GiB):",
           flush=True)  # fmt: skip
     for name, top_, now in phases:
         print(f"    {name:28s} {top_ / GiB:6.2f} / {now / GiB:6.2f}", flush=True)
     try:
-        torch.cuda.memory._record_memory_history(max_entries=1_000_000, context=None)
-        step(data[4 % len(data)], False)
-        torch.cuda.synchronize()
-        snap = torch.cuda.memory._snapshot()
+        snap = step(data[4 % len(data)], trace=True)
     except Exception as e:  # noqa: BLE001 - the phases above still count
         print(f"memory trace failed: {type(e).__name__}: {e}", flush=True)
         snap = None
     finally:
         torch.cuda.memory._record_memory_history(enabled=None)
-    if snap is not None:
+    if snap is not None:  # frees of tensors made before the trace are not seen: an upper bound
         live, total, best, at_peak = {}, 0, 0, {}
         for e in snap["device_traces"][torch.cuda.current_device()]:
             if e["action"] == "alloc":
@@ -280,7 +282,7 @@ def memory_at_peak(cfg, state, data, device, top: int = 14):
         sizes: dict = {}
         for size in at_peak.values():
             sizes[size] = sizes.get(size, 0) + 1
-        print(f"at the step's peak, {best / GiB:.2f} GiB allocated in the step are alive:", flush=True)
+        print(f"layers backward: at its peak {best / GiB:.2f} GiB allocated in it are alive:", flush=True)
         for size, count in sorted(sizes.items(), key=lambda kv: -kv[0] * kv[1])[:top]:
             print(f"    {count:4d} x {size / 2**20:9.2f} MiB = {count * size / GiB:6.3f} GiB", flush=True)
     torch._dynamo.reset()  # the model and optimizer go with this frame
