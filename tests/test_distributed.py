@@ -273,8 +273,7 @@ dist.destroy_process_group()
 def test_fsdp_layers_run_tiled_and_compiled(tmp_path):
     """Long rows' tiles and compiled layers still go through each layer's call, where FSDP2
     gathers the layer's shards (the first version called the halves directly: mixed Tensor and
-    DTensor). One process, gloo; the sharded losses
-    and gradient norms equal the plain model's."""
+    DTensor). One process, gloo; the sharded losses and gradient norms equal the plain model's."""
     script = tmp_path / "fsdp.py"
     script.write_text(FSDP_SCRIPT.format(tests=str(Path(__file__).parent), port=_free_port()))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent / "src"), "OMP_NUM_THREADS": "1"}
