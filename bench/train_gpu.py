@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import math
 import statistics
@@ -27,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from g3n.config import text_config_from_dict
+from g3n.model import recompute
 from g3n.model.text import Gemma3nForCausalLM, RotaryEmbedding
 from g3n.train.lora import add_lora
 from g3n.train.loss import causal_lm_loss
@@ -215,9 +217,10 @@ def profile_step(cfg, state, data, device, checkpointing="offload", compiled=Tru
 
 def memory_at_peak(cfg, state, data, device, top: int = 14):
     """Where one g3n training step's memory peaks (offload+compile, AdamW, after warm-up): each
-    phase's peak, then, from the allocator's trace of another step's layers backward (E4B
-    1 x 2048's peak phase), the tensors allocated there and alive at its peak, grouped by size
-    (sizes name them: a (2048 x intermediate) bf16 MLP activation is 64 MiB for E4B...)."""
+    phase's peak; the layers whose backward (recompute + backward) peaks highest; then, from the
+    allocator's trace of another step's layers backward (E4B 1 x 2048's peak phase), the tensors
+    allocated there and alive at its peak, grouped by size (sizes name them: a (2048 x
+    intermediate) bf16 MLP activation is 64 MiB for E4B...)."""
     model = lora_model(cfg, state, device, torch.bfloat16, "offload", True)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -262,6 +265,32 @@ def memory_at_peak(cfg, state, data, device, top: int = 14):
           flush=True)  # fmt: skip
     for name, top_, now in phases:
         print(f"    {name:28s} {top_ / GiB:6.2f} / {now / GiB:6.2f}", flush=True)
+    # Which layer's backward peaks: mark at each recompute (offloaded or checkpointed layers call
+    # recompute.layer_forward with gradients on only then); the peak between two marks is the
+    # backward of the layer marked first.
+    marks, original, backward = [], recompute.layer_forward, [False]
+
+    def marked(layer, *args, **kwargs):
+        if torch.is_grad_enabled() and backward[0]:
+            torch.cuda.synchronize()
+            marks.append((layer.layer, torch.cuda.max_memory_allocated()))
+            torch.cuda.reset_peak_memory_stats()
+        return original(layer, *args, **kwargs)
+
+    recompute.layer_forward = marked  # before the forward: checkpointed layers keep the function they ran
+    try:
+        loss = causal_lm_loss(model, data[4 % len(data)], data[4 % len(data)], None, None)
+        backward[0] = True
+        loss.backward()
+    finally:
+        recompute.layer_forward = original
+    torch.cuda.synchronize()
+    marks.append((None, torch.cuda.max_memory_allocated()))
+    opt.zero_grad(set_to_none=True)
+    peaks = [(layer, top_) for (layer, _), (_, top_) in itertools.pairwise(marks)]
+    print("layers backward, the highest peaks by layer (GiB): "
+          + ", ".join(f"{layer}: {top_ / GiB:.2f}" for layer, top_ in sorted(peaks, key=lambda p: -p[1])[:6]),
+          flush=True)  # fmt: skip
     try:
         snap = step(data[4 % len(data)], trace=True)
     except Exception as e:  # noqa: BLE001 - the phases above still count
