@@ -232,20 +232,48 @@ def memory_at_peak(cfg, state, data, device, top: int = 14):
         phases.append((name, torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()))
         torch.cuda.reset_peak_memory_stats()
 
-    def start_trace():
-        torch.cuda.memory._record_memory_history(max_entries=1_000_000, context=None)
+    layer_peaks, original = [], recompute.layer_forward  # (layer whose recompute starts, peak since the last mark)
 
-    def step(ids, marks=False, trace=False):
+    def marked(layer, *args, **kwargs):
+        """recompute.layer_forward with a mark at each recompute in the backward pass (offloaded and
+        checkpointed layers alike run it with gradients on only then)."""
+        if torch.is_grad_enabled() and in_backward[0]:
+            mark_layer(layer.layer)
+        return original(layer, *args, **kwargs)
+
+    def mark_layer(layer):
+        torch.cuda.synchronize()
+        layer_peaks.append((layer, torch.cuda.max_memory_allocated()))
+        torch.cuda.reset_peak_memory_stats()
+
+    in_backward = [False]
+
+    def step(ids, marks=False, per_layer=False, trace=False):
+        """One training step; `marks`: each phase's peak; `per_layer`: a mark at each layer's
+        recompute; `trace`: the allocator's history of the layers' backward (returned)."""
         noted = mark if marks else (lambda name: None)
+
+        def backward_begins(g):
+            in_backward[0] = True
+            if trace:
+                torch.cuda.memory._record_memory_history(max_entries=1_000_000, context=None)
+            noted("loss backward")
 
         def layers_done(module, args, out):
             noted("embeddings + layers forward")
-            out.register_hook(lambda g: start_trace() if trace else noted("loss backward"))
+            out.register_hook(backward_begins)
 
         handle = model.model.register_forward_hook(layers_done)
-        loss = causal_lm_loss(model, ids, ids, None, None)
-        noted("loss forward")
-        loss.backward()
+        if per_layer:  # before the forward: checkpointed layers recompute with the function they ran
+            recompute.layer_forward = marked
+        try:
+            loss = causal_lm_loss(model, ids, ids, None, None)
+            noted("loss forward")
+            loss.backward()
+        finally:
+            recompute.layer_forward, in_backward[0] = original, False
+        if per_layer:
+            mark_layer(None)  # closes the last layer's interval
         noted("layers backward")
         snap = torch.cuda.memory._snapshot() if trace else None
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -265,34 +293,13 @@ def memory_at_peak(cfg, state, data, device, top: int = 14):
           flush=True)  # fmt: skip
     for name, top_, now in phases:
         print(f"    {name:28s} {top_ / GiB:6.2f} / {now / GiB:6.2f}", flush=True)
-    # Which layer's backward peaks: mark at each recompute (offloaded or checkpointed layers call
-    # recompute.layer_forward with gradients on only then); the peak between two marks is the
-    # backward of the layer marked first.
-    marks, original, backward = [], recompute.layer_forward, [False]
-
-    def marked(layer, *args, **kwargs):
-        if torch.is_grad_enabled() and backward[0]:
-            torch.cuda.synchronize()
-            marks.append((layer.layer, torch.cuda.max_memory_allocated()))
-            torch.cuda.reset_peak_memory_stats()
-        return original(layer, *args, **kwargs)
-
-    recompute.layer_forward = marked  # before the forward: checkpointed layers keep the function they ran
-    try:
-        loss = causal_lm_loss(model, data[4 % len(data)], data[4 % len(data)], None, None)
-        backward[0] = True
-        loss.backward()
-    finally:
-        recompute.layer_forward = original
-    torch.cuda.synchronize()
-    marks.append((None, torch.cuda.max_memory_allocated()))
-    opt.zero_grad(set_to_none=True)
-    peaks = [(layer, top_) for (layer, _), (_, top_) in itertools.pairwise(marks)]
+    step(data[4], per_layer=True)
+    peaks = [(layer, top_) for (layer, _), (_, top_) in itertools.pairwise(layer_peaks)]  # a layer's own backward
     print("layers backward, the highest peaks by layer (GiB): "
           + ", ".join(f"{layer}: {top_ / GiB:.2f}" for layer, top_ in sorted(peaks, key=lambda p: -p[1])[:6]),
           flush=True)  # fmt: skip
     try:
-        snap = step(data[4 % len(data)], trace=True)
+        snap = step(data[4], trace=True)
     except Exception as e:  # noqa: BLE001 - the phases above still count
         print(f"memory trace failed: {type(e).__name__}: {e}", flush=True)
         snap = None
@@ -387,7 +394,9 @@ def main() -> int:
     ap.add_argument("--caps", default="E2B:16,E4B:24", help="GiB caps for the long rows")
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--profile", action="store_true", help="profile one compiled 1 x 2048 step (host vs GPU time)")
-    ap.add_argument("--memory", action="store_true", help="what is alive at one 1 x 2048 step's memory peak")
+    ap.add_argument("--memory", action="store_true",
+                    help="a 1 x 2048 step's memory: each phase's peak, the layers peaking highest, the tensors "
+                         "alive at the layers' backward peak")  # fmt: skip
     ap.add_argument("--fp16-probe", nargs="+", type=float, metavar="SCALE",
                     help="after the float16 row: the first ops that overflow at these loss scales")  # fmt: skip
     ap.add_argument("--steps", type=int, default=5)
