@@ -23,6 +23,7 @@ long), e.g. api:E4B:1:layers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -275,6 +276,32 @@ def run_hf(size: str, batch: int, new: int = NEW) -> dict:
     return out
 
 
+def set_inductor(settings: list[str]) -> None:
+    """KEY=VALUE pairs (ints, floats or words) set on torch._inductor.config; dotted keys reach
+    its sub-configs (triton.cudagraphs=0)."""
+    import torch._inductor.config as config
+
+    for item in settings:
+        key, _, text = item.partition("=")
+        value = {"true": True, "false": False}.get(text.lower(), text)
+        if isinstance(value, str):
+            try:
+                value = int(text)
+            except ValueError:
+                with contextlib.suppress(ValueError):
+                    value = float(text)
+        *path, name = key.split(".")
+        target = config
+        for part in path:
+            target = getattr(target, part)
+        if not hasattr(target, name):
+            raise SystemExit(f"--inductor: torch._inductor.config has no {key!r}")
+        if isinstance(getattr(target, name), bool):
+            value = bool(value)
+        setattr(target, name, value)
+        log(f"inductor: {key} = {value!r}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", default=["E2B", "E4B"])
@@ -293,7 +320,12 @@ def main() -> int:
     )
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip what starts after this many seconds")
     ap.add_argument("--wait-for", default=None, help="before the first timing, wait (up to 150 s) for this file")
+    ap.add_argument(
+        "--inductor", nargs="*", default=[], metavar="KEY=VALUE",
+        help="torch._inductor.config settings for every compile of the run, e.g. combo_kernels=1",
+    )  # fmt: skip
     args = ap.parse_args()
+    set_inductor(args.inductor)
     log(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
     # Most important first: checks and batch 1 of every size, then larger batches, then long context.
     plan = []
