@@ -279,7 +279,7 @@ def run_hf(size: str, batch: int, new: int = NEW) -> dict:
 def set_inductor(settings: list[str]) -> None:
     """KEY=VALUE pairs (ints, floats or words) set on torch._inductor.config; dotted keys reach
     its sub-configs (triton.cudagraphs=0)."""
-    import torch._inductor.config as config
+    from torch._inductor import config
 
     for item in settings:
         key, _, text = item.partition("=")

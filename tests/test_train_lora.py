@@ -97,3 +97,47 @@ def test_load_adapter_of_another_shape_is_one_line(tmp_path):
         f"{tmp_path / 'adapter'}: adapter tensor {tensor} has shape (4, {width + 1}), but "
         f"{tensor.removesuffix('.lora_A.weight')} needs (4, {width}): an adapter of another model (pass its base with --model)"
     )
+
+
+def test_bfloat16_adapter_products_keep_gradients_and_no_float32_activations(hf_dir):
+    """With float32 adapters on bfloat16 weights (what the training loop trains), the adapters'
+    products run in bfloat16: an adapted MLP's output and gradients stay within bfloat16 rounding
+    of a float32 copy's (as PEFT's float32 products do), and nothing of MLP width is kept for the
+    backward pass in float32 (PEFT kept the down projection's input as a float32 copy)."""
+    import copy
+
+    model = _lora_model(hf_dir)
+    exact = copy.deepcopy(model.model.layers[0].mlp)  # float32 throughout (PEFT's path for float32)
+    mlp = model.to(torch.bfloat16).model.layers[0].mlp
+    for p in mlp.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    x = torch.randn(2, 20, model.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    peft_mlp = copy.deepcopy(mlp)
+    for m in peft_mlp.modules():  # PEFT's own forward
+        m.__dict__.pop("forward", None)
+    width, runs = model.config.intermediate_size[0], []
+    for module, dtype in ((exact, torch.float32), (mlp, torch.bfloat16), (peft_mlp, torch.bfloat16)):
+        saved, xin = [], x.to(dtype).detach().requires_grad_()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, saved=saved: saved.append(t) or t, lambda t: t):
+            out = module(xin)
+        out.float().pow(2).sum().backward()
+        grads = {n: p.grad for n, p in module.named_parameters() if p.requires_grad}
+        wide32 = [
+            t
+            for t in saved
+            if t.dtype == torch.float32 and t.dim() and t.shape[-1] == width and t.numel() >= 40 * width
+        ]
+        runs.append((out.float(), xin.grad.float(), grads, wide32))
+    (ref_out, ref_dx, ref_grads, _), (out, dx, grads, wide32), (peft_out, peft_dx, peft_grads, peft_wide32) = runs
+    assert peft_wide32 and not wide32
+
+    def error(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    assert grads.keys() == ref_grads.keys() and len(grads) == 6
+    # bfloat16 rounding (the base products', also in PEFT's path) puts both 1-2% from float32
+    for ours, peft, ref, name in [(out, peft_out, ref_out, "output"), (dx, peft_dx, ref_dx, "input gradient")] + [
+        (grads[n], peft_grads[n], ref, n) for n, ref in ref_grads.items()
+    ]:
+        assert ours.dtype == torch.float32 and error(ours, ref) <= 1.5 * error(peft, ref) + 5e-3, name

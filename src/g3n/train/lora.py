@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import types
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import G3nError
 from ..model.save import TOKENIZER_FILES, atomic_dir, save_text_checkpoint, write_atomic
@@ -66,10 +68,43 @@ def add_lora(
     peft = _peft()
     targets = target_modules(attention, mlp, parts)
     config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
+    return _inject(model, config)
+
+
+def _inject(model, config):
+    """PEFT's adapters in `model` (base weights frozen), their products in the input's dtype."""
     model.requires_grad_(False)
-    peft.inject_adapter_in_model(config, model)
+    _peft().inject_adapter_in_model(config, model)
     model.lora_config = config
+    from peft.tuners.lora.layer import Linear
+
+    for module in model.modules():
+        if type(module) is Linear:  # not the 4-bit or Conv2d variants: those keep PEFT's forward
+            module.forward = types.MethodType(_forward_in_input_dtype, module)
     return model
+
+
+def _forward_in_input_dtype(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """PEFT's lora.Linear.forward with the adapter's two products in x's dtype when x is bfloat16.
+
+    The training loop keeps adapters in float32 (master weights for AdamW), so PEFT casts x to
+    float32 and adds a float32 product to the bfloat16 output: at E4B's MLP width a 2048-token row
+    makes three float32 (2048 x 16384) tensors of 128 MiB each (the down projection's input kept
+    for the backward pass, the gate's and up's adapter outputs and their gradients), which were a
+    third of the layers' backward peak (bench/train_gpu.py --memory). Here the float32 weights
+    are cast to bfloat16 for the products (autocast's rule; the cast's backward returns float32
+    gradients), so nothing of MLP width is float32. float16 and float32 inputs take PEFT's own
+    path: float16's adapter gradients need float32 products under loss scaling."""
+    plain = not (args or kwargs or self.disable_adapters or self.merged) and x.dtype == torch.bfloat16
+    variants, dora = getattr(self, "lora_variant", None) or {}, getattr(self, "use_dora", None) or {}
+    if not plain or any(name in variants or dora.get(name) for name in self.active_adapters):  # DoRA etc.
+        return type(self).forward(self, x, *args, **kwargs)
+    result = self.base_layer(x)
+    for name in self.active_adapters:
+        if name in self.lora_A:
+            a, b = self.lora_A[name].weight.to(x.dtype), self.lora_B[name].weight.to(x.dtype)
+            result = result + F.linear(F.linear(self.lora_dropout[name](x), a), b) * self.scaling[name]
+    return result
 
 
 def save_adapter(model, out_dir: str | Path, base_model: str = "") -> Path:
@@ -100,9 +135,7 @@ def load_adapter(model, adapter_dir: str | Path):
     if not config_path.is_file():
         raise G3nError(f"{config_path}: not found (a PEFT adapter directory is expected)")
     config = peft.LoraConfig.from_pretrained(str(adapter_dir))
-    model.requires_grad_(False)
-    peft.inject_adapter_in_model(config, model)
-    model.lora_config = config
+    _inject(model, config)
     state = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(adapter_dir / "adapter_model.safetensors").items()}
     params = dict(model.named_parameters())
     for key, tensor in state.items():
