@@ -99,11 +99,13 @@ def test_load_adapter_of_another_shape_is_one_line(tmp_path):
     )
 
 
-def test_bfloat16_adapter_products_keep_gradients_and_no_float32_activations(hf_dir):
+@pytest.mark.parametrize("backend", [None, "aot_eager"])
+def test_bfloat16_adapter_products_keep_gradients_and_no_float32_activations(hf_dir, backend):
     """With float32 adapters on bfloat16 weights (what the training loop trains), the adapters'
     products run in bfloat16: an adapted MLP's output and gradients stay within bfloat16 rounding
     of a float32 copy's (as PEFT's float32 products do), and nothing of MLP width is kept for the
-    backward pass in float32 (PEFT kept the down projection's input as a float32 copy)."""
+    backward pass in float32 (PEFT kept the down projection's input as a float32 copy), also
+    compiled (`backend`: training compiles the MLP)."""
     import copy
 
     model = _lora_model(hf_dir)
@@ -120,7 +122,7 @@ def test_bfloat16_adapter_products_keep_gradients_and_no_float32_activations(hf_
     for module, dtype in ((exact, torch.float32), (mlp, torch.bfloat16), (peft_mlp, torch.bfloat16)):
         saved, xin = [], x.to(dtype).detach().requires_grad_()
         with torch.autograd.graph.saved_tensors_hooks(lambda t, saved=saved: saved.append(t) or t, lambda t: t):
-            out = module(xin)
+            out = (torch.compile(module, backend=backend) if backend else module)(xin)
         out.float().pow(2).sum().backward()
         grads = {n: p.grad for n, p in module.named_parameters() if p.requires_grad}
         wide32 = [
