@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from g3n.model import recompute
+from g3n.train import lora_mlp
 from g3n.train.loss import IGNORE, causal_lm_loss, chunked_cross_entropy
 
 
@@ -104,6 +105,32 @@ def test_gradient_checkpointing_keeps_loss_and_gradients(hf_dir, packed, monkeyp
     assert len(results[0]) > 20
     for name in results[0]:
         torch.testing.assert_close(results[1][name], results[0][name], atol=1e-5, rtol=1e-4, msg=name)
+
+    # without dropout the MLPs take the fused LoRA path (train/lora_mlp.py), also inside recomputed,
+    # offloaded and compiled layers (where it runs between two compiled graphs)
+    for module in model.modules():
+        if hasattr(module, "lora_dropout"):
+            module.lora_dropout["default"] = torch.nn.Identity()
+    fused_calls = []
+    monkeypatch.setattr(lora_mlp._LoraMLP, "apply", _counting(lora_mlp._LoraMLP.apply, fused_calls))
+    results = []
+    for checkpointing, compiled in ((False, False), ("offload", False), ("offload", True), (True, True)):
+        model.model.gradient_checkpointing, model.model.compiled = checkpointing, compiled
+        model.zero_grad()
+        causal_lm_loss(model, ids, labels, None, segments).backward()
+        results.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert len(fused_calls) >= 4 * len(model.model.layers)  # every layer, and again in each recompute
+    for grads in results[1:]:
+        for name, ref in results[0].items():
+            assert (grads[name] - ref).abs().max() <= 5e-4 * ref.abs().max() + 1e-7, name
+
+
+def _counting(fn, calls: list):
+    def counted(*args):
+        calls.append(1)
+        return fn(*args)
+
+    return counted
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -78,21 +78,28 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, width, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, width, bias=False)
         self.down_proj = nn.Linear(width, cfg.hidden_size, bias=False)
+        self.activation = cfg.hidden_activation
         self.act = ACTIVATIONS[cfg.hidden_activation]
         sparsity = cfg.activation_sparsity_pattern[layer]
         self.std_multiplier = std_multiplier(sparsity) if sparsity > 0.0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = self.gate_proj(x)
-        if self.std_multiplier is not None:
-            # Gaussian top-k: keep what lies above mean + std * Phi^-1(sparsity) (biased std).
-            # float16 takes the statistics in float32: their backward sums `width` gradients per
-            # token, which overflowed float16 at a loss scale of 32 (E2B, bench/train_gpu.py).
-            stats = _upcast_float16(gate)
-            mult = torch.tensor(self.std_multiplier, dtype=torch.float32).to(stats.dtype)
-            cutoff = stats.mean(-1, keepdim=True) + stats.std(-1, keepdim=True, unbiased=False) * mult
-            gate = F.relu(stats - cutoff).to(gate.dtype)
-        return self.down_proj(self.act(gate) * self.up_proj(x))
+        return self.down_proj(self.act(self.sparsify(self.gate_proj(x))) * self.up_proj(x))
+
+    def sparsify(self, gate: torch.Tensor) -> torch.Tensor:
+        """The layer's Gaussian top-k (identity on dense layers): keep what lies above
+        mean + std * Phi^-1(sparsity) (biased std). float16 takes the statistics in float32: their
+        backward sums `width` gradients per token, which overflowed float16 at a loss scale of 32
+        (E2B, bench/train_gpu.py)."""
+        if self.std_multiplier is None:
+            return gate
+        stats = _upcast_float16(gate)
+        cutoff = stats.mean(-1, keepdim=True) + stats.std(-1, keepdim=True, unbiased=False) * self.multiplier(stats)
+        return F.relu(stats - cutoff).to(gate.dtype)
+
+    def multiplier(self, like: torch.Tensor) -> torch.Tensor:
+        """Phi^-1(sparsity) as transformers rounds it: float32, then like's dtype."""
+        return torch.tensor(self.std_multiplier, dtype=torch.float32).to(like.dtype)
 
 
 class AltUp(nn.Module):
