@@ -31,6 +31,7 @@ from g3n.config import text_config_from_dict
 from g3n.model import recompute
 from g3n.model.text import Gemma3nForCausalLM, RotaryEmbedding
 from g3n.train.lora import add_lora
+from g3n.train.lora_mlp import use_fused_mlp
 from g3n.train.loss import causal_lm_loss
 
 SIZES = {
@@ -40,6 +41,7 @@ SIZES = {
                  "vocab_size": 2048, "vocab_size_per_layer_input": 2000, "num_attention_heads": 4, "num_key_value_heads": 2,
                  "head_dim": 32, "hidden_size_per_layer_input": 16, "laurel_rank": 8, "sliding_window": 64},
 }  # fmt: skip
+FUSED_LORA_MLP = False  # --fused-lora-mlp: the training config's fused_lora_mlp for every g3n row
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GiB = 2**30
 
@@ -77,6 +79,8 @@ def lora_model(cfg, state, device: str, dtype, checkpointing, compiled: bool):
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
+    if FUSED_LORA_MLP:
+        use_fused_mlp(model)
     model.model.gradient_checkpointing, model.model.compiled = checkpointing, compiled
     return model
 
@@ -399,11 +403,14 @@ def main() -> int:
                          "alive at the layers' backward peak")  # fmt: skip
     ap.add_argument("--fp16-probe", nargs="+", type=float, metavar="SCALE",
                     help="after the float16 row: the first ops that overflow at these loss scales")  # fmt: skip
+    ap.add_argument("--fused-lora-mlp", action="store_true", help="g3n's rows with fused_lora_mlp: true")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--cpu-smoke", action="store_true")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args()
+    global FUSED_LORA_MLP
+    FUSED_LORA_MLP = args.fused_lora_mlp
     device = "cpu" if args.cpu_smoke else "cuda"
     sizes = ["tiny"] if args.cpu_smoke else args.sizes.split(",")
     speed = [(1, 64), (2, 64)] if args.cpu_smoke else [(1, 2048), (4, 2048)]

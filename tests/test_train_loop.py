@@ -44,6 +44,25 @@ def test_resume_continues_the_same_curve(dataset, tmp_path):
     assert resumed[-1]["eval_loss"] == whole[-1]["eval_loss"]
 
 
+def test_fused_lora_mlp_follows_the_same_curve(dataset, tmp_path, monkeypatch):
+    """`fused_lora_mlp: true` (the MLP's own backward, train/lora_mlp.py) trains the same run: the
+    losses and the final eval loss of the default path, in float32 on the CPU."""
+    from g3n.train import lora_mlp
+
+    calls = []
+    apply = lora_mlp._LoraMLP.apply
+    monkeypatch.setattr(lora_mlp._LoraMLP, "apply", lambda *a: calls.append(1) or apply(*a))
+    whole = train(_cfg(dataset, tmp_path / "a"), progress=False)
+    assert not calls
+    fused = train(_cfg(dataset, tmp_path / "b", fused_lora_mlp=True), progress=False)
+    assert calls
+    losses = [[h["loss"] for h in run if "loss" in h] for run in (whole, fused)]
+    assert len(losses[0]) == 6 and losses[1] == pytest.approx(losses[0], rel=1e-4)
+    assert fused[-1]["eval_loss"] == pytest.approx(whole[-1]["eval_loss"], rel=1e-4)
+    with pytest.raises(G3nError, match="config: fused_lora_mlp needs lora: true"):
+        load_train_config(None, ["lora=false", "fused_lora_mlp=true"])
+
+
 def test_output_dir_guard(dataset, tmp_path):
     train(_cfg(dataset, tmp_path / "r", max_steps=1), progress=False)
     with pytest.raises(G3nError, match="holds an earlier run"):

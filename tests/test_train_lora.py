@@ -173,9 +173,10 @@ def _mlp_runs(hf_dir, layer: int, dtype, device="cpu"):
     input gradient, adapter gradients, the most (tokens x width) buffers alive at once."""
     import copy
 
-    from g3n.train.lora_mlp import _forward
+    from g3n.train.lora_mlp import _forward, use_fused_mlp
 
     model = _lora_model(hf_dir).to(device)
+    use_fused_mlp(model)
     exact = copy.deepcopy(model.model.layers[layer].mlp)
     mlp = model.to(dtype).model.layers[layer].mlp
     for p in mlp.parameters():

@@ -106,11 +106,12 @@ def test_gradient_checkpointing_keeps_loss_and_gradients(hf_dir, packed, monkeyp
     for name in results[0]:
         torch.testing.assert_close(results[1][name], results[0][name], atol=1e-5, rtol=1e-4, msg=name)
 
-    # without dropout the MLPs take the fused LoRA path (train/lora_mlp.py), also inside recomputed,
+    # fused_lora_mlp without dropout: the MLPs take train/lora_mlp.py's path, also inside recomputed,
     # offloaded and compiled layers (where it runs between two compiled graphs)
     for module in model.modules():
         if hasattr(module, "lora_dropout"):
             module.lora_dropout["default"] = torch.nn.Identity()
+    lora_mlp.use_fused_mlp(model)
     fused_calls = []
     monkeypatch.setattr(lora_mlp._LoraMLP, "apply", _counting(lora_mlp._LoraMLP.apply, fused_calls))
     results = []

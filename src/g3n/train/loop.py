@@ -270,6 +270,7 @@ def _train(cfg: TrainConfig, d: Dist, resume: bool, overwrite: bool, progress: b
     from .. import load
     from ..model.load import resolve_model_dir
     from .lora import add_lora, merge_checkpoint, save_adapter, save_merged, save_model_dir
+    from .lora_mlp import use_fused_mlp
 
     if not cfg.train_data:
         raise G3nError("config: train_data names no file")
@@ -296,6 +297,8 @@ def _train(cfg: TrainConfig, d: Dist, resume: bool, overwrite: bool, progress: b
         for p in model.parameters():
             if p.requires_grad:  # adapters train in float32 whatever the base dtype (loss scaling needs it)
                 p.data = p.data.float()
+        if cfg.fused_lora_mlp:
+            use_fused_mlp(model)
     else:
         if half:
             raise G3nError("full fine-tuning in float16 needs float32 master weights; use bfloat16 or float32")

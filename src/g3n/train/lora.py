@@ -17,7 +17,6 @@ import torch.nn.functional as F
 
 from ..errors import G3nError
 from ..model.save import TOKENIZER_FILES, atomic_dir, save_text_checkpoint, write_atomic
-from .lora_mlp import use_fused_mlp
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -82,7 +81,6 @@ def _inject(model, config):
     for module in model.modules():
         if type(module) is Linear:  # not the 4-bit or Conv2d variants: those keep PEFT's forward
             module.forward = types.MethodType(_forward_in_input_dtype, module)
-    use_fused_mlp(model)
     return model
 
 

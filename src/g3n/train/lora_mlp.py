@@ -13,6 +13,11 @@ tensors at a time (five on the sparse layers, which recompute their Gaussian top
 Used for the bfloat16 and float32 inputs of an MLP whose three projections are plain PEFT LoRA
 Linears with one active adapter and no dropout, when gradients are on; anything else (float16,
 4-bit base weights, dropout, full fine-tuning, inference) keeps the model's own MLP forward.
+
+Opt-in (`fused_lora_mlp: true`): it runs eagerly between the compiled halves of a layer (a graph
+break: a traced graph would not keep the in-place reuse), which cost about 8% of the tokens/s at
+4 x 2048 on an H200 and more on long rows cut into tiles, against 0.13 GiB less at E4B 1 x 2048 and
+0.76 GiB at 4 x 2048 (docs/benchmarks.md, fifth session).
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ _GELU = {"gelu_pytorch_tanh": "tanh", "gelu": "none"}  # hidden_activation -> F.
 
 
 def use_fused_mlp(model) -> None:
-    """Give every decoder MLP of `model` whose projections carry LoRA adapters the fused forward."""
+    """Give every decoder MLP of `model` whose projections carry LoRA adapters the fused forward
+    (the training config's `fused_lora_mlp`; off by default, see the module's docstring)."""
     from peft.tuners.lora.layer import Linear
 
     from ..model.text import MLP
