@@ -137,16 +137,16 @@ def test_bfloat16_adapter_products_keep_gradients_and_no_float32_activations(hf_
         runs.append((out.float(), xin.grad.float(), grads, wide32))
     (ref_out, ref_dx, ref_grads, _), (out, dx, grads, wide32), (peft_out, peft_dx, peft_grads, peft_wide32) = runs
     assert peft_wide32 and not wide32
-
-    def error(a, b):
-        return ((a - b).norm() / b.norm()).item()
-
     assert grads.keys() == ref_grads.keys() and len(grads) == 6
     # bfloat16 rounding (the base products', also in PEFT's path) puts both 1-2% from float32
     for ours, peft, ref, name in [(out, peft_out, ref_out, "output"), (dx, peft_dx, ref_dx, "input gradient")] + [
         (grads[n], peft_grads[n], ref, n) for n, ref in ref_grads.items()
     ]:
-        assert ours.dtype == torch.float32 and error(ours, ref) <= 1.5 * error(peft, ref) + 5e-3, name
+        assert ours.dtype == torch.float32 and _error(ours, ref) <= 1.5 * _error(peft, ref) + 5e-3, name
+
+
+def _error(a, b) -> float:
+    return ((a - b).norm() / b.norm()).item()
 
 
 class _WideBuffers(TorchDispatchMode):
@@ -224,11 +224,8 @@ def test_fused_lora_mlp_in_bfloat16_reuses_its_buffers(hf_dir, layer, device):
     runs = _mlp_runs(hf_dir, layer, torch.bfloat16, device)
     (ref_out, ref_dx, ref_grads, _, _), (out, dx, grads, peak, _), (p_out, p_dx, p_grads, p_peak, _) = runs
 
-    def error(a, b):
-        return ((a - b).norm() / b.norm()).item()
-
     assert peak <= (4 if layer == 9 else 6) < p_peak, (peak, p_peak)
     for ours, peft, ref, name in [(out, p_out, ref_out, "output"), (dx, p_dx, ref_dx, "input gradient")] + [
         (grads[n], p_grads[n], ref, n) for n, ref in ref_grads.items()
     ]:
-        assert ours.dtype == torch.float32 and error(ours, ref) <= 1.5 * error(peft, ref) + 5e-3, name
+        assert ours.dtype == torch.float32 and _error(ours, ref) <= 1.5 * _error(peft, ref) + 5e-3, name
