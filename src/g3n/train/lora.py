@@ -96,8 +96,7 @@ def _forward_in_input_dtype(self, x: torch.Tensor, *args, **kwargs) -> torch.Ten
     gradients), so nothing of MLP width is float32. float16 and float32 inputs take PEFT's own
     path: float16's adapter gradients need float32 products under loss scaling."""
     plain = not (args or kwargs or self.disable_adapters or self.merged) and x.dtype == torch.bfloat16
-    variants, dora = getattr(self, "lora_variant", None) or {}, getattr(self, "use_dora", None) or {}
-    if not plain or any(name in variants or dora.get(name) for name in self.active_adapters):  # DoRA etc.
+    if not plain or any(is_variant(self, name) for name in self.active_adapters):
         return type(self).forward(self, x, *args, **kwargs)
     result = self.base_layer(x)
     for name in self.active_adapters:
@@ -105,6 +104,12 @@ def _forward_in_input_dtype(self, x: torch.Tensor, *args, **kwargs) -> torch.Ten
             a, b = self.lora_A[name].weight.to(x.dtype), self.lora_B[name].weight.to(x.dtype)
             result = result + F.linear(F.linear(self.lora_dropout[name](x), a), b) * self.scaling[name]
     return result
+
+
+def is_variant(linear, name: str) -> bool:
+    """Adapter `name` of a PEFT Linear is DoRA or another LoRA variant (PEFT's own forward only)."""
+    variants, dora = getattr(linear, "lora_variant", None) or {}, getattr(linear, "use_dora", None) or {}
+    return name in variants or bool(dora.get(name))
 
 
 def save_adapter(model, out_dir: str | Path, base_model: str = "") -> Path:

@@ -27,6 +27,8 @@ import types
 import torch
 import torch.nn.functional as F
 
+from .lora import is_variant
+
 _GELU = {"gelu_pytorch_tanh": "tanh", "gelu": "none"}  # hidden_activation -> F.gelu's `approximate`
 
 
@@ -52,7 +54,7 @@ def _adapter(linear):
     name = names[0]
     if name not in linear.lora_A or not isinstance(linear.lora_dropout[name], torch.nn.Identity):
         return None
-    if name in (getattr(linear, "lora_variant", None) or {}) or (getattr(linear, "use_dora", None) or {}).get(name):
+    if is_variant(linear, name):
         return None
     return linear.base_layer.weight, linear.lora_A[name].weight, linear.lora_B[name].weight, linear.scaling[name]
 
