@@ -112,8 +112,8 @@ def test_gradient_checkpointing_keeps_loss_and_gradients(hf_dir, packed, monkeyp
         if hasattr(module, "lora_dropout"):
             module.lora_dropout["default"] = torch.nn.Identity()
     lora_mlp.use_fused_mlp(model)
-    fused_calls = []
-    monkeypatch.setattr(lora_mlp._LoraMLP, "apply", _counting(lora_mlp._LoraMLP.apply, fused_calls))
+    fused_calls, apply = [], lora_mlp._LoraMLP.apply
+    monkeypatch.setattr(lora_mlp._LoraMLP, "apply", lambda *a: fused_calls.append(1) or apply(*a))
     results = []
     for checkpointing, compiled in ((False, False), ("offload", False), ("offload", True), (True, True)):
         model.model.gradient_checkpointing, model.model.compiled = checkpointing, compiled
@@ -124,14 +124,6 @@ def test_gradient_checkpointing_keeps_loss_and_gradients(hf_dir, packed, monkeyp
     for grads in results[1:]:
         for name, ref in results[0].items():
             assert (grads[name] - ref).abs().max() <= 5e-4 * ref.abs().max() + 1e-7, name
-
-
-def _counting(fn, calls: list):
-    def counted(*args):
-        calls.append(1)
-        return fn(*args)
-
-    return counted
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
