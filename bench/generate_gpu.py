@@ -238,7 +238,8 @@ def run_g3n(model, batch: int, kw: dict, prompt=PROMPT, new=NEW, profile=False, 
         torch.cuda.synchronize()
         decode = time.perf_counter() - start
     out.update(tok_s=round(batch * (new - 2) / decode, 1), ttft_s=round(ttft, 3),
-               peak_gib=round((torch.cuda.max_memory_allocated() - others) / 2**30, 2), compiled=gen.compiled)  # fmt: skip
+               peak_gib=round((torch.cuda.max_memory_allocated() - others) / 2**30, 2), compiled=gen.compiled,
+               kernels=engine.DECODE_KERNELS and gen.compiled)  # fmt: skip
     if gen.cuda_graph:
         out["replay_ms"] = replay_ms(gen)
     if profile and gen.cuda_graph:

@@ -13,7 +13,7 @@ that a CUDA graph can replay.
   (`model/ple_table.py`: only the current tokens' rows move, with no host round trip per token; if the
   table cannot be page-locked, the rows are gathered on the host before each replay).
 - Optionally the step is compiled with torch.compile before it is captured, through
-  `decode_layer` (inductor fuses the ~160 small kernels of a layer: norms, AltUp, casts,
+  `decode_layer_cached` (inductor fuses the ~160 small kernels of a layer: norms, AltUp, casts,
   attention). `compile=True` / G3N_COMPILE=1 compiles the whole step as one graph (E2B 238 tokens/s
   on an H200 against 87 uncompiled; compiling takes 75-120 s, E2B-E4B); `compile="layers"` /
   G3N_COMPILE=layers compiles `decode_layer_cached` once per kind of layer (6 graphs for E2B and
@@ -35,10 +35,13 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
+from functools import partial
 
 import torch
+import torch._inductor.config
 
 from .config import FULL, SLIDING, TextConfig
+from .model import altup_kernels, fused_weights
 from .model.ple_table import device_view
 from .model.quant import is_4bit
 from .model.text import apply_rope, build_mask
@@ -66,45 +69,50 @@ class StaticCache:
         return real & (key_index >= 0)[None]
 
 
-def _attend(attn, x, cos, sin, k, v, mask):
-    """Attention.forward for one query position as float32 broadcast sums: the query heads that
-    share a K/V head are grouped (no K/V copy per head), and a compiler turns scores, softmax and
-    the weighted sum into a few reductions that read the cache once (in a compiled E2B step on an
-    H200, cuDNN's attention kernel took 36 us per layer, a quarter of the step's GPU time)."""
-    batch, group = x.shape[0], attn.n_heads // attn.n_kv_heads
-    q = apply_rope(attn.q_norm(attn.q_proj(x).view(batch, 1, -1, attn.head_dim)), cos, sin)
+def _attend(attn, q, cos, sin, k, v, mask):
+    """Attention.forward for one query position, from its q projection, as float32 broadcast sums:
+    the query heads that share a K/V head are grouped (no K/V copy per head), and a compiler turns
+    scores, softmax and the weighted sum into a few reductions that read the cache once (in a
+    compiled E2B step on an H200, cuDNN's attention kernel took 36 us per layer, a quarter of the
+    step's GPU time)."""
+    batch, group, dtype = q.shape[0], attn.n_heads // attn.n_kv_heads, q.dtype
+    q = apply_rope(attn.q_norm(q.view(batch, 1, -1, attn.head_dim)), cos, sin)
     q = q.reshape(batch, attn.n_kv_heads, group, 1, attn.head_dim).float()
     scores = (q * k[:, :, None].float()).sum(-1)  # (batch, kv_heads, group, keys); scaling 1.0
     probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
-    out = (probs[..., None] * v[:, :, None].float()).sum(-2).to(x.dtype)
+    out = (probs[..., None] * v[:, :, None].float()).sum(-2).to(dtype)
     return attn.o_proj(out.reshape(batch, 1, -1))
 
 
-def decode_layer(layer, streams, per_layer_input, cos, sin, kv_for, mask):
-    """DecoderLayer.forward for one new token per row, its attention as float32 broadcast sums
-    (`_attend`; AltUp's tiny matrices are such sums too under compile, `small_linear`): fewer,
+def decode_layer_cached(layer, streams, per_layer_input, cos, sin, kbuf, vbuf, slots, mask):
+    """DecoderLayer.forward for one new token per row, reading and writing the cache's buffers
+    directly: a K/V-computing layer writes its new K/V at `slots` of `kbuf`/`vbuf` and attends to
+    them, a KV-shared layer attends to its source's. Its attention is float32 broadcast sums
+    (`_attend`; AltUp's tiny matrices are such sums too under compile, `small_linear`) and the
+    projections that read one input run as one product where fused (`fused_weights`): fewer,
     fusable kernels for a compiled decode step (tests compare it with the layer itself and with
     transformers). Eagerly the broadcasts would be materialised, so uncompiled decoding keeps the
-    model's own layers."""
-    predictions, normed, laurel = layer.begin(streams)
-    k, v = kv_for(layer.self_attn, normed)
-    return layer.end(predictions, _attend(layer.self_attn, normed, cos, sin, k, v, mask), laurel, per_layer_input)
-
-
-def decode_layer_cached(layer, streams, per_layer_input, cos, sin, kbuf, vbuf, slots, mask):
-    """decode_layer reading and writing the cache's buffers directly: a K/V-computing layer writes
-    its new K/V at `slots` of `kbuf`/`vbuf` and attends to them, a KV-shared layer attends to its
-    source's. Nothing here depends on the layer's index, so one compiled function serves every
-    layer of the same kind (the per-layer compile, `compile="layers"`)."""
-
-    def kv_for(attn, normed):
-        if not attn.kv_shared:
-            k, v = attn.project_kv(normed, cos, sin)
-            kbuf.index_copy_(2, slots, k)
-            vbuf.index_copy_(2, slots, v)
-        return kbuf, vbuf
-
-    return decode_layer(layer, streams, per_layer_input, cos, sin, kv_for, mask)
+    model's own layers. Nothing here depends on the layer's index, so one compiled function serves
+    every layer of the same kind (the per-layer compile, `compile="layers"`)."""
+    attn = layer.self_attn
+    kernels = DECODE_KERNELS and altup_kernels.usable(streams, layer.cfg)
+    if kernels:
+        predictions, normed = altup_kernels.predict_and_norm(layer, streams)
+    else:
+        predictions = layer.altup.predict(streams)
+        normed = layer.input_layernorm(predictions[layer.cfg.altup_active_idx])
+    q, k, v, left = fused_weights.in_projections(layer, normed)
+    if not attn.kv_shared:
+        k, v = attn.finish_kv(k, v, cos, sin)
+        kbuf.index_copy_(2, slots, k)
+        vbuf.index_copy_(2, slots, v)
+    out = _attend(attn, q, cos, sin, kbuf, vbuf, mask)
+    mlp = layer.mlp
+    end = partial(altup_kernels.decode_end, layer) if kernels else layer.end
+    return end(
+        predictions, out, layer.laurel.finish(normed, left), per_layer_input,
+        mlp=lambda x: mlp.finish(*fused_weights.gate_up(mlp, x)),
+    )  # fmt: skip
 
 
 def forward_cached(
@@ -113,7 +121,7 @@ def forward_cached(
     """Hidden states of `ids` (batch, T) at cache positions `index` (T,), written into `cache`.
 
     T == 1 is the decode step (fixed shapes; `index` a device tensor); T > 1 a prefill chunk.
-    `fused`: decode through `decode_layer` (the compiled step's layers); `embeds`: the chunk's
+    `fused`: decode through `decode_layer_cached` (the compiled step's layers); `embeds`: the chunk's
     input embeddings when images/audio are merged in.
     """
     cfg, body = model.config, model.model
@@ -184,30 +192,40 @@ def decode_logits(model, cache: StaticCache, tokens, ple_rows, index, fused=Fals
 # instead of 75 s (beside a test compiling at the same time; its logits passed the same checks;
 # its speed is not measured yet).
 GEMV_TUNING = os.environ.get("G3N_GEMV_TUNING", "0") == "1"
-_compiled_decode: dict[bool, object] = {}
+# Projections that read one input run as one product in the compiled step (model/fused_weights.py).
+FUSE_WEIGHTS = os.environ.get("G3N_FUSE_WEIGHTS", "1") == "1"
+# AltUp's chains of tiny reductions as three Triton kernels per layer (model/altup_kernels.py).
+DECODE_KERNELS = os.environ.get("G3N_DECODE_KERNELS", "0") == "1"
+_compiled: dict[tuple, object] = {}
+
+
+def _inductor_options(tuned: bool) -> dict:
+    """Programmatic dependent launch where this torch has it (Hopper and later GPUs; inductor leaves
+    it out elsewhere): each kernel is launched while its predecessor finishes (E2B decode on an H200:
+    3.0% more tokens/s, E4B 3.0%)."""
+    options = {"coordinate_descent_tuning": True} if tuned else {}
+    if hasattr(torch._inductor.config.triton, "enable_pdl"):
+        options["triton.enable_pdl"] = True
+    return options
+
+
+def _compile(fn):
+    """fn under torch.compile, one per process and GEMV_TUNING setting (compiled code is cached per shape)."""
+    key = (fn, GEMV_TUNING)
+    if key not in _compiled:
+        _compiled[key] = torch.compile(fn, fullgraph=True, dynamic=False, options=_inductor_options(GEMV_TUNING))
+    return _compiled[key]
 
 
 def compiled_decode():
-    """decode_logits under torch.compile (one per process and GEMV_TUNING setting: compiled code
-    is cached per shape)."""
-    tuned = GEMV_TUNING
-    if tuned not in _compiled_decode:
-        options = {"coordinate_descent_tuning": True} if tuned else None
-        _compiled_decode[tuned] = torch.compile(decode_logits, fullgraph=True, dynamic=False, options=options)
-    return _compiled_decode[tuned]
-
-
-_compiled_layers: dict[bool, object] = {}
+    """decode_logits under torch.compile: the whole step as one graph."""
+    return _compile(decode_logits)
 
 
 def _compiled_layer():
     """decode_layer_cached under torch.compile: compiled once per kind of layer (sliding or full,
     K/V computed or shared, sparse or dense MLP, width), not once for the whole step."""
-    tuned = GEMV_TUNING
-    if tuned not in _compiled_layers:
-        options = {"coordinate_descent_tuning": True} if tuned else None
-        _compiled_layers[tuned] = torch.compile(decode_layer_cached, fullgraph=True, dynamic=False, options=options)
-    return _compiled_layers[tuned]
+    return _compile(decode_layer_cached)
 
 
 def _strict_dynamo():
@@ -231,7 +249,7 @@ class Generator:
 
     On CUDA `step` is captured as a CUDA graph at its first call (`cuda_graph=False`: eager steps),
     compiled first when `compile` is True (the whole step) or "layers" (each kind of layer;
-    default: G3N_COMPILE=1 or =layers in the environment); `fused`: decode through `decode_layer`
+    default: G3N_COMPILE=1 or =layers in the environment); `fused`: decode through `decode_layer_cached`
     (default: when compiling; otherwise the model's own layers).
     """
 
@@ -255,6 +273,8 @@ class Generator:
             compile = False
         self.compile = compile if self.cuda_graph else False
         self.fused = self.compile if fused is None else fused
+        if self.fused and FUSE_WEIGHTS:
+            fused_weights.fuse(model)
         if self.compile:
             max_len = cache_bucket(max_len, model.config.max_position_embeddings)
         self.cache = StaticCache(model.config, batch, max_len, self.device, model.dtype)
@@ -340,8 +360,8 @@ class Generator:
         if self.compile == "layers":  # the graph runs the step uncompiled, each layer compiled
             try:
                 # one graph per kind of layer, batch size and cache bucket (dynamo's default limit: 8)
-                with _strict_dynamo(), torch._dynamo.config.patch(recompile_limit=256):
-                    self._warm_up(run, step, (*inputs, "layers"))
+                with torch._dynamo.config.patch(recompile_limit=256):
+                    self._warm_up_compiled(run, step, (*inputs, "layers"))
                 self.compiled, self.fused = True, "layers"
             except Exception as e:  # noqa: BLE001 - any compiler failure: decode uncompiled
                 warnings.warn(
@@ -350,8 +370,7 @@ class Generator:
                 self.fused = False
         elif self.compile:
             try:
-                with _strict_dynamo():
-                    self._warm_up(run, compiled_decode(), (*inputs, self.fused))
+                self._warm_up_compiled(run, compiled_decode(), (*inputs, self.fused))
                 step, self.compiled = compiled_decode(), True
             except Exception as e:  # noqa: BLE001 - any compiler failure: decode uncompiled
                 warnings.warn(f"torch.compile of the decode step failed, decoding uncompiled: {type(e).__name__}: {e}")
@@ -362,6 +381,23 @@ class Generator:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.static_logits = run(step, args)
+
+    @classmethod
+    def _warm_up_compiled(cls, run, step, args):
+        """Warm up (so compile) a compiled step; if it fails with the AltUp kernels, which only
+        this compiler can trace, once more without them (for the rest of the process)."""
+        global DECODE_KERNELS
+        with _strict_dynamo():
+            try:
+                cls._warm_up(run, step, args)
+            except Exception as e:
+                if not DECODE_KERNELS:
+                    raise
+                warnings.warn(
+                    f"the AltUp decode kernels failed to compile, compiling without them: {type(e).__name__}: {e}"
+                )
+                DECODE_KERNELS = False
+                cls._warm_up(run, step, args)
 
     @staticmethod
     def _warm_up(run, step, args):

@@ -62,7 +62,11 @@ class Laurel(nn.Module):
         self.post_laurel_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.post_laurel_norm(self.linear_right(self.linear_left(x)))
+        return self.finish(x, self.linear_left(x))
+
+    def finish(self, x: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
+        """The output from x and its left projection (computed elsewhere: fused_weights)."""
+        return x + self.post_laurel_norm(self.linear_right(left))
 
 
 def std_multiplier(sparsity: float) -> float:
@@ -84,7 +88,11 @@ class MLP(nn.Module):
         self.std_multiplier = std_multiplier(sparsity) if sparsity > 0.0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.sparsify(self.gate_proj(x))) * self.up_proj(x))
+        return self.finish(self.gate_proj(x), self.up_proj(x))
+
+    def finish(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """The output from the gate and up projections (computed elsewhere: fused_weights)."""
+        return self.down_proj(self.act(self.sparsify(gate)) * up)
 
     def sparsify(self, gate: torch.Tensor) -> torch.Tensor:
         """The layer's Gaussian top-k (identity on dense layers): keep what lies above
@@ -200,9 +208,13 @@ class Attention(nn.Module):
 
     def project_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """New keys and values for x, shaped (batch, kv_heads, seq, dim)."""
-        shape = (*x.shape[:-1], -1, self.head_dim)
-        k = apply_rope(self.k_norm(self.k_proj(x).view(shape)), cos, sin).transpose(1, 2)
-        v = self.v_norm(self.v_proj(x).view(shape)).transpose(1, 2)
+        return self.finish_kv(self.k_proj(x), self.v_proj(x), cos, sin)
+
+    def finish_kv(self, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Keys and values from their projections (batch, seq, kv_heads * dim): norms, RoPE on keys."""
+        shape = (*k.shape[:-1], -1, self.head_dim)
+        k = apply_rope(self.k_norm(k.view(shape)), cos, sin).transpose(1, 2)
+        v = self.v_norm(v.view(shape)).transpose(1, 2)
         return k, v
 
     def forward(self, x, cos, sin, k, v, mask):
@@ -328,12 +340,14 @@ class DecoderLayer(nn.Module):
         normed = self.input_layernorm(predictions[self.cfg.altup_active_idx])
         return predictions, normed, self.laurel(normed)
 
-    def end(self, predictions, attn, laurel, per_layer_input):
-        """After attention: residuals, MLP, AltUp's correction and the per-layer input."""
+    def end(self, predictions, attn, laurel, per_layer_input, mlp=None):
+        """After attention: residuals, MLP (`mlp`: a function to run instead of self.mlp), AltUp's
+        correction and the per-layer input."""
         active = self.cfg.altup_active_idx
         x = predictions[active]
         h = (x + self.post_attention_layernorm(attn) + laurel) / math.sqrt(2)
-        h = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        normed = self.pre_feedforward_layernorm(h)
+        h = h + self.post_feedforward_layernorm(self.mlp(normed) if mlp is None else mlp(normed))
         corrected = self.altup.correct(predictions, h)
 
         first = corrected[active]

@@ -1,0 +1,234 @@
+"""Hand-written Triton kernels for AltUp's chains of tiny reductions in the decode step.
+
+At batch 1 a compiled decode layer is ~26 kernels of a few microseconds each, and AltUp's are
+chains of reductions over one hidden vector that inductor cannot put in one kernel (each
+reduction waits for the last): router norm -> router (4 outputs) -> tanh -> 16 coefficients ->
+the 4 mixed streams -> the input norm before attention (5 kernels), and after the MLP its norm
+and residual -> router norm -> router -> coefficients -> correction (4 kernels), then the
+per-layer input's norm and residual (2). Here each chain is one program per token row, which
+holds the row's 4 streams in registers: 3 kernels instead of 11.
+
+The arithmetic rounds to bfloat16 where the PyTorch code does (model/text.py: AltUp, RMSNorm,
+DecoderLayer.end), so the kernels are as close to float32 as eager bfloat16 is; only the order of
+the float32 sums differs. Used for bfloat16 CUDA tensors when Triton is there (`usable`), else
+the PyTorch code runs. Tests run the kernels on the CPU through Triton's interpreter.
+"""
+
+import contextlib
+import math
+import os
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton (CPU-only installs): the PyTorch code runs
+    triton = None
+
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
+
+
+def usable(x: torch.Tensor, cfg) -> bool:
+    """Whether the kernels can run on x: bfloat16 (their rounding), on CUDA (or the CPU under
+    Triton's interpreter), a power-of-two number of streams."""
+    n = cfg.altup_num_inputs
+    return (
+        triton is not None
+        and x.dtype == torch.bfloat16
+        and (x.device.type == "cuda" or (INTERPRET and x.device.type == "cpu"))
+        and n & (n - 1) == 0
+    )
+
+
+if triton is not None:
+
+    @triton.jit
+    def _bf16(x):
+        # x rounded to the nearest bfloat16 (ties to even), kept in float32. By bits, because
+        # Triton's CPU interpreter truncates in .to(tl.bfloat16) where GPUs round.
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return ((bits >> 16) << 16).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _rms_norm(x, w, H: tl.constexpr, eps):
+        # RMSNorm in float32 with weight w, rounded to bfloat16
+        return _bf16(x * (1.0 / tl.sqrt(tl.sum(x * x, 0) / H + eps)) * w)
+
+    @triton.jit
+    def _tanh(x):
+        return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+    @triton.jit
+    def _modalities(x, rn_w_ptr, router_ptr, offs, m, kk, H: tl.constexpr, eps):
+        # AltUp._modalities: tanh(router(router_norm(x) / H)), (N,) rounded as bfloat16
+        normed = _rms_norm(x, tl.load(rn_w_ptr + offs, mask=m, other=0.0).to(tl.float32), H, eps)
+        t = _bf16(normed * _bf16(tl.full([], 1.0 / H, tl.float32)))
+        w = tl.load(router_ptr + kk[:, None] * H + offs[None, :], mask=m[None, :], other=0.0).to(tl.float32)
+        return _bf16(_tanh(_bf16(tl.sum(w * t[None, :], 1))))
+
+    @triton.jit
+    def _pick(vec, idx, k):
+        return tl.sum(tl.where(idx == k, vec, 0.0), 0)
+
+    @triton.jit
+    def _predict_kernel(
+        x_ptr, rn_w_ptr, router_ptr, coef_ptr, in_w_ptr, pred_ptr, normed_ptr, stream_stride, eps,
+        H: tl.constexpr, BLOCK: tl.constexpr, N: tl.constexpr, ACTIVE: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        m = offs < H
+        kk = tl.arange(0, N)
+        oo = tl.arange(0, N * N)
+        base = row * H + offs
+        xa = tl.load(x_ptr + ACTIVE * stream_stride + base, mask=m, other=0.0).to(tl.float32)
+        modal = _modalities(xa, rn_w_ptr, router_ptr, offs, m, kk, H, eps)
+        p = tl.load(coef_ptr + oo[:, None] * N + kk[None, :]).to(tl.float32)  # (N*N, N)
+        coefs = _bf16(tl.sum(p * modal[None, :], 1))  # coefs[j * N + i]: stream i's weight in prediction j
+        for j in tl.static_range(N):
+            acc = tl.zeros([BLOCK], dtype=tl.float32)
+            for i in tl.static_range(N):
+                xi = tl.load(x_ptr + i * stream_stride + base, mask=m, other=0.0).to(tl.float32)
+                acc += xi * _pick(coefs, oo, j * N + i)
+            xj = tl.load(x_ptr + j * stream_stride + base, mask=m, other=0.0).to(tl.float32)
+            pred = _bf16(_bf16(acc) + xj)
+            tl.store(pred_ptr + j * stream_stride + base, pred.to(tl.bfloat16), mask=m)
+            if j == ACTIVE:
+                w = tl.load(in_w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+                tl.store(normed_ptr + base, _rms_norm(pred, w, H, eps).to(tl.bfloat16), mask=m)
+
+    @triton.jit
+    def _correct_kernel(
+        pred_ptr, h_ptr, mlp_ptr, pf_w_ptr, rn_w_ptr, router_ptr, corr_ptr, scale_ptr, out_ptr, first_ptr,
+        stream_stride, eps, H: tl.constexpr, BLOCK: tl.constexpr, N: tl.constexpr, ACTIVE: tl.constexpr,
+        SCALE_FIRST: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        m = offs < H
+        kk = tl.arange(0, N)
+        base = row * H + offs
+        mlp = tl.load(mlp_ptr + base, mask=m, other=0.0).to(tl.float32)
+        pf_w = tl.load(pf_w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        h = _bf16(tl.load(h_ptr + base, mask=m, other=0.0).to(tl.float32) + _rms_norm(mlp, pf_w, H, eps))
+        modal = _modalities(h, rn_w_ptr, router_ptr, offs, m, kk, H, eps)
+        c = tl.load(corr_ptr + kk[:, None] * N + kk[None, :]).to(tl.float32)  # (N, N)
+        coefs = _bf16(_bf16(tl.sum(c * modal[None, :], 1)) + 1.0)
+        pa = tl.load(pred_ptr + ACTIVE * stream_stride + base, mask=m, other=0.0).to(tl.float32)
+        innovation = _bf16(h - pa)
+        for i in tl.static_range(N):
+            pi = tl.load(pred_ptr + i * stream_stride + base, mask=m, other=0.0).to(tl.float32)
+            out = _bf16(_bf16(innovation * _pick(coefs, kk, i)) + pi)
+            tl.store(out_ptr + i * stream_stride + base, out.to(tl.bfloat16), mask=m)
+            if i == ACTIVE:
+                if SCALE_FIRST:
+                    out = _bf16(out * tl.load(scale_ptr + offs, mask=m, other=0.0).to(tl.float32))
+                tl.store(first_ptr + base, out.to(tl.bfloat16), mask=m)
+
+    @triton.jit
+    def _ple_residual_kernel(
+        corr_ptr, ple_ptr, w_ptr, out_ptr, stream_stride, eps, H: tl.constexpr, BLOCK: tl.constexpr, N: tl.constexpr
+    ):
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        m = offs < H
+        base = row * H + offs
+        w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        ple = _rms_norm(tl.load(ple_ptr + base, mask=m, other=0.0).to(tl.float32), w, H, eps)
+        tl.store(out_ptr + base, tl.load(corr_ptr + base, mask=m, other=0.0), mask=m)
+        for i in tl.static_range(1, N):
+            ci = tl.load(corr_ptr + i * stream_stride + base, mask=m, other=0.0).to(tl.float32)
+            tl.store(out_ptr + i * stream_stride + base, _bf16(ci + ple).to(tl.bfloat16), mask=m)
+
+
+def _launch(kernel, rows: int, x: torch.Tensor, *args, **constants):
+    """One program per token row (H, N from x: (N, ..., H)); on x's device."""
+    H = x.shape[-1]
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        kernel[(rows,)](*args, H=H, BLOCK=triton.next_power_of_2(H), N=x.shape[0], num_warps=8, **constants)
+
+
+# Custom ops: torch.compile keeps them opaque (an extern call inside the compiled layer, launched
+# by the op itself), so no compiler has to trace the kernels.
+@torch.library.custom_op("g3n::altup_predict", mutates_args=())
+def _predict_op(
+    streams: Tensor, rn_w: Tensor, router: Tensor, coefs: Tensor, in_w: Tensor, eps: float, active: int
+) -> tuple[Tensor, Tensor]:
+    streams = streams.contiguous()
+    predictions, normed = torch.empty_like(streams), torch.empty_like(streams[0])
+    _launch(_predict_kernel, streams[0].numel() // streams.shape[-1], streams, streams, rn_w, router, coefs, in_w,
+            predictions, normed, streams.stride(0), eps, ACTIVE=active)  # fmt: skip
+    return predictions, normed
+
+
+@_predict_op.register_fake
+def _(streams, rn_w, router, coefs, in_w, eps, active):
+    return torch.empty_like(streams), torch.empty_like(streams[0])
+
+
+@torch.library.custom_op("g3n::altup_correct", mutates_args=())
+def _correct_op(
+    predictions: Tensor, h: Tensor, mlp_out: Tensor, pf_w: Tensor, rn_w: Tensor, router: Tensor, corr: Tensor,
+    out_scale: Tensor, eps: float, active: int, scale_first: bool,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    predictions = predictions.contiguous()
+    corrected, first = torch.empty_like(predictions), torch.empty_like(predictions[0])
+    _launch(_correct_kernel, h.numel() // h.shape[-1], predictions, predictions, h.contiguous(), mlp_out.contiguous(),
+            pf_w, rn_w, router, corr, out_scale, corrected, first, predictions.stride(0), eps, ACTIVE=active,
+            SCALE_FIRST=scale_first)  # fmt: skip
+    return corrected, first
+
+
+@_correct_op.register_fake
+def _(predictions, h, mlp_out, pf_w, rn_w, router, corr, out_scale, eps, active, scale_first):
+    return torch.empty_like(predictions), torch.empty_like(predictions[0])
+
+
+@torch.library.custom_op("g3n::add_per_layer_input", mutates_args=())
+def _ple_op(corrected: Tensor, projected: Tensor, w: Tensor, eps: float) -> Tensor:
+    corrected = corrected.contiguous()
+    out = torch.empty_like(corrected)
+    _launch(_ple_residual_kernel, projected.numel() // projected.shape[-1], corrected, corrected,
+            projected.contiguous(), w, out, corrected.stride(0), eps)  # fmt: skip
+    return out
+
+
+@_ple_op.register_fake
+def _(corrected, projected, w, eps):
+    return torch.empty_like(corrected)
+
+
+def predict_and_norm(layer, streams: torch.Tensor):
+    """AltUp.predict(streams) and input_layernorm of the active prediction, as one kernel.
+    streams: (n, batch, seq, hidden); returns (predictions like streams, normed)."""
+    cfg, altup = layer.cfg, layer.altup
+    return _predict_op(streams, altup.router_norm.weight, altup.modality_router.weight, altup.prediction_coefs.weight,
+                       layer.input_layernorm.weight, cfg.rms_norm_eps, cfg.altup_active_idx)  # fmt: skip
+
+
+def correct(layer, predictions: torch.Tensor, h: torch.Tensor, mlp_out: torch.Tensor):
+    """h + post_feedforward_layernorm(mlp_out), then AltUp.correct and the scaled first stream,
+    as one kernel: returns (corrected streams, first)."""
+    cfg, altup = layer.cfg, layer.altup
+    return _correct_op(predictions, h, mlp_out, layer.post_feedforward_layernorm.weight, altup.router_norm.weight,
+                       altup.modality_router.weight, altup.correction_coefs.weight, altup.correct_output_scale,
+                       cfg.rms_norm_eps, cfg.altup_active_idx, bool(cfg.altup_correct_scale))  # fmt: skip
+
+
+def add_per_layer_input(layer, corrected: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
+    """Streams 1.. plus post_per_layer_input_norm(projected), stream 0 as it is, as one kernel."""
+    return _ple_op(corrected, projected, layer.post_per_layer_input_norm.weight, layer.cfg.rms_norm_eps)
+
+
+def decode_end(layer, predictions, attn, laurel, per_layer_input, mlp=None):
+    """DecoderLayer.end through the kernels (same arithmetic; `mlp`: the MLP to run)."""
+    x = predictions[layer.cfg.altup_active_idx]
+    h = (x + layer.post_attention_layernorm(attn) + laurel) / math.sqrt(2)
+    normed = layer.pre_feedforward_layernorm(h)
+    corrected, first = correct(layer, predictions, h, layer.mlp(normed) if mlp is None else mlp(normed))
+    gated = layer.act(layer.per_layer_input_gate(first)) * per_layer_input
+    return add_per_layer_input(layer, corrected, layer.per_layer_projection(gated))
