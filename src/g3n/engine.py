@@ -14,17 +14,21 @@ that a CUDA graph can replay.
   table cannot be page-locked, the rows are gathered on the host before each replay).
 - Optionally the step is compiled with torch.compile before it is captured, through
   `decode_layer_cached` (inductor fuses the ~160 small kernels of a layer: norms, AltUp, casts,
-  attention). `compile=True` / G3N_COMPILE=1 compiles the whole step as one graph (E2B 238 tokens/s
-  on an H200 against 87 uncompiled; compiling takes 75-120 s, E2B-E4B); `compile="layers"` /
+  attention; q/k/v/Laurel-left and gate/up run as one product each, `model/fused_weights.py`;
+  kernels use programmatic dependent launch where torch has it). `compile="layers"` /
   G3N_COMPILE=layers compiles `decode_layer_cached` once per kind of layer (6 graphs for E2B and
-  E4B) and runs the rest of the step uncompiled inside the same graph (E2B 236, E4B 180 tokens/s;
-  compiling takes 16-30 s). Either pays off only after some thousands of tokens, so compiling is
-  off by default (for servers and long runs). If compiling fails the uncompiled step is captured
-  instead and a warning says why. G3N_GEMV_TUNING=1 adds inductor's coordinate-descent tuning,
-  which also writes the batch-1 matrix-vector products (about 60% of the compiled step's GPU
-  time, in cuBLAS) as fused, tuned reductions: correct on an H200, but its compile took 242 s
-  for the whole E2B step and its speed is not measured yet. A model with 4-bit weights
-  (bitsandbytes) is not compiled: its step is captured uncompiled, with a warning.
+  E4B) and runs the rest of the step uncompiled inside the same graph (on an H200 at batch 1: E2B
+  268-270 tokens/s, E4B 197-199, against 87 and 73 uncompiled; compiling takes 20-35 s);
+  `compile=True` / G3N_COMPILE=1 compiles the whole step as one graph (75-120 s). Either pays off
+  only after some thousands of tokens, so compiling is off by default (for servers and long
+  runs). If compiling fails the uncompiled step is captured instead and a warning says why.
+  G3N_GEMV_TUNING=1 adds inductor's coordinate-descent tuning, which writes the batch-1
+  matrix-vector products as fused, tuned reductions instead of cuBLAS calls (E2B 297-316 tokens/s,
+  for 150-190 s of compiling). G3N_DECODE_KERNELS=1 runs AltUp's chains of tiny reductions as
+  three hand-written Triton kernels per layer (`model/altup_kernels.py`; tested on the CPU through
+  Triton's interpreter, not yet measured on a GPU; if they fail to compile, the step compiles
+  without them, with a warning). A model with 4-bit weights (bitsandbytes) is not compiled: its
+  step is captured uncompiled, with a warning.
 - Compiled code is specialised to the cache's shapes, so with compiling on the cache length is
   rounded up to a power of two (at least 1024, at most the context): one compile serves every
   request of that bucket and batch size.
@@ -188,9 +192,8 @@ def decode_logits(model, cache: StaticCache, tokens, ple_rows, index, fused=Fals
 
 # Inductor's coordinate-descent tuning (G3N_GEMV_TUNING=1): inductor then also decomposes batch-1
 # matrix-vector products into reductions it fuses with their neighbours and tunes, instead of one
-# cuBLAS call each. Off by default: on an H200 it made the whole-step E2B compile take 242 s
-# instead of 75 s (beside a test compiling at the same time; its logits passed the same checks;
-# its speed is not measured yet).
+# cuBLAS call each. Off by default: on an H200 it gave E2B 297-316 tokens/s against 268-270
+# (per-layer compile) for 150-190 s of compiling instead of 20-35 s.
 GEMV_TUNING = os.environ.get("G3N_GEMV_TUNING", "0") == "1"
 # Projections that read one input run as one product in the compiled step (model/fused_weights.py).
 FUSE_WEIGHTS = os.environ.get("G3N_FUSE_WEIGHTS", "1") == "1"

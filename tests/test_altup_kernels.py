@@ -1,0 +1,117 @@
+"""The AltUp Triton kernels of the decode step (model/altup_kernels.py), run on the CPU by Triton's
+interpreter: this module runs itself again in a subprocess with TRITON_INTERPRET=1 (Triton reads
+it when kernels are defined), where the real tests are collected."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+
+    def test_kernels_under_the_triton_interpreter():
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        run = subprocess.run(
+            [sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", __file__],
+            env=env, capture_output=True, text=True, timeout=1200,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+        assert "5 passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
+
+else:
+    import copy
+
+    import g3n
+    from g3n import engine
+    from g3n.engine import Generator
+    from g3n.model import altup_kernels
+
+    @pytest.fixture(scope="module")
+    def bf16_and_f32():
+        model, _ = g3n.load("tiny", dtype="bfloat16")
+        return model, copy.deepcopy(model).float()
+
+    def _err(a, b) -> float:
+        return (a.float() - b.float()).abs().max().item()
+
+    def _check(kernel_out, eager_out, f32_out):
+        """As close to float32 as eager bfloat16 (the same roundings: only the float32 sums'
+        order differs), and within one bfloat16 step of eager bfloat16."""
+        assert _err(kernel_out, f32_out) <= 1.25 * _err(eager_out, f32_out) + 1e-3
+        assert _err(kernel_out, eager_out) <= 2**-7 * eager_out.float().abs().max().item()
+
+    @pytest.mark.parametrize("index", [0, 9, 24])  # sparse, dense, KV-shared
+    def test_each_kernel_rounds_as_eager_bfloat16(bf16_and_f32, index):
+        model, f32 = bf16_and_f32
+        layer, ref = model.model.layers[index], f32.model.layers[index]
+        assert altup_kernels.usable(torch.zeros(1, dtype=torch.bfloat16), model.config)
+        g = torch.Generator().manual_seed(index)
+        hidden = model.config.hidden_size
+        streams = (torch.randn(4, 2, 1, hidden, generator=g) * 3).bfloat16()
+        h, mlp_out, projected = (torch.randn(2, 1, hidden, generator=g).bfloat16() for _ in range(3))
+
+        predictions, normed = altup_kernels.predict_and_norm(layer, streams)
+        eager_p = layer.altup.predict(streams)
+        f32_p = ref.altup.predict(streams.float())
+        _check(predictions, eager_p, f32_p)
+        _check(normed, layer.input_layernorm(eager_p[0]), ref.input_layernorm(f32_p[0]))
+
+        corrected, first = altup_kernels.correct(layer, predictions, h, mlp_out)
+        eager_c = layer.altup.correct(predictions, h + layer.post_feedforward_layernorm(mlp_out))
+        f32_c = ref.altup.correct(predictions.float(), h.float() + ref.post_feedforward_layernorm(mlp_out.float()))
+        _check(corrected, eager_c, f32_c)
+        _check(first, layer.altup.scale_corrected_output(eager_c[0]), ref.altup.scale_corrected_output(f32_c[0]))
+
+        out = altup_kernels.add_per_layer_input(layer, corrected, projected)
+        ple, ple32 = layer.post_per_layer_input_norm(projected), ref.post_per_layer_input_norm(projected.float())
+        assert torch.equal(out[0], corrected[0])
+        _check(out[1:], corrected[1:] + ple, corrected[1:].float() + ple32)
+
+    def _teacher_forced(model, ids, prompt_len, **kw):
+        gen = Generator(model, 1, ids.shape[1], cuda_graph=False, **kw)
+        out = [gen.prefill(ids[:, :prompt_len], torch.ones(1, prompt_len, dtype=torch.bool))]
+        out += [gen.step(ids[:, p], p).clone() for p in range(prompt_len, ids.shape[1])]
+        return torch.stack(out, dim=1).float()
+
+    def test_decode_through_the_kernels_equals_the_fused_decode(bf16_and_f32, monkeypatch):
+        """The decode layers with the kernels give the logits of the same layers without them (as
+        close to the float32 model's), and the kernels did run."""
+        model, f32 = bf16_and_f32
+        ids = torch.randint(0, 700, (1, 13), generator=torch.Generator().manual_seed(3))
+        monkeypatch.setattr(engine, "DECODE_KERNELS", False)
+        plain = _teacher_forced(model, ids, 10, fused=True)
+        reference = _teacher_forced(f32, ids, 10, fused=False)
+        calls = []
+        predict = altup_kernels.predict_and_norm
+        monkeypatch.setattr(altup_kernels, "predict_and_norm", lambda *a: calls.append(1) or predict(*a))
+        monkeypatch.setattr(engine, "DECODE_KERNELS", True)
+        kernels = _teacher_forced(model, ids, 10, fused=True)
+        assert len(calls) == 3 * len(model.model.layers)  # 3 decode steps
+        assert _err(kernels, reference) <= 1.25 * _err(plain, reference) + 1e-3
+        assert _err(kernels, plain) < 0.05 * plain.abs().max().item()
+
+    def test_compiled_layer_keeps_the_kernels_as_opaque_ops(bf16_and_f32, monkeypatch):
+        """Under torch.compile the kernels are custom ops (no compiler traces them): one graph per
+        kind of layer holds them, and the compiled step decodes as the uncompiled one."""
+        model, _ = bf16_and_f32
+        graphs = []
+
+        def backend(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+
+        compiled = torch.compile(engine.decode_layer_cached, backend=backend, fullgraph=True, dynamic=False)
+        monkeypatch.setattr(engine, "_compiled_layer", lambda: compiled)
+        monkeypatch.setattr(engine, "DECODE_KERNELS", True)
+        ids = torch.randint(0, 700, (1, 12), generator=torch.Generator().manual_seed(4))
+        with torch._dynamo.config.patch(recompile_limit=64):
+            layered = _teacher_forced(model, ids, 10, fused="layers")
+        eager = _teacher_forced(model, ids, 10, fused=True)
+        code = "\n".join(gm.code for gm in graphs)
+        for op in ("altup_predict", "altup_correct", "add_per_layer_input"):
+            assert f"g3n.{op}" in code
+        assert torch.equal(layered, eager)
