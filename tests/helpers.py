@@ -244,3 +244,31 @@ def train_config(dataset, out, **overrides):
         "device": "cpu",
     }  # fmt: skip
     return load_train_config(base={**base, **overrides})
+
+
+def teacher_forced(model, ids, prompt_len, **generator_kw):
+    """Logits (on the CPU) at every position from the engine: prefill(prompt) + one decode step
+    per following token."""
+    from g3n.engine import Generator
+
+    gen = Generator(model, 1, ids.shape[1], **generator_kw)
+    out = [gen.prefill(ids[:, :prompt_len], torch.ones(1, prompt_len, dtype=torch.bool))]
+    for pos in range(prompt_len, ids.shape[1]):
+        out.append(gen.step(ids[:, pos].to(model.device), pos).clone())
+    return torch.stack(out, dim=1).cpu()
+
+
+def record_layer_compiles(monkeypatch) -> list:
+    """Make the engine's per-layer compile trace (fullgraph) through a backend that records each
+    graph and runs it as traced; returns the list the graphs go to."""
+    from g3n import engine
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(engine.decode_layer_cached, backend=backend, fullgraph=True, dynamic=False)
+    monkeypatch.setattr(engine, "_compiled_layer", lambda: compiled)
+    return graphs

@@ -2,6 +2,7 @@
 fixed-shape decode step, the fused decode layers a compiled step runs) against transformers' full
 forward, far past the sliding window."""
 
+import copy
 import warnings
 
 import pytest
@@ -9,17 +10,9 @@ import torch
 
 from g3n import engine
 from g3n.engine import Generator, cache_bucket
+from helpers import record_layer_compiles, teacher_forced
 
 TOL = 1e-4
-
-
-def _teacher_forced(model, ids, prompt_len, **kw):
-    """Logits at every position from prefill(prompt) + one decode step per following token."""
-    gen = Generator(model, 1, ids.shape[1], **kw)
-    out = [gen.prefill(ids[:, :prompt_len], torch.ones(1, prompt_len, dtype=torch.bool))]
-    for pos in range(prompt_len, ids.shape[1]):
-        out.append(gen.step(ids[:, pos].to(model.device), pos).clone())
-    return torch.stack(out, dim=1).cpu()
 
 
 @pytest.mark.parametrize("chunk,fused", [(1024, False), (3, False), (1024, True)])
@@ -31,7 +24,7 @@ def test_decode_far_past_the_window_matches_transformers(hf_model, ours, monkeyp
     ids = torch.randint(0, 300, (1, 48), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         expected = hf_model(ids).logits[:, 19:]
-    got = _teacher_forced(ours, ids, prompt_len=20, cuda_graph=False, fused=fused)
+    got = teacher_forced(ours, ids, prompt_len=20, cuda_graph=False, fused=fused)
     assert (got - expected).abs().max() < TOL
 
 
@@ -54,7 +47,7 @@ def test_left_padded_batch_equals_rows_alone(ours, fused):
     gen = Generator(ours, 2, width + steps, fused=fused)
     batched = [gen.prefill(ids, mask)] + [gen.step(follow[:, s], width + s).clone() for s in range(steps - 1)]
     for r, x in enumerate(rows):
-        alone = _teacher_forced(ours, torch.cat([x, follow[r, :-1]])[None], prompt_len=len(x), fused=fused)[0]
+        alone = teacher_forced(ours, torch.cat([x, follow[r, :-1]])[None], prompt_len=len(x), fused=fused)[0]
         assert (torch.stack([b[r] for b in batched]) - alone).abs().max() < TOL
 
 
@@ -82,18 +75,18 @@ def test_cuda_graph_and_compiled_steps_equal_eager(hf_dir, mode):
 
     model = load_model(hf_dir, dtype="float32", device="cuda", ple_device="cpu")
     ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(6))
-    eager = _teacher_forced(model, ids, prompt_len=10, cuda_graph=False)
-    graph = _teacher_forced(model, ids, prompt_len=10, cuda_graph=True, compile=False)
+    eager = teacher_forced(model, ids, prompt_len=10, cuda_graph=False)
+    graph = teacher_forced(model, ids, prompt_len=10, cuda_graph=True, compile=False)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", "torch.compile of the decode (step|layers) failed")  # no silent fallback
-        compiled = _teacher_forced(model, ids, prompt_len=10, cuda_graph=True, compile=mode)
+        compiled = teacher_forced(model, ids, prompt_len=10, cuda_graph=True, compile=mode)
     assert (eager - graph).abs().max() < 1e-4
     assert (eager - compiled).abs().max() < 1e-4
     # A second request whose token column has other strides reuses the compiled step: a
     # recompile (minutes at real sizes) would raise here, warn and fail.
     with torch._dynamo.config.patch(error_on_recompile=True), warnings.catch_warnings():
         warnings.filterwarnings("error", "torch.compile of the decode (step|layers) failed")
-        again = _teacher_forced(model, ids.T.contiguous().T, prompt_len=10, cuda_graph=True, compile=mode)
+        again = teacher_forced(model, ids.T.contiguous().T, prompt_len=10, cuda_graph=True, compile=mode)
     assert (again - compiled).abs().max() < 1e-4
 
 
@@ -110,9 +103,9 @@ def test_failed_compile_falls_back_to_the_uncompiled_graph(hf_dir, monkeypatch):
     monkeypatch.setattr(engine, "compiled_decode", broken)
     model = load_model(hf_dir, dtype="float32", device="cuda")
     ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(7))
-    eager = _teacher_forced(model, ids, prompt_len=10, cuda_graph=False)
+    eager = teacher_forced(model, ids, prompt_len=10, cuda_graph=False)
     with pytest.warns(UserWarning, match="no compiler here"):
-        fallback = _teacher_forced(model, ids, prompt_len=10, cuda_graph=True, compile=True)
+        fallback = teacher_forced(model, ids, prompt_len=10, cuda_graph=True, compile=True)
     assert (eager - fallback).abs().max() < 1e-4
 
 
@@ -143,21 +136,14 @@ def test_per_layer_compile_shares_one_graph_per_kind_of_layer(tiny, monkeypatch)
     """The per-layer compile (`compile="layers"`) traces decode_layer_cached once per kind of
     layer (sliding or full, K/V computed or shared, sparsity, width: at most 6 graphs for the
     shipped model's 25 layers), not once per layer, and decodes as the model's own layers do."""
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    compiled = torch.compile(engine.decode_layer_cached, backend=backend, fullgraph=True, dynamic=False)
-    monkeypatch.setattr(engine, "_compiled_layer", lambda: compiled)
-    model = tiny[0]
+    graphs = record_layer_compiles(monkeypatch)
+    model = copy.deepcopy(tiny[0])  # the fused decode fuses its weights (views): not on the shared fixture
     cfg = model.config
     kinds = {(cfg.layer_types[i], i >= cfg.first_kv_shared_layer, cfg.activation_sparsity_pattern[i],
               cfg.intermediate_size[i]) for i in range(cfg.num_hidden_layers)}  # fmt: skip
     ids = torch.randint(0, 700, (1, 30), generator=torch.Generator().manual_seed(8))
     with torch._dynamo.config.patch(recompile_limit=64):
-        layered = _teacher_forced(model, ids, prompt_len=10, cuda_graph=False, fused="layers")
-    own = _teacher_forced(model, ids, prompt_len=10, cuda_graph=False, fused=False)
+        layered = teacher_forced(model, ids, prompt_len=10, cuda_graph=False, fused="layers")
+    own = teacher_forced(model, ids, prompt_len=10, cuda_graph=False, fused=False)
     assert len(graphs) <= len(kinds) == 6  # of 25 layers
     assert (layered - own).abs().max() < TOL

@@ -14,8 +14,8 @@ that a CUDA graph can replay.
   table cannot be page-locked, the rows are gathered on the host before each replay).
 - Optionally the step is compiled with torch.compile before it is captured, through
   `decode_layer_cached` (inductor fuses the ~160 small kernels of a layer: norms, AltUp, casts,
-  attention; q/k/v/Laurel-left and gate/up run as one product each, `model/fused_weights.py`;
-  kernels use programmatic dependent launch where torch has it). `compile="layers"` /
+  attention; q/k/v/Laurel-left and gate/up run as one product each, `model/fused_weights.py`,
+  unless G3N_FUSE_WEIGHTS=0; kernels use programmatic dependent launch where torch has it). `compile="layers"` /
   G3N_COMPILE=layers compiles `decode_layer_cached` once per kind of layer (6 graphs for E2B and
   E4B) and runs the rest of the step uncompiled inside the same graph (on an H200 at batch 1: E2B
   268-270 tokens/s, E4B 197-199, against 87 and 73 uncompiled; compiling takes 20-35 s);
@@ -385,22 +385,22 @@ class Generator:
         with torch.cuda.graph(self.graph):
             self.static_logits = run(step, args)
 
-    @classmethod
-    def _warm_up_compiled(cls, run, step, args):
-        """Warm up (so compile) a compiled step; if it fails with the AltUp kernels, which only
-        this compiler can trace, once more without them (for the rest of the process)."""
+    def _warm_up_compiled(self, run, step, args):
+        """Warm up (so compile) a compiled step; if it fails with the AltUp kernels in it, once
+        more without them (for the rest of the process: this torch cannot compile them)."""
         global DECODE_KERNELS
+        probe = torch.empty(0, dtype=self.model.dtype, device=self.device)
         with _strict_dynamo():
             try:
-                cls._warm_up(run, step, args)
+                self._warm_up(run, step, args)
             except Exception as e:
-                if not DECODE_KERNELS:
+                if not (DECODE_KERNELS and altup_kernels.usable(probe, self.model.config)):
                     raise
                 warnings.warn(
                     f"the AltUp decode kernels failed to compile, compiling without them: {type(e).__name__}: {e}"
                 )
                 DECODE_KERNELS = False
-                cls._warm_up(run, step, args)
+                self._warm_up(run, step, args)
 
     @staticmethod
     def _warm_up(run, step, args):

@@ -145,6 +145,11 @@ if triton is not None:
             tl.store(out_ptr + i * stream_stride + base, _bf16(ci + ple).to(tl.bfloat16), mask=m)
 
 
+def _new(like: Tensor) -> Tensor:
+    """An output shaped like `like`, contiguous (the kernels' layout; the fake ops say the same)."""
+    return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+
+
 def _launch(kernel, rows: int, x: torch.Tensor, *args, **constants):
     """One program per token row (H, N from x: (N, ..., H)); on x's device."""
     H = x.shape[-1]
@@ -159,7 +164,7 @@ def _predict_op(
     streams: Tensor, rn_w: Tensor, router: Tensor, coefs: Tensor, in_w: Tensor, eps: float, active: int
 ) -> tuple[Tensor, Tensor]:
     streams = streams.contiguous()
-    predictions, normed = torch.empty_like(streams), torch.empty_like(streams[0])
+    predictions, normed = _new(streams), _new(streams[0])
     _launch(_predict_kernel, streams[0].numel() // streams.shape[-1], streams, streams, rn_w, router, coefs, in_w,
             predictions, normed, streams.stride(0), eps, ACTIVE=active)  # fmt: skip
     return predictions, normed
@@ -167,7 +172,7 @@ def _predict_op(
 
 @_predict_op.register_fake
 def _(streams, rn_w, router, coefs, in_w, eps, active):
-    return torch.empty_like(streams), torch.empty_like(streams[0])
+    return _new(streams), _new(streams[0])
 
 
 @torch.library.custom_op("g3n::altup_correct", mutates_args=())
@@ -176,7 +181,7 @@ def _correct_op(
     out_scale: Tensor, eps: float, active: int, scale_first: bool,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     predictions = predictions.contiguous()
-    corrected, first = torch.empty_like(predictions), torch.empty_like(predictions[0])
+    corrected, first = _new(predictions), _new(predictions[0])
     _launch(_correct_kernel, h.numel() // h.shape[-1], predictions, predictions, h.contiguous(), mlp_out.contiguous(),
             pf_w, rn_w, router, corr, out_scale, corrected, first, predictions.stride(0), eps, ACTIVE=active,
             SCALE_FIRST=scale_first)  # fmt: skip
@@ -185,13 +190,13 @@ def _correct_op(
 
 @_correct_op.register_fake
 def _(predictions, h, mlp_out, pf_w, rn_w, router, corr, out_scale, eps, active, scale_first):
-    return torch.empty_like(predictions), torch.empty_like(predictions[0])
+    return _new(predictions), _new(predictions[0])
 
 
 @torch.library.custom_op("g3n::add_per_layer_input", mutates_args=())
 def _ple_op(corrected: Tensor, projected: Tensor, w: Tensor, eps: float) -> Tensor:
     corrected = corrected.contiguous()
-    out = torch.empty_like(corrected)
+    out = _new(corrected)
     _launch(_ple_residual_kernel, projected.numel() // projected.shape[-1], corrected, corrected,
             projected.contiguous(), w, out, corrected.stride(0), eps)  # fmt: skip
     return out
@@ -199,7 +204,7 @@ def _ple_op(corrected: Tensor, projected: Tensor, w: Tensor, eps: float) -> Tens
 
 @_ple_op.register_fake
 def _(corrected, projected, w, eps):
-    return torch.empty_like(corrected)
+    return _new(corrected)
 
 
 def predict_and_norm(layer, streams: torch.Tensor):
