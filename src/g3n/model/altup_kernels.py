@@ -10,8 +10,10 @@ holds the row's 4 streams in registers: 3 kernels instead of 11.
 
 The arithmetic rounds to bfloat16 where the PyTorch code does (model/text.py: AltUp, RMSNorm,
 DecoderLayer.end), so the kernels are as close to float32 as eager bfloat16 is; only the order of
-the float32 sums differs. Used for bfloat16 CUDA tensors when Triton is there (`usable`), else
-the PyTorch code runs. Tests run the kernels on the CPU through Triton's interpreter.
+the float32 sums differs. The engine's compiled decode layers use them when asked
+(G3N_DECODE_KERNELS=1) for bfloat16 CUDA tensors with Triton installed (`usable`); otherwise the
+PyTorch code runs. They are custom ops, so torch.compile keeps them as calls and Triton compiles
+them itself. Tests run them on the CPU through Triton's interpreter.
 """
 
 import contextlib
