@@ -17,7 +17,6 @@ them itself. Tests run them on the CPU through Triton's interpreter.
 """
 
 import contextlib
-import math
 import os
 
 import torch
@@ -233,9 +232,6 @@ def add_per_layer_input(layer, corrected: torch.Tensor, projected: torch.Tensor)
 
 def decode_end(layer, predictions, attn, laurel, per_layer_input, mlp=None):
     """DecoderLayer.end through the kernels (same arithmetic; `mlp`: the MLP to run)."""
-    x = predictions[layer.cfg.altup_active_idx]
-    h = (x + layer.post_attention_layernorm(attn) + laurel) / math.sqrt(2)
-    normed = layer.pre_feedforward_layernorm(h)
-    corrected, first = correct(layer, predictions, h, layer.mlp(normed) if mlp is None else mlp(normed))
+    corrected, first = correct(layer, predictions, *layer.feedforward(predictions, attn, laurel, mlp))
     gated = layer.act(layer.per_layer_input_gate(first)) * per_layer_input
     return add_per_layer_input(layer, corrected, layer.per_layer_projection(gated))

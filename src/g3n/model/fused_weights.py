@@ -79,15 +79,9 @@ def fuse(model) -> int:
     return count
 
 
-def fused(owner: nn.Module, name: str) -> torch.Tensor | None:
-    """The group's matrix as `fuse` last left it (None: unfused)."""
-    weight = getattr(owner, name, None)
-    return weight if isinstance(weight, torch.Tensor) else None
-
-
 def in_projections(layer, x: torch.Tensor):
     """(q, k, v, Laurel's left) of the input-normed stream `x`; k and v are None on KV-shared layers."""
-    weight = fused(layer, IN_PROJ)
+    weight = getattr(layer, IN_PROJ, None)  # as `fuse` last left it (None: unfused)
     modules = in_proj_modules(layer)
     if weight is None:
         outs = [m(x) for m in modules]
@@ -100,7 +94,7 @@ def in_projections(layer, x: torch.Tensor):
 
 def gate_up(mlp, x: torch.Tensor):
     """(gate, up) projections of the MLP input `x`."""
-    weight = fused(mlp, GATE_UP)
+    weight = getattr(mlp, GATE_UP, None)
     if weight is None:
         return mlp.gate_proj(x), mlp.up_proj(x)
     return F.linear(x, weight).split(mlp.gate_proj.weight.shape[0], dim=-1)

@@ -340,15 +340,18 @@ class DecoderLayer(nn.Module):
         normed = self.input_layernorm(predictions[self.cfg.altup_active_idx])
         return predictions, normed, self.laurel(normed)
 
+    def feedforward(self, predictions, attn, laurel, mlp=None):
+        """The residual after attention and Laurel, and the MLP's output on it (not yet normed)."""
+        h = (predictions[self.cfg.altup_active_idx] + self.post_attention_layernorm(attn) + laurel) / math.sqrt(2)
+        normed = self.pre_feedforward_layernorm(h)
+        return h, (self.mlp(normed) if mlp is None else mlp(normed))
+
     def end(self, predictions, attn, laurel, per_layer_input, mlp=None):
         """After attention: residuals, MLP (`mlp`: a function to run instead of self.mlp), AltUp's
         correction and the per-layer input."""
         active = self.cfg.altup_active_idx
-        x = predictions[active]
-        h = (x + self.post_attention_layernorm(attn) + laurel) / math.sqrt(2)
-        normed = self.pre_feedforward_layernorm(h)
-        h = h + self.post_feedforward_layernorm(self.mlp(normed) if mlp is None else mlp(normed))
-        corrected = self.altup.correct(predictions, h)
+        h, mlp_out = self.feedforward(predictions, attn, laurel, mlp)
+        corrected = self.altup.correct(predictions, h + self.post_feedforward_layernorm(mlp_out))
 
         first = corrected[active]
         if self.cfg.altup_correct_scale:
