@@ -167,11 +167,15 @@ def profile_step(gen) -> dict:
             fn(*args)
             torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels.sort(key=lambda e: e.time_range.start)
     by_name: dict[str, list[float]] = {}
     for e in kernels:
         t = getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0)
         by_name.setdefault(e.name[:60], []).append(t)
     top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:8]
+    if os.environ.get("BENCH_TRACE"):  # every kernel of the step in order: (name, us), to a JSON file
+        with open(os.environ["BENCH_TRACE"], "w") as f:
+            json.dump([(e.name, round(getattr(e, "device_time", 0.0) or e.cuda_time, 2)) for e in kernels], f)
     return {
         "kernels": len(kernels),
         "gpu_ms": round(sum(sum(v) for v in by_name.values()) / 1000, 2),

@@ -258,17 +258,22 @@ def teacher_forced(model, ids, prompt_len, **generator_kw):
     return torch.stack(out, dim=1).cpu()
 
 
-def record_layer_compiles(monkeypatch) -> list:
-    """Make the engine's per-layer compile trace (fullgraph) through a backend that records each
-    graph and runs it as traced; returns the list the graphs go to."""
+def record_layer_compiles(monkeypatch) -> dict[str, list]:
+    """Make the engine's per-layer compile (its parts: the step's inputs, each kind of layer, the
+    logits) trace (fullgraph) through a backend that records each graph and runs it as traced;
+    returns {"inputs" | "layer" | "logits": the graphs traced for that part}."""
     from g3n import engine
 
-    graphs = []
+    graphs = {"inputs": [], "layer": [], "logits": []}
 
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
+    def recorded(fn, part):
+        def backend(gm, example_inputs):
+            graphs[part].append(gm)
+            return gm.forward
 
-    compiled = torch.compile(engine.decode_layer_cached, backend=backend, fullgraph=True, dynamic=False)
-    monkeypatch.setattr(engine, "_compiled_layer", lambda: compiled)
+        return torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)
+
+    parts = (recorded(engine.step_inputs, "inputs"), recorded(engine.decode_layer_cached, "layer"),
+             recorded(engine.step_logits, "logits"))  # fmt: skip
+    monkeypatch.setattr(engine, "_compiled_parts", lambda: parts)
     return graphs

@@ -101,7 +101,7 @@ else:
         with torch._dynamo.config.patch(recompile_limit=64):
             layered = _teacher_forced(model, ids, 10, fused="layers")
         eager = _teacher_forced(model, ids, 10, fused=True)
-        code = "\n".join(gm.code for gm in graphs)
+        code = "\n".join(gm.code for gm in graphs["layer"])
         for op in ("altup_predict", "altup_correct", "add_per_layer_input"):
             assert f"g3n.{op}" in code
         assert torch.equal(layered, eager)

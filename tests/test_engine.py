@@ -113,9 +113,10 @@ def test_failed_compile_falls_back_to_the_uncompiled_graph(hf_dir, monkeypatch):
 def test_cuda_generation_reads_the_cpu_table_in_the_graph(tiny):
     """The per-layer table stays in CPU memory and the graph step gathers its rows itself (no host
     round trip), and generation, which queues each step before reading the last tokens, gives
-    the CPU's greedy tokens; a batch of seeded rows equals each row alone."""
+    the CPU's greedy tokens; a batch of seeded rows equals each row alone, and equals
+    generate_steps, which samples in the graph."""
     import g3n
-    from g3n.generate import SamplingParams, generate, generate_rows
+    from g3n.generate import SamplingParams, generate, generate_rows, generate_steps
 
     cpu_model, tok = tiny
     model, _ = g3n.load("tiny", dtype="float32", device="cuda", ple_device="cpu")
@@ -130,12 +131,15 @@ def test_cuda_generation_reads_the_cpu_table_in_the_graph(tiny):
     for prompt, p, row in zip(prompts, params, batched, strict=True):
         (alone,) = zip(*generate_rows(model, [prompt], [p]), strict=True)
         assert alone == row
+        # generate_steps samples inside the graph, from the same uniform numbers
+        assert tuple(t for (t,) in generate_steps(model, [prompt], p)) == alone
 
 
 def test_per_layer_compile_shares_one_graph_per_kind_of_layer(tiny, monkeypatch):
     """The per-layer compile (`compile="layers"`) traces decode_layer_cached once per kind of
     layer (sliding or full, K/V computed or shared, sparsity, width: at most 6 graphs for the
-    shipped model's 25 layers), not once per layer, and decodes as the model's own layers do."""
+    shipped model's 25 layers), not once per layer, the step's inputs and logits once each, and
+    decodes as the model's own layers do."""
     graphs = record_layer_compiles(monkeypatch)
     model = copy.deepcopy(tiny[0])  # the fused decode fuses its weights (views): not on the shared fixture
     cfg = model.config
@@ -145,5 +149,6 @@ def test_per_layer_compile_shares_one_graph_per_kind_of_layer(tiny, monkeypatch)
     with torch._dynamo.config.patch(recompile_limit=64):
         layered = teacher_forced(model, ids, prompt_len=10, cuda_graph=False, fused="layers")
     own = teacher_forced(model, ids, prompt_len=10, cuda_graph=False, fused=False)
-    assert len(graphs) <= len(kinds) == 6  # of 25 layers
+    assert len(graphs["layer"]) <= len(kinds) == 6  # of 25 layers
+    assert len(graphs["inputs"]) == len(graphs["logits"]) == 1
     assert (layered - own).abs().max() < TOL

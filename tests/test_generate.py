@@ -122,6 +122,35 @@ def test_seed_reproduces(tiny):
     assert any(o != a for o in others)
 
 
+def test_draw_inverts_the_cumulative_distribution():
+    """draw (the sampling step a CUDA graph replays with fresh uniform numbers) picks each entry
+    for exactly its share of [0, 1), and never an entry of probability 0, even at u near 1."""
+    from g3n.generate import draw
+
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0, 0.0], [0.0, 0.25, 0.25, 0.0, 0.5, 0.0]])
+    grid = (torch.arange(1000) + 0.5) / 1000  # evenly spread uniform numbers
+    picks = torch.stack([draw(probs, torch.full((2,), u.item())) for u in grid]).squeeze(-1)  # (1000, 2)
+    for row in range(2):
+        counts = torch.bincount(picks[:, row], minlength=6).float() / len(grid)
+        torch.testing.assert_close(counts, probs[row], atol=1e-3, rtol=0)
+    edges = draw(probs, torch.tensor([1 - 2**-24, 0.0]))
+    assert edges.squeeze(-1).tolist() == [3, 1]
+
+
+def test_seeded_steps_equal_rows_alone(tiny):
+    """generate_steps, whose engine samples inside each step, draws the same tokens as
+    generate_rows (the server's per-row sampling, generate.next_tokens) from the same seed."""
+    from g3n.generate import generate_rows
+
+    model, tok = tiny
+    prompt = tok.encode("Once", add_bos=True)
+    for p in (SamplingParams(seed=3, max_new_tokens=12, temperature=1.5), SamplingParams(seed=4, max_new_tokens=12,
+              repetition_penalty=1.3, top_k=0, top_p=0.9)):  # fmt: skip
+        steps = [t for (t,) in generate_steps(model, [prompt], p)]
+        rows = [t for (t,) in generate_rows(model, [prompt], [p])]
+        assert steps == rows and len(set(steps)) > 3
+
+
 def test_stops_on_end_of_turn(tiny):
     model, tok = tiny
     prompt = tok.encode_chat([{"role": "user", "content": "Hello!"}])

@@ -119,15 +119,13 @@ def decode_layer_cached(layer, streams, per_layer_input, cos, sin, kbuf, vbuf, s
     )  # fmt: skip
 
 
-def forward_cached(
-    model, cache: StaticCache, ids: torch.Tensor, index: torch.Tensor, ple_rows=None, fused=False, embeds=None
-):
-    """Hidden states of `ids` (batch, T) at cache positions `index` (T,), written into `cache`.
+def step_inputs(model, cache: StaticCache, ids: torch.Tensor, index: torch.Tensor, ple_rows=None, embeds=None):
+    """What the layers of a step over `ids` (batch, T) at cache positions `index` (T,) read:
+    (AltUp streams, per-layer inputs, RoPE and attention mask per kind of layer, cache slots of
+    `index` per kind of layer), with the cache's bookkeeping (validity, slot positions) updated.
 
     T == 1 is the decode step (fixed shapes; `index` a device tensor); T > 1 a prefill chunk.
-    `fused`: decode through `decode_layer_cached` (the compiled step's layers); `embeds`: the chunk's
-    input embeddings when images/audio are merged in.
-    """
+    `embeds`: the chunk's input embeddings when images/audio are merged in."""
     cfg, body = model.config, model.model
     decode = ids.shape[1] == 1
     if decode:  # generated tokens are real in every row (prefill sets validity from the mask)
@@ -135,17 +133,25 @@ def forward_cached(
     positions = (index[None, :] - cache.pads[:, None]).clamp(min=0)
     streams, per_layer = body.embed_streams(ids, ple_rows, embeds)
     rope = {kind: body.rotary_emb(positions, kind, streams.dtype) for kind in cache.size}
-    masks, keys_of = {}, {}
+    masks, slots = {}, {}
     for kind, size in cache.size.items():
         window = cfg.sliding_window if kind == SLIDING else None
-        slots = index % size
+        slots[kind] = index % size
         if decode or kind == FULL:  # write first, then attend to the whole buffer
-            cache.slot_index[kind].index_copy_(0, slots, index)
-            keys_of[kind] = cache.slot_index[kind]
+            cache.slot_index[kind].index_copy_(0, slots[kind], index)
+            keys = cache.slot_index[kind]
         else:  # a prefill chunk on a ring: attend to the ring as it was plus the chunk
-            keys_of[kind] = torch.cat([cache.slot_index[kind], index])
-        masks[kind] = build_mask(index, keys_of[kind], cache.key_valid(kind, keys_of[kind]), window)
+            keys = torch.cat([cache.slot_index[kind], index])
+        masks[kind] = build_mask(index, keys, cache.key_valid(kind, keys), window)
+    return streams, per_layer, rope, masks, slots
 
+
+def forward_cached(model, cache: StaticCache, ids: torch.Tensor, index: torch.Tensor, ple_rows=None, embeds=None):
+    """Hidden states of `ids` (batch, T) at cache positions `index` (T,), written into `cache`,
+    through the model's own layers (a prefill chunk, or an uncompiled decode step; see step_inputs)."""
+    cfg, body = model.config, model.model
+    decode = ids.shape[1] == 1
+    streams, per_layer, rope, masks, slots = step_inputs(model, cache, ids, index, ple_rows, embeds)
     produced = {}
 
     def kv_for(attn, normed):
@@ -153,41 +159,45 @@ def forward_cached(
         if attn.kv_shared:
             return produced[cfg.kv_source(layer)]
         kind = cfg.layer_types[layer]
-        cos, sin = rope[kind]
-        k, v = attn.project_kv(normed, cos, sin)
+        k, v = attn.project_kv(normed, *rope[kind])
         kbuf, vbuf = cache.keys[layer], cache.values[layer]
-        size = cache.size[kind]
         if decode or kind == FULL:
-            kbuf.index_copy_(2, index % size, k)
-            vbuf.index_copy_(2, index % size, v)
+            kbuf.index_copy_(2, slots[kind], k)
+            vbuf.index_copy_(2, slots[kind], v)
             produced[layer] = (kbuf, vbuf)
         else:
             produced[layer] = (torch.cat([kbuf, k], dim=2), torch.cat([vbuf, v], dim=2))
-            keep = min(size, k.shape[2])  # the chunk's last positions stay in the ring
-            kbuf.index_copy_(2, index[-keep:] % size, k[:, :, -keep:])
-            vbuf.index_copy_(2, index[-keep:] % size, v[:, :, -keep:])
+            keep = min(cache.size[kind], k.shape[2])  # the chunk's last positions stay in the ring
+            kbuf.index_copy_(2, slots[kind][-keep:], k[:, :, -keep:])
+            vbuf.index_copy_(2, slots[kind][-keep:], v[:, :, -keep:])
         return produced[layer]
 
-    if decode and fused:
-        run_layer = _compiled_layer() if fused == "layers" else decode_layer_cached
-        for i, layer in enumerate(body.layers):
-            kind, source = cfg.layer_types[i], cfg.kv_source(i)
-            kv = cache.keys[source], cache.values[source]
-            streams = run_layer(
-                layer, streams, per_layer[:, :, i, :], *rope[kind], *kv, index % cache.size[kind], masks[kind]
-            )
-    else:
-        streams = body.run_layers(streams, per_layer, rope, kv_for, masks)
+    streams = body.run_layers(streams, per_layer, rope, kv_for, masks)
     if not decode:
-        size = cache.size[SLIDING]
-        keep = index[-min(size, len(index)) :]
-        cache.slot_index[SLIDING].index_copy_(0, keep % size, keep)
+        keep = min(cache.size[SLIDING], len(index))
+        cache.slot_index[SLIDING].index_copy_(0, slots[SLIDING][-keep:], index[-keep:])
     return body.final_hidden(streams)
 
 
+def step_logits(model, streams: torch.Tensor) -> torch.Tensor:
+    """The logits (batch, vocab) of a decode step's last streams."""
+    return model.logits(model.model.final_hidden(streams)[:, -1])
+
+
 def decode_logits(model, cache: StaticCache, tokens, ple_rows, index, fused=False) -> torch.Tensor:
-    """One decode step's logits (batch, vocab): what the CUDA graph captures and torch.compile fuses."""
-    return model.logits(forward_cached(model, cache, tokens, index, ple_rows, fused)[:, -1])
+    """One decode step's logits (batch, vocab): what the CUDA graph captures and torch.compile fuses.
+    `fused`: through `decode_layer_cached` (True), or that compiled once per kind of layer and the
+    step's inputs and logits compiled each ("layers"); False: the model's own layers."""
+    if not fused:
+        return model.logits(forward_cached(model, cache, tokens, index, ple_rows)[:, -1])
+    inputs, run_layer, logits = _compiled_parts() if fused == "layers" else (step_inputs, decode_layer_cached, step_logits)
+    streams, per_layer, rope, masks, slots = inputs(model, cache, tokens, index, ple_rows)
+    cfg = model.config
+    for i, layer in enumerate(model.model.layers):
+        kind, source = cfg.layer_types[i], cfg.kv_source(i)
+        kv = cache.keys[source], cache.values[source]
+        streams = run_layer(layer, streams, per_layer[:, :, i, :], *rope[kind], *kv, slots[kind], masks[kind])
+    return logits(model, streams)
 
 
 # Inductor's coordinate-descent tuning (G3N_GEMV_TUNING=1): inductor then also decomposes batch-1
@@ -212,11 +222,13 @@ def _inductor_options(tuned: bool) -> dict:
     return options
 
 
-def _compile(fn):
-    """fn under torch.compile, one per process and GEMV_TUNING setting (compiled code is cached per shape)."""
-    key = (fn, GEMV_TUNING)
+def _compile(fn, tuned: bool | None = None):
+    """fn under torch.compile, one per process and tuning setting (default GEMV_TUNING; compiled
+    code is cached per shape)."""
+    tuned = GEMV_TUNING if tuned is None else tuned
+    key = (fn, tuned)
     if key not in _compiled:
-        _compiled[key] = torch.compile(fn, fullgraph=True, dynamic=False, options=_inductor_options(GEMV_TUNING))
+        _compiled[key] = torch.compile(fn, fullgraph=True, dynamic=False, options=_inductor_options(tuned))
     return _compiled[key]
 
 
@@ -225,10 +237,13 @@ def compiled_decode():
     return _compile(decode_logits)
 
 
-def _compiled_layer():
-    """decode_layer_cached under torch.compile: compiled once per kind of layer (sliding or full,
-    K/V computed or shared, sparse or dense MLP, width), not once for the whole step."""
-    return _compile(decode_layer_cached)
+def _compiled_parts():
+    """The per-layer compile's parts: step_inputs, decode_layer_cached and step_logits under
+    torch.compile. The layer is compiled once per kind of layer (sliding or full, K/V computed or
+    shared, sparse or dense MLP, width), not once for the whole step; the step's inputs (embedding,
+    per-layer inputs, RoPE, masks: about 80 small kernels uncompiled) and its logits each once.
+    Only the layers get GEMV tuning: the others' products are few."""
+    return _compile(step_inputs, tuned=False), _compile(decode_layer_cached), _compile(step_logits, tuned=False)
 
 
 def _strict_dynamo():
@@ -253,7 +268,9 @@ class Generator:
     On CUDA `step` is captured as a CUDA graph at its first call (`cuda_graph=False`: eager steps),
     compiled first when `compile` is True (the whole step) or "layers" (each kind of layer;
     default: G3N_COMPILE=1 or =layers in the environment); `fused`: decode through `decode_layer_cached`
-    (default: when compiling; otherwise the model's own layers).
+    (default: when compiling; otherwise the model's own layers). `sample(logits, uniform)`: the
+    next tokens (batch,) from a step's logits and one uniform number per row; given, each step
+    ends with it (in the graph: no sampling kernels launched per token) and returns tokens.
     """
 
     def __init__(
@@ -264,8 +281,10 @@ class Generator:
         cuda_graph: bool | None = None,
         compile: bool | None = None,
         fused: bool | None = None,
+        sample=None,
     ):
         self.model = model
+        self.sample = sample
         self.device = model.device
         self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else cuda_graph
         if compile is None:
@@ -316,25 +335,32 @@ class Generator:
         return self.model.model.ple_rows(tokens[:, None])
 
     @torch.inference_mode()
-    def step(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
-        """Logits (batch, vocab) after feeding `tokens` (batch,) at cache position `position`.
+    def step(self, tokens: torch.Tensor, position: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Logits (batch, vocab) after feeding `tokens` (batch,) at cache position `position`;
+        with `sample`, the next tokens (batch,) drawn from them at uniform numbers from `generator`
+        (torch.rand's, so a step draws what generate.next_tokens would).
 
         With the per-layer rows read on the device (`ple_table`), a graph step never waits for the
-        host: the caller may read earlier tokens while it runs. The logits are the graph's output
+        host: the caller may read earlier tokens while it runs. Its result is the graph's output
         buffer, overwritten by the next step."""
         tokens = tokens.to(self.device)
         if not self.cuda_graph:
             index = torch.tensor([position], device=self.device)
             rows = self._host_rows(tokens) if self.ple_table is None else self._device_rows(tokens[:, None])
-            return self._step(tokens[:, None], rows.to(self.device), index)
+            logits = self._step(tokens[:, None], rows.to(self.device), index)
+            if self.sample is None:
+                return logits
+            return self.sample(logits, uniform=torch.rand(len(tokens), generator=generator, device=self.device))
         if self.graph is None:
             self._capture(tokens, position)
         self.static_tokens.copy_(tokens[:, None])
         if self.ple_table is None:
             self.static_rows.copy_(self._host_rows(tokens), non_blocking=True)
         self.static_index.fill_(position)
+        if self.sample is not None:
+            self.static_uniform.uniform_(generator=generator)  # = torch.rand(batch, generator=generator)
         self.graph.replay()
-        return self.static_logits
+        return self.static_logits if self.sample is None else self.static_next
 
     def _device_rows(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.model.ple_rows(tokens, table=self.ple_table)
@@ -353,11 +379,13 @@ class Generator:
         self.static_rows.copy_(rows)
         self.static_index = torch.full((1,), position, device=self.device, dtype=torch.long)
         inputs = (self.model, self.cache, self.static_tokens, self.static_rows, self.static_index)
+        self.static_uniform = torch.zeros(len(tokens), device=self.device)
 
-        def run(step, args):
+        def run(step, args):  # (logits, the tokens sampled from them or None)
             if self.ple_table is not None:
                 self.static_rows.copy_(self._device_rows(self.static_tokens))
-            return step(*args)
+            logits = step(*args)
+            return logits, None if self.sample is None else self.sample(logits, uniform=self.static_uniform)
 
         step = decode_logits
         if self.compile == "layers":  # the graph runs the step uncompiled, each layer compiled
@@ -383,7 +411,7 @@ class Generator:
             self._warm_up(run, step, args)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.static_logits = run(step, args)
+            self.static_logits, self.static_next = run(step, args)
 
     def _warm_up_compiled(self, run, step, args):
         """Warm up (so compile) a compiled step; if it fails with the AltUp kernels in it, once

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -92,14 +93,33 @@ def candidate_probs(logits, p: SamplingParams, seen=None) -> tuple[torch.Tensor,
     return _top_p_min_p(logits, p).softmax(-1), None
 
 
-def next_tokens(logits, p: SamplingParams, seen=None, generator=None) -> torch.Tensor:
+def draw(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """One index per row of `probs` (batch, n), drawn by inverting the cumulative distribution at
+    `uniform` (batch,) in [0, 1): the first entry whose cumulative probability exceeds uniform x
+    total, never an entry of probability 0. Unlike torch.multinomial it takes its random numbers
+    as an input, so a CUDA graph replays it with fresh ones (engine.Generator's `sample`)."""
+    cdf = probs.float().cumsum(-1)
+    picked = (cdf <= uniform[:, None] * cdf[:, -1:]).sum(-1, keepdim=True)
+    positions = torch.arange(probs.shape[-1], device=probs.device)
+    last_possible = torch.where(probs > 0, positions, 0).amax(-1, keepdim=True)  # rounding at u near 1
+    return torch.minimum(picked, last_possible)
+
+
+def sample_tokens(logits, p: SamplingParams, seen=None, uniform=None) -> torch.Tensor:
     """One token per row: argmax when greedy (after the repetition penalty, as in transformers
-    and llama.cpp), else a draw from the filtered distribution."""
+    and llama.cpp), else a draw at `uniform` (batch,) from the filtered distribution."""
     if p.greedy:
         return _penalize_and_scale(logits, p, seen).argmax(-1)
     probs, ids = candidate_probs(logits, p, seen)
-    drawn = torch.multinomial(probs, 1, generator=generator)
+    drawn = draw(probs, uniform)
     return (drawn if ids is None else ids.gather(-1, drawn)).squeeze(-1)
+
+
+def next_tokens(logits, p: SamplingParams, seen=None, generator=None) -> torch.Tensor:
+    """sample_tokens with one uniform number per row from `generator` (the same numbers a
+    decode step sampling in its CUDA graph draws: engine.Generator.step)."""
+    uniform = torch.rand(logits.shape[0], generator=generator, device=logits.device)
+    return sample_tokens(logits, p, seen, uniform)
 
 
 def _copy_to_host(tokens: torch.Tensor):
@@ -146,15 +166,18 @@ def _context_limit(model, prompts: list[list[int]]) -> int:
     return limit
 
 
-def _prefill(model, prompts, pad_id: int, steps: int, penalize: bool, media=None, compile=None):
+def _prefill(model, prompts, pad_id: int, steps: int, penalize: bool, media=None, compile=None, params=None):
     """Left-pad, build the engine for `steps` new tokens, prefill (images/audio merged in):
-    (ids, tokens seen per row for the repetition penalty or None, engine, last logits)."""
+    (ids, tokens seen per row for the repetition penalty or None, engine, last logits).
+    `params`: sampling settings for every row, which the engine's steps then sample with
+    themselves (in the CUDA graph, when captured), returning tokens instead of logits."""
     ids, mask = _left_pad(prompts, pad_id, model.device)
     seen = None
     if penalize:
         seen = torch.zeros(len(prompts), model.config.vocab_size, dtype=torch.bool, device=model.device)
         seen.scatter_(1, torch.where(mask, ids, 0), mask)
-    engine = Generator(model, len(prompts), ids.shape[1] + steps, compile=compile)
+    sample = None if params is None else partial(sample_tokens, p=params, seen=seen)
+    engine = Generator(model, len(prompts), ids.shape[1] + steps, compile=compile, sample=sample)
     embeds = model.embed_inputs(ids, media) if media else None
     return ids, seen, engine, engine.prefill(ids, mask, embeds)
 
@@ -184,17 +207,17 @@ def generate_steps(
     if params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
     penalize = params.repetition_penalty != 1.0
-    ids, seen, engine, logits = _prefill(model, prompts, pad_id, max_new, penalize, media, compile)
+    ids, seen, engine, logits = _prefill(model, prompts, pad_id, max_new, penalize, media, compile, params)
     stops = set(stop_ids)
     done = [False] * len(prompts)
 
-    def advance(tok, step):
+    def advance(tok, step):  # the next tokens: the engine samples them in its step
         if seen is not None:
             seen[torch.arange(len(prompts), device=device), tok] = True
-        return engine.step(tok, ids.shape[1] + step)
+        return engine.step(tok, ids.shape[1] + step, generator)
 
+    tok = next_tokens(logits, params, seen, generator)
     for step in range(max_new):
-        tok = next_tokens(logits, params, seen, generator)
         pending = _copy_to_host(tok)
         last = step == max_new - 1
         # A captured step is queued before the host reads `tok`, so the GPU runs it meanwhile
@@ -202,14 +225,13 @@ def generate_steps(
         # waits until the first token is out.
         queued = not last and engine.captured
         if queued:
-            logits = advance(tok, step)
+            following = advance(tok, step)
         values = _host_values(pending)
         yield [None if d else t for t, d in zip(values, done)]
         done = [d or t in stops for t, d in zip(values, done)]
         if all(done) or last:
             return
-        if not queued:
-            logits = advance(tok, step)
+        tok = following if queued else advance(tok, step)
 
 
 @torch.inference_mode()
