@@ -190,7 +190,9 @@ def decode_logits(model, cache: StaticCache, tokens, ple_rows, index, fused=Fals
     step's inputs and logits compiled each ("layers"); False: the model's own layers."""
     if not fused:
         return model.logits(forward_cached(model, cache, tokens, index, ple_rows)[:, -1])
-    inputs, run_layer, logits = _compiled_parts() if fused == "layers" else (step_inputs, decode_layer_cached, step_logits)
+    inputs, run_layer, logits = (
+        _compiled_parts() if fused == "layers" else (step_inputs, decode_layer_cached, step_logits)
+    )
     streams, per_layer, rope, masks, slots = inputs(model, cache, tokens, index, ple_rows)
     cfg = model.config
     for i, layer in enumerate(model.model.layers):
