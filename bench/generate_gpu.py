@@ -29,13 +29,14 @@ import contextlib
 import json
 import os
 import time
+from functools import partial
 
 import torch
 
 from g3n import engine
 from g3n.config import text_config_from_dict
 from g3n.engine import Generator, compiled_decode, decode_logits
-from g3n.generate import SamplingParams, generate_steps, next_tokens
+from g3n.generate import SamplingParams, generate_steps, next_tokens, sample_tokens
 from g3n.model.ple_table import device_view
 from g3n.model.text import Gemma3nForCausalLM, RotaryEmbedding
 
@@ -155,16 +156,16 @@ def check(model, ref, variants: list[str], steps: int = 16) -> dict[str, bool]:
 
 
 def profile_step(gen) -> dict:
-    """Kernels and GPU time of one decode step run outside the graph."""
+    """Kernels and GPU time of one decode step and its sampling, run outside the graph."""
     from torch.profiler import ProfilerActivity, profile
 
     args = (gen.model, gen.cache, gen.static_tokens, gen.static_rows, gen.static_index, gen.fused)
     fn = compiled_decode() if gen.compiled and gen.fused is True else decode_logits  # "layers": compiled inside
     with torch.inference_mode():
-        fn(*args)
+        gen.sample(fn(*args), uniform=gen.static_uniform)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            fn(*args)
+            gen.sample(fn(*args), uniform=gen.static_uniform)
             torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     kernels.sort(key=lambda e: e.time_range.start)
@@ -218,7 +219,8 @@ def run_api(model, batch: int, variant: str, prompt=PROMPT, new=NEW, others: int
 @torch.inference_mode()
 def run_g3n(model, batch: int, kw: dict, prompt=PROMPT, new=NEW, profile=False, others: int = 0) -> dict:
     """tokens/s with each token read on the host before the next step (`sync`), time to first
-    token, peak GPU memory less `others` (bytes of other resident models), GPU ms per replay."""
+    token, peak GPU memory less `others` (bytes of other resident models), GPU ms per replay
+    (the step and its sampling)."""
     params = SamplingParams()
     ids = torch.randint(0, 262144, (batch, prompt), device="cuda")
     mask = torch.ones_like(ids, dtype=torch.bool)
@@ -228,21 +230,19 @@ def run_g3n(model, batch: int, kw: dict, prompt=PROMPT, new=NEW, profile=False, 
         del gen  # its cache and graph memory must not count in the next peak
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        gen = Generator(model, batch, prompt + new, **kw)
+        gen = Generator(model, batch, prompt + new, **kw, sample=partial(sample_tokens, p=params))
         start = time.perf_counter()
         logits = gen.prefill(ids, mask)
         tok = next_tokens(logits, params)
         tok.cpu()
         ttft = time.perf_counter() - start
         start = time.perf_counter()
-        logits = gen.step(tok, prompt)  # compiles (first time) and captures the CUDA graph
-        tok = next_tokens(logits, params)
+        tok = gen.step(tok, prompt)  # compiles (first time) and captures the CUDA graph, sampling in it
         torch.cuda.synchronize()
         out.setdefault("first_step_s", round(time.perf_counter() - start, 1))
         start = time.perf_counter()
         for step in range(1, new - 1):
-            logits = gen.step(tok, prompt + step)
-            tok = next_tokens(logits, params)
+            tok = gen.step(tok, prompt + step)
             tok.tolist()
         torch.cuda.synchronize()
         decode = time.perf_counter() - start

@@ -25,7 +25,7 @@ that a CUDA graph can replay.
   G3N_GEMV_TUNING=1 adds inductor's coordinate-descent tuning, which writes the batch-1
   matrix-vector products as fused, tuned reductions instead of cuBLAS calls (E2B 297-316 tokens/s,
   for 150-190 s of compiling). G3N_DECODE_KERNELS=1 runs AltUp's chains of tiny reductions as
-  three hand-written Triton kernels per layer (`model/altup_kernels.py`; tested on the CPU through
+  three hand-written Triton kernels per layer (`model/decode_kernels.py`; tested on the CPU through
   Triton's interpreter, not yet measured on a GPU; if they fail to compile, the step compiles
   without them, with a warning). A model with 4-bit weights (bitsandbytes) is not compiled: its
   step is captured uncompiled, with a warning.
@@ -45,7 +45,7 @@ import torch
 import torch._inductor.config
 
 from .config import FULL, SLIDING, TextConfig
-from .model import altup_kernels, fused_weights
+from .model import decode_kernels, fused_weights
 from .model.ple_table import device_view
 from .model.quant import is_4bit
 from .model.text import apply_rope, build_mask
@@ -73,19 +73,23 @@ class StaticCache:
         return real & (key_index >= 0)[None]
 
 
-def _attend(attn, q, cos, sin, k, v, mask):
+def _attend(attn, q, cos, sin, k, v, mask, kernel=False):
     """Attention.forward for one query position, from its q projection, as float32 broadcast sums:
     the query heads that share a K/V head are grouped (no K/V copy per head), and a compiler turns
     scores, softmax and the weighted sum into a few reductions that read the cache once (in a
     compiled E2B step on an H200, cuDNN's attention kernel took 36 us per layer, a quarter of the
-    step's GPU time)."""
+    step's GPU time). `kernel`: the same in float32 as flash decoding (model/decode_kernels.py),
+    each split of the keys one program, instead of reductions over all keys at once."""
     batch, group, dtype = q.shape[0], attn.n_heads // attn.n_kv_heads, q.dtype
     q = apply_rope(attn.q_norm(q.view(batch, 1, -1, attn.head_dim)), cos, sin)
-    q = q.reshape(batch, attn.n_kv_heads, group, 1, attn.head_dim).float()
-    scores = (q * k[:, :, None].float()).sum(-1)  # (batch, kv_heads, group, keys); scaling 1.0
-    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
-    out = (probs[..., None] * v[:, :, None].float()).sum(-2).to(dtype)
-    return attn.o_proj(out.reshape(batch, 1, -1))
+    q = q.reshape(batch, attn.n_kv_heads, group, 1, attn.head_dim)
+    if kernel:
+        out = decode_kernels.attend(q.squeeze(3), k, v, mask.reshape(batch, -1))  # in q's dtype
+    else:
+        scores = (q.float() * k[:, :, None].float()).sum(-1)  # (batch, kv_heads, group, keys); scaling 1.0
+        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+        out = (probs[..., None] * v[:, :, None].float()).sum(-2)
+    return attn.o_proj(out.to(dtype).reshape(batch, 1, -1))
 
 
 def decode_layer_cached(layer, streams, per_layer_input, cos, sin, kbuf, vbuf, slots, mask):
@@ -99,9 +103,9 @@ def decode_layer_cached(layer, streams, per_layer_input, cos, sin, kbuf, vbuf, s
     model's own layers. Nothing here depends on the layer's index, so one compiled function serves
     every layer of the same kind (the per-layer compile, `compile="layers"`)."""
     attn = layer.self_attn
-    kernels = DECODE_KERNELS and altup_kernels.usable(streams, layer.cfg)
+    kernels = DECODE_KERNELS and decode_kernels.usable(streams, layer.cfg)
     if kernels:
-        predictions, normed = altup_kernels.predict_and_norm(layer, streams)
+        predictions, normed = decode_kernels.predict_and_norm(layer, streams)
     else:
         predictions = layer.altup.predict(streams)
         normed = layer.input_layernorm(predictions[layer.cfg.altup_active_idx])
@@ -110,12 +114,15 @@ def decode_layer_cached(layer, streams, per_layer_input, cos, sin, kbuf, vbuf, s
         k, v = attn.finish_kv(k, v, cos, sin)
         kbuf.index_copy_(2, slots, k)
         vbuf.index_copy_(2, slots, v)
-    out = _attend(attn, q, cos, sin, kbuf, vbuf, mask)
+    group = attn.n_heads // attn.n_kv_heads
+    kernel = DECODE_KERNELS and decode_kernels.attention_usable(q, attn.head_dim, group)
+    out = _attend(attn, q, cos, sin, kbuf, vbuf, mask, kernel)
     mlp = layer.mlp
-    end = partial(altup_kernels.decode_end, layer) if kernels else layer.end
+    down = fused_weights.library_down(mlp) if GEMV_TUNING else None
+    end = partial(decode_kernels.decode_end, layer) if kernels else layer.end
     return end(
         predictions, out, layer.laurel.finish(normed, left), per_layer_input,
-        mlp=lambda x: mlp.finish(*fused_weights.gate_up(mlp, x)),
+        mlp=lambda x: mlp.finish(*fused_weights.gate_up(mlp, x), down=down),
     )  # fmt: skip
 
 
@@ -209,7 +216,7 @@ def decode_logits(model, cache: StaticCache, tokens, ple_rows, index, fused=Fals
 GEMV_TUNING = os.environ.get("G3N_GEMV_TUNING", "0") == "1"
 # Projections that read one input run as one product in the compiled step (model/fused_weights.py).
 FUSE_WEIGHTS = os.environ.get("G3N_FUSE_WEIGHTS", "1") == "1"
-# AltUp's chains of tiny reductions as three Triton kernels per layer (model/altup_kernels.py).
+# AltUp's chains of tiny reductions as three Triton kernels per layer (model/decode_kernels.py).
 DECODE_KERNELS = os.environ.get("G3N_DECODE_KERNELS", "0") == "1"
 _compiled: dict[tuple, object] = {}
 
@@ -419,12 +426,11 @@ class Generator:
         """Warm up (so compile) a compiled step; if it fails with the AltUp kernels in it, once
         more without them (for the rest of the process: this torch cannot compile them)."""
         global DECODE_KERNELS
-        probe = torch.empty(0, dtype=self.model.dtype, device=self.device)
         with _strict_dynamo():
             try:
                 self._warm_up(run, step, args)
             except Exception as e:
-                if not (DECODE_KERNELS and altup_kernels.usable(probe, self.model.config)):
+                if not DECODE_KERNELS:
                     raise
                 warnings.warn(
                     f"the AltUp decode kernels failed to compile, compiling without them: {type(e).__name__}: {e}"

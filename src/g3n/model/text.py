@@ -90,9 +90,11 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.finish(self.gate_proj(x), self.up_proj(x))
 
-    def finish(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        """The output from the gate and up projections (computed elsewhere: fused_weights)."""
-        return self.down_proj(self.act(self.sparsify(gate)) * up)
+    def finish(self, gate: torch.Tensor, up: torch.Tensor, down=None) -> torch.Tensor:
+        """The output from the gate and up projections (computed elsewhere: fused_weights);
+        `down`: what runs the down projection instead of down_proj."""
+        down = self.down_proj if down is None else down
+        return down(self.act(self.sparsify(gate)) * up)
 
     def sparsify(self, gate: torch.Tensor) -> torch.Tensor:
         """The layer's Gaussian top-k (identity on dense layers): keep what lies above

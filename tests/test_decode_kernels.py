@@ -1,4 +1,4 @@
-"""The AltUp Triton kernels of the decode step (model/altup_kernels.py), run on the CPU by Triton's
+"""The AltUp Triton kernels of the decode step (model/decode_kernels.py), run on the CPU by Triton's
 interpreter: this module runs itself again in a subprocess with TRITON_INTERPRET=1 (Triton reads
 it when kernels are defined), where the real tests are collected."""
 
@@ -20,14 +20,14 @@ if os.environ.get("TRITON_INTERPRET") != "1":
             env=env, capture_output=True, text=True, timeout=1200, check=False,
         )  # fmt: skip
         assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
-        assert "5 passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
+        assert "7 passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
 
 else:
     import copy
 
     import g3n
     from g3n import engine
-    from g3n.model import altup_kernels
+    from g3n.model import decode_kernels
     from helpers import record_layer_compiles, teacher_forced
 
     @pytest.fixture(scope="module")
@@ -48,28 +48,49 @@ else:
     def test_each_kernel_rounds_as_eager_bfloat16(bf16_and_f32, index):
         model, f32 = bf16_and_f32
         layer, ref = model.model.layers[index], f32.model.layers[index]
-        assert altup_kernels.usable(torch.zeros(1, dtype=torch.bfloat16), model.config)
+        assert decode_kernels.usable(torch.zeros(1, dtype=torch.bfloat16), model.config)
         g = torch.Generator().manual_seed(index)
         hidden = model.config.hidden_size
         streams = (torch.randn(4, 2, 1, hidden, generator=g) * 3).bfloat16()
         h, mlp_out, projected = (torch.randn(2, 1, hidden, generator=g).bfloat16() for _ in range(3))
 
-        predictions, normed = altup_kernels.predict_and_norm(layer, streams)
+        predictions, normed = decode_kernels.predict_and_norm(layer, streams)
         eager_p = layer.altup.predict(streams)
         f32_p = ref.altup.predict(streams.float())
         _check(predictions, eager_p, f32_p)
         _check(normed, layer.input_layernorm(eager_p[0]), ref.input_layernorm(f32_p[0]))
 
-        corrected, first = altup_kernels.correct(layer, predictions, h, mlp_out)
+        corrected, first = decode_kernels.correct(layer, predictions, h, mlp_out)
         eager_c = layer.altup.correct(predictions, h + layer.post_feedforward_layernorm(mlp_out))
         f32_c = ref.altup.correct(predictions.float(), h.float() + ref.post_feedforward_layernorm(mlp_out.float()))
         _check(corrected, eager_c, f32_c)
         _check(first, layer.altup.scale_corrected_output(eager_c[0]), ref.altup.scale_corrected_output(f32_c[0]))
 
-        out = altup_kernels.add_per_layer_input(layer, corrected, projected)
+        out = decode_kernels.add_per_layer_input(layer, corrected, projected)
         ple, ple32 = layer.post_per_layer_input_norm(projected), ref.post_per_layer_input_norm(projected.float())
         assert torch.equal(out[0], corrected[0])
         _check(out[1:], corrected[1:] + ple, corrected[1:].float() + ple32)
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+    def test_flash_decoding_equals_softmax_attention(dtype):
+        """attend (splits of the keys scored by the kernel, combined in PyTorch) equals softmax
+        attention in float32: over several splits and several loop steps per split, a key count
+        that is no multiple of a step, masked keys, and a split whose keys are all masked."""
+        g = torch.Generator().manual_seed(0)
+        keys = decode_kernels.ATTEND_SPLITS * decode_kernels.ATTEND_BLOCK + 70  # 2 steps per split
+        q = torch.randn(2, 2, 4, 64, generator=g).to(dtype)
+        k, v = (torch.randn(2, 2, keys, 64, generator=g).to(dtype) for _ in range(2))
+        valid = torch.rand(2, keys, generator=g) < 0.7
+        valid[1, :200] = False  # row 1's first splits see no key
+        out = decode_kernels.attend(q, k, v, valid)
+        scores = torch.einsum("bhgd,bhkd->bhgk", q.float(), k.float()).masked_fill(~valid[:, None, None], float("-inf"))
+        expected = torch.einsum("bhgk,bhkd->bhgd", scores.softmax(-1), v.float())
+        assert out.dtype == dtype
+        if dtype == torch.float32:
+            torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
+        else:  # rounded to nearest as .to(): the float32 result's rounding, barring ties of the sums' order
+            assert (out != expected.to(dtype)).float().mean() < 0.01
+            assert ((out.float() - expected).abs() <= expected.abs() * 2**-8 + 1e-6).all()
 
     def _teacher_forced(model, ids, prompt_len, **kw):
         return teacher_forced(model, ids, prompt_len, cuda_graph=False, **kw).float()
@@ -83,11 +104,13 @@ else:
         plain = _teacher_forced(model, ids, 10, fused=True)
         reference = _teacher_forced(f32, ids, 10, fused=False)
         calls = []
-        predict = altup_kernels.predict_and_norm
-        monkeypatch.setattr(altup_kernels, "predict_and_norm", lambda *a: calls.append(1) or predict(*a))
+        for name in ("predict_and_norm", "attend"):
+            kernel = getattr(decode_kernels, name)
+            monkeypatch.setattr(decode_kernels, name, lambda *a, k=kernel, n=name: calls.append(n) or k(*a))
         monkeypatch.setattr(engine, "DECODE_KERNELS", True)
         kernels = _teacher_forced(model, ids, 10, fused=True)
-        assert len(calls) == 3 * len(model.model.layers)  # 3 decode steps
+        for name in ("predict_and_norm", "attend"):
+            assert calls.count(name) == 3 * len(model.model.layers)  # 3 decode steps
         assert _err(kernels, reference) <= 1.25 * _err(plain, reference) + 1e-3
         assert _err(kernels, plain) < 0.05 * plain.abs().max().item()
 
@@ -102,6 +125,6 @@ else:
             layered = _teacher_forced(model, ids, 10, fused="layers")
         eager = _teacher_forced(model, ids, 10, fused=True)
         code = "\n".join(gm.code for gm in graphs["layer"])
-        for op in ("altup_predict", "altup_correct", "add_per_layer_input"):
+        for op in ("altup_predict", "altup_correct", "add_per_layer_input", "attend"):
             assert f"g3n.{op}" in code
         assert torch.equal(layered, eager)

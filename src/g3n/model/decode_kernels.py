@@ -146,6 +146,68 @@ if triton is not None:
             tl.store(out_ptr + i * stream_stride + base, _bf16(ci + ple).to(tl.bfloat16), mask=m)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _attend_split_kernel(
+        q_ptr, k_ptr, v_ptr, valid_ptr, acc_ptr, m_ptr, l_ptr, S, NSPLIT, KV_HEADS: tl.constexpr,
+        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, ITERS: tl.constexpr,
+    ):  # fmt: skip
+        # One (row, K/V head) x one split of the keys: the split's float32 scores of the head's G
+        # query heads (padded to GP rows for tl.dot), their running max m, sum of exp(score - m)
+        # l and exp-weighted sum of values acc: flash-decoding's partial results.
+        bh = tl.program_id(0)
+        split = tl.program_id(1)
+        b = bh // KV_HEADS
+        g = tl.arange(0, GP)
+        d = tl.arange(0, D)
+        q = tl.load(q_ptr + (bh * G + g[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0).to(tl.float32)
+        m = tl.full([GP], -1e30, tl.float32)  # finite: a split whose keys are all masked gives 0s, not NaN
+        l = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, D], tl.float32)
+        for i in tl.static_range(ITERS):
+            s = (split * ITERS + i) * BLOCK_S + tl.arange(0, BLOCK_S)
+            inside = s < S
+            kv_offs = (bh * S + s[:, None]) * D + d[None, :]
+            k = tl.load(k_ptr + kv_offs, mask=inside[:, None], other=0.0).to(tl.float32)
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee")  # (GP, BLOCK_S); scaling 1.0
+            valid = tl.load(valid_ptr + b * S + s, mask=inside, other=0) != 0
+            scores = tl.where(valid[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, 1))
+            p = tl.exp(scores - m_new[:, None])
+            scale = tl.exp(m - m_new)
+            v = tl.load(v_ptr + kv_offs, mask=inside[:, None], other=0.0).to(tl.float32)
+            acc = acc * scale[:, None] + tl.dot(p, v, input_precision="ieee")
+            l = l * scale + tl.sum(p, 1)
+            m = m_new
+        part = (bh * G + g) * NSPLIT + split  # (row, K/V head, query head of the group, split)
+        tl.store(acc_ptr + part[:, None] * D + d[None, :], acc, mask=g[:, None] < G)
+        tl.store(m_ptr + part, m, mask=g < G)
+        tl.store(l_ptr + part, l, mask=g < G)
+
+    @triton.jit
+    def _attend_combine_kernel(
+        acc_ptr, m_ptr, l_ptr, out_ptr, NSPLIT, NS: tl.constexpr, D: tl.constexpr, TO_BF16: tl.constexpr
+    ):
+        # One query head: its splits' partial results combined (rescaled to the largest max),
+        # then divided by the softmax's sum; rounded to bfloat16 as .to() would (TO_BF16).
+        head = tl.program_id(0)
+        i = tl.arange(0, NS)
+        d = tl.arange(0, D)
+        m = tl.load(m_ptr + head * NSPLIT + i, mask=i < NSPLIT, other=-float("inf"))
+        w = tl.exp(m - tl.max(m, 0))
+        l = tl.load(l_ptr + head * NSPLIT + i, mask=i < NSPLIT, other=0.0)
+        acc = tl.load(acc_ptr + (head * NSPLIT + i[:, None]) * D + d[None, :], mask=i[:, None] < NSPLIT, other=0.0)
+        out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
+        if TO_BF16:
+            out = _bf16(out)
+        tl.store(out_ptr + head * D + d, out.to(out_ptr.dtype.element_ty))
+
+
+ATTEND_BLOCK = 32  # keys per loop step of a split
+ATTEND_SPLITS = 64  # at most this many splits of the keys per (row, K/V head)
+
+
 def _new(like: Tensor) -> Tensor:
     """An output shaped like `like`, contiguous (the kernels' layout; the fake ops say the same)."""
     return torch.empty(like.shape, dtype=like.dtype, device=like.device)
@@ -206,6 +268,53 @@ def _ple_op(corrected: Tensor, projected: Tensor, w: Tensor, eps: float) -> Tens
 @_ple_op.register_fake
 def _(corrected, projected, w, eps):
     return _new(corrected)
+
+
+@torch.library.custom_op("g3n::attend", mutates_args=())
+def _attend_op(q: Tensor, k: Tensor, v: Tensor, valid: Tensor) -> Tensor:
+    q = q.contiguous()
+    (batch, kv_heads, group, dim), keys = q.shape, k.shape[2]
+    iters, splits = _attend_splits(keys)
+    acc = q.new_empty((batch, kv_heads, group, splits, dim), dtype=torch.float32)
+    m, l = (q.new_empty((batch, kv_heads, group, splits), dtype=torch.float32) for _ in range(2))
+    out = _new(q)
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        _attend_split_kernel[(batch * kv_heads, splits)](
+            q, k.contiguous(), v.contiguous(), valid.contiguous(), acc, m, l, keys, splits, KV_HEADS=kv_heads,
+            G=group, GP=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_S=ATTEND_BLOCK, ITERS=iters, num_warps=4,
+        )  # fmt: skip
+        _attend_combine_kernel[(batch * kv_heads * group,)](
+            acc, m, l, out, splits, NS=triton.next_power_of_2(splits), D=dim, TO_BF16=q.dtype == torch.bfloat16,
+            num_warps=4,
+        )  # fmt: skip
+    return out
+
+
+@_attend_op.register_fake
+def _(q, k, v, valid):
+    return _new(q)
+
+
+def _attend_splits(keys: int) -> tuple[int, int]:
+    """(loop steps per split, splits): at most ATTEND_SPLITS splits of ATTEND_BLOCK-key steps."""
+    blocks = -(-keys // ATTEND_BLOCK)
+    iters = -(-blocks // ATTEND_SPLITS)
+    return iters, -(-blocks // iters)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Softmax attention of one query position in float32, as flash decoding: one kernel scores
+    each split of the keys (a program per split, so a long cache is read in parallel), a second
+    combines the splits and rounds to q's dtype. q (batch, kv_heads, group, dim); k/v (batch,
+    kv_heads, keys, dim); valid (batch, keys) bool, at least one key per row; returns q's shape."""
+    return _attend_op(q, k, v, valid)
+
+
+def attention_usable(q: torch.Tensor, head_dim: int, group: int) -> bool:
+    """Whether `attend` can run: the kernels' conditions (`usable`'s, but any float dtype) and a
+    power-of-two head size of at least 16, at most 16 query heads per K/V head."""
+    on_device = q.device.type == "cuda" or (INTERPRET and q.device.type == "cpu")
+    return triton is not None and on_device and head_dim >= 16 and head_dim & (head_dim - 1) == 0 and group <= 16
 
 
 def predict_and_norm(layer, streams: torch.Tensor):
