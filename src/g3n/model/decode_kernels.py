@@ -149,19 +149,31 @@ if triton is not None:
 if triton is not None:
 
     @triton.jit
+    def _dot(a, b, IEEE: tl.constexpr):
+        # a @ b in float32: exact float32 FMAs (IEEE), else tensor cores on a's dtype
+        if IEEE:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a, b)
+
+    @triton.jit
     def _attend_split_kernel(
         q_ptr, k_ptr, v_ptr, valid_ptr, acc_ptr, m_ptr, l_ptr, S, NSPLIT, KV_HEADS: tl.constexpr,
         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, ITERS: tl.constexpr,
+        BF16: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
         # One (row, K/V head) x one split of the keys: the split's float32 scores of the head's G
         # query heads (padded to GP rows for tl.dot), their running max m, sum of exp(score - m)
-        # l and exp-weighted sum of values acc: flash-decoding's partial results.
+        # l and exp-weighted sum of values acc: flash-decoding's partial results. bfloat16 inputs
+        # go through tensor cores: q.k exactly (bfloat16 products are exact in float32), p.v with p
+        # split into two bfloat16 parts (hi + lo: p to 16 bits, as good as float32 for a result
+        # rounded to bfloat16); other dtypes, and Triton's interpreter (whose dot misreads
+        # bfloat16), through float32 FMAs (IEEE).
         bh = tl.program_id(0)
         split = tl.program_id(1)
         b = bh // KV_HEADS
         g = tl.arange(0, GP)
         d = tl.arange(0, D)
-        q = tl.load(q_ptr + (bh * G + g[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0).to(tl.float32)
+        q = tl.load(q_ptr + (bh * G + g[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0)
         m = tl.full([GP], -1e30, tl.float32)  # finite: a split whose keys are all masked gives 0s, not NaN
         l = tl.zeros([GP], tl.float32)
         acc = tl.zeros([GP, D], tl.float32)
@@ -169,15 +181,21 @@ if triton is not None:
             s = (split * ITERS + i) * BLOCK_S + tl.arange(0, BLOCK_S)
             inside = s < S
             kv_offs = (bh * S + s[:, None]) * D + d[None, :]
-            k = tl.load(k_ptr + kv_offs, mask=inside[:, None], other=0.0).to(tl.float32)
-            scores = tl.dot(q, tl.trans(k), input_precision="ieee")  # (GP, BLOCK_S); scaling 1.0
+            k = tl.load(k_ptr + kv_offs, mask=inside[:, None], other=0.0)
+            v = tl.load(v_ptr + kv_offs, mask=inside[:, None], other=0.0)
+            scores = _dot(q, tl.trans(k), IEEE)  # (GP, BLOCK_S) float32; scaling 1.0
             valid = tl.load(valid_ptr + b * S + s, mask=inside, other=0) != 0
             scores = tl.where(valid[None, :], scores, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, 1))
             p = tl.exp(scores - m_new[:, None])
             scale = tl.exp(m - m_new)
-            v = tl.load(v_ptr + kv_offs, mask=inside[:, None], other=0.0).to(tl.float32)
-            acc = acc * scale[:, None] + tl.dot(p, v, input_precision="ieee")
+            if BF16:
+                hi = p.to(tl.bfloat16)
+                lo = (p - hi.to(tl.float32)).to(tl.bfloat16)
+                pv = _dot(hi, v, IEEE) + _dot(lo, v, IEEE)
+            else:
+                pv = _dot(p, v, IEEE)
+            acc = acc * scale[:, None] + pv
             l = l * scale + tl.sum(p, 1)
             m = m_new
         part = (bh * G + g) * NSPLIT + split  # (row, K/V head, query head of the group, split)
@@ -281,7 +299,8 @@ def _attend_op(q: Tensor, k: Tensor, v: Tensor, valid: Tensor) -> Tensor:
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         _attend_split_kernel[(batch * kv_heads, splits)](
             q, k.contiguous(), v.contiguous(), valid.contiguous(), acc, m, l, keys, splits, KV_HEADS=kv_heads,
-            G=group, GP=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_S=ATTEND_BLOCK, ITERS=iters, num_warps=4,
+            G=group, GP=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_S=ATTEND_BLOCK, ITERS=iters,
+            BF16=q.dtype == torch.bfloat16, IEEE=q.dtype != torch.bfloat16 or INTERPRET, num_warps=4,
         )  # fmt: skip
         _attend_combine_kernel[(batch * kv_heads * group,)](
             acc, m, l, out, splits, NS=triton.next_power_of_2(splits), D=dim, TO_BF16=q.dtype == torch.bfloat16,
