@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 
 from .engine import Generator
 from .errors import G3nError
@@ -78,25 +77,6 @@ def _top_p_min_p(logits: torch.Tensor, p: SamplingParams, descending: bool = Fal
     return logits
 
 
-TOP_K_BLOCK = 1024  # top-k of a large vocabulary: first per block of this many logits (top_k)
-
-
-def top_k(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.topk(logits, k) (largest first), in two stages for a large vocabulary: the k largest
-    of each block of TOP_K_BLOCK logits, then the k largest of those (the same values; ties may
-    pick other ids). One torch.topk over Gemma's 262400 logits is a 4-pass radix select of about
-    60 us on an H200, a sixth of the sampling step of an E2B token."""
-    vocab = logits.shape[-1]
-    if vocab <= 8 * TOP_K_BLOCK or k > TOP_K_BLOCK:
-        return torch.topk(logits, k, dim=-1)
-    blocks = -(-vocab // TOP_K_BLOCK)
-    padded = F.pad(logits, (0, blocks * TOP_K_BLOCK - vocab), value=float("-inf"))
-    values, ids = torch.topk(padded.view(*logits.shape[:-1], blocks, TOP_K_BLOCK), k, dim=-1)
-    ids = ids + torch.arange(blocks, device=logits.device)[:, None] * TOP_K_BLOCK
-    values, picked = torch.topk(values.flatten(-2), k, dim=-1)
-    return values, ids.flatten(-2).gather(-1, picked)
-
-
 def filter_logits(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | None = None) -> torch.Tensor:
     """Apply repetition penalty, temperature, top-k, top-p and min-p to (batch, vocab) logits.
 
@@ -116,7 +96,7 @@ def candidate_probs(logits, p: SamplingParams, seen=None) -> tuple[torch.Tensor,
     262400 logits per token took about 3 ms on an H200, more than a whole E2B decode step."""
     logits = _penalize_and_scale(logits, p, seen)
     if p.top_k and p.top_k < logits.shape[-1]:
-        values, ids = top_k(logits, p.top_k)
+        values, ids = torch.topk(logits, p.top_k, dim=-1)
         return _top_p_min_p(values, p, descending=True).softmax(-1), ids
     return _top_p_min_p(logits, p).softmax(-1), None
 
