@@ -6,9 +6,10 @@ Decode variants: `eager` (no graph), `graph` (the model's layers captured as a C
 decode_layer, then the graph: what G3N_COMPILE=1 runs), `tuned` (`fused` with inductor's
 coordinate-descent tuning, whose batch-1 matrix-vector products are fused, tuned reductions:
 G3N_GEMV_TUNING=1), `layers` (each kind of decoder layer compiled once, the rest of the step
-uncompiled, all in the graph: G3N_COMPILE=layers), `layers-tuned` (both), `layers-kernels` and
-`layers-tuned-kernels` (with the AltUp Triton kernels: G3N_DECODE_KERNELS=1; a row's `kernels`
-says whether they compiled or the step fell back to running without them). Timed two ways: `api`
+uncompiled, all in the graph: G3N_COMPILE=layers, here without g3n's decode kernels), `layers-tuned`
+(both), `layers-kernels` and `layers-tuned-kernels` (with the Triton kernels for AltUp and
+attention: what G3N_COMPILE=layers runs by default; a row's `kernels` says whether they compiled
+or the step fell back to running without them). Timed two ways: `api`
 (g3n.generate.generate_steps as users run it, which queues each step before reading the last
 tokens) and `sync` (--sync: the bench's own loop, reading each token on the host before the next
 step); both gather the per-layer rows inside the graph from the page-locked CPU table. Before any
@@ -59,7 +60,7 @@ VARIANTS = {
 
 
 def use_variant(name: str) -> dict:
-    """Set the engine's switches for a variant (GEMV tuning, the AltUp kernels)."""
+    """Set the engine's switches for a variant (GEMV tuning, the decode kernels)."""
     engine.GEMV_TUNING = "tuned" in name
     engine.DECODE_KERNELS = name.endswith("kernels")
     return VARIANTS[name]

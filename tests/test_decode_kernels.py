@@ -20,7 +20,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
             env=env, capture_output=True, text=True, timeout=1200, check=False,
         )  # fmt: skip
         assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
-        assert "7 passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
+        assert "6 passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
 
 else:
     import copy
@@ -71,26 +71,23 @@ else:
         assert torch.equal(out[0], corrected[0])
         _check(out[1:], corrected[1:] + ple, corrected[1:].float() + ple32)
 
-    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-    def test_flash_decoding_equals_softmax_attention(dtype):
+    def test_flash_decoding_equals_softmax_attention():
         """attend (splits of the keys scored by the kernel, combined in PyTorch) equals softmax
         attention in float32: over several splits and several loop steps per split, a key count
         that is no multiple of a step, masked keys, and a split whose keys are all masked."""
         g = torch.Generator().manual_seed(0)
         keys = decode_kernels.ATTEND_SPLITS * decode_kernels.ATTEND_BLOCK + 70  # 2 steps per split
-        q = torch.randn(2, 2, 4, 64, generator=g).to(dtype)
-        k, v = (torch.randn(2, 2, keys, 64, generator=g).to(dtype) for _ in range(2))
+        q = torch.randn(2, 2, 4, 64, generator=g).bfloat16()
+        k, v = (torch.randn(2, 2, keys, 64, generator=g).bfloat16() for _ in range(2))
         valid = torch.rand(2, keys, generator=g) < 0.7
         valid[1, :200] = False  # row 1's first splits see no key
         out = decode_kernels.attend(q, k, v, valid)
         scores = torch.einsum("bhgd,bhkd->bhgk", q.float(), k.float()).masked_fill(~valid[:, None, None], float("-inf"))
         expected = torch.einsum("bhgk,bhkd->bhgd", scores.softmax(-1), v.float())
-        assert out.dtype == dtype
-        if dtype == torch.float32:
-            torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
-        else:  # rounded to nearest as .to(): the float32 result's rounding, barring ties of the sums' order
-            assert (out != expected.to(dtype)).float().mean() < 0.01
-            assert ((out.float() - expected).abs() <= expected.abs() * 2**-8 + 1e-6).all()
+        assert out.dtype == torch.bfloat16
+        # rounded to nearest as .to(): the float32 result's rounding, barring ties of the sums' order
+        assert (out != expected.bfloat16()).float().mean() < 0.01
+        assert ((out.float() - expected).abs() <= expected.abs() * 2**-8 + 1e-6).all()
 
     def _teacher_forced(model, ids, prompt_len, **kw):
         return teacher_forced(model, ids, prompt_len, cuda_graph=False, **kw).float()

@@ -15,20 +15,25 @@ that a CUDA graph can replay.
 - Optionally the step is compiled with torch.compile before it is captured, through
   `decode_layer_cached` (inductor fuses the ~160 small kernels of a layer: norms, AltUp, casts,
   attention; q/k/v/Laurel-left and gate/up run as one product each, `model/fused_weights.py`,
-  unless G3N_FUSE_WEIGHTS=0; kernels use programmatic dependent launch where torch has it). `compile="layers"` /
-  G3N_COMPILE=layers compiles `decode_layer_cached` once per kind of layer (6 graphs for E2B and
-  E4B) and runs the rest of the step uncompiled inside the same graph (on an H200 at batch 1: E2B
-  268-270 tokens/s, E4B 197-199, against 87 and 73 uncompiled; compiling takes 20-35 s);
-  `compile=True` / G3N_COMPILE=1 compiles the whole step as one graph (75-120 s). Either pays off
-  only after some thousands of tokens, so compiling is off by default (for servers and long
-  runs). If compiling fails the uncompiled step is captured instead and a warning says why.
-  G3N_GEMV_TUNING=1 adds inductor's coordinate-descent tuning, which writes the batch-1
-  matrix-vector products as fused, tuned reductions instead of cuBLAS calls (E2B 297-316 tokens/s,
-  for 150-190 s of compiling). G3N_DECODE_KERNELS=1 runs AltUp's chains of tiny reductions as
-  three hand-written Triton kernels per layer (`model/decode_kernels.py`; tested on the CPU through
-  Triton's interpreter, not yet measured on a GPU; if they fail to compile, the step compiles
-  without them, with a warning). A model with 4-bit weights (bitsandbytes) is not compiled: its
-  step is captured uncompiled, with a warning.
+  unless G3N_FUSE_WEIGHTS=0; kernels use programmatic dependent launch where torch has it).
+  `compile="layers"` / G3N_COMPILE=layers compiles `decode_layer_cached` once per kind of layer
+  (6 graphs for E2B and E4B), and the step's inputs (`step_inputs`) and logits (`step_logits`)
+  once each; the graph runs them in turn. `compile=True` / G3N_COMPILE=1 compiles the whole step
+  as one graph (75-120 s). Compiling pays off only after some thousands of tokens, so it is off
+  by default (for servers and long runs). If compiling fails the uncompiled step is captured
+  instead and a warning says why. A model with 4-bit weights (bitsandbytes) is not compiled.
+- In a compiled bfloat16 step on CUDA, hand-written Triton kernels (`model/decode_kernels.py`,
+  G3N_DECODE_KERNELS=0 turns them off) run AltUp's chains of tiny reductions (3 kernels a layer
+  instead of 11) and attention as flash decoding; if they fail to compile, the step compiles
+  without them, with a warning. G3N_GEMV_TUNING=1 adds inductor's coordinate-descent tuning: the
+  batch-1 matrix-vector products become fused, tuned reductions instead of cuBLAS calls (dense
+  MLPs' down projection stays cuBLAS's, fused_weights.library_down), for 80-150 s of compiling
+  instead of 10-30 s.
+- On an H200 at batch 1 (docs/benchmarks.md, seventh session): uncompiled E2B 87 tokens/s, E4B
+  73; per-layer compile 298 and 215; with the kernels 317 and 227; with GEMV tuning too 347-358
+  and 243-254. At batch 8 with the kernels: 2296 and 1655.
+- `sample` (generate.py's sampling) runs at the end of the captured step, so a token costs one
+  graph replay and no sampling kernels launched from Python.
 - Compiled code is specialised to the cache's shapes, so with compiling on the cache length is
   rounded up to a power of two (at least 1024, at most the context): one compile serves every
   request of that bucket and batch size.
@@ -114,9 +119,7 @@ def decode_layer_cached(layer, streams, per_layer_input, cos, sin, kbuf, vbuf, s
         k, v = attn.finish_kv(k, v, cos, sin)
         kbuf.index_copy_(2, slots, k)
         vbuf.index_copy_(2, slots, v)
-    group = attn.n_heads // attn.n_kv_heads
-    kernel = DECODE_KERNELS and decode_kernels.attention_usable(q, attn.head_dim, group)
-    out = _attend(attn, q, cos, sin, kbuf, vbuf, mask, kernel)
+    out = _attend(attn, q, cos, sin, kbuf, vbuf, mask, DECODE_KERNELS and decode_kernels.attention_usable(q, layer.cfg))
     mlp = layer.mlp
     down = fused_weights.library_down(mlp) if GEMV_TUNING else None
     end = partial(decode_kernels.decode_end, layer) if kernels else layer.end
@@ -211,13 +214,15 @@ def decode_logits(model, cache: StaticCache, tokens, ple_rows, index, fused=Fals
 
 # Inductor's coordinate-descent tuning (G3N_GEMV_TUNING=1): inductor then also decomposes batch-1
 # matrix-vector products into reductions it fuses with their neighbours and tunes, instead of one
-# cuBLAS call each. Off by default: on an H200 it gave E2B 297-316 tokens/s against 268-270
-# (per-layer compile) for 150-190 s of compiling instead of 20-35 s.
+# cuBLAS call each. Off by default: on an H200 it gave E2B 347-358 tokens/s against 317 and E4B
+# 243-254 against 227 for 80-150 s of compiling instead of 10-30 s, and its tuning differs from
+# run to run (the same E2B product took 17 us in one run, 23 us in the next).
 GEMV_TUNING = os.environ.get("G3N_GEMV_TUNING", "0") == "1"
 # Projections that read one input run as one product in the compiled step (model/fused_weights.py).
 FUSE_WEIGHTS = os.environ.get("G3N_FUSE_WEIGHTS", "1") == "1"
-# AltUp's chains of tiny reductions as three Triton kernels per layer (model/decode_kernels.py).
-DECODE_KERNELS = os.environ.get("G3N_DECODE_KERNELS", "0") == "1"
+# Hand-written Triton kernels in the compiled step (model/decode_kernels.py): AltUp's chains of
+# tiny reductions, flash-decoding attention. On by default (E2B 298 -> 317 tokens/s, E4B 215 -> 227).
+DECODE_KERNELS = os.environ.get("G3N_DECODE_KERNELS", "1") == "1"
 _compiled: dict[tuple, object] = {}
 
 
@@ -423,7 +428,7 @@ class Generator:
             self.static_logits, self.static_next = run(step, args)
 
     def _warm_up_compiled(self, run, step, args):
-        """Warm up (so compile) a compiled step; if it fails with the AltUp kernels in it, once
+        """Warm up (so compile) a compiled step; if it fails with the decode kernels in it, once
         more without them (for the rest of the process: this torch cannot compile them)."""
         global DECODE_KERNELS
         with _strict_dynamo():
@@ -432,9 +437,7 @@ class Generator:
             except Exception as e:
                 if not DECODE_KERNELS:
                     raise
-                warnings.warn(
-                    f"the AltUp decode kernels failed to compile, compiling without them: {type(e).__name__}: {e}"
-                )
+                warnings.warn(f"the decode kernels failed to compile, compiling without them: {type(e).__name__}: {e}")
                 DECODE_KERNELS = False
                 self._warm_up(run, step, args)
 
