@@ -60,9 +60,9 @@ def test_chat_keeps_conversation_and_commands(capsys, monkeypatch):
 
     original = gen.stream_text
 
-    def spy(model, tok, ids, params, media=None):
+    def spy(model, tok, ids, params, media=None, **kw):
         seen.append(tok.decode(ids, skip_special=False))
-        return original(model, tok, ids, params, media)
+        return original(model, tok, ids, params, media, **kw)
 
     monkeypatch.setattr(gen, "stream_text", spy)
     script = "What is 2+2?\nWhat is the capital of Peru?\n/reset\nHi\n/nonsense\n/quit\nnever read\n"
@@ -73,6 +73,24 @@ def test_chat_keeps_conversation_and_commands(capsys, monkeypatch):
     assert "2+2" not in seen[2]  # /reset forgot it
     assert seen[1].count("<bos>") == 1
     assert "Lima" in out and "[conversation reset]" in out and "unknown command '/nonsense'" in out
+
+
+def test_compile_option_reaches_the_engine(capsys, monkeypatch):
+    """--compile picks the decode step's compile mode (ignored on a CPU, where nothing is captured)."""
+    import g3n.generate as gen
+
+    modes = []
+    original = gen.Generator
+
+    def spy(*args, **kw):
+        modes.append(kw.get("compile"))
+        return original(*args, **kw)
+
+    monkeypatch.setattr(gen, "Generator", spy)
+    for flag, mode in (("layers", "layers"), ("step", True), ("off", False)):
+        args = ["generate", "--prompt", "Hi", "--greedy", "--max-new-tokens", "3", "--device", "cpu", "--compile", flag]
+        rc, out, _ = run_cli(args, capsys)
+        assert rc == 0 and out.strip() and modes[-1] == mode
 
 
 def test_chat_drops_a_message_that_does_not_fit_and_goes_on(capsys, monkeypatch):
@@ -127,6 +145,10 @@ def test_demo_runs_on_tiny(tmp_path, capsys):
         (["generate", "--model", "model.gguf", "--prompt", "x"], "GGUF"),
         (["generate", "--raw", "--system", "be brief", "--prompt", "x"], "need the chat format"),
         (["slice", "search", "--budget", "1B", "--data", "x.jsonl", "--load-in-4bit"], "drop --load-in-4bit"),
+        (
+            ["generate", "--model", "model.gguf", "--prompt", "x", "--compile", "layers"],
+            "a GGUF file runs in llama.cpp",
+        ),
     ],
 )
 def test_errors_are_one_line(args, needle, capsys):

@@ -340,11 +340,14 @@ class TextStreamer:
         return new
 
 
-def stream_text(model, tokenizer, prompt_ids: list[int], params: SamplingParams, media=None) -> Iterator[str]:
-    """Pieces of the reply's text as they are generated; stops at eos or <end_of_turn>."""
+def stream_text(
+    model, tokenizer, prompt_ids: list[int], params: SamplingParams, media=None, compile=None
+) -> Iterator[str]:
+    """Pieces of the reply's text as they are generated; stops at eos or <end_of_turn>
+    (`compile`: see engine.Generator)."""
     streamer = TextStreamer(tokenizer)
     stops = tokenizer.stop_ids
-    for (tok,) in generate_steps(model, [prompt_ids], params, stops, tokenizer.pad_id, media):
+    for (tok,) in generate_steps(model, [prompt_ids], params, stops, tokenizer.pad_id, media, compile):
         if tok is None or tok in stops:
             return
         piece = streamer.push(tok)
