@@ -237,15 +237,18 @@ async def _sse(job: Job, reply: _Reply, include_usage: bool):
 
 async def _collect(job: Job, reply: _Reply, request: Request) -> dict:
     """The whole reply; checks twice a second whether the client is still there (and if not,
-    cancels the job so its slot frees)."""
+    cancels the job so its slot frees), also while pieces keep arriving."""
     pieces = []
     get = asyncio.ensure_future(job.events.get())
+    checked = time.monotonic()
     try:
         while True:
             done, _ = await asyncio.wait({get}, timeout=0.5)
-            if not done:
+            if time.monotonic() - checked >= 0.5:
+                checked = time.monotonic()
                 if await request.is_disconnected():
                     return {}
+            if not done:
                 continue
             event = get.result()
             if event[0] == "text":
