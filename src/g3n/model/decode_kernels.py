@@ -148,9 +148,6 @@ if triton is not None:
             ci = tl.load(corr_ptr + i * stream_stride + base, mask=m, other=0.0).to(tl.float32)
             tl.store(out_ptr + i * stream_stride + base, _bf16(ci + ple).to(tl.bfloat16), mask=m)
 
-
-if triton is not None:
-
     @triton.jit
     def _dot(a, b, IEEE: tl.constexpr):
         # a @ b in float32: exact float32 FMAs (IEEE), else tensor cores on a's dtype
