@@ -91,6 +91,11 @@ def test_compile_option_reaches_the_engine(capsys, monkeypatch):
         args = ["generate", "--prompt", "Hi", "--greedy", "--max-new-tokens", "3", "--device", "cpu", "--compile", flag]
         rc, out, _ = run_cli(args, capsys)
         assert rc == 0 and out.strip() and modes[-1] == mode
+    from g3n.chat_engine import TorchEngine
+    from g3n.errors import G3nError
+
+    with pytest.raises(G3nError, match="compile must be 'off', 'layers' or 'step', not True"):
+        TorchEngine(None, None, "tiny", compile=True)  # the Python API names the modes as the CLI does
 
 
 def test_chat_drops_a_message_that_does_not_fit_and_goes_on(capsys, monkeypatch):

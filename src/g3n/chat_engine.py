@@ -40,11 +40,14 @@ class TorchEngine:
 
     def __init__(self, model, tokenizer, name: str, max_batch: int = 8, model_dir=None, lazy_towers: bool = False,
                  compile=None):  # fmt: skip
+        # --compile: off / layers / step, as engine.Generator's compile (None: $G3N_COMPILE)
+        modes = {None: None, "off": False, "layers": "layers", "step": True}
+        if compile not in modes:
+            raise G3nError(f"compile must be 'off', 'layers' or 'step', not {compile!r}")
+        self.compile = modes[compile]
         self.model, self.tok, self.name, self.max_batch = model, tokenizer, name, max_batch
         self.context_length = model.config.max_position_embeddings
         self.model_dir, self.lazy_towers, self.processor = model_dir, lazy_towers, None
-        # --compile: off / layers / step, as engine.Generator's compile (None: $G3N_COMPILE)
-        self.compile = {None: None, "off": False, "layers": "layers", "step": True}[compile]
 
     @property
     def modalities(self) -> frozenset[str]:

@@ -431,12 +431,13 @@ class Generator:
         """Warm up (so compile) a compiled step; if it fails with the decode kernels in it, once
         more without them (for the rest of the process: this torch cannot compile them)."""
         global DECODE_KERNELS
+        probe = torch.empty(0, dtype=self.model.dtype, device=self.device)  # what the kernels ran on
         with _strict_dynamo():
             try:
                 self._warm_up(run, step, args)
             except Exception as e:
-                if not DECODE_KERNELS:
-                    raise
+                if not (DECODE_KERNELS and decode_kernels.usable(probe, self.model.config)):
+                    raise  # not theirs: the kernels stay on for models they serve
                 warnings.warn(f"the decode kernels failed to compile, compiling without them: {type(e).__name__}: {e}")
                 DECODE_KERNELS = False
                 self._warm_up(run, step, args)
