@@ -16,7 +16,8 @@ step); both gather the per-layer rows inside the graph from the page-locked CPU 
 speed counts, each variant's logits over teacher-forced steps are compared with eager bf16 and
 with a float32 copy of the model: a variant passes when it is as close to float32 as eager bf16
 is (1.5x its difference + 0.05). Extra tasks: --extra TASK:SIZE:BATCH:VARIANT (check1, api, time,
-long), e.g. api:E4B:1:layers.
+long, gaps: GPU idle time between the api path's kernels, sampler: the sampling kernels
+against torch.topk's path), e.g. api:E4B:1:layers.
 
     PYTHONPATH=src python bench/generate_gpu.py [--sizes E2B E4B] [--batches 1 8]
         [--variants graph layers] [--check-variants eager graph layers] [--sync] [--hf] [--hf-new 64]
@@ -34,7 +35,7 @@ from functools import partial
 
 import torch
 
-from g3n import engine
+from g3n import engine, kernel_launch, sample_kernels
 from g3n.config import text_config_from_dict
 from g3n.engine import Generator, compiled_decode, decode_logits
 from g3n.generate import SamplingParams, generate_steps, next_tokens, sample_tokens
@@ -60,10 +61,15 @@ VARIANTS = {
 
 
 def use_variant(name: str) -> dict:
-    """Set the engine's switches for a variant (GEMV tuning, the decode kernels)."""
-    engine.GEMV_TUNING = "tuned" in name
-    engine.DECODE_KERNELS = name.endswith("kernels")
-    return VARIANTS[name]
+    """Set the engine's switches for a variant (GEMV tuning, the decode kernels; a `-nopdl` suffix:
+    g3n's Triton kernels launched without programmatic dependent launch, `-torchsample`: sampling
+    through torch.topk instead of the sampling kernels) and return its Generator keywords."""
+    parts = name.split("-")
+    engine.GEMV_TUNING = "tuned" in parts
+    engine.DECODE_KERNELS = "kernels" in parts
+    kernel_launch.ENABLED = "nopdl" not in parts
+    sample_kernels.ENABLED = "torchsample" not in parts
+    return VARIANTS["-".join(p for p in parts if p not in ("nopdl", "torchsample"))]
 
 
 T0 = time.perf_counter()
@@ -156,7 +162,7 @@ def check(model, ref, variants: list[str], steps: int = 16) -> dict[str, bool]:
     return verdict
 
 
-def profile_step(gen) -> dict:
+def profile_step(gen, tag: str) -> dict:
     """Kernels and GPU time of one decode step and its sampling, run outside the graph."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -175,8 +181,8 @@ def profile_step(gen) -> dict:
         t = getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0)
         by_name.setdefault(e.name[:60], []).append(t)
     top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:8]
-    if os.environ.get("BENCH_TRACE"):  # every kernel of the step in order: (name, us), to a JSON file
-        with open(os.environ["BENCH_TRACE"], "w") as f:
+    if os.environ.get("BENCH_TRACE"):  # every kernel of the step in order: (name, us), to BENCH_TRACE-tag.json
+        with open(f"{os.environ['BENCH_TRACE']}-{tag}.json", "w") as f:
             json.dump([(e.name, round(getattr(e, "device_time", 0.0) or e.cuda_time, 2)) for e in kernels], f)
     return {
         "kernels": len(kernels),
@@ -201,7 +207,7 @@ def replay_ms(gen, n: int = 50) -> float:
 def run_api(model, batch: int, variant: str, prompt=PROMPT, new=NEW, others: int = 0) -> dict:
     """generate_steps as users run it (a warm-up request first, so compiling is not counted):
     time to the first token, the first decode step (graph capture), then tokens/s over the rest."""
-    use_variant(variant)
+    kw = use_variant(variant)
     params = SamplingParams(max_new_tokens=new)
     prompts = torch.randint(0, 262144, (batch, prompt)).tolist()
     out = {}
@@ -209,12 +215,96 @@ def run_api(model, batch: int, variant: str, prompt=PROMPT, new=NEW, others: int
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         stamps = [time.perf_counter()]
-        for _ in generate_steps(model, prompts, params, compile=VARIANTS[variant].get("compile", False)):
+        for _ in generate_steps(model, prompts, params, compile=kw.get("compile", False)):
             stamps.append(time.perf_counter())
         out.setdefault("first_step_s", round(stamps[2] - stamps[1], 1))
     out.update(tok_s=round(batch * (new - 2) / (stamps[-1] - stamps[2]), 1), ttft_s=round(stamps[1] - stamps[0], 3),
                peak_gib=round((torch.cuda.max_memory_allocated() - others) / 2**30, 2))  # fmt: skip
     return out
+
+
+@torch.inference_mode()
+@torch.inference_mode()
+def sampler(batch: int, vocab: int = 262400, draws: int = 64) -> dict:
+    """sample_tokens with the sampling kernels against generate.py's torch.topk path: tokens drawn
+    at the same uniform numbers (random float32 logits, no ties), and GPU us per call of each,
+    captured in a CUDA graph as the decode step runs them."""
+    params = SamplingParams()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    logits = torch.randn(batch, vocab, device="cuda", generator=g) * 4
+    same = 0
+    for _ in range(draws):
+        uniform = torch.rand(batch, device="cuda", generator=g)
+        sample_kernels.ENABLED = True
+        fast = sample_tokens(logits, params, uniform=uniform)
+        sample_kernels.ENABLED = False
+        same += int((fast == sample_tokens(logits, params, uniform=uniform)).sum())
+    out = {"batch": batch, "same_tokens": f"{same}/{draws * batch}"}
+    uniform = torch.rand(batch, device="cuda", generator=g)
+    for name, enabled in (("kernels_us", True), ("torch_us", False)):
+        sample_kernels.ENABLED = enabled
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            sample_tokens(logits, params, uniform=uniform)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            sample_tokens(logits, params, uniform=uniform)
+        graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(100):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        out[name] = round(start.elapsed_time(end) * 10, 1)
+    sample_kernels.ENABLED = True
+    return out
+
+
+@torch.inference_mode()
+def api_gaps(model, batch: int, variant: str, prompt=PROMPT, new=64) -> dict:
+    """Where the GPU waits in `generate_steps` (after a warm-up request): a profiled request's
+    GPU busy and idle time per decode step, and its longest idle gaps with the kernels around
+    them (what replay_ms, the graph alone back to back, does not show)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    compile_mode = use_variant(variant).get("compile", False)
+    params = SamplingParams(max_new_tokens=new)
+    prompts = torch.randint(0, 262144, (batch, prompt)).tolist()
+    for _ in generate_steps(model, prompts, params, compile=compile_mode):
+        pass
+    torch.cuda.synchronize()
+    prof = profile(activities=[ProfilerActivity.CUDA])
+    for n, _ in enumerate(generate_steps(model, prompts, params, compile=compile_mode)):
+        if n == 8:  # past prefill and the first steps
+            torch.cuda.synchronize()
+            prof.start()
+    torch.cuda.synchronize()
+    prof.stop()
+    steps = n - 8
+    kernels = sorted(
+        (e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+        key=lambda e: e.time_range.start,
+    )
+    gaps, busy, end = [], 0.0, kernels[0].time_range.start
+    for before, e in zip([None, *kernels], kernels):
+        start, stop = e.time_range.start, e.time_range.end
+        if start > end:
+            gaps.append((start - end, before.name[:40] if before else "", e.name[:40]))
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    span = end - kernels[0].time_range.start
+    gaps.sort(reverse=True)
+    return {
+        "steps": steps,
+        "busy_us_per_step": round(busy / steps, 1),
+        "idle_us_per_step": round((span - busy) / steps, 1),
+        "kernels_per_step": round(len(kernels) / steps, 1),
+        "idle_in_gaps_over_3us_per_step": round(sum(g for g, _, _ in gaps if g > 3) / steps, 1),
+        "top_gaps_us": [(round(g, 1), a, b) for g, a, b in gaps[:6]],
+    }
 
 
 @torch.inference_mode()
@@ -253,7 +343,7 @@ def run_g3n(model, batch: int, kw: dict, prompt=PROMPT, new=NEW, profile=False, 
     if gen.cuda_graph:
         out["replay_ms"] = replay_ms(gen)
     if profile and gen.cuda_graph:
-        out["profile"] = profile_step(gen)
+        out["profile"] = profile_step(gen, f"{batch}-{engine.DECODE_KERNELS}-{engine.GEMV_TUNING}")
     return out
 
 
@@ -360,6 +450,9 @@ def main() -> int:
                 time.sleep(1)
             log(f"waited {time.perf_counter() - waited:.0f} s for {args.wait_for}")
             args.wait_for = None
+        if task == "sampler":
+            log("sampler: " + json.dumps(sampler(batch)))
+            continue
         if task == "hf":
             models.clear()
             torch.cuda.empty_cache()
@@ -388,6 +481,8 @@ def main() -> int:
             rows.append({"size": size, "batch": batch, "engine": f"g3n {variant} sync"})
             rows[-1].update(run_g3n(model, batch, use_variant(variant), profile=batch == 1, others=others))
             log(json.dumps(rows[-1]))
+        elif task == "gaps":
+            log(f"[{size}] gaps {variant}: " + json.dumps(api_gaps(model, batch, variant)))
         elif task == "api":
             rows.append({"size": size, "batch": batch, "engine": f"g3n {variant} api"})
             rows[-1].update(run_api(model, batch, variant, others=others))

@@ -1,5 +1,5 @@
-"""The AltUp Triton kernels of the decode step (model/decode_kernels.py), run on the CPU by Triton's
-interpreter: this module runs itself again in a subprocess with TRITON_INTERPRET=1 (Triton reads
+"""g3n's Triton kernels: the decode step's (model/decode_kernels.py) and top-k sampling's
+(sample_kernels.py), run on the CPU by Triton's interpreter: this module runs itself again in a subprocess with TRITON_INTERPRET=1 (Triton reads
 it when kernels are defined), where the real tests are collected."""
 
 import os
@@ -20,13 +20,14 @@ if os.environ.get("TRITON_INTERPRET") != "1":
             env=env, capture_output=True, text=True, timeout=1200, check=False,
         )  # fmt: skip
         assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
-        assert "6 passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
+        assert "9 passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
 
 else:
     import copy
 
     import g3n
-    from g3n import engine
+    from g3n import engine, sample_kernels
+    from g3n.generate import SamplingParams, candidate_probs, draw, sample_tokens
     from g3n.model import decode_kernels
     from helpers import record_layer_compiles, teacher_forced
 
@@ -125,3 +126,30 @@ else:
         for op in ("altup_predict", "altup_correct", "add_per_layer_input", "attend"):
             assert f"g3n.{op}" in code
         assert torch.equal(layered, eager)
+
+    @pytest.mark.parametrize(
+        "params",
+        [
+            SamplingParams(),  # Google's: top_k 64, top_p 0.95
+            SamplingParams(top_k=40, top_p=0.5, min_p=0.1, temperature=0.7),
+            SamplingParams(top_k=1, repetition_penalty=1.3),
+        ],
+    )
+    def test_top_k_sampling_kernels_draw_what_the_torch_path_draws(params, monkeypatch):
+        """sample_tokens through the kernels (several rounds of block top-k, then the sampling
+        program) picks, at the same uniform numbers, the token generate.py's torch.topk path
+        picks: top-k, top-p, min-p, temperature and the repetition penalty all applied alike."""
+        monkeypatch.setattr(sample_kernels, "BLOCK", 256)  # 12 blocks, then two rounds of candidates
+        monkeypatch.setattr(sample_kernels, "FINAL", 256)
+        g = torch.Generator().manual_seed(params.top_k)
+        logits = torch.randn(3, 3000, generator=g) * 4
+        seen = torch.rand(3, 3000, generator=g) < 0.01
+        calls = []
+        real = sample_kernels.sample_top_k
+        monkeypatch.setattr(sample_kernels, "sample_top_k", lambda *a: calls.append(1) or real(*a))
+        for _ in range(3):
+            uniform = torch.rand(3, generator=g)
+            probs, ids = candidate_probs(logits, params, seen)
+            expected = ids.gather(-1, draw(probs, uniform)).squeeze(-1)
+            assert torch.equal(sample_tokens(logits, params, seen, uniform), expected)
+        assert len(calls) == 3

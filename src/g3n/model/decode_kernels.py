@@ -25,9 +25,13 @@ import os
 import torch
 from torch import Tensor
 
+from ..kernel_launch import pdl_options
+
 try:
     import triton
     import triton.language as tl
+
+    from ..kernel_launch import pdl_wait
 except ImportError:  # no Triton (CPU-only installs): the PyTorch code runs
     triton = None
 
@@ -81,8 +85,9 @@ if triton is not None:
     @triton.jit
     def _predict_kernel(
         x_ptr, rn_w_ptr, router_ptr, coef_ptr, in_w_ptr, pred_ptr, normed_ptr, stream_stride, eps,
-        H: tl.constexpr, BLOCK: tl.constexpr, N: tl.constexpr, ACTIVE: tl.constexpr,
+        H: tl.constexpr, BLOCK: tl.constexpr, N: tl.constexpr, ACTIVE: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
+        pdl_wait(PDL)
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         m = offs < H
@@ -109,8 +114,9 @@ if triton is not None:
     def _correct_kernel(
         pred_ptr, h_ptr, mlp_ptr, pf_w_ptr, rn_w_ptr, router_ptr, corr_ptr, scale_ptr, out_ptr, first_ptr,
         stream_stride, eps, H: tl.constexpr, BLOCK: tl.constexpr, N: tl.constexpr, ACTIVE: tl.constexpr,
-        SCALE_FIRST: tl.constexpr,
+        SCALE_FIRST: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
+        pdl_wait(PDL)
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         m = offs < H
@@ -135,8 +141,10 @@ if triton is not None:
 
     @triton.jit
     def _ple_residual_kernel(
-        corr_ptr, ple_ptr, w_ptr, out_ptr, stream_stride, eps, H: tl.constexpr, BLOCK: tl.constexpr, N: tl.constexpr
-    ):
+        corr_ptr, ple_ptr, w_ptr, out_ptr, stream_stride, eps, H: tl.constexpr, BLOCK: tl.constexpr,
+        N: tl.constexpr, PDL: tl.constexpr,
+    ):  # fmt: skip
+        pdl_wait(PDL)
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         m = offs < H
@@ -159,7 +167,7 @@ if triton is not None:
     def _attend_split_kernel(
         q_ptr, k_ptr, v_ptr, valid_ptr, acc_ptr, m_ptr, l_ptr, S, NSPLIT, KV_HEADS: tl.constexpr,
         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, ITERS: tl.constexpr,
-        IEEE: tl.constexpr,
+        IEEE: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         # One (row, K/V head) x one split of the keys: the split's float32 scores of the head's G
         # query heads (padded to GP rows for tl.dot), their running max m, sum of exp(score - m)
@@ -168,6 +176,7 @@ if triton is not None:
         # p.v with p split into two bfloat16 parts (hi + lo: p to 16 bits, as good as float32 for
         # a result rounded to bfloat16); under Triton's interpreter, whose dot misreads bfloat16,
         # through float32 FMAs (IEEE).
+        pdl_wait(PDL)
         bh = tl.program_id(0)
         split = tl.program_id(1)
         b = bh // KV_HEADS
@@ -200,9 +209,12 @@ if triton is not None:
         tl.store(l_ptr + part, l, mask=g < G)
 
     @triton.jit
-    def _attend_combine_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, NSPLIT, NS: tl.constexpr, D: tl.constexpr):
+    def _attend_combine_kernel(
+        acc_ptr, m_ptr, l_ptr, out_ptr, NSPLIT, NS: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr
+    ):
         # One query head: its splits' partial results combined (rescaled to the largest max),
         # then divided by the softmax's sum; rounded to bfloat16 as .to() would.
+        pdl_wait(PDL)
         head = tl.program_id(0)
         i = tl.arange(0, NS)
         d = tl.arange(0, D)
@@ -227,7 +239,10 @@ def _launch(kernel, rows: int, x: torch.Tensor, *args, **constants):
     """One program per token row (H, N from x: (N, ..., H)); on x's device."""
     H = x.shape[-1]
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        kernel[(rows,)](*args, H=H, BLOCK=triton.next_power_of_2(H), N=x.shape[0], num_warps=8, **constants)
+        kernel[(rows,)](
+            *args, H=H, BLOCK=triton.next_power_of_2(H), N=x.shape[0], num_warps=8, **constants,
+            **pdl_options(x.device),
+        )  # fmt: skip
 
 
 # Custom ops: torch.compile keeps them opaque (an extern call inside the compiled layer, launched
@@ -292,10 +307,10 @@ def _attend_op(q: Tensor, k: Tensor, v: Tensor, valid: Tensor) -> Tensor:
         _attend_split_kernel[(batch * kv_heads, splits)](
             q, k.contiguous(), v.contiguous(), valid.contiguous(), acc, m, l, keys, splits, KV_HEADS=kv_heads,
             G=group, GP=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_S=ATTEND_BLOCK, ITERS=iters,
-            IEEE=INTERPRET, num_warps=4,
+            IEEE=INTERPRET, num_warps=4, **pdl_options(q.device),
         )  # fmt: skip
         _attend_combine_kernel[(batch * kv_heads * group,)](
-            acc, m, l, out, splits, NS=triton.next_power_of_2(splits), D=dim, num_warps=4,
+            acc, m, l, out, splits, NS=triton.next_power_of_2(splits), D=dim, num_warps=4, **pdl_options(q.device),
         )  # fmt: skip
     return out
 

@@ -1,0 +1,58 @@
+"""Programmatic dependent launch (PDL) for g3n's own Triton kernels.
+
+In a decode step's CUDA graph at batch 1 each kernel is a few microseconds, and the GPU idles
+between one kernel's end and the next one's start. With PDL (Hopper and later) a kernel may be
+launched while its predecessor still runs; it waits (`griddepcontrol.wait`) before touching
+memory, so only the launch overlaps. Inductor's kernels do this already (triton.enable_pdl, set by
+the engine); ours did not, so each of them broke the chain. A kernel taking part calls `pdl_wait`
+first thing (before its first load or store: every load after it sees the previous kernels'
+writes) and is launched with `**pdl_options(device)`.
+
+`ENABLED` (G3N_PDL=0 turns it off) is read at each launch, so a captured graph keeps the setting
+it was captured with.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+ENABLED = os.environ.get("G3N_PDL", "1") == "1"
+
+
+@functools.cache
+def _supported(index: int) -> bool:
+    """Compute capability 9 or later, and a Triton that launches with PDL."""
+    if triton is None or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return "launch_pdl" in CUDAOptions.__dataclass_fields__ and torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl_options(device: torch.device) -> dict:
+    """Launch keywords for a kernel with a `PDL` constexpr that starts with `pdl_wait(PDL)`."""
+    if ENABLED and device.type == "cuda" and _supported(device.index or torch.cuda.current_device()):
+        return {"PDL": True, "launch_pdl": True}
+    return {"PDL": False}
+
+
+if triton is not None:
+
+    @triton.jit
+    def pdl_wait(PDL: tl.constexpr):
+        # wait for the kernels before (their writes are visible after this), then let the next
+        # kernel launch: it waits in turn before its own first access
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
