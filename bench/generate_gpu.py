@@ -1,15 +1,15 @@
 """Generation speed on a GPU: g3n's engine against transformers' generate(), random E2B/E4B weights,
 bf16, prompt 512, 256 new tokens, sampling with Google's defaults, the per-layer table in CPU memory.
 
-Decode variants: `eager` (no graph), `graph` (the model's layers captured as a CUDA graph),
-`compiled` (torch.compile of those layers, then the graph), `fused` (torch.compile of the engine's
-decode_layer, then the graph: what G3N_COMPILE=1 runs), `tuned` (`fused` with inductor's
-coordinate-descent tuning, whose batch-1 matrix-vector products are fused, tuned reductions:
-G3N_GEMV_TUNING=1), `layers` (each kind of decoder layer compiled once, the rest of the step
-uncompiled, all in the graph: G3N_COMPILE=layers, here without g3n's decode kernels), `layers-tuned`
-(both), `layers-kernels` and `layers-tuned-kernels` (with the Triton kernels for AltUp and
+Decode variants: `eager` (no graph), `graph` (the model's layers captured as a CUDA graph: the
+default), `compiled` (torch.compile of those layers, then the graph), `fused` (torch.compile of
+the engine's decode_layer, then the graph: what G3N_COMPILE=1 runs), `layers` (each kind of
+decoder layer compiled once, the rest of the step uncompiled, all in the graph: G3N_COMPILE=layers,
+here without g3n's decode kernels), `layers-kernels` (with the Triton kernels for AltUp and
 attention: what G3N_COMPILE=layers runs by default; a row's `kernels` says whether they compiled
-or the step fell back to running without them). Timed two ways: `api`
+or the step fell back to running without them); suffixes: `-nogemv` (batch-1 products on cuBLAS
+instead of model/gemv.py), `-torchsample` (sampling through torch.topk), `-nopdl` (g3n's kernels
+launched without programmatic dependent launch). Timed two ways: `api`
 (g3n.generate.generate_steps as users run it, which queues each step before reading the last
 tokens) and `sync` (--sync: the bench's own loop, reading each token on the host before the next
 step); both gather the per-layer rows inside the graph from the page-locked CPU table. Before any
@@ -17,7 +17,7 @@ speed counts, each variant's logits over teacher-forced steps are compared with 
 with a float32 copy of the model: a variant passes when it is as close to float32 as eager bf16
 is (1.5x its difference + 0.05). Extra tasks: --extra TASK:SIZE:BATCH:VARIANT (check1, api, time,
 long, gaps: GPU idle time between the api path's kernels, sampler: the sampling kernels
-against torch.topk's path), e.g. api:E4B:1:layers.
+against torch.topk's path, gemv: model/gemv.py against cuBLAS), e.g. api:E4B:1:layers.
 
     PYTHONPATH=src python bench/generate_gpu.py [--sizes E2B E4B] [--batches 1 8]
         [--variants graph layers] [--check-variants eager graph layers] [--sync] [--hf] [--hf-new 64]
@@ -35,10 +35,11 @@ from functools import partial
 
 import torch
 
-from g3n import engine, kernel_launch, sample_kernels
+from g3n import engine, sample_kernels, triton_common
 from g3n.config import text_config_from_dict
 from g3n.engine import Generator, compiled_decode, decode_logits
 from g3n.generate import SamplingParams, generate_steps, next_tokens, sample_tokens
+from g3n.model import gemv
 from g3n.model.ple_table import device_view
 from g3n.model.text import Gemma3nForCausalLM, RotaryEmbedding
 
@@ -52,24 +53,20 @@ VARIANTS = {
     "graph": {"compile": False},
     "compiled": {"compile": True, "fused": False},
     "fused": {"compile": True, "fused": True},
-    "tuned": {"compile": True, "fused": True},
     "layers": {"compile": "layers"},
-    "layers-tuned": {"compile": "layers"},
     "layers-kernels": {"compile": "layers"},
-    "layers-tuned-kernels": {"compile": "layers"},
 }
 
 
 def use_variant(name: str) -> dict:
-    """Set the engine's switches for a variant (GEMV tuning, the decode kernels; a `-nopdl` suffix:
-    g3n's Triton kernels launched without programmatic dependent launch, `-torchsample`: sampling
-    through torch.topk instead of the sampling kernels) and return its Generator keywords."""
+    """Set the switches a variant names (the decode kernels, and the suffixes: see the module's
+    docstring) and return its Generator keywords."""
     parts = name.split("-")
-    engine.GEMV_TUNING = "tuned" in parts
     engine.DECODE_KERNELS = "kernels" in parts
-    kernel_launch.ENABLED = "nopdl" not in parts
+    triton_common.ENABLED = "nopdl" not in parts
     sample_kernels.ENABLED = "torchsample" not in parts
-    return VARIANTS["-".join(p for p in parts if p not in ("nopdl", "torchsample"))]
+    gemv.ENABLED = "nogemv" not in parts
+    return VARIANTS["-".join(p for p in parts if p not in ("nopdl", "torchsample", "nogemv"))]
 
 
 T0 = time.perf_counter()
@@ -263,6 +260,60 @@ def sampler(batch: int, vocab: int = 262400, draws: int = 64) -> dict:
     return out
 
 
+GEMV_SHAPES = {  # (N, K) of batch-1 products in a decode step
+    "qkv+laurel E2B": (3136, 2048), "o_proj": (2048, 2048), "gate/up E2B": (16384, 2048),
+    "down E2B": (2048, 8192), "gate/up E4B": (32768, 2048), "down E4B": (2048, 16384),
+    "ple gate": (256, 2048), "ple proj": (2048, 256), "altup x3": (6144, 2048),
+}  # fmt: skip
+
+
+def _graph_us(fn, weights) -> float:
+    """GPU us per call of fn(w), captured in a CUDA graph over `weights` in turn, back to back."""
+    fn(weights[0])
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for w in weights:
+            fn(w)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return round(start.elapsed_time(end) * 1000 / (5 * len(weights)), 2)
+
+
+@torch.inference_mode()
+def gemv_sweep(configs=None) -> list[dict]:
+    """model/gemv.py's kernel against cuBLAS (F.linear) for each shape: us per product in a CUDA
+    graph, cycling through copies of the weight that together exceed the L2 cache (as in a step,
+    where each weight is read once); the best kernel configuration and its max |error| against a
+    float32 product."""
+    configs = configs or [(bn, bk, nw) for bn in (4, 8, 16) for bk in (512, 1024) for nw in (4, 8)]
+    rows = []
+    for name, (n, k) in GEMV_SHAPES.items():
+        copies = max(4, (256 << 20) // (n * k * 2))
+        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(copies)]
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        exact = x.float() @ weights[0].float().T
+        row = {"shape": name, "cublas_us": _graph_us(partial(torch.nn.functional.linear, x), weights)}
+        best = None
+        for bn, bk, nw in configs:
+            chosen = (bn, min(k, bk), nw)
+            us = _graph_us(lambda w, c=chosen, x=x: gemv.gemv(x, w, *c), weights)
+            if best is None or us < best[0]:
+                best = (us, chosen)
+        err = (gemv.gemv(x, weights[0], *best[1]).float() - exact).abs().max().item()
+        cublas_err = (torch.nn.functional.linear(x, weights[0]).float() - exact).abs().max().item()
+        row.update(kernel_us=best[0], config=best[1], default_us=_graph_us(partial(gemv.gemv, x), weights),
+                   max_err=round(err, 4), cublas_err=round(cublas_err, 4))  # fmt: skip
+        log("gemv: " + json.dumps(row))
+        rows.append(row)
+    return rows
+
+
 @torch.inference_mode()
 def api_gaps(model, batch: int, variant: str, prompt=PROMPT, new=64) -> dict:
     """Where the GPU waits in `generate_steps` (after a warm-up request): a profiled request's
@@ -343,7 +394,7 @@ def run_g3n(model, batch: int, kw: dict, prompt=PROMPT, new=NEW, profile=False, 
     if gen.cuda_graph:
         out["replay_ms"] = replay_ms(gen)
     if profile and gen.cuda_graph:
-        out["profile"] = profile_step(gen, f"{batch}-{engine.DECODE_KERNELS}-{engine.GEMV_TUNING}")
+        out["profile"] = profile_step(gen, f"{batch}-{engine.DECODE_KERNELS}-{gemv.ENABLED}")
     return out
 
 
@@ -451,7 +502,13 @@ def main() -> int:
             log(f"waited {time.perf_counter() - waited:.0f} s for {args.wait_for}")
             args.wait_for = None
         if task == "sampler":
-            log("sampler: " + json.dumps(sampler(batch)))
+            for block in (1024, 2048, 4096):  # vocabulary entries per program of the first stage
+                sample_kernels.BLOCK = block
+                log(f"sampler, BLOCK {block}: " + json.dumps(sampler(batch)))
+            sample_kernels.BLOCK = 2048
+            continue
+        if task == "gemv":
+            gemv_sweep()
             continue
         if task == "hf":
             models.clear()

@@ -213,8 +213,10 @@ def test_export_merges_an_adapter(tmp_path, capsys, monkeypatch):
     load_adapter(reference, tmp_path / "adapter")
     ids = torch.tensor([tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])])
     with torch.no_grad():
+        # float32: W + BA rounds otherwise than x W + (x A) B, by as much as the CPU's BLAS kernels
+        # make it (1.1e-4 on one machine, under 1e-4 on another); the adapter moves logits by up to 7
         diff = (merged(ids) - reference(ids)).abs().max().item()
-        assert diff < 1e-4 and (reference(ids) - model(ids)).abs().max() < 1e-4
+        assert diff < 3e-4 and (reference(ids) - model(ids)).abs().max() < 1e-4
     assert merged_tok.encode("Hello") == tok.encode("Hello")
 
     rc, _, err = run_cli(args, capsys)

@@ -1,5 +1,5 @@
 """g3n's Triton kernels: the decode step's (model/decode_kernels.py) and top-k sampling's
-(sample_kernels.py), run on the CPU by Triton's interpreter: this module runs itself again in a subprocess with TRITON_INTERPRET=1 (Triton reads
+(sample_kernels.py) and batch-1 products' (model/gemv.py), run on the CPU by Triton's interpreter: this module runs itself again in a subprocess with TRITON_INTERPRET=1 (Triton reads
 it when kernels are defined), where the real tests are collected."""
 
 import os
@@ -20,7 +20,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
             env=env, capture_output=True, text=True, timeout=1200, check=False,
         )  # fmt: skip
         assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
-        assert "9 passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
+        assert "10 passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
 
 else:
     import copy
@@ -28,7 +28,7 @@ else:
     import g3n
     from g3n import engine, sample_kernels
     from g3n.generate import SamplingParams, candidate_probs, draw, sample_tokens
-    from g3n.model import decode_kernels
+    from g3n.model import decode_kernels, gemv
     from helpers import record_layer_compiles, teacher_forced
 
     @pytest.fixture(scope="module")
@@ -153,3 +153,28 @@ else:
             expected = ids.gather(-1, draw(probs, uniform)).squeeze(-1)
             assert torch.equal(sample_tokens(logits, params, seen, uniform), expected)
         assert len(calls) == 3
+
+    def test_batch_one_products_equal_float32_products_rounded():
+        """gemv (the kernel for one token row) gives F.linear's float32 sums rounded to bfloat16,
+        for the shapes it is configured for; `project` takes it only for one row without
+        gradients, and plain nn.Linear (no bias)."""
+        g = torch.Generator().manual_seed(5)
+        for n, k in [(40, 128), (256, 2048), (2048, 256), (64, 64)]:
+            x = torch.randn(1, 1, k, generator=g).bfloat16()
+            w = (torch.randn(n, k, generator=g) / k**0.5).bfloat16()
+            assert gemv.usable(x, w)
+            exact = x.float() @ w.float().T
+            out = gemv.product(x, w)
+            assert out.shape == (1, 1, n) and out.dtype == torch.bfloat16
+            assert ((out.float() - exact).abs() <= exact.abs() * 2**-8 + 1e-6).all()
+        linear = torch.nn.Linear(128, 40, bias=False).bfloat16()
+        calls = []
+        real = gemv.gemv
+        gemv_spy = lambda *a: calls.append(1) or real(*a)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(gemv, "gemv", gemv_spy)
+            with torch.no_grad():
+                gemv.project(linear, torch.randn(1, 128).bfloat16())
+                gemv.project(linear, torch.randn(2, 128).bfloat16())  # two rows: F.linear
+            gemv.project(linear, torch.randn(1, 128).bfloat16())  # weight needs grad: F.linear
+        assert len(calls) == 1

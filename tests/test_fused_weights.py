@@ -56,22 +56,3 @@ def test_new_weights_are_fused_again_and_unfusable_groups_dropped(tiny):
     for got, want in zip(_projections(layer, x), _module_outputs(layer, x), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert fused_weights.in_proj_modules(layer)[0].weight.data_ptr() == getattr(layer, IN_PROJ).data_ptr()
-
-
-def test_tuned_decode_keeps_dense_down_projections_as_library_calls(tiny, monkeypatch):
-    """Under GEMV tuning the compiled decode layers call the dense MLPs' down projection as one
-    opaque op (no fused activation prologue) and the sparse MLPs' as the compiler likes; the
-    logits stay those of the model's own layers."""
-    from g3n import engine
-    from helpers import record_layer_compiles, teacher_forced
-
-    model = copy.deepcopy(tiny[0])
-    graphs = record_layer_compiles(monkeypatch)
-    monkeypatch.setattr(engine, "GEMV_TUNING", True)
-    ids = torch.randint(0, 700, (1, 14), generator=torch.Generator().manual_seed(2))
-    with torch._dynamo.config.patch(recompile_limit=64):
-        tuned = teacher_forced(model, ids, prompt_len=10, cuda_graph=False, fused="layers")
-    own = teacher_forced(model, ids, prompt_len=10, cuda_graph=False, fused=False)
-    calls = {"library_linear" in gm.code for gm in graphs["layer"]}
-    assert calls == {True, False}  # the tiny model has dense and sparse layers
-    assert (tuned - own).abs().max() < 1e-4

@@ -103,7 +103,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         choices=["off", "layers", "step"],
         help="on a GPU, compile the decode step with torch.compile before it is captured as a CUDA graph: "
         "'layers' compiles each kind of decoder layer (a one-off 10-30 s per batch size and cache length, then "
-        "3-3.6x the tokens/s at batch 1), 'step' the whole step as one graph (75-120 s); worth it for long "
+        "3.7-4.5x the tokens/s at batch 1), 'step' the whole step as one graph (75-120 s); worth it for long "
         "answers and servers, not one short reply (default: $G3N_COMPILE, else off; ignored on a CPU)",
     )
     g.add_argument(

@@ -25,13 +25,13 @@ that a CUDA graph can replay.
 - In a compiled bfloat16 step on CUDA, hand-written Triton kernels (`model/decode_kernels.py`,
   G3N_DECODE_KERNELS=0 turns them off) run AltUp's chains of tiny reductions (3 kernels a layer
   instead of 11) and attention as flash decoding; if they fail to compile, the step compiles
-  without them, with a warning. G3N_GEMV_TUNING=1 adds inductor's coordinate-descent tuning: the
-  batch-1 matrix-vector products become fused, tuned reductions instead of cuBLAS calls (dense
-  MLPs' down projection stays cuBLAS's, fused_weights.library_down), for 80-150 s of compiling
-  instead of 10-30 s.
-- On an H200 at batch 1 (docs/benchmarks.md, seventh session): uncompiled E2B 87 tokens/s, E4B
-  73; per-layer compile 298 and 215; with the kernels 317 and 227; with GEMV tuning too 347-358
-  and 243-254. At batch 8 with the kernels: 2296 and 1655.
+  without them, with a warning. Every batch-1 bfloat16 product on CUDA, compiled or not, runs
+  as `model/gemv.py`'s kernel (G3N_GEMV=0: cuBLAS), and sampling as `sample_kernels.py`'s; g3n's
+  Triton kernels launch with programmatic dependent launch (`triton_common.py`). (Inductor's
+  coordinate-descent tuning of its own batch-1 products, once 10% faster, was slower than that
+  kernel, 411 against 423 tokens/s for E2B, for 45-150 s of compiling, and is gone.)
+- On an H200 at batch 1 (docs/benchmarks.md, eighth session): uncompiled E2B 94 tokens/s, E4B 77;
+  per-layer compile 424 and 282 (4.9 and 8.9 GiB). At batch 8: 2489 and 1764.
 - `sample` (generate.py's sampling) runs at the end of the captured step, so a token costs one
   graph replay and no sampling kernels launched from Python.
 - Compiled code is specialised to the cache's shapes, so with compiling on the cache length is
@@ -50,7 +50,7 @@ import torch
 import torch._inductor.config
 
 from .config import FULL, SLIDING, TextConfig
-from .model import decode_kernels, fused_weights
+from .model import decode_kernels, fused_weights, gemv
 from .model.ple_table import device_view
 from .model.quant import is_4bit
 from .model.text import apply_rope, build_mask
@@ -94,7 +94,7 @@ def _attend(attn, q, cos, sin, k, v, mask, kernel=False):
         scores = (q.float() * k[:, :, None].float()).sum(-1)  # (batch, kv_heads, group, keys); scaling 1.0
         probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
         out = (probs[..., None] * v[:, :, None].float()).sum(-2)
-    return attn.o_proj(out.to(dtype).reshape(batch, 1, -1))
+    return gemv.project(attn.o_proj, out.to(dtype).reshape(batch, 1, -1))
 
 
 def decode_layer_cached(layer, streams, per_layer_input, cos, sin, kbuf, vbuf, slots, mask):
@@ -121,11 +121,10 @@ def decode_layer_cached(layer, streams, per_layer_input, cos, sin, kbuf, vbuf, s
         vbuf.index_copy_(2, slots, v)
     out = _attend(attn, q, cos, sin, kbuf, vbuf, mask, DECODE_KERNELS and decode_kernels.attention_usable(q, layer.cfg))
     mlp = layer.mlp
-    down = fused_weights.library_down(mlp) if GEMV_TUNING else None
     end = partial(decode_kernels.decode_end, layer) if kernels else layer.end
     return end(
         predictions, out, layer.laurel.finish(normed, left), per_layer_input,
-        mlp=lambda x: mlp.finish(*fused_weights.gate_up(mlp, x), down=down),
+        mlp=lambda x: mlp.finish(*fused_weights.gate_up(mlp, x)),
     )  # fmt: skip
 
 
@@ -212,38 +211,28 @@ def decode_logits(model, cache: StaticCache, tokens, ple_rows, index, fused=Fals
     return logits(model, streams)
 
 
-# Inductor's coordinate-descent tuning (G3N_GEMV_TUNING=1): inductor then also decomposes batch-1
-# matrix-vector products into reductions it fuses with their neighbours and tunes, instead of one
-# cuBLAS call each. Off by default: on an H200 it gave E2B 347-358 tokens/s against 317 and E4B
-# 243-254 against 227 for 80-150 s of compiling instead of 10-30 s, and its tuning differs from
-# run to run (the same E2B product took 17 us in one run, 23 us in the next).
-GEMV_TUNING = os.environ.get("G3N_GEMV_TUNING", "0") == "1"
 # Projections that read one input run as one product in the compiled step (model/fused_weights.py).
 FUSE_WEIGHTS = os.environ.get("G3N_FUSE_WEIGHTS", "1") == "1"
 # Hand-written Triton kernels in the compiled step (model/decode_kernels.py): AltUp's chains of
 # tiny reductions, flash-decoding attention. On by default (E2B 298 -> 317 tokens/s, E4B 215 -> 227).
 DECODE_KERNELS = os.environ.get("G3N_DECODE_KERNELS", "1") == "1"
-_compiled: dict[tuple, object] = {}
+_compiled: dict = {}
 
 
-def _inductor_options(tuned: bool) -> dict:
+def _inductor_options() -> dict:
     """Programmatic dependent launch where this torch has it (Hopper and later GPUs; inductor leaves
     it out elsewhere): each kernel is launched while its predecessor finishes (E2B decode on an H200:
     3.0% more tokens/s, E4B 3.0%)."""
-    options = {"coordinate_descent_tuning": True} if tuned else {}
     if hasattr(torch._inductor.config.triton, "enable_pdl"):
-        options["triton.enable_pdl"] = True
-    return options
+        return {"triton.enable_pdl": True}
+    return {}
 
 
-def _compile(fn, tuned: bool | None = None):
-    """fn under torch.compile, one per process and tuning setting (default GEMV_TUNING; compiled
-    code is cached per shape)."""
-    tuned = GEMV_TUNING if tuned is None else tuned
-    key = (fn, tuned)
-    if key not in _compiled:
-        _compiled[key] = torch.compile(fn, fullgraph=True, dynamic=False, options=_inductor_options(tuned))
-    return _compiled[key]
+def _compile(fn):
+    """fn under torch.compile, once per process (compiled code is cached per shape)."""
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, fullgraph=True, dynamic=False, options=_inductor_options())
+    return _compiled[fn]
 
 
 def compiled_decode():
@@ -255,9 +244,8 @@ def _compiled_parts():
     """The per-layer compile's parts: step_inputs, decode_layer_cached and step_logits under
     torch.compile. The layer is compiled once per kind of layer (sliding or full, K/V computed or
     shared, sparse or dense MLP, width), not once for the whole step; the step's inputs (embedding,
-    per-layer inputs, RoPE, masks: about 80 small kernels uncompiled) and its logits each once.
-    Only the layers get GEMV tuning: the others' products are few."""
-    return _compile(step_inputs, tuned=False), _compile(decode_layer_cached), _compile(step_logits, tuned=False)
+    per-layer inputs, RoPE, masks: about 80 small kernels uncompiled) and its logits each once."""
+    return _compile(step_inputs), _compile(decode_layer_cached), _compile(step_logits)
 
 
 def _strict_dynamo():

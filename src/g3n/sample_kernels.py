@@ -22,13 +22,13 @@ import os
 
 import torch
 
-from .kernel_launch import pdl_options
+from .triton_common import pdl_options
 
 try:
     import triton
     import triton.language as tl
 
-    from .kernel_launch import pdl_wait
+    from .triton_common import pdl_wait
 except ImportError:  # no Triton: generate.py's PyTorch path samples
     triton = None
 

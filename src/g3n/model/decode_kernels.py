@@ -25,13 +25,15 @@ import os
 import torch
 from torch import Tensor
 
-from ..kernel_launch import pdl_options
+from ..triton_common import pdl_options
+from .gemv import project
 
 try:
     import triton
     import triton.language as tl
 
-    from ..kernel_launch import pdl_wait
+    from ..triton_common import pdl_wait
+    from ..triton_common import round_bf16 as _bf16
 except ImportError:  # no Triton (CPU-only installs): the PyTorch code runs
     triton = None
 
@@ -52,14 +54,6 @@ def usable(x: torch.Tensor, cfg) -> bool:
 
 
 if triton is not None:
-
-    @triton.jit
-    def _bf16(x):
-        # x rounded to the nearest bfloat16 (ties to even), kept in float32. By bits, because
-        # Triton's CPU interpreter truncates in .to(tl.bfloat16) where GPUs round.
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return ((bits >> 16) << 16).to(tl.float32, bitcast=True)
 
     @triton.jit
     def _rms_norm(x, w, H: tl.constexpr, eps):
@@ -368,5 +362,5 @@ def add_per_layer_input(layer, corrected: torch.Tensor, projected: torch.Tensor)
 def decode_end(layer, predictions, attn, laurel, per_layer_input, mlp=None):
     """DecoderLayer.end through the kernels (same arithmetic; `mlp`: the MLP to run)."""
     corrected, first = correct(layer, predictions, *layer.feedforward(predictions, attn, laurel, mlp))
-    gated = layer.act(layer.per_layer_input_gate(first)) * per_layer_input
-    return add_per_layer_input(layer, corrected, layer.per_layer_projection(gated))
+    gated = layer.act(project(layer.per_layer_input_gate, first)) * per_layer_input
+    return add_per_layer_input(layer, corrected, project(layer.per_layer_projection, gated))

@@ -16,11 +16,10 @@ never reads a stale copy.
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
+
+from .gemv import product, project
 
 IN_PROJ = "fused_in_proj"  # DecoderLayer: q, k, v (layers with K/V of their own), Laurel's left
 GATE_UP = "fused_gate_up"  # MLP: gate, up
@@ -86,9 +85,9 @@ def in_projections(layer, x: torch.Tensor):
     weight = getattr(layer, IN_PROJ, None)  # as `fuse` last left it (None: unfused)
     modules = in_proj_modules(layer)
     if weight is None:
-        outs = [m(x) for m in modules]
+        outs = [project(m, x) for m in modules]
     else:
-        outs = list(F.linear(x, weight).split([m.weight.shape[0] for m in modules], dim=-1))
+        outs = list(product(x, weight).split([m.weight.shape[0] for m in modules], dim=-1))
     if layer.self_attn.kv_shared:
         return outs[0], None, None, outs[1]
     return tuple(outs)
@@ -98,28 +97,5 @@ def gate_up(mlp, x: torch.Tensor):
     """(gate, up) projections of the MLP input `x`."""
     weight = getattr(mlp, GATE_UP, None)
     if weight is None:
-        return mlp.gate_proj(x), mlp.up_proj(x)
-    return F.linear(x, weight).split(mlp.gate_proj.weight.shape[0], dim=-1)
-
-
-@torch.library.custom_op("g3n::library_linear", mutates_args=())
-def library_linear(x: Tensor, weight: Tensor) -> Tensor:
-    """F.linear as one opaque call (cuBLAS on a GPU): torch.compile fuses nothing into it."""
-    return F.linear(x, weight)
-
-
-@library_linear.register_fake
-def _(x, weight):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
-def library_down(mlp):
-    """The down projection of a dense MLP as a library call (MLP.finish's `down`), for GEMV
-    tuning: inductor would fuse the activation into its tuned down product as a prologue that
-    every program of that product recomputes (E4B on an H200: 31.8 us, against 20 us for cuBLAS
-    with the activation apart). A sparse MLP's activation needs its own statistics kernel first,
-    and its tuned product is the faster one; None there, and for LoRA/4-bit modules."""
-    down = mlp.down_proj
-    if mlp.std_multiplier is not None or not _fusable([down]):
-        return None
-    return partial(library_linear, weight=down.weight)
+        return project(mlp.gate_proj, x), project(mlp.up_proj, x)
+    return product(x, weight).split(mlp.gate_proj.weight.shape[0], dim=-1)

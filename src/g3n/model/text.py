@@ -28,6 +28,7 @@ from torch import nn
 from ..config import FULL, SLIDING, TextConfig
 from ..errors import G3nError
 from . import ple_table, recompute
+from .gemv import project
 
 ACTIVATIONS = {
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -62,11 +63,11 @@ class Laurel(nn.Module):
         self.post_laurel_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.finish(x, self.linear_left(x))
+        return self.finish(x, project(self.linear_left, x))
 
     def finish(self, x: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
         """The output from x and its left projection (computed elsewhere: fused_weights)."""
-        return x + self.post_laurel_norm(self.linear_right(left))
+        return x + self.post_laurel_norm(project(self.linear_right, left))
 
 
 def std_multiplier(sparsity: float) -> float:
@@ -88,13 +89,13 @@ class MLP(nn.Module):
         self.std_multiplier = std_multiplier(sparsity) if sparsity > 0.0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.finish(self.gate_proj(x), self.up_proj(x))
+        return self.finish(project(self.gate_proj, x), project(self.up_proj, x))
 
     def finish(self, gate: torch.Tensor, up: torch.Tensor, down=None) -> torch.Tensor:
         """The output from the gate and up projections (computed elsewhere: fused_weights);
         `down`: what runs the down projection instead of down_proj."""
-        down = self.down_proj if down is None else down
-        return down(self.act(self.sparsify(gate)) * up)
+        hidden = self.act(self.sparsify(gate)) * up
+        return project(self.down_proj, hidden) if down is None else down(hidden)
 
     def sparsify(self, gate: torch.Tensor) -> torch.Tensor:
         """The layer's Gaussian top-k (identity on dense layers): keep what lies above
@@ -210,7 +211,7 @@ class Attention(nn.Module):
 
     def project_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """New keys and values for x, shaped (batch, kv_heads, seq, dim)."""
-        return self.finish_kv(self.k_proj(x), self.v_proj(x), cos, sin)
+        return self.finish_kv(project(self.k_proj, x), project(self.v_proj, x), cos, sin)
 
     def finish_kv(self, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Keys and values from their projections (batch, seq, kv_heads * dim): norms, RoPE on keys."""
@@ -224,7 +225,7 @@ class Attention(nn.Module):
         (batch, 1, q, k) bool tensor; or, for causal attention over the same positions (within the
         sliding window on sliding layers), None or the (batch, seq) segment ids of packed rows."""
         shape = (*x.shape[:-1], -1, self.head_dim)
-        q = apply_rope(self.q_norm(self.q_proj(x).view(shape)), cos, sin).transpose(1, 2)
+        q = apply_rope(self.q_norm(project(self.q_proj, x).view(shape)), cos, sin).transpose(1, 2)
         if self.n_heads != self.n_kv_heads:
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -232,7 +233,7 @@ class Attention(nn.Module):
             out = causal_attention(q, k, v, self.window, mask)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
-        return self.o_proj(out.transpose(1, 2).reshape(*x.shape[:-1], -1))
+        return project(self.o_proj, out.transpose(1, 2).reshape(*x.shape[:-1], -1))
 
 
 def causal_attention(q, k, v, window: int | None, segments: torch.Tensor | None = None) -> torch.Tensor:
@@ -358,8 +359,8 @@ class DecoderLayer(nn.Module):
         first = corrected[active]
         if self.cfg.altup_correct_scale:
             first = self.altup.scale_corrected_output(first)
-        gated = self.act(self.per_layer_input_gate(first)) * per_layer_input
-        ple = self.post_per_layer_input_norm(self.per_layer_projection(gated))
+        gated = self.act(project(self.per_layer_input_gate, first)) * per_layer_input
+        ple = self.post_per_layer_input_norm(project(self.per_layer_projection, gated))
         rest = corrected[1:] + ple
         return torch.cat([corrected[:1], rest], dim=0)
 
@@ -572,7 +573,7 @@ class TextModel(nn.Module):
         embeds = self.embed(input_ids) if embeds is None else embeds
         per_layer = self.per_layer_inputs(input_ids, embeds, ple_rows)
         target = torch.mean(embeds**2, dim=-1, keepdim=True) ** 0.5
-        streams = [embeds] + [self._match_magnitude(p(embeds), target) for p in self.altup_projections]
+        streams = [embeds] + [self._match_magnitude(project(p, embeds), target) for p in self.altup_projections]
         return torch.stack(streams, dim=0), per_layer
 
     def run_layers(self, streams, per_layer, rope: dict, kv_for, masks: dict):
@@ -583,7 +584,8 @@ class TextModel(nn.Module):
         """Streams back to one hidden state (unembed projections, mean), normed."""
         target = torch.mean(streams[0] ** 2, dim=-1, keepdim=True) ** 0.5
         outs = [streams[0]] + [
-            self._match_magnitude(p(streams[i + 1]), target) for i, p in enumerate(self.altup_unembed_projections)
+            self._match_magnitude(project(p, streams[i + 1]), target)
+            for i, p in enumerate(self.altup_unembed_projections)
         ]
         return self.norm(torch.stack(outs).mean(dim=0))
 

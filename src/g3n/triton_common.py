@@ -1,4 +1,4 @@
-"""Programmatic dependent launch (PDL) for g3n's own Triton kernels.
+"""What g3n's Triton kernels share: programmatic dependent launch (PDL), and rounding to bfloat16.
 
 In a decode step's CUDA graph at batch 1 each kernel is a few microseconds, and the GPU idles
 between one kernel's end and the next one's start. With PDL (Hopper and later) a kernel may be
@@ -56,3 +56,11 @@ if triton is not None:
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
+    def round_bf16(x):
+        # x rounded to the nearest bfloat16 (ties to even), kept in float32. By bits, because
+        # Triton's CPU interpreter truncates in .to(tl.bfloat16) where GPUs round.
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return ((bits >> 16) << 16).to(tl.float32, bitcast=True)
