@@ -220,7 +220,28 @@ def run_api(model, batch: int, variant: str, prompt=PROMPT, new=NEW, others: int
     return out
 
 
-@torch.inference_mode()
+def _graph_us(fn, inputs, replays: int = 5) -> float:
+    """GPU us per call of fn(x), captured in a CUDA graph over `inputs` in turn, back to back
+    (warmed up on a side stream first, as capturing wants)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn(inputs[0])
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for x in inputs:
+            fn(x)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return round(start.elapsed_time(end) * 1000 / (replays * len(inputs)), 2)
+
+
 @torch.inference_mode()
 def sampler(batch: int, vocab: int = 262400, draws: int = 64) -> dict:
     """sample_tokens with the sampling kernels against generate.py's torch.topk path: tokens drawn
@@ -240,22 +261,7 @@ def sampler(batch: int, vocab: int = 262400, draws: int = 64) -> dict:
     uniform = torch.rand(batch, device="cuda", generator=g)
     for name, enabled in (("kernels_us", True), ("torch_us", False)):
         sample_kernels.ENABLED = enabled
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            sample_tokens(logits, params, uniform=uniform)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            sample_tokens(logits, params, uniform=uniform)
-        graph.replay()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(100):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        out[name] = round(start.elapsed_time(end) * 10, 1)
+        out[name] = round(_graph_us(lambda u: sample_tokens(logits, params, uniform=u), [uniform], replays=100), 1)
     sample_kernels.ENABLED = True
     return out
 
@@ -265,24 +271,6 @@ GEMV_SHAPES = {  # (N, K) of batch-1 products in a decode step
     "down E2B": (2048, 8192), "gate/up E4B": (32768, 2048), "down E4B": (2048, 16384),
     "ple gate": (256, 2048), "ple proj": (2048, 256), "altup x3": (6144, 2048),
 }  # fmt: skip
-
-
-def _graph_us(fn, weights) -> float:
-    """GPU us per call of fn(w), captured in a CUDA graph over `weights` in turn, back to back."""
-    fn(weights[0])
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for w in weights:
-            fn(w)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(5):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return round(start.elapsed_time(end) * 1000 / (5 * len(weights)), 2)
 
 
 @torch.inference_mode()

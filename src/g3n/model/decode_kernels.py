@@ -16,7 +16,9 @@ DecoderLayer.end; engine._attend), so the kernels are as close to float32 as eag
 only the order of the float32 sums differs. The engine's compiled decode layers use them (unless
 G3N_DECODE_KERNELS=0) for bfloat16 CUDA tensors with Triton installed (`usable`); otherwise the
 PyTorch code runs. They are custom ops, so torch.compile keeps them as calls and Triton compiles
-them itself. Tests run them on the CPU through Triton's interpreter.
+them itself; on Hopper and later they launch while the kernel before them finishes
+(programmatic dependent launch, `triton_common.py`). Tests run them on the CPU through Triton's
+interpreter.
 """
 
 import contextlib

@@ -5,7 +5,9 @@ cuBLAS picks tiles made for matrices (64 output rows a program), so a 2048 x 204
 as 32 programs on a 132-SM H200: 5.6 us for 8 MB, a third of the bandwidth. Here each program
 takes BLOCK_N rows (hundreds of programs), so every SM streams weights; the first weight tile
 is loaded before the programmatic-dependent-launch wait, while the previous kernel finishes.
-Sums run in float32 and round once to bfloat16, as cuBLAS's do.
+Sums run in float32 and round once to bfloat16, as cuBLAS's do. `model/text.py` and the engine
+route every batch-1 bfloat16 product on CUDA here (`project`, `product`), compiled or not: on an
+H200 E2B decoding with `--compile layers` went from 335 to 424 tokens/s, E4B from 234 to 282.
 """
 
 from __future__ import annotations

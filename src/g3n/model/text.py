@@ -91,11 +91,9 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.finish(project(self.gate_proj, x), project(self.up_proj, x))
 
-    def finish(self, gate: torch.Tensor, up: torch.Tensor, down=None) -> torch.Tensor:
-        """The output from the gate and up projections (computed elsewhere: fused_weights);
-        `down`: what runs the down projection instead of down_proj."""
-        hidden = self.act(self.sparsify(gate)) * up
-        return project(self.down_proj, hidden) if down is None else down(hidden)
+    def finish(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """The output from the gate and up projections (computed elsewhere: fused_weights)."""
+        return project(self.down_proj, self.act(self.sparsify(gate)) * up)
 
     def sparsify(self, gate: torch.Tensor) -> torch.Tensor:
         """The layer's Gaussian top-k (identity on dense layers): keep what lies above
