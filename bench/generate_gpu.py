@@ -18,6 +18,8 @@ with a float32 copy of the model: a variant passes when it is as close to float3
 is (1.5x its difference + 0.05). Extra tasks: --extra TASK:SIZE:BATCH:VARIANT (check1, api, time,
 long, gaps: GPU idle time between the api path's kernels, sampler: the sampling kernels
 against torch.topk's path, gemv: model/gemv.py against cuBLAS), e.g. api:E4B:1:layers.
+BENCH_TRACE=PREFIX writes every kernel of the sync task's profiled step, in order, to
+PREFIX-<batch>-<decode kernels>-<gemv>.json.
 
     PYTHONPATH=src python bench/generate_gpu.py [--sizes E2B E4B] [--batches 1 8]
         [--variants graph layers] [--check-variants eager graph layers] [--sync] [--hf] [--hf-new 64]
