@@ -1,4 +1,5 @@
-"""What g3n's Triton kernels share: programmatic dependent launch (PDL), and rounding to bfloat16.
+"""What g3n's Triton kernels share: where they run (`runs_on`), programmatic dependent launch
+(PDL), and rounding to bfloat16.
 
 In a decode step's CUDA graph at batch 1 each kernel is a few microseconds, and the GPU idles
 between one kernel's end and the next one's start. With PDL (Hopper and later) a kernel may be
@@ -26,12 +27,18 @@ except ImportError:
     triton = None
 
 ENABLED = os.environ.get("G3N_PDL", "1") == "1"
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (the tests)
+
+
+def runs_on(t: torch.Tensor) -> bool:
+    """Whether Triton kernels can run on t's device: CUDA, or the CPU under Triton's interpreter."""
+    return triton is not None and (t.device.type == "cuda" or (INTERPRET and t.device.type == "cpu"))
 
 
 @functools.cache
 def _supported(index: int) -> bool:
     """Compute capability 9 or later, and a Triton that launches with PDL."""
-    if triton is None or os.environ.get("TRITON_INTERPRET") == "1":
+    if triton is None or INTERPRET:
         return False
     try:
         from triton.backends.nvidia.compiler import CUDAOptions

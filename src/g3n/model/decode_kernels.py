@@ -22,12 +22,11 @@ interpreter.
 """
 
 import contextlib
-import os
 
 import torch
 from torch import Tensor
 
-from ..triton_common import pdl_options
+from ..triton_common import INTERPRET, pdl_options, runs_on
 from .gemv import project
 
 try:
@@ -40,19 +39,11 @@ except ImportError:  # no Triton (CPU-only installs): the PyTorch code runs
     triton = None
 
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
-
-
 def usable(x: torch.Tensor, cfg) -> bool:
     """Whether the kernels can run on x: bfloat16 (their rounding), on CUDA (or the CPU under
     Triton's interpreter), a power-of-two number of streams."""
     n = cfg.altup_num_inputs
-    return (
-        triton is not None
-        and x.dtype == torch.bfloat16
-        and (x.device.type == "cuda" or (INTERPRET and x.device.type == "cpu"))
-        and n & (n - 1) == 0
-    )
+    return x.dtype == torch.bfloat16 and runs_on(x) and n & (n - 1) == 0
 
 
 if triton is not None:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..triton_common import pdl_options
+from ..triton_common import pdl_options, runs_on
 
 try:
     import triton
@@ -30,7 +30,6 @@ except ImportError:
     triton = None
 
 ENABLED = os.environ.get("G3N_GEMV", "1") == "1"
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
 
 
 def usable(x: Tensor, w: Tensor) -> bool:
@@ -38,8 +37,7 @@ def usable(x: Tensor, w: Tensor) -> bool:
     Triton's interpreter), with no gradient to track."""
     return (
         ENABLED
-        and triton is not None
-        and (x.is_cuda or (INTERPRET and x.device.type == "cpu"))
+        and runs_on(x)
         and x.dtype == w.dtype == torch.bfloat16
         and x.numel() == x.shape[-1] == w.shape[1]
         and w.shape[1] % config(*w.shape)[1] == 0
