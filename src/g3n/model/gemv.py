@@ -25,7 +25,7 @@ try:
     import triton
     import triton.language as tl
 
-    from ..triton_common import round_bf16
+    from ..triton_common import pdl_wait, round_bf16
 except ImportError:
     triton = None
 
@@ -57,9 +57,7 @@ if triton is not None:
         cols = tl.arange(0, BLOCK_K)
         inside = rows[:, None] < N
         w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=inside, other=0.0)  # weights: never written
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+        pdl_wait(PDL)  # only now read x, which the kernel before writes
         acc = w.to(tl.float32) * tl.load(x_ptr + cols).to(tl.float32)[None, :]
         for k in tl.static_range(BLOCK_K, K, BLOCK_K):
             w = tl.load(w_ptr + rows[:, None] * K + (k + cols)[None, :], mask=inside, other=0.0)
