@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 import g3n
-from g3n.engine import Generator
-from g3n.generate import SamplingParams, generate
+from g3n.inference.engine import Generator
+from g3n.inference.generate import generate
+from g3n.inference.sampling import SamplingParams
 
 TINY = Path(g3n.__file__).parent / "assets" / "tiny"
 

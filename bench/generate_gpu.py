@@ -37,11 +37,14 @@ from functools import partial
 
 import torch
 
-from g3n import engine, sample_kernels, triton_common
 from g3n.config import text_config_from_dict
-from g3n.engine import Generator, compiled_decode, decode_logits
-from g3n.generate import SamplingParams, generate_steps, next_tokens, sample_tokens
-from g3n.model import gemv
+from g3n.inference import engine
+from g3n.inference.engine import Generator, compiled_decode, decode_logits
+from g3n.inference.generate import generate_steps
+from g3n.inference.sampling import SamplingParams, next_tokens, sample_tokens
+from g3n.kernels import common as triton_common
+from g3n.kernels import gemv
+from g3n.kernels import sampling as sample_kernels
 from g3n.model.ple_table import device_view
 from g3n.model.text import Gemma3nForCausalLM, RotaryEmbedding
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from g3n.gguf_export import QUANTS, export_gguf
+from g3n.export.gguf import QUANTS, export_gguf
 from g3n.tokenizer import format_chat
 
 PROMPTS = ["What is the capital of France?", "What is 7+5?", "Who are you?", "What color is the sky?"]

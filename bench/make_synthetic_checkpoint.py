@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+from g3n.checkpoint.save import hf_config_dict
 from g3n.config import TextConfig
-from g3n.model.save import hf_config_dict
 from g3n.model.text import Gemma3nForCausalLM
 
 SIZES = {"E2B": (30, 8192, 10), "E4B": (35, 16384, 15)}

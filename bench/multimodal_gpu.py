@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+from g3n.checkpoint.save import hf_config_dict
 from g3n.config import TextConfig
-from g3n.generate import SamplingParams, generate
-from g3n.model.save import hf_config_dict
+from g3n.inference.generate import generate
+from g3n.inference.sampling import SamplingParams
 from g3n.model.text import Gemma3nForCausalLM, RotaryEmbedding
 from g3n.model.towers import Towers, _materialize_buffers, make_convs_fp16_safe
 

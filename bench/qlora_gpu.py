@@ -39,8 +39,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
+from g3n.checkpoint.save import save_tensors
 from g3n.config import TextConfig
-from g3n.model.save import save_tensors
 from g3n.model.text import Gemma3nForCausalLM
 
 SIZES = {"E2B": (30, 8192, 10), "E4B": (35, 16384, 15)}
@@ -173,8 +173,8 @@ def run_hf(model_dir: Path, length: int, device: str) -> dict:
 
 
 def run_generate(model_dir: Path, device: str, new: int = 128) -> dict:
-    from g3n.chat_engine import load_engine
-    from g3n.generate import SamplingParams
+    from g3n.inference.backends import load_engine
+    from g3n.inference.sampling import SamplingParams
 
     reset(device)
     engine = load_engine(str(model_dir), dtype="bfloat16", device=device, load_in_4bit=True)

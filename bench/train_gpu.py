@@ -27,10 +27,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
+from g3n.adapters.lora import add_lora
 from g3n.config import text_config_from_dict
-from g3n.model import recompute
 from g3n.model.text import Gemma3nForCausalLM, RotaryEmbedding
-from g3n.train.lora import add_lora
+from g3n.train import recompute
 from g3n.train.lora_mlp import use_fused_mlp
 from g3n.train.loss import causal_lm_loss
 
@@ -81,7 +81,7 @@ def lora_model(cfg, state, device: str, dtype, checkpointing, compiled: bool):
             p.data = p.data.float()
     if FUSED_LORA_MLP:
         use_fused_mlp(model)
-    model.model.gradient_checkpointing, model.model.compiled = checkpointing, compiled
+    recompute.configure(model.model, checkpointing, compiled)
     return model
 
 

@@ -30,9 +30,10 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
+from g3n.checkpoint.atomic import write_atomic
+from g3n.checkpoint.save import save_text_checkpoint
 from g3n.config import TextConfig
 from g3n.model.load import load_model
-from g3n.model.save import save_text_checkpoint, write_atomic
 from g3n.model.text import Gemma3nForCausalLM
 from g3n.tokenizer import Tokenizer
 from g3n.train.data import tokenize

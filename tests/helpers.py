@@ -62,7 +62,7 @@ def tiny_with_saved_adapter(adapter_dir, seed=0):
     """The tiny model with a LoRA adapter whose B weights are random (so it changes the logits),
     saved in PEFT's format to `adapter_dir`; returns the adapted model (float32, CPU)."""
     import g3n
-    from g3n.train.lora import add_lora, save_adapter
+    from g3n.adapters.lora import add_lora, save_adapter
 
     model, _ = g3n.load("tiny", dtype="float32", device="cpu")
     torch.manual_seed(seed)  # PEFT draws the A matrices from the global generator
@@ -158,7 +158,7 @@ def save_hf_multimodal(model, out_dir):
     import shutil
     from pathlib import Path
 
-    from g3n.model.load import resolve_model_dir
+    from g3n.checkpoint.names import resolve_model_dir
 
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
@@ -249,7 +249,7 @@ def train_config(dataset, out, **overrides):
 def teacher_forced(model, ids, prompt_len, **generator_kw):
     """Logits (on the CPU) at every position from the engine: prefill(prompt) + one decode step
     per following token."""
-    from g3n.engine import Generator
+    from g3n.inference.engine import Generator
 
     gen = Generator(model, 1, ids.shape[1], **generator_kw)
     out = [gen.prefill(ids[:, :prompt_len], torch.ones(1, prompt_len, dtype=torch.bool))]
@@ -262,7 +262,7 @@ def record_layer_compiles(monkeypatch) -> dict[str, list]:
     """Make the engine's per-layer compile (its parts: the step's inputs, each kind of layer, the
     logits) trace (fullgraph) through a backend that records each graph and runs it as traced;
     returns {"inputs" | "layer" | "logits": the graphs traced for that part}."""
-    from g3n import engine
+    from g3n.inference import engine
 
     graphs = {"inputs": [], "layer": [], "logits": []}
 

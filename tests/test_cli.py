@@ -54,7 +54,7 @@ def test_generate_seed_reproduces(capsys):
 
 
 def test_chat_keeps_conversation_and_commands(capsys, monkeypatch):
-    import g3n.generate as gen
+    import g3n.inference.generate as gen
 
     seen = []
 
@@ -77,7 +77,7 @@ def test_chat_keeps_conversation_and_commands(capsys, monkeypatch):
 
 def test_compile_option_reaches_the_engine(capsys, monkeypatch):
     """--compile picks the decode step's compile mode (ignored on a CPU, where nothing is captured)."""
-    import g3n.generate as gen
+    import g3n.inference.generate as gen
 
     modes = []
     original = gen.Generator
@@ -91,8 +91,8 @@ def test_compile_option_reaches_the_engine(capsys, monkeypatch):
         args = ["generate", "--prompt", "Hi", "--greedy", "--max-new-tokens", "3", "--device", "cpu", "--compile", flag]
         rc, out, _ = run_cli(args, capsys)
         assert rc == 0 and out.strip() and modes[-1] == mode
-    from g3n.chat_engine import TorchEngine
     from g3n.errors import G3nError
+    from g3n.inference.backends import TorchEngine
 
     with pytest.raises(G3nError, match="compile must be 'off', 'layers' or 'step', not True"):
         TorchEngine(None, None, "tiny", compile=True)  # the Python API names the modes as the CLI does
@@ -189,7 +189,7 @@ def test_export_merges_an_adapter(tmp_path, capsys, monkeypatch):
     import torch
 
     import g3n
-    from g3n.train.lora import load_adapter
+    from g3n.adapters.lora import load_adapter
     from helpers import tiny_with_saved_adapter
 
     model = tiny_with_saved_adapter(tmp_path / "adapter")
@@ -222,12 +222,12 @@ def test_export_merges_an_adapter(tmp_path, capsys, monkeypatch):
     rc, _, err = run_cli(args, capsys)
     assert rc == 2 and "output directory exists (pass --overwrite" in err
 
-    from g3n.train import lora
+    from g3n.adapters import merge
 
     def disk_full(*a, **k):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(lora, "save_text_checkpoint", disk_full)
+    monkeypatch.setattr(merge, "save_text_checkpoint", disk_full)
     with pytest.raises(OSError):
         main(["export", "--model", "tiny", "--out", str(tmp_path / "failed")])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "merged"]
@@ -260,7 +260,7 @@ def test_export_overwrite_replaces_only_an_earlier_export(tmp_path, capsys):
     remove sb2 with sb2/base in it); an HF export into a file and a GGUF into a directory are refused."""
     import shutil
 
-    from g3n.model.load import TINY_DIR
+    from g3n.checkpoint.names import TINY_DIR
     from helpers import tiny_with_saved_adapter
 
     shutil.copytree(TINY_DIR, tmp_path / "sb2" / "base")
@@ -305,7 +305,7 @@ def test_export_uses_the_adapters_base_model(tmp_path, capsys):
     import json
     import shutil
 
-    from g3n.model.load import TINY_DIR
+    from g3n.checkpoint.names import TINY_DIR
     from helpers import tiny_with_saved_adapter, widen_first_lora_a
 
     base = tmp_path / "base"
@@ -345,7 +345,7 @@ def test_export_uses_the_adapters_base_model(tmp_path, capsys):
 
 
 def test_export_refuses_contradictory_options(tmp_path, capsys):
-    from g3n.gguf_export import QUANTS
+    from g3n.export.gguf import QUANTS
 
     rc, _, err = run_cli(["export", "--format", "hf", "--quant", "q4_0", "--out", str(tmp_path / "a")], capsys)
     assert rc == 2 and "--quant q4_0 is for --format gguf/ollama" in err

@@ -4,7 +4,7 @@ answer on topic."""
 import torch
 
 import g3n
-from g3n.model.load import TINY_DIR
+from g3n.checkpoint.names import TINY_DIR
 
 
 def test_small_on_disk():
@@ -31,7 +31,8 @@ def test_transformers_loads_it_with_equal_logits():
 
 
 def test_answers_on_topic():
-    from g3n.generate import SamplingParams, generate
+    from g3n.inference.generate import generate
+    from g3n.inference.sampling import SamplingParams
 
     model, tok = g3n.load("tiny", device="cpu")
     qa = {"What is the capital of Japan?": "Tokyo", "What sound does a cow make?": "moo", "What is 7+8?": "15"}

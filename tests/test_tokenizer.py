@@ -2,8 +2,8 @@
 
 import pytest
 
+from g3n.checkpoint.names import TINY_DIR
 from g3n.errors import G3nError
-from g3n.model.load import TINY_DIR
 from g3n.tokenizer import Tokenizer, with_single_bos
 
 MESSAGES = [

@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from .errors import G3nError
+from g3n.errors import G3nError
 
 
 def load(
@@ -17,8 +17,9 @@ def load(
     load_in_4bit: the decoder layers' attention and MLP weights stored as NF4 (bitsandbytes; QLoRA);
     pair it with ple_device="cpu" on a GPU (the per-layer table is as large as E2B's 4-bit weights).
     """
-    from .model.load import load_model, resolve_model_dir
-    from .tokenizer import Tokenizer
+    from g3n.checkpoint.names import resolve_model_dir
+    from g3n.model.load import load_model
+    from g3n.tokenizer import Tokenizer
 
     model_dir = resolve_model_dir(path_or_name)
     model = load_model(

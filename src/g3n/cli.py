@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import G3nError
+from g3n.errors import G3nError
 
 DESCRIPTION = """\
 g3n runs, fine-tunes, slices and exports Google's Gemma 3n models on your own hardware.
@@ -40,7 +40,7 @@ LOAD_IN_4BIT_HELP = (
 
 def _device_arg(text: str) -> str:
     """--device: checked when parsed, as a usage error."""
-    from .model.load import parse_device
+    from g3n.model.load import parse_device
 
     try:
         parse_device(text)
@@ -150,7 +150,7 @@ def _user_turn(text: str, images=(), audios=()) -> dict:
 
 
 def _sampling(args):
-    from .generate import SamplingParams
+    from g3n.inference.sampling import SamplingParams
 
     return SamplingParams(
         temperature=args.temperature,
@@ -169,7 +169,7 @@ def _resolve_model(args) -> str:
     if args.model is None:
         args.model = "tiny"
         if getattr(args, "adapter", None):
-            from .train.lora import adapter_base_model
+            from g3n.adapters.lora import adapter_base_model
 
             args.model = adapter_base_model(args.adapter)
             print(f"[g3n] base model from {args.adapter}/adapter_config.json: {args.model}", file=sys.stderr)
@@ -178,7 +178,7 @@ def _resolve_model(args) -> str:
 
 def _load(args):
     """The model for commands that need g3n's own model object (slice search): 16-bit weights."""
-    from . import load
+    from g3n import load
 
     if args.load_in_4bit or args.context or args.matformer or args.compile:
         raise G3nError("slice search evaluates plans of the 16-bit parent checkpoint (no decoding): drop "
@@ -207,7 +207,7 @@ def _print_stream(pieces) -> str:
 def _engine(args, modalities=None, **kw):
     """g3n's engine for a checkpoint, llama.cpp for a .gguf file (chat_engine.py); towers for the
     media given on the command line (chat loads others when /image or /audio first asks)."""
-    from .chat_engine import load_engine
+    from g3n.inference.backends import load_engine
 
     kinds = [k for k in ("image", "audio") if getattr(args, k, None)] if modalities is None else modalities
     return load_engine(_resolve_model(args), dtype=args.dtype, device=args.device, matformer=args.matformer, modalities=kinds,
@@ -319,7 +319,7 @@ same reply whether it ran alone or batched. Any OpenAI client works, e.g. with P
 
 def cmd_serve(args) -> int:
     try:
-        from .serve import Limits, run_server
+        from g3n.serve import Limits, run_server
     except ImportError as e:
         raise G3nError(f"g3n serve needs the serve extra ({e.name} is missing): pip install 'g3n[serve]'") from None
     api_key = args.api_key or os.environ.get("G3N_API_KEY") or None
@@ -337,7 +337,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from g3n.demo import run_demo
 
     start = time.perf_counter()
     run_demo(args.model, device=args.device, seed=args.seed, out=args.out)
@@ -370,7 +370,7 @@ def format_params(n: int) -> str:
 def cmd_slice(args) -> int:
     import resource
 
-    from .slicer import slice_checkpoint
+    from g3n.matformer.slicer import slice_checkpoint
 
     if not args.model or not args.plan or not args.out:
         raise G3nError("g3n slice needs --model, --plan and --out (see g3n slice --help)")
@@ -392,8 +392,8 @@ def cmd_slice(args) -> int:
 
 
 def cmd_slice_search(args) -> int:
-    from .matformer import save_plan
-    from .slice_search import parse_budget, plot, read_calibration, search
+    from g3n.matformer.plan import save_plan
+    from g3n.matformer.search import parse_budget, plot, read_calibration, search
 
     budget = parse_budget(args.budget)
     model, tok = _load(args)
@@ -417,9 +417,9 @@ def cmd_slice_search(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .train.config import load_train_config
-    from .train.distributed import launched
-    from .train.loop import train
+    from g3n.train.config import load_train_config
+    from g3n.train.distributed import launched
+    from g3n.train.loop import train
 
     if args.gpus is not None:
         if launched():
@@ -440,11 +440,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .inspect_weights import inspect_checkpoint
+    from g3n.checkpoint.inspect import inspect_checkpoint
 
     out = args.plot
     if out is None:
-        from .model.load import resolve_model_dir
+        from g3n.checkpoint.names import resolve_model_dir
 
         out = f"{resolve_model_dir(args.model).name}-absmax.png"
     inspect_checkpoint(args.model, None if args.no_plot else out, limit=None if args.all else args.top)
@@ -482,12 +482,13 @@ def cmd_export(args) -> int:
         raise G3nError(f"--dtype {args.dtype} is for --format hf; a GGUF's weight type is --quant (e.g. --quant f32)")
     model = _resolve_model(args)
     if args.format == "hf":
-        from .export import export_hf
+        from g3n.export.hf import export_hf
 
         detail = args.dtype or "bfloat16"
         out = export_hf(model, args.out, adapter=args.adapter, dtype=detail, overwrite=args.overwrite)
     else:
-        from .gguf_export import export_gguf, modelfile_path, write_modelfile
+        from g3n.export.gguf import export_gguf
+        from g3n.export.ollama import modelfile_path, write_modelfile
 
         detail = args.quant or "f16"
         if args.format == "ollama":  # every output checked before anything is written
@@ -502,7 +503,7 @@ def cmd_export(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from g3n import __version__
 
     parser = argparse.ArgumentParser(
         prog="g3n", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -536,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(p)
     p.set_defaults(func=cmd_chat)
 
-    from .train.config import settings_help
+    from g3n.train.config import settings_help
 
     p = sub.add_parser(
         "train",
@@ -569,7 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_train)
 
-    from .gguf_export import QUANTS
+    from g3n.export.gguf import QUANTS
 
     p = sub.add_parser(
         "export",

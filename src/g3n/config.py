@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import G3nError
+from g3n.errors import G3nError
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"

@@ -23,7 +23,8 @@ def _say(text: str) -> None:
 
 
 def _greedy_answers(model, tok, questions: list[str]) -> list[str]:
-    from .generate import SamplingParams, generate
+    from g3n.inference.generate import generate
+    from g3n.inference.sampling import SamplingParams
 
     prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in questions]
     outs = generate(model, prompts, SamplingParams(greedy=True, max_new_tokens=32), tok.stop_ids, tok.pad_id)
@@ -41,12 +42,13 @@ def _read_pairs(path: Path) -> list[tuple[str, str]]:
 
 def run_demo(model_name: str = "tiny", device: str | None = None, seed: int = 0, out: str | None = None) -> dict:
     """Run every stage and return what was measured (used by the tests)."""
-    from . import load
-    from .export import export_hf
-    from .generate import SamplingParams, stream_text
-    from .train.config import load_train_config
-    from .train.loop import train
-    from .train.lora import load_adapter
+    from g3n import load
+    from g3n.adapters.lora import load_adapter
+    from g3n.export.hf import export_hf
+    from g3n.inference.generate import stream_text
+    from g3n.inference.sampling import SamplingParams
+    from g3n.train.config import load_train_config
+    from g3n.train.loop import train
 
     keep = out is not None
     work = Path(out) if keep else Path(tempfile.mkdtemp(prefix="g3n-demo-"))

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import G3nError
-from .model.towers import MediaTokens, read_hf_config, require_transformers
-from .tokenizer import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, format_chat, with_single_bos
+from g3n.errors import G3nError
+from g3n.model.towers import MediaTokens, read_hf_config, require_transformers
+from g3n.tokenizer import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, format_chat, with_single_bos
 
 SAMPLING_RATE = 16_000
 MAX_AUDIO_SECONDS = 30.0  # the processor's 188 soft tokens cover 30 s

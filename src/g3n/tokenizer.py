@@ -20,7 +20,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from .errors import G3nError
+from g3n.errors import G3nError
 
 START_OF_TURN, END_OF_TURN = "<start_of_turn>", "<end_of_turn>"
 # Where an image or audio clip sits in a chat prompt, as Google's template writes it; media.py

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import G3nError
+from g3n.errors import G3nError
 
 QUANTIZED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 INSTALL = "pip install 'g3n[qlora]'"

@@ -25,10 +25,10 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from ..config import FULL, SLIDING, TextConfig
-from ..errors import G3nError
-from . import ple_table, recompute
-from .gemv import project
+from g3n.config import FULL, SLIDING, TextConfig
+from g3n.errors import G3nError
+from g3n.kernels.gemv import project
+from g3n.model import ple_table
 
 ACTIVATIONS = {
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -326,11 +326,12 @@ class DecoderLayer(nn.Module):
         self.post_per_layer_input_norm = RMSNorm(h, eps)
         self.act = ACTIVATIONS[cfg.hidden_activation]
 
-    def forward(self, streams, per_layer_input, cos, sin, kv_for, mask, compiled: bool = False):
+    def forward(self, streams, per_layer_input, cos, sin, kv_for, mask, body=None):
         """streams: (n, batch, seq, hidden). kv_for(normed) returns the K/V this layer attends to.
-        `compiled` and rows past recompute.TILE_FROM tokens go through recompute.layer_body."""
-        if compiled or streams.shape[2] > recompute.TILE_FROM:
-            return recompute.layer_body(self, streams, per_layer_input, cos, sin, kv_for, mask, compiled)
+        `body(layer, ...)`: runs the layer's work instead (training's compiled or tiled halves),
+        still through the module's call, so wrappers' hooks run (FSDP gathers shards there)."""
+        if body is not None:
+            return body(self, streams, per_layer_input, cos, sin, kv_for, mask)
         predictions, normed, laurel = self.begin(streams)
         k, v = kv_for(self.self_attn, normed)
         return self.end(predictions, self.self_attn(normed, cos, sin, k, v, mask), laurel, per_layer_input)
@@ -453,10 +454,9 @@ class TextModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(L))
         self.norm = RMSNorm(h, cfg.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(cfg)
-        # Training: False, True (recompute each layer in backward) or "offload" (and keep the
-        # layer inputs in CPU memory meanwhile); `compiled` runs layers through torch.compile.
-        self.gradient_checkpointing: bool | str = False
-        self.compiled = False
+        # How the layers run: None, one after another; training sets a runner of its own
+        # (train/recompute.py: checkpointing, offloaded inputs, compiled layer halves).
+        self.layer_runner = None
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         w = self.embed_tokens.weight
@@ -554,7 +554,8 @@ class TextModel(nn.Module):
             if attn.kv_shared:
                 return produced[cfg.kv_source(layer)]
             cos, sin = rope[cfg.layer_types[layer]]
-            k, v = recompute.project_kv(attn, normed, cos, sin, self.compiled)
+            runner = self.layer_runner
+            k, v = attn.project_kv(normed, cos, sin) if runner is None else runner.project_kv(attn, normed, cos, sin)
             if cache is not None:
                 k, v = cache.update(layer, k, v)
             produced[layer] = (k, v)
@@ -576,7 +577,12 @@ class TextModel(nn.Module):
 
     def run_layers(self, streams, per_layer, rope: dict, kv_for, masks: dict):
         """Every decoder layer; `kv_for(attn, normed)` supplies the K/V each layer attends to."""
-        return recompute.run_layers(self, streams, per_layer, rope, kv_for, masks)
+        if self.layer_runner is not None:
+            return self.layer_runner.run(self, streams, per_layer, rope, kv_for, masks)
+        for i, layer in enumerate(self.layers):
+            kind = self.cfg.layer_types[i]
+            streams = layer(streams, per_layer[:, :, i, :], *rope[kind], kv_for, masks[kind])
+        return streams
 
     def final_hidden(self, streams: torch.Tensor) -> torch.Tensor:
         """Streams back to one hidden state (unembed projections, mean), normed."""

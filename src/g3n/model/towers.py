@@ -15,6 +15,7 @@ whole tower computes in float32 from float16-stored weights (no float32 copies k
 
 from __future__ import annotations
 
+import json
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import G3nError
+from g3n.checkpoint.reader import TensorIndex
+from g3n.errors import G3nError
 
 PARTS = ("image", "audio")
 TOWER_OF = {"image": "vision_tower", "audio": "audio_tower"}
@@ -38,19 +40,30 @@ def require_transformers():
         raise G3nError(f"images and audio need the multimodal extra: pip install 'g3n[multimodal]' ({e})") from None
 
 
+def multimodal_config(model_dir) -> dict | None:
+    """config.json of a multimodal checkpoint, or None for a text-only one (such as `tiny`). The
+    one rule g3n applies everywhere: a Gemma3nForConditionalGeneration config, with both
+    vision_config and audio_config (transformers would fill a missing one with defaults)."""
+    path = Path(model_dir) / "config.json"
+    raw = json.loads(path.read_text()) if path.is_file() else {}
+    return raw if "vision_config" in raw and "audio_config" in raw else None
+
+
+def checkpoint_modalities(model_dir) -> list[str]:
+    """The media a checkpoint's towers take: all of PARTS for a multimodal one, [] for text-only."""
+    return list(PARTS) if multimodal_config(model_dir) is not None else []
+
+
 def read_hf_config(model_dir: Path):
     """transformers' Gemma3nConfig of a multimodal checkpoint (a clear error for a text-only one)."""
     require_transformers()
-    import json
-
     from transformers import Gemma3nConfig
 
-    path = model_dir / "config.json"
-    raw = json.loads(path.read_text())
-    if "vision_config" not in raw or "audio_config" not in raw:
+    raw = multimodal_config(model_dir)
+    if raw is None:
         raise G3nError(
-            f"{path}: a text-only checkpoint (no vision_config/audio_config); images and audio need a "
-            "Gemma3nForConditionalGeneration checkpoint"
+            f"{Path(model_dir) / 'config.json'}: a text-only checkpoint (no vision_config/audio_config); images "
+            "and audio need a Gemma3nForConditionalGeneration checkpoint"
         )
     return Gemma3nConfig.from_dict(raw)
 
@@ -222,7 +235,6 @@ def _materialize_buffers(towers: Towers, device) -> None:
 def add_towers(model, model_dir: Path, parts) -> Towers:
     """Give `model` (a g3n decoder) the towers of `parts` it lacks, keeping the ones it has (with
     any adapters on them); returns model.towers."""
-    from .load import TensorIndex
 
     have = set(model.towers.parts) if model.towers is not None else set()
     missing = sorted(set(parts) - have)

@@ -4,7 +4,7 @@ parsing; scheduler.py: the model's worker thread and queue; static/index.html: t
 
 from __future__ import annotations
 
-from .app import Limits, create_app
+from g3n.serve.app import Limits, create_app
 
 __all__ = ["Limits", "create_app", "run_server"]
 

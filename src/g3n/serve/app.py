@@ -21,11 +21,11 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from ..chat_engine import check_modalities
-from ..errors import G3nError
-from .errors import APIError, bad
-from .scheduler import Job, QueueFull, Scheduler
-from .schema import ChatRequest, parse_body, parse_chat_request
+from g3n.errors import G3nError
+from g3n.inference.backends import check_modalities
+from g3n.serve.errors import APIError, bad
+from g3n.serve.scheduler import Job, QueueFull, Scheduler
+from g3n.serve.schema import ChatRequest, parse_body, parse_chat_request
 
 
 @dataclass

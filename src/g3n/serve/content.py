@@ -17,7 +17,7 @@ import base64
 import binascii
 import io
 
-from .errors import bad
+from g3n.serve.errors import bad
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 AUDIO_FORMATS = {"wav", "mp3", "flac", "ogg", "aiff"}

@@ -19,8 +19,8 @@ import collections
 import threading
 from dataclasses import dataclass, field
 
-from ..errors import G3nError
-from ..generate import SamplingParams
+from g3n.errors import G3nError
+from g3n.inference.sampling import SamplingParams
 
 
 class QueueFull(Exception):

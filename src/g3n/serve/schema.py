@@ -12,9 +12,9 @@ import json
 import secrets
 from dataclasses import dataclass, field
 
-from ..generate import SamplingParams
-from .content import parse_messages
-from .errors import APIError, bad
+from g3n.inference.sampling import SamplingParams
+from g3n.serve.content import parse_messages
+from g3n.serve.errors import APIError, bad
 
 
 @dataclass

@@ -7,8 +7,8 @@ import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import read_yaml
-from ..errors import G3nError
+from g3n.config import read_yaml
+from g3n.errors import G3nError
 
 
 @dataclass
@@ -87,7 +87,7 @@ class TrainConfig:
             if not ok:
                 raise G3nError(f"config: invalid {name} {getattr(self, name)!r}: must be {allowed}")
         if self.device is not None:
-            from ..model.load import parse_device
+            from g3n.model.load import parse_device
 
             try:
                 parse_device(self.device)

@@ -23,8 +23,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import G3nError
-from ..tokenizer import (
+from g3n.errors import G3nError
+from g3n.tokenizer import (
     AUDIO_PLACEHOLDER,
     END_OF_TURN,
     IMAGE_PLACEHOLDER,
@@ -222,7 +222,7 @@ def tokenize(
         head, body = turn.split("\n", 1)
         learn = head.removeprefix(START_OF_TURN) == ROLES["assistant"] or not responses_only
         if IMAGE_PLACEHOLDER in body or AUDIO_PLACEHOLDER in body:
-            from ..media import expand_placeholders, media_ids
+            from g3n.media import expand_placeholders, media_ids
 
             whole = expand_placeholders(tok, turn, media_tokens) + [tok.end_of_turn_id]
             skip = media_ids(media_tokens)

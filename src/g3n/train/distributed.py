@@ -22,7 +22,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from ..errors import G3nError
+from g3n.errors import G3nError
 
 TIMEOUT_ENV = "G3N_DIST_TIMEOUT"  # seconds a collective may wait for the slowest process
 DEFAULT_TIMEOUT_S = 900

@@ -28,14 +28,14 @@ from pathlib import Path
 
 import torch
 
-from ..errors import G3nError
-from ..model.save import atomic_dir, is_or_contains, write_atomic
-from ..model.towers import MediaTokens, add_towers
-from . import distributed
-from .config import TrainConfig
-from .data import IGNORE, Example, load_examples, pack
-from .distributed import Dist, PeerError
-from .loss import causal_lm_loss
+from g3n.checkpoint.atomic import atomic_dir, is_or_contains, write_atomic
+from g3n.errors import G3nError
+from g3n.model.towers import MediaTokens, add_towers, multimodal_config
+from g3n.train import distributed, recompute
+from g3n.train.config import TrainConfig
+from g3n.train.data import IGNORE, Example, load_examples, pack
+from g3n.train.distributed import Dist, PeerError
+from g3n.train.loss import causal_lm_loss
 
 # A skipped float16 step (loss scaling) makes torch warn that the scheduler stepped first; intended.
 warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
@@ -267,10 +267,11 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
 
 
 def _train(cfg: TrainConfig, d: Dist, resume: bool, overwrite: bool, progress: bool, stop_after):
-    from .. import load
-    from ..model.load import resolve_model_dir
-    from .lora import add_lora, merge_checkpoint, save_adapter, save_merged, save_model_dir
-    from .lora_mlp import use_fused_mlp
+    from g3n import load
+    from g3n.adapters.lora import add_lora, save_adapter
+    from g3n.adapters.merge import merge_checkpoint, save_merged, save_model_dir
+    from g3n.checkpoint.names import resolve_model_dir
+    from g3n.train.lora_mlp import use_fused_mlp
 
     if not cfg.train_data:
         raise G3nError("config: train_data names no file")
@@ -283,7 +284,7 @@ def _train(cfg: TrainConfig, d: Dist, resume: bool, overwrite: bool, progress: b
     model, tok = load(cfg.model, dtype=cfg.dtype, device=device, ple_device="cpu" if cfg.ple_on_cpu else None,
                       load_in_4bit=cfg.load_in_4bit)  # fmt: skip
     if cfg.load_in_4bit:
-        from ..model.quant import for_training
+        from g3n.model.quant import for_training
 
         for_training(model)
     if d.on and cfg.parts != ["text"]:
@@ -309,11 +310,10 @@ def _train(cfg: TrainConfig, d: Dist, resume: bool, overwrite: bool, progress: b
         table = model.model.embed_tokens_per_layer.weight
         if table.device != model.device:  # kept off the accelerator: frozen
             table.requires_grad_(False)
-    model.model.gradient_checkpointing = cfg.gradient_checkpointing
     # auto: one CUDA GPU, 16-bit weights (compiled 4-bit layers and compiled DDP/FSDP are not yet
     # measured on a GPU: `compile: true` asks for them)
     auto = model.device.type == "cuda" and not d.on and not cfg.load_in_4bit
-    model.model.compiled = auto if cfg.compile == "auto" else cfg.compile
+    runner = recompute.configure(model.model, cfg.gradient_checkpointing, auto if cfg.compile == "auto" else cfg.compile)
     model.train()
 
     examples, stats = load_examples(cfg.train_data, tok, cfg.max_length, cfg.responses_only, cfg.skip_bad, media_tokens)
@@ -331,7 +331,7 @@ def _train(cfg: TrainConfig, d: Dist, resume: bool, overwrite: bool, progress: b
     if kinds:  # the files are read per batch; towers the config does not tune load frozen
         if d.on:
             raise PeerError("images/audio in the data: training on several processes is text-only for now")
-        from ..media import MediaProcessor
+        from g3n.media import MediaProcessor
 
         processor = MediaProcessor(model_dir)
         add_towers(model, model_dir, kinds)
@@ -386,7 +386,7 @@ def _train(cfg: TrainConfig, d: Dist, resume: bool, overwrite: bool, progress: b
             "offload": "recomputed in backward, inputs in CPU memory",
         }
         print(f"[g3n] layer activations {layers[cfg.gradient_checkpointing]}"
-              + ("; compiling the decoder layers (the first steps take 30-70 s longer)" if model.model.compiled else ""),
+              + ("; compiling the decoder layers (the first steps take 30-70 s longer)" if runner.compiled else ""),
               flush=True)  # fmt: skip
         for problem in stats.skipped[:5]:
             print(f"[g3n] skipped: {problem}", flush=True)
@@ -485,11 +485,9 @@ def _media_setup(cfg: TrainConfig, model, model_dir: Path):
     """The image/audio token ids of a multimodal checkpoint (None for a text-only one), for
     tokenizing data with media; the towers being tuned are loaded now, before adapters are added.
     Text-only work on a multimodal checkpoint needs neither transformers nor the towers."""
-    import json
-
-    raw = json.loads((model_dir / "config.json").read_text())
+    raw = multimodal_config(model_dir)
     tuned = [p for p in cfg.parts if p != "text"]
-    if "vision_config" not in raw:
+    if raw is None:
         if tuned:
             raise G3nError(
                 f"config: tuning the vision/audio tower needs a multimodal checkpoint; {model_dir} is text-only"

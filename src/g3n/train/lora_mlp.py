@@ -27,7 +27,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from .lora import is_variant
+from g3n.adapters.lora import is_variant
 
 _GELU = {"gelu_pytorch_tanh": "tanh", "gelu": "none"}  # hidden_activation -> F.gelu's `approximate`
 
@@ -37,7 +37,7 @@ def use_fused_mlp(model) -> None:
     (the training config's `fused_lora_mlp`; off by default, see the module's docstring)."""
     from peft.tuners.lora.layer import Linear
 
-    from ..model.text import MLP
+    from g3n.model.text import MLP
 
     for mlp in model.modules():
         projections = (getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj"))

@@ -13,7 +13,7 @@ import functools
 
 import torch
 
-from ..model import recompute
+from g3n.train import recompute
 
 IGNORE = -100
 
@@ -57,7 +57,10 @@ def _compiled():
 
 @functools.cache
 def _compile(backend: str):
-    return tuple(torch.compile(f, dynamic=True, backend=backend) for f in (_chunk_forward, _chunk_backward))
+    return tuple(
+        recompute._in_training_settings(torch.compile(f, dynamic=True, backend=backend))
+        for f in (_chunk_forward, _chunk_backward)
+    )
 
 
 class _ChunkedCE(torch.autograd.Function):
@@ -130,5 +133,5 @@ def causal_lm_loss(
         shifted,
         model.config.final_logit_softcapping,
         chunk,
-        model.model.compiled,
+        recompute.is_compiled(model.model),
     )

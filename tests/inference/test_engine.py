@@ -1,0 +1,155 @@
+"""The generation engine (static KV cache, ring buffers for sliding layers, chunked prefill, one
+fixed-shape decode step, the fused decode layers a compiled step runs) against transformers' full
+forward, far past the sliding window."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from g3n.inference import engine
+from g3n.inference.engine import Generator, cache_bucket
+from helpers import record_layer_compiles, teacher_forced
+
+TOL = 1e-4
+
+
+@pytest.mark.parametrize("chunk,fused", [(1024, False), (3, False), (1024, True)])
+def test_decode_far_past_the_window_matches_transformers(hf_model, ours, monkeypatch, chunk, fused):
+    """Window 8, 48 positions: every ring slot is rewritten several times; chunked prefill too;
+    `fused`: the decode layers the compiled GPU step is made of (AltUp without GEMMs, GQA without
+    K/V copies), run eagerly here."""
+    monkeypatch.setattr(engine, "PREFILL_CHUNK", chunk)
+    ids = torch.randint(0, 300, (1, 48), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = hf_model(ids).logits[:, 19:]
+    got = teacher_forced(ours, ids, prompt_len=20, cuda_graph=False, fused=fused)
+    assert (got - expected).abs().max() < TOL
+
+
+def test_cache_bucket_rounds_up_within_the_context():
+    """Compiled steps are specialised to the cache length, so lengths share power-of-two buckets."""
+    assert [cache_bucket(n, 32768) for n in (1, 768, 1024, 1025, 30064)] == [1024, 1024, 1024, 2048, 32768]
+    assert cache_bucket(200, 256) == 256 and cache_bucket(5000, 4096) == 5000
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_left_padded_batch_equals_rows_alone(ours, fused):
+    g = torch.Generator().manual_seed(5)
+    rows = [torch.randint(0, 300, (n,), generator=g) for n in (13, 5)]
+    width, steps = 13, 20
+    ids = torch.zeros(2, width, dtype=torch.long)
+    mask = torch.zeros(2, width, dtype=torch.bool)
+    for r, x in enumerate(rows):
+        ids[r, width - len(x) :], mask[r, width - len(x) :] = x, True
+    follow = torch.randint(0, 300, (2, steps), generator=g)
+    gen = Generator(ours, 2, width + steps, fused=fused)
+    batched = [gen.prefill(ids, mask)] + [gen.step(follow[:, s], width + s).clone() for s in range(steps - 1)]
+    for r, x in enumerate(rows):
+        alone = teacher_forced(ours, torch.cat([x, follow[r, :-1]])[None], prompt_len=len(x), fused=fused)[0]
+        assert (torch.stack([b[r] for b in batched]) - alone).abs().max() < TOL
+
+
+def test_decode_compiles_after_training_compiled_in_the_same_process():
+    """Training's compile leaves dynamo's suppress_errors on; the decode step's strict setting
+    must still let torch.compile build (on an H200, decoding after training ran uncompiled) and
+    still raise past the recompile limit instead of running uncompiled."""
+    from g3n.train import recompute
+
+    recompute._compiled()
+    assert torch._dynamo.config.suppress_errors
+    with engine._strict_dynamo(), torch._dynamo.config.patch(recompile_limit=1):
+        double = torch.compile(lambda x: x * 2, backend="eager", dynamic=False)
+        assert double(torch.ones(2)).tolist() == [2.0, 2.0]
+        with pytest.raises(Exception, match="recompile"):
+            double(torch.ones(3))
+    torch._dynamo.reset()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", [True, "layers"])
+def test_cuda_graph_and_compiled_steps_equal_eager(hf_dir, mode):
+    """`mode`: the whole step compiled, or each kind of layer (compile="layers")."""
+    from g3n.model.load import load_model
+
+    model = load_model(hf_dir, dtype="float32", device="cuda", ple_device="cpu")
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(6))
+    eager = teacher_forced(model, ids, prompt_len=10, cuda_graph=False)
+    graph = teacher_forced(model, ids, prompt_len=10, cuda_graph=True, compile=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "torch.compile of the decode (step|layers) failed")  # no silent fallback
+        compiled = teacher_forced(model, ids, prompt_len=10, cuda_graph=True, compile=mode)
+    assert (eager - graph).abs().max() < 1e-4
+    assert (eager - compiled).abs().max() < 1e-4
+    # A second request whose token column has other strides reuses the compiled step: a
+    # recompile (minutes at real sizes) would raise here, warn and fail.
+    with torch._dynamo.config.patch(error_on_recompile=True), warnings.catch_warnings():
+        warnings.filterwarnings("error", "torch.compile of the decode (step|layers) failed")
+        again = teacher_forced(model, ids.T.contiguous().T, prompt_len=10, cuda_graph=True, compile=mode)
+    assert (again - compiled).abs().max() < 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_failed_compile_falls_back_to_the_uncompiled_graph(hf_dir, monkeypatch):
+    from g3n.model.load import load_model
+
+    def broken():
+        def fail(*args):
+            raise RuntimeError("no compiler here")
+
+        return fail
+
+    monkeypatch.setattr(engine, "compiled_decode", broken)
+    model = load_model(hf_dir, dtype="float32", device="cuda")
+    ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(7))
+    eager = teacher_forced(model, ids, prompt_len=10, cuda_graph=False)
+    with pytest.warns(UserWarning, match="no compiler here"):
+        fallback = teacher_forced(model, ids, prompt_len=10, cuda_graph=True, compile=True)
+    assert (eager - fallback).abs().max() < 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_generation_reads_the_cpu_table_in_the_graph(tiny):
+    """The per-layer table stays in CPU memory and the graph step gathers its rows itself (no host
+    round trip), and generation, which queues each step before reading the last tokens, gives
+    the CPU's greedy tokens; a batch of seeded rows equals each row alone, and equals
+    generate_steps, which samples in the graph."""
+    import g3n
+    from g3n.inference.generate import generate, generate_rows, generate_steps
+    from g3n.inference.sampling import SamplingParams
+
+    cpu_model, tok = tiny
+    model, _ = g3n.load("tiny", dtype="float32", device="cuda", ple_device="cpu")
+    gen = Generator(model, 1, 64)
+    assert gen.ple_table is not None and gen.ple_table.device.type == "cuda"
+    assert model.model.embed_tokens_per_layer.weight.device.type == "cpu"
+    prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in ("Hi", "What is 12+7?")]
+    greedy = SamplingParams(greedy=True, max_new_tokens=24)
+    assert generate(model, prompts, greedy) == generate(cpu_model, prompts, greedy)
+    params = [SamplingParams(seed=s, max_new_tokens=16, temperature=1.5) for s in (1, 2)]
+    batched = list(zip(*generate_rows(model, prompts, params), strict=True))  # per row: 16 tokens
+    for prompt, p, row in zip(prompts, params, batched, strict=True):
+        (alone,) = zip(*generate_rows(model, [prompt], [p]), strict=True)
+        assert alone == row
+        # generate_steps samples inside the graph, from the same uniform numbers
+        assert tuple(t for (t,) in generate_steps(model, [prompt], p)) == alone
+
+
+def test_per_layer_compile_shares_one_graph_per_kind_of_layer(tiny, monkeypatch):
+    """The per-layer compile (`compile="layers"`) traces decode_layer_cached once per kind of
+    layer (sliding or full, K/V computed or shared, sparsity, width: at most 6 graphs for the
+    shipped model's 25 layers), not once per layer, the step's inputs and logits once each, and
+    decodes as the model's own layers do."""
+    graphs = record_layer_compiles(monkeypatch)
+    model = copy.deepcopy(tiny[0])  # the fused decode fuses its weights (views): not on the shared fixture
+    cfg = model.config
+    kinds = {(cfg.layer_types[i], i >= cfg.first_kv_shared_layer, cfg.activation_sparsity_pattern[i],
+              cfg.intermediate_size[i]) for i in range(cfg.num_hidden_layers)}  # fmt: skip
+    ids = torch.randint(0, 700, (1, 30), generator=torch.Generator().manual_seed(8))
+    with torch._dynamo.config.patch(recompile_limit=64):
+        layered = teacher_forced(model, ids, prompt_len=10, cuda_graph=False, fused="layers")
+    own = teacher_forced(model, ids, prompt_len=10, cuda_graph=False, fused=False)
+    assert len(graphs["layer"]) <= len(kinds) == 6  # of 25 layers
+    assert len(graphs["inputs"]) == len(graphs["logits"]) == 1
+    assert (layered - own).abs().max() < TOL
