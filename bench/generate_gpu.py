@@ -1,23 +1,24 @@
 """Generation speed on a GPU: g3n's engine against transformers' generate(), random E2B/E4B weights,
 bf16, prompt 512, 256 new tokens, sampling with Google's defaults, the per-layer table in CPU memory.
 
-Decode variants: `eager` (no graph), `graph` (the model's layers captured as a CUDA graph: the
-default), `compiled` (torch.compile of those layers, then the graph), `fused` (torch.compile of
-the engine's decode_layer, then the graph: what G3N_COMPILE=1 runs), `layers` (each kind of
-decoder layer compiled once, the rest of the step uncompiled, all in the graph: G3N_COMPILE=layers,
-here without g3n's decode kernels), `layers-kernels` (with the Triton kernels for AltUp and
-attention: what G3N_COMPILE=layers runs by default; a row's `kernels` says whether they compiled
-or the step fell back to running without them); suffixes: `-nogemv` (batch-1 products on cuBLAS
-instead of model/gemv.py), `-torchsample` (sampling through torch.topk), `-nopdl` (g3n's kernels
-launched without programmatic dependent launch). Timed two ways: `api`
-(g3n.generate.generate_steps as users run it, which queues each step before reading the last
+Decode variants, each a DecodeOptions (inference/options.py) and Generator keywords: `eager` (no
+graph), `graph` (the model's layers captured as a CUDA graph: the default), `compiled`
+(torch.compile of those layers, then the graph), `fused` (torch.compile of the engine's
+decode_layer, then the graph: what --compile step runs), `layers` (each kind of decoder layer
+compiled once, the rest of the step uncompiled, all in the graph: --compile layers, here without
+g3n's decode kernels), `layers-kernels` (with the Triton kernels for AltUp and attention: what
+--compile layers runs by default; a row's `kernels` says whether they compiled or the step fell
+back to running without them); suffixes: `-nogemv` (batch-1 products on cuBLAS instead of
+kernels/gemv.py), `-torchsample` (sampling through torch.topk), `-nopdl` (g3n's kernels launched
+without programmatic dependent launch). Timed two ways: `api`
+(g3n.inference.generate.generate_steps as users run it, which queues each step before reading the last
 tokens) and `sync` (--sync: the bench's own loop, reading each token on the host before the next
 step); both gather the per-layer rows inside the graph from the page-locked CPU table. Before any
 speed counts, each variant's logits over teacher-forced steps are compared with eager bf16 and
 with a float32 copy of the model: a variant passes when it is as close to float32 as eager bf16
 is (1.5x its difference + 0.05). Extra tasks: --extra TASK:SIZE:BATCH:VARIANT (check1, api, time,
 long, gaps: GPU idle time between the api path's kernels, sampler: the sampling kernels
-against torch.topk's path, gemv: model/gemv.py against cuBLAS), e.g. api:E4B:1:layers.
+against torch.topk's path, gemv: kernels/gemv.py against cuBLAS), e.g. api:E4B:1:layers.
 BENCH_TRACE=PREFIX writes every kernel of the sync task's profiled step, in order, to
 PREFIX-<batch>-<decode kernels>-<gemv>.json.
 
@@ -38,11 +39,10 @@ from functools import partial
 import torch
 
 from g3n.config import text_config_from_dict
-from g3n.inference import engine
 from g3n.inference.engine import Generator, compiled_decode, decode_logits
 from g3n.inference.generate import generate_steps
+from g3n.inference.options import DecodeOptions
 from g3n.inference.sampling import SamplingParams, next_tokens, sample_tokens
-from g3n.kernels import common as triton_common
 from g3n.kernels import gemv
 from g3n.kernels import sampling as sample_kernels
 from g3n.model.ple_table import device_view
@@ -53,25 +53,35 @@ SIZES = {
     "E4B": {"num_hidden_layers": 35, "intermediate_size": 16384, "num_kv_shared_layers": 15},
 }
 PROMPT, NEW = 512, 256
-VARIANTS = {
+VARIANTS = {  # Generator keywords besides the options; "compile": DecodeOptions.compile
     "eager": {"cuda_graph": False},
-    "graph": {"compile": False},
-    "compiled": {"compile": True, "fused": False},
-    "fused": {"compile": True, "fused": True},
+    "graph": {"compile": "off"},
+    "compiled": {"compile": "step", "fused": False},
+    "fused": {"compile": "step", "fused": True},
     "layers": {"compile": "layers"},
     "layers-kernels": {"compile": "layers"},
 }
+SUFFIXES = ("nopdl", "torchsample", "nogemv")
 
 
 def use_variant(name: str) -> dict:
-    """Set the switches a variant names (the decode kernels, and the suffixes: see the module's
-    docstring) and return its Generator keywords."""
+    """A variant's Generator keywords, its DecodeOptions under "options" (the decode kernels and
+    the suffixes: see the module's docstring)."""
     parts = name.split("-")
-    engine.DECODE_KERNELS = "kernels" in parts
-    triton_common.ENABLED = "nopdl" not in parts
-    sample_kernels.ENABLED = "torchsample" not in parts
-    gemv.ENABLED = "nogemv" not in parts
-    return VARIANTS["-".join(p for p in parts if p not in ("nopdl", "torchsample", "nogemv"))]
+    kw = dict(VARIANTS["-".join(p for p in parts if p not in SUFFIXES)])
+    kw["options"] = DecodeOptions(
+        compile=kw.pop("compile", "off"),
+        decode_kernels="kernels" in parts,
+        gemv="nogemv" not in parts,
+        sample_kernels="torchsample" not in parts,
+        pdl="nopdl" not in parts,
+    )
+    return kw
+
+
+def sampler_for(options: DecodeOptions, params: SamplingParams):
+    """The engine's `sample` for these options (as inference/generate.py builds it)."""
+    return partial(sample_tokens, p=params, kernels=options.sample_kernels, pdl=options.pdl)
 
 
 T0 = time.perf_counter()
@@ -168,9 +178,10 @@ def profile_step(gen, tag: str) -> dict:
     """Kernels and GPU time of one decode step and its sampling, run outside the graph."""
     from torch.profiler import ProfilerActivity, profile
 
-    args = (gen.model, gen.cache, gen.static_tokens, gen.static_rows, gen.static_index, gen.fused)
+    args = (gen.model, gen.cache, gen.static_tokens, gen.static_rows, gen.static_index, gen.fused, gen.options)
     fn = compiled_decode() if gen.compiled and gen.fused is True else decode_logits  # "layers": compiled inside
-    with torch.inference_mode():
+    # the engine's batch-1 product choice for the model's own layers, as in its graph
+    with torch.inference_mode(), gemv.routed(gen.model, gen.options.gemv, gen.options.pdl):
         gen.sample(fn(*args), uniform=gen.static_uniform)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -217,7 +228,7 @@ def run_api(model, batch: int, variant: str, prompt=PROMPT, new=NEW, others: int
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         stamps = [time.perf_counter()]
-        for _ in generate_steps(model, prompts, params, compile=kw.get("compile", False)):
+        for _ in generate_steps(model, prompts, params, options=kw["options"]):
             stamps.append(time.perf_counter())
         out.setdefault("first_step_s", round(stamps[2] - stamps[1], 1))
     out.update(tok_s=round(batch * (new - 2) / (stamps[-1] - stamps[2]), 1), ttft_s=round(stamps[1] - stamps[0], 3),
@@ -249,7 +260,7 @@ def _graph_us(fn, inputs, replays: int = 5) -> float:
 
 @torch.inference_mode()
 def sampler(batch: int, vocab: int = 262400, draws: int = 64) -> dict:
-    """sample_tokens with the sampling kernels against generate.py's torch.topk path: tokens drawn
+    """sample_tokens with the sampling kernels against inference/sampling.py's torch.topk path: tokens drawn
     at the same uniform numbers (random float32 logits, no ties), and GPU us per call of each,
     captured in a CUDA graph as the decode step runs them."""
     params = SamplingParams()
@@ -258,16 +269,13 @@ def sampler(batch: int, vocab: int = 262400, draws: int = 64) -> dict:
     same = 0
     for _ in range(draws):
         uniform = torch.rand(batch, device="cuda", generator=g)
-        sample_kernels.ENABLED = True
-        fast = sample_tokens(logits, params, uniform=uniform)
-        sample_kernels.ENABLED = False
-        same += int((fast == sample_tokens(logits, params, uniform=uniform)).sum())
+        fast = sample_tokens(logits, params, uniform=uniform, kernels=True)
+        same += int((fast == sample_tokens(logits, params, uniform=uniform, kernels=False)).sum())
     out = {"batch": batch, "same_tokens": f"{same}/{draws * batch}"}
     uniform = torch.rand(batch, device="cuda", generator=g)
-    for name, enabled in (("kernels_us", True), ("torch_us", False)):
-        sample_kernels.ENABLED = enabled
-        out[name] = round(_graph_us(lambda u: sample_tokens(logits, params, uniform=u), [uniform], replays=100), 1)
-    sample_kernels.ENABLED = True
+    for name, kernels in (("kernels_us", True), ("torch_us", False)):
+        sample = partial(sample_tokens, logits, params, kernels=kernels)
+        out[name] = round(_graph_us(lambda u, sample=sample: sample(uniform=u), [uniform], replays=100), 1)
     return out
 
 
@@ -280,7 +288,7 @@ GEMV_SHAPES = {  # (N, K) of batch-1 products in a decode step
 
 @torch.inference_mode()
 def gemv_sweep(configs=None) -> list[dict]:
-    """model/gemv.py's kernel against cuBLAS (F.linear) for each shape: us per product in a CUDA
+    """kernels/gemv.py's kernel against cuBLAS (F.linear) for each shape: us per product in a CUDA
     graph, cycling through copies of the weight that together exceed the L2 cache (as in a step,
     where each weight is read once); the best kernel configuration and its max |error| against a
     float32 product."""
@@ -314,14 +322,14 @@ def api_gaps(model, batch: int, variant: str, prompt=PROMPT, new=64) -> dict:
     them (what replay_ms, the graph alone back to back, does not show)."""
     from torch.profiler import ProfilerActivity, profile
 
-    compile_mode = use_variant(variant).get("compile", False)
+    options = use_variant(variant)["options"]
     params = SamplingParams(max_new_tokens=new)
     prompts = torch.randint(0, 262144, (batch, prompt)).tolist()
-    for _ in generate_steps(model, prompts, params, compile=compile_mode):
+    for _ in generate_steps(model, prompts, params, options=options):
         pass
     torch.cuda.synchronize()
     prof = profile(activities=[ProfilerActivity.CUDA])
-    for n, _ in enumerate(generate_steps(model, prompts, params, compile=compile_mode)):
+    for n, _ in enumerate(generate_steps(model, prompts, params, options=options)):
         if n == 8:  # past prefill and the first steps
             torch.cuda.synchronize()
             prof.start()
@@ -365,10 +373,10 @@ def run_g3n(model, batch: int, kw: dict, prompt=PROMPT, new=NEW, profile=False, 
         del gen  # its cache and graph memory must not count in the next peak
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        gen = Generator(model, batch, prompt + new, **kw, sample=partial(sample_tokens, p=params))
+        gen = Generator(model, batch, prompt + new, **kw, sample=sampler_for(kw["options"], params))
         start = time.perf_counter()
         logits = gen.prefill(ids, mask)
-        tok = next_tokens(logits, params)
+        tok = next_tokens(logits, params, kernels=kw["options"].sample_kernels, pdl=kw["options"].pdl)
         tok.cpu()
         ttft = time.perf_counter() - start
         start = time.perf_counter()
@@ -383,11 +391,11 @@ def run_g3n(model, batch: int, kw: dict, prompt=PROMPT, new=NEW, profile=False, 
         decode = time.perf_counter() - start
     out.update(tok_s=round(batch * (new - 2) / decode, 1), ttft_s=round(ttft, 3),
                peak_gib=round((torch.cuda.max_memory_allocated() - others) / 2**30, 2), compiled=gen.compiled,
-               kernels=engine.DECODE_KERNELS and gen.compiled)  # fmt: skip
+               kernels=gen.options.decode_kernels and gen.compiled)  # fmt: skip
     if gen.cuda_graph:
         out["replay_ms"] = replay_ms(gen)
     if profile and gen.cuda_graph:
-        out["profile"] = profile_step(gen, f"{batch}-{engine.DECODE_KERNELS}-{gemv.ENABLED}")
+        out["profile"] = profile_step(gen, f"{batch}-{gen.options.decode_kernels}-{gen.options.gemv}")
     return out
 
 

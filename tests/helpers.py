@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -277,3 +279,23 @@ def record_layer_compiles(monkeypatch) -> dict[str, list]:
              recorded(engine.step_logits, "logits"))  # fmt: skip
     monkeypatch.setattr(engine, "_compiled_parts", lambda: parts)
     return graphs
+
+
+def fake_cuda_graph(monkeypatch) -> None:
+    """Let a CPU engine built with cuda_graph=True go through its capture (the compile, its
+    fallbacks, the warm-up) as on a GPU: warm-up steps run in place of on a side stream, and the
+    "graph" runs the captured step once, at capture; replays do nothing (so steps after the first
+    return the first step's output)."""
+    from g3n.inference.engine import Generator
+
+    class Graph:
+        def replay(self):
+            pass
+
+    def warm_up(run, step, args):
+        for _ in range(2):
+            run(step, args)
+
+    monkeypatch.setattr(Generator, "_warm_up", staticmethod(warm_up))
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph: contextlib.nullcontext())

@@ -39,6 +39,50 @@ def test_help_explains(command, capsys):
             assert flag in out
 
 
+@pytest.mark.parametrize(
+    "command", [[], ["generate"], ["chat"], ["train"], ["export"], ["inspect"], ["slice"], ["slice", "search"],
+                ["serve"], ["demo"]],
+)  # fmt: skip
+def test_every_help_prints(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*command, "--help"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.startswith(" ".join(["usage: g3n", *command]))
+
+
+def test_help_subprocess():
+    r = subprocess.run([sys.executable, "-m", "g3n", "--help"], capture_output=True, text=True, check=False)
+    assert r.returncode == 0 and r.stdout.startswith("usage: g3n") and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    "add,argv,handler",
+    [
+        ("_add_generate", ["generate", "--prompt", "x"], "cmd_generate"),
+        ("_add_chat", ["chat", "--image", "a.png"], "cmd_chat"),
+        ("_add_train", ["train", "run.yaml", "--set", "lr=1e-4"], "cmd_train"),
+        ("_add_export", ["export", "--out", "out", "--format", "gguf"], "cmd_export"),
+        ("_add_inspect", ["inspect", "--no-plot"], "cmd_inspect"),
+        ("_add_slice", ["slice", "--plan", "E2B"], "cmd_slice"),
+        ("_add_slice", ["slice", "search", "--budget", "2B", "--data", "d.jsonl"], "cmd_slice_search"),
+        ("_add_serve", ["serve", "--port", "0", "--text-only"], "cmd_serve"),
+        ("_add_demo", ["demo", "--seed", "1"], "cmd_demo"),
+    ],
+)
+def test_each_subcommand_is_added_by_its_own_function(add, argv, handler):
+    """build_parser only assembles the subcommands: one function adds a subcommand's options and its
+    handler, and parses as the whole parser does."""
+    import argparse
+
+    from g3n import cli
+
+    parser = argparse.ArgumentParser(prog="g3n")
+    getattr(cli, add)(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    assert args.func is getattr(cli, handler)
+    assert vars(args) == vars(cli.build_parser().parse_args(argv))
+
+
 def test_generate_answers_on_topic(capsys):
     rc, out, _ = run_cli(
         ["generate", "--prompt", "What is the capital of France?", "--greedy", "--device", "cpu"], capsys
@@ -78,24 +122,26 @@ def test_chat_keeps_conversation_and_commands(capsys, monkeypatch):
 def test_compile_option_reaches_the_engine(capsys, monkeypatch):
     """--compile picks the decode step's compile mode (ignored on a CPU, where nothing is captured)."""
     import g3n.inference.generate as gen
+    from g3n.inference.options import CompileMode, DecodeOptions
 
     modes = []
     original = gen.Generator
 
     def spy(*args, **kw):
-        modes.append(kw.get("compile"))
+        modes.append(kw["options"].compile)
         return original(*args, **kw)
 
     monkeypatch.setattr(gen, "Generator", spy)
-    for flag, mode in (("layers", "layers"), ("step", True), ("off", False)):
+    for flag, mode in (("layers", CompileMode.LAYERS), ("step", CompileMode.STEP), ("off", CompileMode.OFF)):
         args = ["generate", "--prompt", "Hi", "--greedy", "--max-new-tokens", "3", "--device", "cpu", "--compile", flag]
         rc, out, _ = run_cli(args, capsys)
         assert rc == 0 and out.strip() and modes[-1] == mode
+    rc, out, _ = run_cli(["generate", "--prompt", "Hi", "--greedy", "--max-new-tokens", "3", "--device", "cpu"], capsys)
+    assert rc == 0 and modes[-1] == DecodeOptions().compile  # no --compile: the options' default
     from g3n.errors import G3nError
-    from g3n.inference.backends import TorchEngine
 
     with pytest.raises(G3nError, match="compile must be 'off', 'layers' or 'step', not True"):
-        TorchEngine(None, None, "tiny", compile=True)  # the Python API names the modes as the CLI does
+        DecodeOptions(compile=True)  # the Python API names the modes as the CLI does
 
 
 def test_chat_drops_a_message_that_does_not_fit_and_goes_on(capsys, monkeypatch):

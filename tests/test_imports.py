@@ -30,7 +30,9 @@ def import_graph() -> dict[str, set[str]]:
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
-                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                    base = ".".join(
+                        package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                    )
                 if base.split(".")[0] != "g3n":
                     continue
                 for alias in node.names:
@@ -76,7 +78,11 @@ def test_layers_point_one_way():
     for module in graph:
         for package, banned in FORBIDDEN.items():
             if _in(module, package):
-                wrong += [f"{module} -> {dep}" for dep in sorted(_reachable(graph, module)) if any(_in(dep, b) for b in banned)]
+                wrong += [
+                    f"{module} -> {dep}"
+                    for dep in sorted(_reachable(graph, module))
+                    if any(_in(dep, b) for b in banned)
+                ]
     assert not wrong, "imports against the layering:\n" + "\n".join(wrong)
 
 

@@ -38,4 +38,21 @@ def load(
     return model, tokenizer
 
 
-__all__ = ["G3nError", "__version__", "load"]
+# The public API beside `load`, imported on first use (so `import g3n` stays light).
+_PUBLIC = {
+    "SamplingParams": "g3n.inference.sampling",
+    "generate": "g3n.inference.generate",
+    "stream_text": "g3n.inference.generate",
+    "DecodeOptions": "g3n.inference.options",
+}
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        import importlib
+
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'g3n' has no attribute {name!r}")
+
+
+__all__ = ["DecodeOptions", "G3nError", "SamplingParams", "__version__", "generate", "load", "stream_text"]

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from g3n.errors import G3nError
+from g3n.inference.options import CompileMode, DecodeOptions
 
 DESCRIPTION = """\
 g3n runs, fine-tunes, slices and exports Google's Gemma 3n models on your own hardware.
@@ -99,12 +100,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--compile",
-        default=None,
-        choices=["off", "layers", "step"],
+        default=None,  # None: DecodeOptions' default
+        choices=[mode.value for mode in CompileMode],
         help="on a GPU, compile the decode step with torch.compile before it is captured as a CUDA graph: "
         "'layers' compiles each kind of decoder layer (a one-off 10-30 s per batch size and cache length, then "
         "3.7-4.5x the tokens/s at batch 1), 'step' the whole step as one graph (75-120 s); worth it for long "
-        "answers and servers, not one short reply (default: $G3N_COMPILE, else off; ignored on a CPU)",
+        f"answers and servers, not one short reply (default: {DecodeOptions().compile}; ignored on a CPU)",
     )
     g.add_argument(
         "--matformer",
@@ -205,13 +206,15 @@ def _print_stream(pieces) -> str:
 
 
 def _engine(args, modalities=None, **kw):
-    """g3n's engine for a checkpoint, llama.cpp for a .gguf file (chat_engine.py); towers for the
-    media given on the command line (chat loads others when /image or /audio first asks)."""
+    """g3n's engine for a checkpoint, llama.cpp for a .gguf file (inference/backends.py), decoding
+    as --compile says; towers for the media given on the command line (chat loads others when
+    /image or /audio first asks)."""
     from g3n.inference.backends import load_engine
 
     kinds = [k for k in ("image", "audio") if getattr(args, k, None)] if modalities is None else modalities
+    options = DecodeOptions() if args.compile is None else DecodeOptions(compile=args.compile)
     return load_engine(_resolve_model(args), dtype=args.dtype, device=args.device, matformer=args.matformer, modalities=kinds,
-                       load_in_4bit=args.load_in_4bit, context=args.context, compile=args.compile, **kw)  # fmt: skip
+                       load_in_4bit=args.load_in_4bit, context=args.context, options=options, **kw)  # fmt: skip
 
 
 def cmd_generate(args) -> int:
@@ -502,15 +505,7 @@ def cmd_export(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from g3n import __version__
-
-    parser = argparse.ArgumentParser(
-        prog="g3n", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--version", action="version", version=f"g3n {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
+def _add_generate(sub) -> None:
     p = sub.add_parser(
         "generate",
         help="generate a reply to one prompt, streamed to the terminal",
@@ -525,6 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
 
+
+def _add_chat(sub) -> None:
     p = sub.add_parser(
         "chat",
         help="interactive multi-turn chat",
@@ -537,6 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(p)
     p.set_defaults(func=cmd_chat)
 
+
+def _add_train(sub) -> None:
     from g3n.train.config import settings_help
 
     p = sub.add_parser(
@@ -570,6 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_train)
 
+
+def _add_export(sub) -> None:
     from g3n.export.gguf import QUANTS
 
     p = sub.add_parser(
@@ -602,6 +603,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "adapter)")  # fmt: skip
     p.set_defaults(func=cmd_export)
 
+
+def _add_inspect(sub) -> None:
     p = sub.add_parser(
         "inspect",
         help="weights' abs max per tensor group vs float16's range, with a plot",
@@ -618,6 +621,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="show every group")
     p.set_defaults(func=cmd_inspect)
 
+
+def _add_slice(sub) -> None:
+    """`g3n slice` writes a sub-model; its `search` subcommand finds which one to write."""
     p = sub.add_parser(
         "slice",
         help="cut a MatFormer sub-model (E2B, custom) out of E4B",
@@ -629,7 +635,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory for the sub-model checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_slice)
-    slice_sub = p.add_subparsers(dest="slice_command", metavar="search")
+    _add_slice_search(p.add_subparsers(dest="slice_command", metavar="search"))
+
+
+def _add_slice_search(slice_sub) -> None:
     s = slice_sub.add_parser(
         "search",
         help="find the best slice under a parameter budget",
@@ -649,6 +658,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to save the Pareto plot (PNG)")  # fmt: skip
     s.set_defaults(func=cmd_slice_search)
 
+
+def _add_serve(sub) -> None:
     p = sub.add_parser(
         "serve",
         help="an OpenAI-compatible HTTP server and chat page",
@@ -662,6 +673,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-only", action="store_true",
                    help="do not load a multimodal checkpoint's vision/audio towers (less memory; images and "
                    "audio then get a 400)")  # fmt: skip
+    _add_server_args(p)
+    p.set_defaults(func=cmd_serve)
+
+
+def _add_server_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
     g.add_argument("--port", type=_int_in(0, 65535), default=8000, help="port (8000)")
@@ -677,8 +693,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-body-mb", type=float, default=20, help="largest request body in MiB, media included (20)")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (info)")  # fmt: skip
-    p.set_defaults(func=cmd_serve)
 
+
+def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo",
         help="the whole path on the tiny model: chat, fine-tune, export, run the export",
@@ -693,6 +710,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (0)")
     p.add_argument("--out", default=None, help="keep the run and the export in this directory (default: a temp dir)")
     p.set_defaults(func=cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from g3n import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="g3n", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"g3n {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    # in the order `g3n --help` lists them
+    for add in (_add_generate, _add_chat, _add_train, _add_export, _add_inspect, _add_slice, _add_serve, _add_demo):
+        add(sub)
     return parser
 
 

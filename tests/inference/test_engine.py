@@ -10,7 +10,8 @@ import torch
 
 from g3n.inference import engine
 from g3n.inference.engine import Generator, cache_bucket
-from helpers import record_layer_compiles, teacher_forced
+from g3n.inference.options import CompileMode, DecodeOptions
+from helpers import fake_cuda_graph, record_layer_compiles, teacher_forced
 
 TOL = 1e-4
 
@@ -52,13 +53,15 @@ def test_left_padded_batch_equals_rows_alone(ours, fused):
 
 
 def test_decode_compiles_after_training_compiled_in_the_same_process():
-    """Training's compile leaves dynamo's suppress_errors on; the decode step's strict setting
-    must still let torch.compile build (on an H200, decoding after training ran uncompiled) and
-    still raise past the recompile limit instead of running uncompiled."""
+    """Training's compiled calls turn dynamo's suppress_errors on only while they run: after one
+    ran, the process's setting is unchanged, and the decode step's strict setting still lets
+    torch.compile build and still raises past the recompile limit instead of running uncompiled."""
     from g3n.train import recompute
 
-    recompute._compiled()
-    assert torch._dynamo.config.suppress_errors
+    assert torch._dynamo.config.suppress_errors is False
+    trained = recompute._in_training_settings(torch.compile(lambda x: x + 1, backend="eager"))
+    assert trained(torch.ones(2)).tolist() == [2.0, 2.0]
+    assert torch._dynamo.config.suppress_errors is False
     with engine._strict_dynamo(), torch._dynamo.config.patch(recompile_limit=1):
         double = torch.compile(lambda x: x * 2, backend="eager", dynamic=False)
         assert double(torch.ones(2)).tolist() == [2.0, 2.0]
@@ -68,25 +71,26 @@ def test_decode_compiles_after_training_compiled_in_the_same_process():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("mode", [True, "layers"])
+@pytest.mark.parametrize("mode", ["step", "layers"])
 def test_cuda_graph_and_compiled_steps_equal_eager(hf_dir, mode):
     """`mode`: the whole step compiled, or each kind of layer (compile="layers")."""
+    compiled_mode = DecodeOptions(compile=mode)
     from g3n.model.load import load_model
 
     model = load_model(hf_dir, dtype="float32", device="cuda", ple_device="cpu")
     ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(6))
     eager = teacher_forced(model, ids, prompt_len=10, cuda_graph=False)
-    graph = teacher_forced(model, ids, prompt_len=10, cuda_graph=True, compile=False)
+    graph = teacher_forced(model, ids, prompt_len=10, cuda_graph=True, options=DecodeOptions(compile="off"))
     with warnings.catch_warnings():
         warnings.filterwarnings("error", "torch.compile of the decode (step|layers) failed")  # no silent fallback
-        compiled = teacher_forced(model, ids, prompt_len=10, cuda_graph=True, compile=mode)
+        compiled = teacher_forced(model, ids, prompt_len=10, cuda_graph=True, options=compiled_mode)
     assert (eager - graph).abs().max() < 1e-4
     assert (eager - compiled).abs().max() < 1e-4
     # A second request whose token column has other strides reuses the compiled step: a
     # recompile (minutes at real sizes) would raise here, warn and fail.
     with torch._dynamo.config.patch(error_on_recompile=True), warnings.catch_warnings():
         warnings.filterwarnings("error", "torch.compile of the decode (step|layers) failed")
-        again = teacher_forced(model, ids.T.contiguous().T, prompt_len=10, cuda_graph=True, compile=mode)
+        again = teacher_forced(model, ids.T.contiguous().T, prompt_len=10, cuda_graph=True, options=compiled_mode)
     assert (again - compiled).abs().max() < 1e-4
 
 
@@ -105,7 +109,7 @@ def test_failed_compile_falls_back_to_the_uncompiled_graph(hf_dir, monkeypatch):
     ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(7))
     eager = teacher_forced(model, ids, prompt_len=10, cuda_graph=False)
     with pytest.warns(UserWarning, match="no compiler here"):
-        fallback = teacher_forced(model, ids, prompt_len=10, cuda_graph=True, compile=True)
+        fallback = teacher_forced(model, ids, prompt_len=10, cuda_graph=True, options=DecodeOptions(compile="step"))
     assert (eager - fallback).abs().max() < 1e-4
 
 
@@ -153,3 +157,70 @@ def test_per_layer_compile_shares_one_graph_per_kind_of_layer(tiny, monkeypatch)
     assert len(graphs["layer"]) <= len(kinds) == 6  # of 25 layers
     assert len(graphs["inputs"]) == len(graphs["logits"]) == 1
     assert (layered - own).abs().max() < TOL
+
+
+def _kernel_failing_compile(monkeypatch, seen: list) -> None:
+    """A compiled decode step that fails while the decode kernels are on (as a torch that cannot
+    compile them would) and otherwise decodes as the uncompiled step; `seen` gets, per call,
+    whether the kernels were on. The kernels count as usable for the model (as bf16 on a GPU)."""
+
+    def compiled_decode():
+        def step(*args):  # decode_logits' arguments: the engine's options last
+            seen.append(args[-1].decode_kernels)
+            if args[-1].decode_kernels:
+                raise RuntimeError("this compiler cannot take the decode kernels")
+            return engine.decode_logits(*args)
+
+        return step
+
+    monkeypatch.setattr(engine, "compiled_decode", compiled_decode)
+    monkeypatch.setattr(engine.decode_kernels, "usable", lambda x, cfg: True)
+
+
+def test_a_compile_failing_with_the_decode_kernels_drops_them_for_that_engine_only(ours, monkeypatch):
+    """The engine whose compile fails with the decode kernels compiles without them (a warning;
+    its own options say so) and decodes as the uncompiled step; the options it was given, and
+    the next engine, still have them, and that engine tries them again."""
+    fake_cuda_graph(monkeypatch)
+    seen = []
+    _kernel_failing_compile(monkeypatch, seen)
+    model = copy.deepcopy(ours)  # the fused decode fuses its weights (views): not on the shared fixture
+    ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(9))
+    expected = teacher_forced(model, ids, prompt_len=10, cuda_graph=False)[:, 1]  # the first decode step
+    asked = DecodeOptions(compile="step")
+    for _ in range(2):  # two engines in turn: each tries the kernels first
+        seen.clear()
+        gen = Generator(model, 1, 12, options=asked, cuda_graph=True)
+        gen.prefill(ids[:, :10], torch.ones(1, 10, dtype=torch.bool))
+        with pytest.warns(UserWarning, match="decode kernels failed to compile.*cannot take the decode kernels"):
+            got = gen.step(ids[:, 10], 10)  # warm-up (compiling) and capture
+        assert seen == [True, False, False, False]  # failed with them; warm-up x2 and capture without
+        assert gen.compiled and gen.compile is CompileMode.STEP
+        assert gen.options == DecodeOptions(compile="step", decode_kernels=False)
+        assert asked.decode_kernels  # the caller's options are not changed
+        assert (got - expected).abs().max() < TOL
+
+
+def test_a_compile_failing_without_the_kernels_decodes_uncompiled(ours, monkeypatch):
+    """A compile that fails with the decode kernels off is not theirs: the engine captures the
+    uncompiled step, with a warning."""
+    fake_cuda_graph(monkeypatch)
+    seen = []
+
+    def compiled_decode():
+        def step(*args):
+            seen.append(args[-1].decode_kernels)
+            raise RuntimeError("no compiler here")
+
+        return step
+
+    monkeypatch.setattr(engine, "compiled_decode", compiled_decode)
+    model = copy.deepcopy(ours)
+    ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(10))
+    expected = teacher_forced(model, ids, prompt_len=10, cuda_graph=False)[:, 1]
+    gen = Generator(model, 1, 12, options=DecodeOptions(compile="step", decode_kernels=False), cuda_graph=True)
+    gen.prefill(ids[:, :10], torch.ones(1, 10, dtype=torch.bool))
+    with pytest.warns(UserWarning, match="decode step failed, decoding uncompiled: RuntimeError: no compiler here"):
+        got = gen.step(ids[:, 10], 10)
+    assert seen == [False] and not gen.compiled and gen.fused is False
+    assert (got - expected).abs().max() < TOL

@@ -1,4 +1,4 @@
-"""Fused projection weights (model/fused_weights.py): one product for q/k/v/Laurel-left and one
+"""Fused projection weights (inference/fused_weights.py): one product for q/k/v/Laurel-left and one
 for gate/up in the compiled decode step, as views, so nothing is copied and nothing goes stale."""
 
 import copy

@@ -179,6 +179,114 @@ def test_streamer_holds_back_partial_utf8(tiny):
     assert all("\ufffd" not in p for p in pieces)
 
 
+class _DecodeEverything:
+    """The streamer as it was before decoding became incremental: decode every id at every token.
+    The reference for what TextStreamer must return at each step."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.printed = 0
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+            return ""
+        new, self.printed = text[self.printed :], len(text)
+        return new
+
+
+class _CountingTokenizer:
+    """A tokenizer that counts the ids it is asked to decode."""
+
+    def __init__(self, tok):
+        self.tok, self.decoded = tok, 0
+
+    def decode(self, ids, **kw):
+        self.decoded += len(ids)
+        return self.tok.decode(ids, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+def _with_normalizer(tok, **spec):
+    """The same vocabulary with other normalizer settings: a dummy prefix or removed extra
+    whitespace make SentencePiece drop the leading "▁" of a decode's first piece."""
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2
+
+    from g3n.tokenizer import Tokenizer
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(tok.sp.serialized_model_proto())
+    for key, value in spec.items():
+        setattr(proto.normalizer_spec, key, value)
+    sp = spm.SentencePieceProcessor()
+    sp.LoadFromSerializedProto(proto.SerializeToString())
+    return Tokenizer(sp, dict(tok.special))
+
+
+def _random_ids(tok, vocab_size, rng, length):
+    """Token ids that stress decoding: any id of the vocabulary, byte-fallback pieces alone (lead
+    and continuation bytes that may never form a character), pieces with a leading "▁", special
+    and turn tokens, and the ids of multi-byte text."""
+    sp = tok.sp
+    byte = [i for i in range(sp.get_piece_size()) if sp.is_byte(i)]
+    spaced = [i for i in range(sp.get_piece_size()) if sp.id_to_piece(i).startswith("▁")]
+    special = sorted(tok.id_to_special) + sorted(tok.turn_ids)
+    utf8 = [sp.piece_to_id(f"<0x{b:02X}>") for b in (0xE6, 0x97, 0xA5, 0xF0, 0x9F, 0x99, 0x82, 0xC3, 0xA9, 0x41)]
+    texts = ["é", "日本", "🙂", "👍🏽 ok", "naïve café", "日本語です", " a  b ", "\ufffd"]
+    pools = [range(vocab_size), byte, spaced, special, utf8]
+    ids: list[int] = []
+    while len(ids) < length:
+        if rng.random() < 0.25:
+            ids += tok.encode(rng.choice(texts), add_bos=False)
+        else:
+            ids.append(rng.choice(rng.choice(pools)))
+    return ids[:length]
+
+
+@pytest.mark.parametrize("normalizer", [{}, {"add_dummy_prefix": True}, {"remove_extra_whitespaces": True}])
+def test_streamer_returns_what_decoding_everything_returns(tiny, normalizer):
+    """At every token the same piece as decoding all ids so far; together, the decode of the reply."""
+    import random
+
+    model, tok = tiny
+    tok = _with_normalizer(tok, **normalizer) if normalizer else tok
+    rng = random.Random(0)
+    for _ in range(300):
+        ids = _random_ids(tok, model.config.vocab_size, rng, rng.randint(1, 40))
+        reference, streamer = _DecodeEverything(tok), TextStreamer(tok)
+        expected = [reference.push(i) for i in ids]
+        pieces = [streamer.push(i) for i in ids]
+        assert pieces == expected, ids
+        if not tok.decode(ids).endswith("\ufffd"):
+            assert "".join(pieces) == tok.decode(ids)
+
+
+@pytest.mark.parametrize("specials", [0, 400])
+def test_streamer_decodes_each_id_a_few_times(tiny, specials):
+    """A long reply costs linear decoding work: the server streams on one worker thread. Also with
+    runs of special tokens (no text) in it."""
+    import random
+
+    _, tok = tiny
+    rng = random.Random(0)
+    words = ["The", " quick", " fox", " café", " 日本語", " 🙂🙂", " naïve", "\n", " über", " 👍🏽", "!"]
+    ids: list[int] = []
+    while len(ids) < 2000:  # whole words, so the reply ends on a whole character
+        ids += tok.encode(rng.choice(words), add_bos=False)
+        if specials and rng.random() < 0.01:
+            ids += [tok.start_of_turn_id] * specials
+    counting = _CountingTokenizer(tok)
+    streamer = TextStreamer(counting)
+    text = "".join(streamer.push(i) for i in ids)
+    assert text == tok.decode(ids)
+    assert counting.decoded < 20 * len(ids)
+
+
 def test_prompt_too_long(tiny):
     model, _tok = tiny
     limit = model.config.max_position_embeddings

@@ -1,5 +1,5 @@
 """g3n's Triton kernels compiled for a real GPU (the CPU suite runs them through Triton's
-interpreter, tests/test_decode_kernels.py): batch-1 products, top-k sampling, and a bfloat16
+interpreter, tests/kernels/test_decode_kernels.py): batch-1 products, top-k sampling, and a bfloat16
 decode through all of them against the same decode through cuBLAS and torch.topk."""
 
 import copy
@@ -41,27 +41,22 @@ def test_cuda_sampling_kernels_draw_what_torch_draws():
             uniform = torch.rand(4, device="cuda", generator=g)
             assert sample_kernels.usable(logits, params.top_k)
             fast = sample_tokens(logits, params, uniform=uniform)
-            sample_kernels.ENABLED = False
-            try:
-                slow = sample_tokens(logits, params, uniform=uniform)
-            finally:
-                sample_kernels.ENABLED = True
+            slow = sample_tokens(logits, params, uniform=uniform, kernels=False)
             assert torch.equal(fast, slow)
 
 
-def test_cuda_bfloat16_decode_through_the_kernels_matches_cublas(monkeypatch):
+def test_cuda_bfloat16_decode_through_the_kernels_matches_cublas():
     """The compiled bfloat16 decode (decode kernels, batch-1 products, PDL) gives the logits of
     the same decode with the products on cuBLAS, as close to the float32 model's."""
     import g3n
-    from g3n.kernels import gemv
+    from g3n.inference.options import DecodeOptions
     from helpers import teacher_forced
 
     model, _ = g3n.load("tiny", dtype="bfloat16", device="cuda")
     f32 = copy.deepcopy(model).float()
     ids = torch.randint(0, 700, (1, 16), generator=torch.Generator().manual_seed(2))
-    kernels = teacher_forced(model, ids, 10, compile="layers").float()
-    monkeypatch.setattr(gemv, "ENABLED", False)
-    cublas = teacher_forced(model, ids, 10, compile="layers").float()
+    kernels = teacher_forced(model, ids, 10, options=DecodeOptions(compile="layers")).float()
+    cublas = teacher_forced(model, ids, 10, options=DecodeOptions(compile="layers", gemv=False)).float()
     reference = teacher_forced(f32, ids, 10, cuda_graph=False).float()
     err = (kernels - reference).abs().max().item()
     assert err <= 1.25 * (cublas - reference).abs().max().item() + 1e-3

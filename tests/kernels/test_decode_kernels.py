@@ -1,6 +1,7 @@
-"""g3n's Triton kernels: the decode step's (model/decode_kernels.py) and top-k sampling's
-(sample_kernels.py) and batch-1 products' (model/gemv.py), run on the CPU by Triton's interpreter: this module runs itself again in a subprocess with TRITON_INTERPRET=1 (Triton reads
-it when kernels are defined), where the real tests are collected."""
+"""g3n's Triton kernels: the decode step's (kernels/decode.py), top-k sampling's
+(kernels/sampling.py) and batch-1 products' (kernels/gemv.py), and the engine's options choosing
+them, run on the CPU by Triton's interpreter: this module runs itself again in a subprocess with
+TRITON_INTERPRET=1 (Triton reads it when kernels are defined), where the real tests are collected."""
 
 import os
 import subprocess
@@ -20,13 +21,15 @@ if os.environ.get("TRITON_INTERPRET") != "1":
             env=env, capture_output=True, text=True, timeout=1200, check=False,
         )  # fmt: skip
         assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
-        assert "10 passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
+        assert "12 passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
 
 else:
     import copy
 
     import g3n
-    from g3n.inference import engine
+    from g3n.inference.engine import Generator
+    from g3n.inference.generate import generate_steps
+    from g3n.inference.options import DecodeOptions
     from g3n.inference.sampling import SamplingParams, candidate_probs, draw, sample_tokens
     from g3n.kernels import decode as decode_kernels
     from g3n.kernels import gemv
@@ -100,15 +103,13 @@ else:
         close to the float32 model's), and the kernels did run."""
         model, f32 = bf16_and_f32
         ids = torch.randint(0, 700, (1, 13), generator=torch.Generator().manual_seed(3))
-        monkeypatch.setattr(engine, "DECODE_KERNELS", False)
-        plain = _teacher_forced(model, ids, 10, fused=True)
+        plain = _teacher_forced(model, ids, 10, fused=True, options=DecodeOptions(decode_kernels=False))
         reference = _teacher_forced(f32, ids, 10, fused=False)
         calls = []
         for name in ("predict_and_norm", "attend"):
             kernel = getattr(decode_kernels, name)
             monkeypatch.setattr(decode_kernels, name, lambda *a, k=kernel, n=name: calls.append(n) or k(*a))
-        monkeypatch.setattr(engine, "DECODE_KERNELS", True)
-        kernels = _teacher_forced(model, ids, 10, fused=True)
+        kernels = _teacher_forced(model, ids, 10, fused=True)  # DecodeOptions' default: the kernels on
         for name in ("predict_and_norm", "attend"):
             assert calls.count(name) == 3 * len(model.model.layers)  # 3 decode steps
         assert _err(kernels, reference) <= 1.25 * _err(plain, reference) + 1e-3
@@ -119,7 +120,6 @@ else:
         kind of layer holds them, and the compiled step decodes as the uncompiled one."""
         model, _ = bf16_and_f32
         graphs = record_layer_compiles(monkeypatch)
-        monkeypatch.setattr(engine, "DECODE_KERNELS", True)
         ids = torch.randint(0, 700, (1, 12), generator=torch.Generator().manual_seed(4))
         with torch._dynamo.config.patch(recompile_limit=64):
             layered = _teacher_forced(model, ids, 10, fused="layers")
@@ -139,7 +139,7 @@ else:
     )
     def test_top_k_sampling_kernels_draw_what_the_torch_path_draws(params, monkeypatch):
         """sample_tokens through the kernels (several rounds of block top-k, then the sampling
-        program) picks, at the same uniform numbers, the token generate.py's torch.topk path
+        program) picks, at the same uniform numbers, the token inference/sampling.py's torch.topk path
         picks: top-k, top-p, min-p, temperature and the repetition penalty all applied alike."""
         monkeypatch.setattr(sample_kernels, "BLOCK", 256)  # 12 blocks, then two rounds of candidates
         monkeypatch.setattr(sample_kernels, "FINAL", 256)
@@ -155,6 +155,50 @@ else:
             expected = ids.gather(-1, draw(probs, uniform)).squeeze(-1)
             assert torch.equal(sample_tokens(logits, params, seen, uniform), expected)
         assert len(calls) == 3
+
+    def test_two_engines_over_one_model_decode_with_their_own_kernels(bf16_and_f32, monkeypatch):
+        """Two engines over one bfloat16 model, their steps interleaved: the one with the decode
+        kernels and the batch-1 product kernel on runs them, the one with both off runs neither
+        (PyTorch and F.linear), and each decodes as it does alone."""
+        model, _ = bf16_and_f32
+        model = copy.deepcopy(model)  # the fused decode fuses its weights (views)
+        calls = []
+        for module, name in ((decode_kernels, "predict_and_norm"), (decode_kernels, "attend"), (gemv, "gemv")):
+            kernel = getattr(module, name)
+            monkeypatch.setattr(module, name, lambda *a, k=kernel, n=name, **kw: calls.append(n) or k(*a, **kw))
+        ids = torch.randint(0, 700, (1, 13), generator=torch.Generator().manual_seed(6))
+        choices = {"on": DecodeOptions(), "off": DecodeOptions(decode_kernels=False, gemv=False)}
+        alone = {c: _teacher_forced(model, ids, 10, fused=True, options=o) for c, o in choices.items()}
+        engines = {c: Generator(model, 1, 13, options=o, cuda_graph=False, fused=True) for c, o in choices.items()}
+        for gen in engines.values():
+            gen.prefill(ids[:, :10], torch.ones(1, 10, dtype=torch.bool))
+        layers = len(model.model.layers)
+        for pos in range(10, 13):
+            for choice, gen in engines.items():
+                calls.clear()
+                logits = gen.step(ids[:, pos], pos).float()
+                assert torch.equal(logits, alone[choice][:, pos - 9])
+                if choice == "on":
+                    assert calls.count("predict_and_norm") == calls.count("attend") == layers
+                    assert calls.count("gemv") > layers  # every batch-1 product
+                else:
+                    assert not calls
+
+    def test_sampling_through_the_kernels_or_not_as_the_options_say(monkeypatch):
+        """generate_steps draws through the sampling kernels by default and through the torch.topk
+        path with sample_kernels off: the same tokens at the same seed (the kernels draw what the
+        torch path draws), the kernels run only in the first."""
+        model, tok = g3n.load("tiny", dtype="float32")  # float32 logits: no ties for the two paths to order apart
+        calls = []
+        real = sample_kernels.sample_top_k
+        monkeypatch.setattr(sample_kernels, "sample_top_k", lambda *a: calls.append(1) or real(*a))
+        prompt = tok.encode_chat([{"role": "user", "content": "Hi"}])
+        params = SamplingParams(seed=4, max_new_tokens=4, temperature=0.8)
+        with_kernels = list(generate_steps(model, [prompt], params))
+        assert len(calls) == len(with_kernels) == 4
+        calls.clear()
+        without = list(generate_steps(model, [prompt], params, options=DecodeOptions(sample_kernels=False)))
+        assert not calls and without == with_kernels
 
     def test_batch_one_products_equal_float32_products_rounded():
         """gemv (the kernel for one token row) gives F.linear's float32 sums rounded to bfloat16,
@@ -172,7 +216,7 @@ else:
         linear = torch.nn.Linear(128, 40, bias=False).bfloat16()
         calls = []
         real = gemv.gemv
-        gemv_spy = lambda *a: calls.append(1) or real(*a)
+        gemv_spy = lambda *a, **kw: calls.append(1) or real(*a, **kw)
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(gemv, "gemv", gemv_spy)
             with torch.no_grad():

@@ -145,6 +145,40 @@ def test_micro_batches_weigh_every_token_of_a_step_alike(data, tmp_path):
     _close(_steps(split), _steps(whole))
 
 
+DROPOUT_SCRIPT = """
+import json, os, sys, torch
+from g3n.cli import main
+draws, dropout = [], torch.nn.Dropout.forward
+def forward(self, x):
+    y = dropout(self, x)
+    if self.training and self.p > 0:
+        draws.append(((y == 0) & (x != 0)).flatten()[:512].tolist())
+    return y
+torch.nn.Dropout.forward = forward
+code = main(["train", {config!r}])
+with open({folder!r} + f"/draws-{{os.environ['RANK']}}.json", "w") as f:
+    json.dump(draws, f)
+sys.exit(code)
+"""
+
+
+def test_each_process_draws_dropout_masks_of_its_own(data, tmp_path):
+    """LoRA dropout on two processes: the masks each process draws (the first 512 of each call's,
+    over rows of both processes' lengths) differ between the processes, as they would within one
+    process's batch; one step, no eval."""
+    settings = _settings(data, tmp_path / "run", max_steps=1, save_steps=1, eval_data=[], eval_fraction=0,
+                         lora_dropout=0.3)  # fmt: skip
+    (tmp_path / "config.yaml").write_text(json.dumps(settings))
+    script = tmp_path / "dropout.py"
+    script.write_text(DROPOUT_SCRIPT.format(config=str(tmp_path / "config.yaml"), folder=str(tmp_path)))
+    run = _torchrun(tmp_path, None, script=str(script))
+    assert run.returncode == 0, run.stderr[-3000:]
+    first, second = (json.loads((tmp_path / f"draws-{rank}.json").read_text()) for rank in (0, 1))
+    assert len(first) == len(second) > 0 and any(any(mask) for mask in first)
+    same = [a == b[: len(a)] or b == a[: len(b)] for a, b in zip(first, second, strict=True)]
+    assert not any(same), f"{sum(same)} of {len(same)} dropout calls drew the same mask on both processes"
+
+
 def test_settings_that_differ_between_processes_stop_both_with_one_message(data, tmp_path):
     settings = _settings(data, tmp_path / "run")
     (tmp_path / "config.yaml").write_text(json.dumps(settings))

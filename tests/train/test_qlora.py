@@ -198,10 +198,11 @@ def test_adapter_runs_beside_4bit_weights(tmp_path):
 
 def test_compiled_decode_is_skipped_for_4bit(tiny4):
     from g3n.inference.engine import Generator
+    from g3n.inference.options import CompileMode, DecodeOptions
 
     with pytest.warns(UserWarning, match="4-bit weights decode through the uncompiled CUDA graph"):
-        gen = Generator(tiny4[0], batch=1, max_len=16, compile=True)
-    assert not gen.compile
+        gen = Generator(tiny4[0], batch=1, max_len=16, options=DecodeOptions(compile="step"))
+    assert gen.compile is CompileMode.OFF
 
 
 def test_compiled_training_layers_run_4bit(monkeypatch):

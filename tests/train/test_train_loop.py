@@ -5,6 +5,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 pytest.importorskip("peft")
 
@@ -42,6 +43,54 @@ def test_resume_continues_the_same_curve(dataset, tmp_path):
     assert [h["step"] for h in resumed] == [0, 1, 2, 3, 4, 5, 6]
     assert [h.get("loss") for h in resumed] == [h.get("loss") for h in whole]
     assert resumed[-1]["eval_loss"] == whole[-1]["eval_loss"]
+
+
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+)
+def test_resume_with_lora_dropout_continues_the_same_curve(dataset, tmp_path, device):
+    """LoRA dropout draws its masks on the run's device (on CUDA from the GPU's generator): a
+    resumed run draws the masks the uninterrupted one drew, so it reaches the same losses. Other
+    masks from step 4 on move the losses by about 1%; the GPU may sum in another order from run
+    to run, hence its tolerance."""
+    kw = {"device": device, "dtype": "float32", "compile": False, "lora_dropout": 0.5, "learning_rate": 1e-2}
+    whole = train(_cfg(dataset, tmp_path / "a", **kw), progress=False)
+    cfg = _cfg(dataset, tmp_path / "b", **kw)
+    train(cfg, progress=False, stop_after=4)  # killed after step 4; last checkpoint at 3
+    resumed = train(cfg, resume=True, progress=False)
+    assert [h["step"] for h in resumed] == [h["step"] for h in whole] == list(range(7))
+    rel = 0 if device == "cpu" else 1e-5
+    losses = [[h.get("loss", h.get("eval_loss")) for h in run] + [run[-1]["eval_loss"]] for run in (whole, resumed)]
+    assert losses[1] == pytest.approx(losses[0], rel=rel, abs=0)
+    without = train(_cfg(dataset, tmp_path / "c", **{**kw, "lora_dropout": 0.0}), progress=False)
+    assert [h.get("loss") for h in without] != [h.get("loss") for h in whole]  # the masks change the losses
+
+
+def test_a_steps_random_numbers_come_from_seed_rank_and_step():
+    """What a step draws (dropout masks) depends on the seed, the process and the step alone, so
+    processes drop different inputs and a resumed step draws what it drew before."""
+    from g3n.train.loop import seed_step
+
+    def mask(seed, rank, step):
+        seed_step(seed, rank, step)
+        torch.rand(7)  # whatever was drawn before in the step
+        seed_step(seed, rank, step)
+        return torch.nn.functional.dropout(torch.ones(256), 0.5) == 0
+
+    assert torch.equal(mask(0, 1, 3), mask(0, 1, 3))
+    others = [mask(0, 0, 3), mask(0, 1, 4), mask(1, 1, 3)]
+    assert all(not torch.equal(mask(0, 1, 3), m) for m in others)
+
+
+def test_data_orders_of_different_seeds_and_epochs_differ():
+    """Every (seed, epoch) pair has an order of its own: seed 1's held-out split (epoch -1) is not
+    seed 0's epoch 999, as it is under an arithmetic mix such as seed * 1000 + epoch."""
+    from g3n.train.loop import epoch_order, stream_seed
+
+    assert epoch_order(64, 1, -1) != epoch_order(64, 0, 999)
+    assert epoch_order(64, 1, -1) == epoch_order(64, 1, -1)
+    keys = [(seed, epoch) for seed in range(-2, 4) for epoch in range(-1, 2000)]
+    assert len({stream_seed("data order", *key) for key in keys}) == len(keys)
 
 
 def test_fused_lora_mlp_follows_the_same_curve(dataset, tmp_path, monkeypatch):

@@ -1,0 +1,1 @@
+"""Checkpoints on disk: what --model names, reading tensors by name, writing HF checkpoints, atomic writes, inspection."""

@@ -3,7 +3,7 @@
 `export_hf`: the base model with a LoRA adapter folded in (or unchanged), written as an HF
 checkpoint (config.json, model.safetensors, tokenizer files) that transformers and `g3n` load. It
 holds the text decoder (`Gemma3nForCausalLM`); a multimodal parent's vision and audio towers are
-not copied. GGUF and Ollama exports live in gguf_export.py.
+not copied. GGUF and Ollama exports live in export/gguf.py and export/ollama.py.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from g3n.errors import G3nError
+from g3n.inference.options import CompileMode, DecodeOptions
 from g3n.inference.sampling import SamplingParams
 
 
@@ -36,15 +37,14 @@ def _say(msg: str) -> None:
 
 
 class TorchEngine:
-    """g3n's own model and tokenizer; with a multimodal checkpoint, its vision/audio towers."""
+    """g3n's own model and tokenizer; with a multimodal checkpoint, its vision/audio towers.
+    `options`: how its engine decodes (DecodeOptions, e.g. --compile; default DecodeOptions())."""
 
     def __init__(self, model, tokenizer, name: str, max_batch: int = 8, model_dir=None, lazy_towers: bool = False,
-                 compile=None):  # fmt: skip
-        # --compile: off / layers / step, as engine.Generator's compile (None: $G3N_COMPILE)
-        modes = {None: None, "off": False, "layers": "layers", "step": True}
-        if compile not in modes:
-            raise G3nError(f"compile must be 'off', 'layers' or 'step', not {compile!r}")
-        self.compile = modes[compile]
+                 options: DecodeOptions | None = None):  # fmt: skip
+        self.options = DecodeOptions() if options is None else options
+        if not isinstance(self.options, DecodeOptions):
+            raise G3nError(f"options must be a DecodeOptions, not {self.options!r}")
         self.model, self.tok, self.name, self.max_batch = model, tokenizer, name, max_batch
         self.context_length = model.config.max_position_embeddings
         self.model_dir, self.lazy_towers, self.processor = model_dir, lazy_towers, None
@@ -82,7 +82,7 @@ class TorchEngine:
     def stream(self, ids: list[int], params: SamplingParams, media: dict | None = None) -> Iterator[str]:
         from g3n.inference import generate  # looked up per call, so tests can wrap generate.stream_text
 
-        return generate.stream_text(self.model, self.tok, ids, params, media, compile=self.compile)
+        return generate.stream_text(self.model, self.tok, ids, params, media, options=self.options)
 
     def run_batch(self, prompts, params, stopped: Callable[[int], bool] | None = None, media=None) -> Iterator[Piece]:
         """`media`: one batch-wide media dict (media.py's tensors for the prompts in order) or None."""
@@ -91,7 +91,7 @@ class TorchEngine:
         streamers = [TextStreamer(self.tok) for _ in prompts]
         limits = [min(p.max_new_tokens, self.context_length - len(x)) for p, x in zip(params, prompts)]
         stops = self.tok.stop_ids
-        steps = generate_rows(self.model, prompts, params, stops, self.tok.pad_id, stopped, media, self.compile)
+        steps = generate_rows(self.model, prompts, params, stops, self.tok.pad_id, stopped, media, self.options)
         for step, tokens in enumerate(steps):
             for row, tok in enumerate(tokens):
                 if tok is None:
@@ -178,14 +178,14 @@ def model_name(model: str) -> str:
 
 def load_engine(model: str = "tiny", dtype="auto", device=None, matformer=None, adapter=None, max_batch: int = 8,
                 modalities=(), lazy_towers: bool = True, load_in_4bit: bool = False, context: int | None = None,
-                compile=None):  # fmt: skip
+                options: DecodeOptions | None = None):  # fmt: skip
     """Open MODEL (checkpoint directory, cached HF id, 'tiny' or .gguf file) as an engine.
 
     modalities: towers to load now ("image", "audio"), or "all" for every tower the checkpoint has;
     lazy_towers: load others when their input first appears (the CLI; not the server);
     load_in_4bit: NF4 attention/MLP weights, the per-layer table in CPU memory; an adapter then
-    runs beside them, unmerged; context: llama.cpp's context for a GGUF file (gguf_runner.py);
-    compile: "off", "layers" or "step" (--compile; None: $G3N_COMPILE), g3n's engine only."""
+    runs beside them, unmerged; context: llama.cpp's context for a GGUF file (inference/llama_cpp.py);
+    options: how g3n's engine decodes (DecodeOptions: --compile and the kernels), g3n's engine only."""
     start = time.perf_counter()
     name = model_name(model)
     if str(model).lower().endswith(".gguf"):
@@ -199,7 +199,7 @@ def load_engine(model: str = "tiny", dtype="auto", device=None, matformer=None, 
         if load_in_4bit:
             raise G3nError("--load-in-4bit quantizes a checkpoint; a GGUF file has its own quantization "
                            "(g3n export --format gguf --quant)")  # fmt: skip
-        if compile not in (None, "off"):
+        if options is not None and options.compile is not CompileMode.OFF:
             raise G3nError("--compile compiles g3n's decode step; a GGUF file runs in llama.cpp")
         engine = GGUFEngine(model, name, context)
         _say(f"[g3n] loaded {model} with llama.cpp in {time.perf_counter() - start:.1f}s")
@@ -240,4 +240,4 @@ def load_engine(model: str = "tiny", dtype="auto", device=None, matformer=None, 
             extra += f", adapter {adapter} merged"
     _say(f"[g3n] loaded {model} ({m.config.num_hidden_layers} layers{extra}, {m.dtype}, {m.device})"
          f" in {time.perf_counter() - start:.1f}s")  # fmt: skip
-    return TorchEngine(m.eval(), tok, name, max_batch, model_dir, lazy_towers, compile)
+    return TorchEngine(m.eval(), tok, name, max_batch, model_dir, lazy_towers, options)

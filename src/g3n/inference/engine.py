@@ -12,27 +12,29 @@ that a CUDA graph can replay.
   GPU, or from the table in CPU memory, page-locked in place and read by the GPU over the bus
   (`model/ple_table.py`: only the current tokens' rows move, with no host round trip per token; if the
   table cannot be page-locked, the rows are gathered on the host before each replay).
-- Optionally the step is compiled with torch.compile before it is captured, through
-  `decode_layer_cached` (inductor fuses the ~160 small kernels of a layer: norms, AltUp, casts,
-  attention; q/k/v/Laurel-left and gate/up run as one product each, `model/fused_weights.py`,
-  unless G3N_FUSE_WEIGHTS=0; kernels use programmatic dependent launch where torch has it).
-  `compile="layers"` / G3N_COMPILE=layers compiles `decode_layer_cached` once per kind of layer
-  (6 graphs for E2B and E4B), and the step's inputs (`step_inputs`) and logits (`step_logits`)
-  once each; the graph runs them in turn. `compile=True` / G3N_COMPILE=1 compiles the whole step
-  as one graph (75-120 s). Compiling pays off only after some thousands of tokens, so it is off
-  by default (for servers and long runs). If compiling fails the uncompiled step is captured
+- What the engine does is set by its DecodeOptions (inference/options.py), passed to `Generator`
+  and from it down to the kernels; two engines in one process may decode differently.
+- Optionally (DecodeOptions.compile) the step is compiled with torch.compile before it is
+  captured, through `decode_layer_cached` (inductor fuses the ~160 small kernels of a layer:
+  norms, AltUp, casts, attention; q/k/v/Laurel-left and gate/up run as one product each,
+  `inference/fused_weights.py`, unless fuse_weights is off; inductor's kernels use programmatic
+  dependent launch where torch has it). "layers" compiles `decode_layer_cached` once per kind of
+  layer (6 graphs for E2B and E4B), and the step's inputs (`step_inputs`) and logits
+  (`step_logits`) once each; the graph runs them in turn. "step" compiles the whole step as one
+  graph (the longest compile). Compiling pays off only after some thousands of tokens, so it is
+  off by default (for servers and long runs). If compiling fails the uncompiled step is captured
   instead and a warning says why. A model with 4-bit weights (bitsandbytes) is not compiled.
-- In a compiled bfloat16 step on CUDA, hand-written Triton kernels (`model/decode_kernels.py`,
-  G3N_DECODE_KERNELS=0 turns them off) run AltUp's chains of tiny reductions (3 kernels a layer
-  instead of 11) and attention as flash decoding; if they fail to compile, the step compiles
-  without them, with a warning. Every batch-1 bfloat16 product on CUDA, compiled or not, runs
-  as `model/gemv.py`'s kernel (G3N_GEMV=0: cuBLAS), and sampling as `sample_kernels.py`'s; g3n's
-  Triton kernels launch with programmatic dependent launch (`triton_common.py`). (Inductor's
-  coordinate-descent tuning of its own batch-1 products, once 10% faster, was slower than that
-  kernel, 411 against 423 tokens/s for E2B, for 45-150 s of compiling, and is gone.)
-- On an H200 at batch 1 (docs/benchmarks.md, eighth session): uncompiled E2B 94 tokens/s, E4B 77;
-  per-layer compile 424 and 282 (4.9 and 8.9 GiB). At batch 8: 2489 and 1764.
-- `sample` (generate.py's sampling) runs at the end of the captured step, so a token costs one
+- In a compiled bfloat16 step on CUDA, hand-written Triton kernels (`kernels/decode.py`, unless
+  decode_kernels is off) run AltUp's chains of tiny reductions (3 kernels a layer instead of 11)
+  and attention as flash decoding; if the step fails to compile with them, this engine compiles
+  it without them (its options say so from then on), with a warning; the next engine tries them
+  again. Every batch-1 bfloat16 product on CUDA, compiled or not, runs as `kernels/gemv.py`'s
+  kernel (unless gemv is off: cuBLAS; the choice reaches the model's own layers through
+  `gemv.routed`, entered around the engine's calls into the model), and top-k sampling as
+  `kernels/sampling.py`'s (sample_kernels); g3n's Triton kernels launch with programmatic
+  dependent launch (`kernels/common.py`, pdl). Inductor's coordinate-descent tuning of its own
+  batch-1 products stays off: the gemv kernel beats what it finds, without its minutes of tuning.
+- `sample` (inference/sampling.py's sampling) runs at the end of the captured step, so a token costs one
   graph replay and no sampling kernels launched from Python.
 - Compiled code is specialised to the cache's shapes, so with compiling on the cache length is
   rounded up to a power of two (at least 1024, at most the context): one compile serves every
@@ -42,7 +44,7 @@ that a CUDA graph can replay.
 from __future__ import annotations
 
 import contextlib
-import os
+import dataclasses
 import warnings
 from functools import partial
 
@@ -51,13 +53,15 @@ import torch._inductor.config
 
 from g3n.config import FULL, SLIDING, TextConfig
 from g3n.inference import fused_weights
+from g3n.inference.options import CompileMode, DecodeOptions
 from g3n.kernels import decode as decode_kernels
 from g3n.kernels import gemv
 from g3n.model.ple_table import device_view
 from g3n.model.quant import is_4bit
 from g3n.model.text import apply_rope, build_mask
 
-PREFILL_CHUNK = 512  # tokens a prefill pass: at 1024, E4B with a 4K context peaked at 9.03 GiB
+PREFILL_CHUNK = 512  # tokens a prefill pass: its activations set prefill's memory peak
+DEFAULTS = DecodeOptions()
 
 
 class StaticCache:
@@ -80,18 +84,18 @@ class StaticCache:
         return real & (key_index >= 0)[None]
 
 
-def _attend(attn, q, cos, sin, k, v, mask, kernel=False):
+def _attend(attn, q, cos, sin, k, v, mask, kernel=False, pdl=True):
     """Attention.forward for one query position, from its q projection, as float32 broadcast sums:
     the query heads that share a K/V head are grouped (no K/V copy per head), and a compiler turns
-    scores, softmax and the weighted sum into a few reductions that read the cache once (in a
-    compiled E2B step on an H200, cuDNN's attention kernel took 36 us per layer, a quarter of the
-    step's GPU time). `kernel`: the same in float32 as flash decoding (model/decode_kernels.py),
-    each split of the keys one program, instead of reductions over all keys at once."""
+    scores, softmax and the weighted sum into a few reductions that read the cache once (cuDNN's
+    attention kernel, made for many queries, is a large share of a compiled step's GPU time).
+    `kernel`: the same in float32 as flash decoding (kernels/decode.py), each split of the keys
+    one program, instead of reductions over all keys at once; `pdl`: its launches'."""
     batch, group, dtype = q.shape[0], attn.n_heads // attn.n_kv_heads, q.dtype
     q = apply_rope(attn.q_norm(q.view(batch, 1, -1, attn.head_dim)), cos, sin)
     q = q.reshape(batch, attn.n_kv_heads, group, 1, attn.head_dim)
     if kernel:
-        out = decode_kernels.attend(q.squeeze(3), k, v, mask.reshape(batch, -1))  # in q's dtype
+        out = decode_kernels.attend(q.squeeze(3), k, v, mask.reshape(batch, -1), pdl)  # in q's dtype
     else:
         scores = (q.float() * k[:, :, None].float()).sum(-1)  # (batch, kv_heads, group, keys); scaling 1.0
         probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
@@ -99,7 +103,7 @@ def _attend(attn, q, cos, sin, k, v, mask, kernel=False):
     return gemv.project(attn.o_proj, out.to(dtype).reshape(batch, 1, -1))
 
 
-def decode_layer_cached(layer, streams, per_layer_input, cos, sin, kbuf, vbuf, slots, mask):
+def decode_layer_cached(layer, streams, per_layer_input, cos, sin, kbuf, vbuf, slots, mask, options=DEFAULTS):
     """DecoderLayer.forward for one new token per row, reading and writing the cache's buffers
     directly: a K/V-computing layer writes its new K/V at `slots` of `kbuf`/`vbuf` and attends to
     them, a KV-shared layer attends to its source's. Its attention is float32 broadcast sums
@@ -108,25 +112,30 @@ def decode_layer_cached(layer, streams, per_layer_input, cos, sin, kbuf, vbuf, s
     fusable kernels for a compiled decode step (tests compare it with the layer itself and with
     transformers). Eagerly the broadcasts would be materialised, so uncompiled decoding keeps the
     model's own layers. Nothing here depends on the layer's index, so one compiled function serves
-    every layer of the same kind (the per-layer compile, `compile="layers"`)."""
+    every layer of the same kind (the per-layer compile, CompileMode.LAYERS). `options`: the
+    engine's DecodeOptions: the decode kernels, fused weights, and gemv/PDL for the fused products
+    and the kernels (the layer's other products follow `gemv.routed`, which the engine enters
+    around its calls); compiled code is guarded on them."""
     attn = layer.self_attn
-    kernels = DECODE_KERNELS and decode_kernels.usable(streams, layer.cfg)
+    pdl, fuse, gemv_kernel = options.pdl, options.fuse_weights, options.gemv
+    kernels = options.decode_kernels and decode_kernels.usable(streams, layer.cfg)
     if kernels:
-        predictions, normed = decode_kernels.predict_and_norm(layer, streams)
+        predictions, normed = decode_kernels.predict_and_norm(layer, streams, pdl)
     else:
         predictions = layer.altup.predict(streams)
         normed = layer.input_layernorm(predictions[layer.cfg.altup_active_idx])
-    q, k, v, left = fused_weights.in_projections(layer, normed)
+    q, k, v, left = fused_weights.in_projections(layer, normed, fuse, gemv_kernel, pdl)
     if not attn.kv_shared:
         k, v = attn.finish_kv(k, v, cos, sin)
         kbuf.index_copy_(2, slots, k)
         vbuf.index_copy_(2, slots, v)
-    out = _attend(attn, q, cos, sin, kbuf, vbuf, mask, DECODE_KERNELS and decode_kernels.attention_usable(q, layer.cfg))
+    attend_kernel = options.decode_kernels and decode_kernels.attention_usable(q, layer.cfg)
+    out = _attend(attn, q, cos, sin, kbuf, vbuf, mask, attend_kernel, pdl)
     mlp = layer.mlp
-    end = partial(decode_kernels.decode_end, layer) if kernels else layer.end
+    end = partial(decode_kernels.decode_end, layer, pdl=pdl) if kernels else layer.end
     return end(
         predictions, out, layer.laurel.finish(normed, left), per_layer_input,
-        mlp=lambda x: mlp.finish(*fused_weights.gate_up(mlp, x)),
+        mlp=lambda x: mlp.finish(*fused_weights.gate_up(mlp, x, fuse, gemv_kernel, pdl)),
     )  # fmt: skip
 
 
@@ -195,43 +204,39 @@ def step_logits(model, streams: torch.Tensor) -> torch.Tensor:
     return model.logits(model.model.final_hidden(streams)[:, -1])
 
 
-def decode_logits(model, cache: StaticCache, tokens, ple_rows, index, fused=False) -> torch.Tensor:
+def decode_logits(model, cache: StaticCache, tokens, ple_rows, index, fused=False, options=DEFAULTS) -> torch.Tensor:
     """One decode step's logits (batch, vocab): what the CUDA graph captures and torch.compile fuses.
     `fused`: through `decode_layer_cached` (True), or that compiled once per kind of layer and the
-    step's inputs and logits compiled each ("layers"); False: the model's own layers."""
+    step's inputs and logits compiled each (CompileMode.LAYERS); False: the model's own layers.
+    `options`: the engine's DecodeOptions, for `decode_layer_cached`."""
     if not fused:
         return model.logits(forward_cached(model, cache, tokens, index, ple_rows)[:, -1])
     inputs, run_layer, logits = (
-        _compiled_parts() if fused == "layers" else (step_inputs, decode_layer_cached, step_logits)
+        _compiled_parts() if fused == CompileMode.LAYERS else (step_inputs, decode_layer_cached, step_logits)
     )
     streams, per_layer, rope, masks, slots = inputs(model, cache, tokens, index, ple_rows)
     cfg = model.config
     for i, layer in enumerate(model.model.layers):
         kind, source = cfg.layer_types[i], cfg.kv_source(i)
         kv = cache.keys[source], cache.values[source]
-        streams = run_layer(layer, streams, per_layer[:, :, i, :], *rope[kind], *kv, slots[kind], masks[kind])
+        streams = run_layer(layer, streams, per_layer[:, :, i, :], *rope[kind], *kv, slots[kind], masks[kind], options)
     return logits(model, streams)
 
 
-# Projections that read one input run as one product in the compiled step (model/fused_weights.py).
-FUSE_WEIGHTS = os.environ.get("G3N_FUSE_WEIGHTS", "1") == "1"
-# Hand-written Triton kernels in the compiled step (model/decode_kernels.py): AltUp's chains of
-# tiny reductions, flash-decoding attention. On by default (E2B 298 -> 317 tokens/s, E4B 215 -> 227).
-DECODE_KERNELS = os.environ.get("G3N_DECODE_KERNELS", "1") == "1"
 _compiled: dict = {}
 
 
 def _inductor_options() -> dict:
     """Programmatic dependent launch where this torch has it (Hopper and later GPUs; inductor leaves
-    it out elsewhere): each kernel is launched while its predecessor finishes (E2B decode on an H200:
-    3.0% more tokens/s, E4B 3.0%)."""
+    it out elsewhere): each kernel is launched while its predecessor finishes."""
     if hasattr(torch._inductor.config.triton, "enable_pdl"):
         return {"triton.enable_pdl": True}
     return {}
 
 
 def _compile(fn):
-    """fn under torch.compile, once per process (compiled code is cached per shape)."""
+    """fn under torch.compile, once per process (compiled code is cached per shape and guarded on
+    its arguments, the engine's DecodeOptions among them)."""
     if fn not in _compiled:
         _compiled[fn] = torch.compile(fn, fullgraph=True, dynamic=False, options=_inductor_options())
     return _compiled[fn]
@@ -253,12 +258,10 @@ def _compiled_parts():
 def _strict_dynamo():
     """Past its recompile limit (8 shapes: batch sizes x cache buckets) dynamo would quietly run
     the step uncompiled, here the fused layers, eagerly slower than the model's own: make it raise,
-    so the step falls back like any failed compile. Training's compile turns dynamo's
-    suppress_errors on for the whole process, which torch refuses together with this setting:
-    off here, or generation after training in one process (g3n demo) would never compile."""
+    so the step falls back like any failed compile."""
     if not hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):  # older torch: its default
         return contextlib.nullcontext()
-    return torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, suppress_errors=False)
+    return torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
 
 
 def cache_bucket(max_len: int, limit: int) -> int:
@@ -269,12 +272,15 @@ def cache_bucket(max_len: int, limit: int) -> int:
 class Generator:
     """Prefill + decode for one batch of prompts against a StaticCache.
 
-    On CUDA `step` is captured as a CUDA graph at its first call (`cuda_graph=False`: eager steps),
-    compiled first when `compile` is True (the whole step) or "layers" (each kind of layer;
-    default: G3N_COMPILE=1 or =layers in the environment); `fused`: decode through `decode_layer_cached`
-    (default: when compiling; otherwise the model's own layers). `sample(logits, uniform)`: the
-    next tokens (batch,) from a step's logits and one uniform number per row; given, each step
-    ends with it (in the graph: no sampling kernels launched per token) and returns tokens.
+    `options` (DecodeOptions; default DecodeOptions()): how it decodes. On CUDA `step` is captured
+    as a CUDA graph at its first call (`cuda_graph=False`: eager steps), compiled first as
+    `options.compile` says (`compile`: what is compiled after the 4-bit and CPU exceptions, a
+    CompileMode). `fused`: decode through `decode_layer_cached` (True) or that compiled per kind
+    of layer (CompileMode.LAYERS) instead of the model's own layers (False); default: as compiled.
+    `sample(logits, uniform)`: the next tokens (batch,) from a step's logits and one uniform number
+    per row; given, each step ends with it (in the graph: no sampling kernels launched per token)
+    and returns tokens. `options` may change once: a compile that fails with the decode kernels
+    leaves this engine's options without them.
     """
 
     def __init__(
@@ -282,26 +288,30 @@ class Generator:
         model,
         batch: int,
         max_len: int,
+        options: DecodeOptions | None = None,
         cuda_graph: bool | None = None,
-        compile: bool | None = None,
-        fused: bool | None = None,
+        fused: bool | CompileMode | None = None,
         sample=None,
     ):
         self.model = model
+        self.options = DEFAULTS if options is None else options
+        if not isinstance(self.options, DecodeOptions):
+            raise TypeError(f"options must be a DecodeOptions, not {type(self.options).__name__}")
         self.sample = sample
         self.device = model.device
         self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else cuda_graph
-        if compile is None:
-            compile = {"1": True, "layers": "layers"}.get(os.environ.get("G3N_COMPILE", "0"), False)
-        if compile and is_4bit(model):
+        compile = self.options.compile
+        if compile is not CompileMode.OFF and is_4bit(model):
             # bitsandbytes' 4-bit weights are tensor subclasses torch.compile does not trace in one graph
-            warnings.warn("G3N_COMPILE/compile: 4-bit weights decode through the uncompiled CUDA graph")
-            compile = False
-        self.compile = compile if self.cuda_graph else False
-        self.fused = self.compile if fused is None else fused
-        if self.fused and FUSE_WEIGHTS:
+            warnings.warn("compile: 4-bit weights decode through the uncompiled CUDA graph")
+            compile = CompileMode.OFF
+        self.compile = compile if self.cuda_graph else CompileMode.OFF
+        if fused is None:  # compiled steps decode through the fused layers, uncompiled ones the model's own
+            fused = CompileMode.LAYERS if self.compile is CompileMode.LAYERS else self.compile is CompileMode.STEP
+        self.fused = fused
+        if self.fused and self.options.fuse_weights:
             fused_weights.fuse(model)
-        if self.compile:
+        if self.compile is not CompileMode.OFF:
             max_len = cache_bucket(max_len, model.config.max_position_embeddings)
         self.cache = StaticCache(model.config, batch, max_len, self.device, model.dtype)
         self.graph = None
@@ -310,10 +320,18 @@ class Generator:
         self.ple_table = device_view(model.model, self.device) if self.device.type == "cuda" else None
         self._ple_holder = getattr(model.model, "_mapped_ple", None)  # keeps the mapping while in use
 
+    def _routed(self):
+        """This engine's batch-1 product choice for the model's own layers, while inside."""
+        return gemv.routed(self.model, self.options.gemv, self.options.pdl)
+
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor, embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of the last prompt position (batch, vocab); `ids`/`mask` are left-padded;
         `embeds` (batch, T, hidden): input embeddings with images/audio merged in."""
+        with self._routed():
+            return self._prefill(ids, mask, embeds)
+
+    def _prefill(self, ids, mask, embeds):
         cache = self.cache
         ids, mask = ids.to(self.device), mask.to(self.device)
         cache.pads.copy_((~mask).sum(-1))
@@ -332,7 +350,7 @@ class Generator:
         return self.graph is not None
 
     def _step(self, tokens, ple_rows, index):
-        return decode_logits(self.model, self.cache, tokens, ple_rows, index, self.fused)
+        return decode_logits(self.model, self.cache, tokens, ple_rows, index, self.fused, self.options)
 
     def _host_rows(self, tokens: torch.Tensor) -> torch.Tensor:
         """The tokens' per-layer rows gathered where the table lives (a host sync when on the CPU)."""
@@ -351,12 +369,14 @@ class Generator:
         if not self.cuda_graph:
             index = torch.tensor([position], device=self.device)
             rows = self._host_rows(tokens) if self.ple_table is None else self._device_rows(tokens[:, None])
-            logits = self._step(tokens[:, None], rows.to(self.device), index)
+            with self._routed():
+                logits = self._step(tokens[:, None], rows.to(self.device), index)
             if self.sample is None:
                 return logits
             return self.sample(logits, uniform=torch.rand(len(tokens), generator=generator, device=self.device))
         if self.graph is None:
-            self._capture(tokens, position)
+            with self._routed():
+                self._capture(tokens, position)
         self.static_tokens.copy_(tokens[:, None])
         if self.ple_table is None:
             self.static_rows.copy_(self._host_rows(tokens), non_blocking=True)
@@ -392,48 +412,49 @@ class Generator:
             return logits, None if self.sample is None else self.sample(logits, uniform=self.static_uniform)
 
         step = decode_logits
-        if self.compile == "layers":  # the graph runs the step uncompiled, each layer compiled
+        if self.compile is CompileMode.LAYERS:  # the graph runs the step uncompiled, each layer compiled
             try:
                 # one graph per kind of layer, batch size and cache bucket (dynamo's default limit: 8)
                 with torch._dynamo.config.patch(recompile_limit=256):
-                    self._warm_up_compiled(run, step, (*inputs, "layers"))
-                self.compiled, self.fused = True, "layers"
+                    self._warm_up_compiled(run, step, inputs, CompileMode.LAYERS)
+                self.compiled, self.fused = True, CompileMode.LAYERS
             except Exception as e:  # noqa: BLE001 - any compiler failure: decode uncompiled
                 warnings.warn(
                     f"torch.compile of the decode layers failed, decoding uncompiled: {type(e).__name__}: {e}"
                 )
                 self.fused = False
-        elif self.compile:
+        elif self.compile is CompileMode.STEP:
             try:
-                self._warm_up_compiled(run, compiled_decode(), (*inputs, self.fused))
+                self._warm_up_compiled(run, compiled_decode(), inputs, self.fused)
                 step, self.compiled = compiled_decode(), True
             except Exception as e:  # noqa: BLE001 - any compiler failure: decode uncompiled
                 warnings.warn(f"torch.compile of the decode step failed, decoding uncompiled: {type(e).__name__}: {e}")
                 self.fused = False  # uncompiled, the model's own layers are faster
-        args = (*inputs, self.fused)
+        args = (*inputs, self.fused, self.options)
         if not self.compiled:
             self._warm_up(run, step, args)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.static_logits, self.static_next = run(step, args)
 
-    def _warm_up_compiled(self, run, step, args):
-        """Warm up (so compile) a compiled step; if it fails with the decode kernels in it, once
-        more without them (for the rest of the process: this torch cannot compile them)."""
-        global DECODE_KERNELS
+    def _warm_up_compiled(self, run, step, inputs, fused):
+        """Warm up (so compile) a compiled step over `inputs` and `fused`; if it fails with the
+        decode kernels in it, once more without them: this engine's options lose them (the error
+        may be this torch's, or this model's), the next engine tries them again."""
         probe = torch.empty(0, dtype=self.model.dtype, device=self.device)  # what the kernels ran on
         with _strict_dynamo():
             try:
-                self._warm_up(run, step, args)
+                self._warm_up(run, step, (*inputs, fused, self.options))
             except Exception as e:
-                if not (DECODE_KERNELS and decode_kernels.usable(probe, self.model.config)):
-                    raise  # not theirs: the kernels stay on for models they serve
+                if not (self.options.decode_kernels and decode_kernels.usable(probe, self.model.config)):
+                    raise  # not theirs
                 warnings.warn(f"the decode kernels failed to compile, compiling without them: {type(e).__name__}: {e}")
-                DECODE_KERNELS = False
-                self._warm_up(run, step, args)
+                self.options = dataclasses.replace(self.options, decode_kernels=False)
+                self._warm_up(run, step, (*inputs, fused, self.options))
 
     @staticmethod
     def _warm_up(run, step, args):
+        """Two steps (compiling, if compiled) on a side stream, as capturing a CUDA graph wants."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):

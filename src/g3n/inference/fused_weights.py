@@ -1,17 +1,19 @@
 """Projections that read the same input, run as one matrix product (the compiled decode step).
 
-At batch 1 a decode step is bound by how many small matrix-vector products it launches (about
-4-5 us each on an H200 however small the matrix, docs/benchmarks.md). In every decoder layer q,
+At batch 1 a decode step is bound by how many small matrix-vector products it launches (each costs
+a few microseconds however small the matrix, docs/benchmarks.md). In every decoder layer q,
 k, v and Laurel's left projection read the same input-normed stream, and gate and up the same
 MLP input. `fuse(model)` concatenates each group's weights into one matrix, kept as a
 non-persistent buffer of the layer, and makes the modules' weights views of it: no second copy,
 and the modules, their parameters and the state_dict keep their shapes and values.
 
 A group stays unfused when its modules are not plain nn.Linear without bias of one dtype and
-device (LoRA-wrapped, 4-bit). `fuse` runs before every decode (engine.Generator with compiling on)
-and first checks that the modules' weights are still views of the group's matrix: moving the model
+device (LoRA-wrapped, 4-bit). `fuse` runs before every decode through the fused layers
+(engine.Generator, unless its DecodeOptions.fuse_weights is off) and first checks that the modules' weights are still views of the group's matrix: moving the model
 or assigning new weights breaks that, and the group is then built again (or dropped), so decoding
-never reads a stale copy.
+never reads a stale copy. `in_projections` and `gate_up` take the engine's choices: `fused` (an
+engine with fuse_weights off runs one product per module even where another engine fused the
+weights) and the batch-1 kernel's (`kernel`, `pdl`: kernels/gemv.py).
 """
 
 from __future__ import annotations
@@ -80,22 +82,22 @@ def fuse(model) -> int:
     return count
 
 
-def in_projections(layer, x: torch.Tensor):
+def in_projections(layer, x: torch.Tensor, fused: bool = True, kernel: bool = True, pdl: bool = True):
     """(q, k, v, Laurel's left) of the input-normed stream `x`; k and v are None on KV-shared layers."""
-    weight = getattr(layer, IN_PROJ, None)  # as `fuse` last left it (None: unfused)
+    weight = getattr(layer, IN_PROJ, None) if fused else None  # as `fuse` last left it (None: unfused)
     modules = in_proj_modules(layer)
     if weight is None:
         outs = [project(m, x) for m in modules]
     else:
-        outs = list(product(x, weight).split([m.weight.shape[0] for m in modules], dim=-1))
+        outs = list(product(x, weight, kernel, pdl).split([m.weight.shape[0] for m in modules], dim=-1))
     if layer.self_attn.kv_shared:
         return outs[0], None, None, outs[1]
     return tuple(outs)
 
 
-def gate_up(mlp, x: torch.Tensor):
-    """(gate, up) projections of the MLP input `x`."""
-    weight = getattr(mlp, GATE_UP, None)
+def gate_up(mlp, x: torch.Tensor, fused: bool = True, kernel: bool = True, pdl: bool = True):
+    """(gate, up) projections of the MLP input `x` (the choices as in_projections')."""
+    weight = getattr(mlp, GATE_UP, None) if fused else None
     if weight is None:
         return project(mlp.gate_proj, x), project(mlp.up_proj, x)
-    return product(x, weight).split(mlp.gate_proj.weight.shape[0], dim=-1)
+    return product(x, weight, kernel, pdl).split(mlp.gate_proj.weight.shape[0], dim=-1)

@@ -114,21 +114,23 @@ def draw(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     return torch.minimum(picked, last_possible)
 
 
-def sample_tokens(logits, p: SamplingParams, seen=None, uniform=None) -> torch.Tensor:
+def sample_tokens(logits, p: SamplingParams, seen=None, uniform=None, kernels=True, pdl=True) -> torch.Tensor:
     """One token per row: argmax when greedy (after the repetition penalty, as in transformers
-    and llama.cpp), else a draw at `uniform` (batch,) from the filtered distribution."""
+    and llama.cpp), else a draw at `uniform` (batch,) from the filtered distribution. `kernels`:
+    top-k through kernels/sampling.py where it can run (`pdl`: their launches'); the engine's
+    DecodeOptions.sample_kernels and .pdl."""
     logits = _penalize_and_scale(logits, p, seen)
     if p.greedy:
         return logits.argmax(-1)
-    if sample_kernels.usable(logits, p.top_k):  # on CUDA: 3 kernels instead of about 47
-        return sample_kernels.sample_top_k(logits, p.top_k, p.top_p, p.min_p, uniform)
+    if kernels and sample_kernels.usable(logits, p.top_k):  # on CUDA: 3 kernels instead of about 47
+        return sample_kernels.sample_top_k(logits, p.top_k, p.top_p, p.min_p, uniform, pdl)
     probs, ids = _candidates(logits, p)
     drawn = draw(probs, uniform)
     return (drawn if ids is None else ids.gather(-1, drawn)).squeeze(-1)
 
 
-def next_tokens(logits, p: SamplingParams, seen=None, generator=None) -> torch.Tensor:
+def next_tokens(logits, p: SamplingParams, seen=None, generator=None, kernels=True, pdl=True) -> torch.Tensor:
     """sample_tokens with one uniform number per row from `generator` (the same numbers a
     decode step sampling in its CUDA graph draws: engine.Generator.step)."""
     uniform = torch.rand(logits.shape[0], generator=generator, device=logits.device)
-    return sample_tokens(logits, p, seen, uniform)
+    return sample_tokens(logits, p, seen, uniform, kernels, pdl)

@@ -4,13 +4,12 @@
 In a decode step's CUDA graph at batch 1 each kernel is a few microseconds, and the GPU idles
 between one kernel's end and the next one's start. With PDL (Hopper and later) a kernel may be
 launched while its predecessor still runs; it waits (`griddepcontrol.wait`) before touching
-memory, so only the launch overlaps. Inductor's kernels do this already (triton.enable_pdl, set by
-the engine); ours did not, so each of them broke the chain. A kernel taking part calls `pdl_wait`
+memory, so only the launch overlaps. Inductor's kernels do this (triton.enable_pdl, set by the
+engine); a kernel of ours launched without it would break the chain. A kernel taking part calls `pdl_wait`
 first thing (before its first load or store: every load after it sees the previous kernels'
-writes) and is launched with `**pdl_options(device)`.
-
-`ENABLED` (G3N_PDL=0 turns it off) is read at each launch, so a captured graph keeps the setting
-it was captured with.
+writes) and is launched with `**pdl_options(device, pdl)`, where `pdl` is the caller's choice
+(the engine's DecodeOptions.pdl), passed down through each kernel's Python wrapper; it is read at
+launch, so a captured graph keeps the choice it was captured with.
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ try:
 except ImportError:
     triton = None
 
-ENABLED = os.environ.get("G3N_PDL", "1") == "1"
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (the tests)
 
 
@@ -47,9 +45,10 @@ def _supported(index: int) -> bool:
     return "launch_pdl" in CUDAOptions.__dataclass_fields__ and torch.cuda.get_device_capability(index)[0] >= 9
 
 
-def pdl_options(device: torch.device) -> dict:
-    """Launch keywords for a kernel with a `PDL` constexpr that starts with `pdl_wait(PDL)`."""
-    if ENABLED and device.type == "cuda" and _supported(device.index or torch.cuda.current_device()):
+def pdl_options(device: torch.device, enabled: bool = True) -> dict:
+    """Launch keywords for a kernel with a `PDL` constexpr that starts with `pdl_wait(PDL)`: PDL
+    where `enabled` and the device and Triton support it, plain launches otherwise."""
+    if enabled and device.type == "cuda" and _supported(device.index or torch.cuda.current_device()):
         return {"PDL": True, "launch_pdl": True}
     return {"PDL": False}
 

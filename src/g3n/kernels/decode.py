@@ -8,17 +8,17 @@ the 4 mixed streams -> the input norm before attention (5 kernels), and after th
 and residual -> router norm -> router -> coefficients -> correction (4 kernels), then the
 per-layer input's norm and residual (2). Here each chain is one program per token row, which
 holds the row's 4 streams in registers: 3 kernels instead of 11. Attention (`attend`) scores
-each split of the cache in its own program and combines the splits in a second kernel: 5.8 us a
-layer on an H200 against 8.6-13 us for inductor's reductions over all keys at once.
+each split of the cache in its own program and combines the splits in a second kernel, so a long
+cache is read by many programs at once, where inductor's reductions run over all keys at once.
 
 The arithmetic rounds to bfloat16 where the PyTorch code does (model/text.py: AltUp, RMSNorm,
 DecoderLayer.end; engine._attend), so the kernels are as close to float32 as eager bfloat16 is;
 only the order of the float32 sums differs. The engine's compiled decode layers use them (unless
-G3N_DECODE_KERNELS=0) for bfloat16 CUDA tensors with Triton installed (`usable`); otherwise the
-PyTorch code runs. They are custom ops, so torch.compile keeps them as calls and Triton compiles
-them itself; on Hopper and later they launch while the kernel before them finishes
-(programmatic dependent launch, `triton_common.py`). Tests run them on the CPU through Triton's
-interpreter.
+its DecodeOptions.decode_kernels is off) for bfloat16 CUDA tensors with Triton installed
+(`usable`); otherwise the PyTorch code runs. They are custom ops, so torch.compile keeps them as
+calls and Triton compiles them itself; on Hopper and later they launch while the kernel before
+them finishes (programmatic dependent launch, kernels/common.py; each wrapper's `pdl`). Tests run
+them on the CPU through Triton's interpreter.
 """
 
 import contextlib
@@ -222,13 +222,13 @@ def _new(like: Tensor) -> Tensor:
     return torch.empty(like.shape, dtype=like.dtype, device=like.device)
 
 
-def _launch(kernel, rows: int, x: torch.Tensor, *args, **constants):
+def _launch(kernel, rows: int, x: torch.Tensor, pdl: bool, *args, **constants):
     """One program per token row (H, N from x: (N, ..., H)); on x's device."""
     H = x.shape[-1]
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         kernel[(rows,)](
             *args, H=H, BLOCK=triton.next_power_of_2(H), N=x.shape[0], num_warps=8, **constants,
-            **pdl_options(x.device),
+            **pdl_options(x.device, pdl),
         )  # fmt: skip
 
 
@@ -236,54 +236,54 @@ def _launch(kernel, rows: int, x: torch.Tensor, *args, **constants):
 # by the op itself), so no compiler has to trace the kernels.
 @torch.library.custom_op("g3n::altup_predict", mutates_args=())
 def _predict_op(
-    streams: Tensor, rn_w: Tensor, router: Tensor, coefs: Tensor, in_w: Tensor, eps: float, active: int
+    streams: Tensor, rn_w: Tensor, router: Tensor, coefs: Tensor, in_w: Tensor, eps: float, active: int, pdl: bool
 ) -> tuple[Tensor, Tensor]:
     streams = streams.contiguous()
     predictions, normed = _new(streams), _new(streams[0])
-    _launch(_predict_kernel, streams[0].numel() // streams.shape[-1], streams, streams, rn_w, router, coefs, in_w,
-            predictions, normed, streams.stride(0), eps, ACTIVE=active)  # fmt: skip
+    _launch(_predict_kernel, streams[0].numel() // streams.shape[-1], streams, pdl, streams, rn_w, router, coefs,
+            in_w, predictions, normed, streams.stride(0), eps, ACTIVE=active)  # fmt: skip
     return predictions, normed
 
 
 @_predict_op.register_fake
-def _(streams, rn_w, router, coefs, in_w, eps, active):
+def _(streams, rn_w, router, coefs, in_w, eps, active, pdl):
     return _new(streams), _new(streams[0])
 
 
 @torch.library.custom_op("g3n::altup_correct", mutates_args=())
 def _correct_op(
     predictions: Tensor, h: Tensor, mlp_out: Tensor, pf_w: Tensor, rn_w: Tensor, router: Tensor, corr: Tensor,
-    out_scale: Tensor, eps: float, active: int, scale_first: bool,
+    out_scale: Tensor, eps: float, active: int, scale_first: bool, pdl: bool,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     predictions = predictions.contiguous()
     corrected, first = _new(predictions), _new(predictions[0])
-    _launch(_correct_kernel, h.numel() // h.shape[-1], predictions, predictions, h.contiguous(), mlp_out.contiguous(),
-            pf_w, rn_w, router, corr, out_scale, corrected, first, predictions.stride(0), eps, ACTIVE=active,
-            SCALE_FIRST=scale_first)  # fmt: skip
+    _launch(_correct_kernel, h.numel() // h.shape[-1], predictions, pdl, predictions, h.contiguous(),
+            mlp_out.contiguous(), pf_w, rn_w, router, corr, out_scale, corrected, first, predictions.stride(0), eps,
+            ACTIVE=active, SCALE_FIRST=scale_first)  # fmt: skip
     return corrected, first
 
 
 @_correct_op.register_fake
-def _(predictions, h, mlp_out, pf_w, rn_w, router, corr, out_scale, eps, active, scale_first):
+def _(predictions, h, mlp_out, pf_w, rn_w, router, corr, out_scale, eps, active, scale_first, pdl):
     return _new(predictions), _new(predictions[0])
 
 
 @torch.library.custom_op("g3n::add_per_layer_input", mutates_args=())
-def _ple_op(corrected: Tensor, projected: Tensor, w: Tensor, eps: float) -> Tensor:
+def _ple_op(corrected: Tensor, projected: Tensor, w: Tensor, eps: float, pdl: bool) -> Tensor:
     corrected = corrected.contiguous()
     out = _new(corrected)
-    _launch(_ple_residual_kernel, projected.numel() // projected.shape[-1], corrected, corrected,
+    _launch(_ple_residual_kernel, projected.numel() // projected.shape[-1], corrected, pdl, corrected,
             projected.contiguous(), w, out, corrected.stride(0), eps)  # fmt: skip
     return out
 
 
 @_ple_op.register_fake
-def _(corrected, projected, w, eps):
+def _(corrected, projected, w, eps, pdl):
     return _new(corrected)
 
 
 @torch.library.custom_op("g3n::attend", mutates_args=())
-def _attend_op(q: Tensor, k: Tensor, v: Tensor, valid: Tensor) -> Tensor:
+def _attend_op(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, pdl: bool) -> Tensor:
     q = q.contiguous()
     (batch, kv_heads, group, dim), keys = q.shape, k.shape[2]
     iters, splits = _attend_splits(keys)
@@ -294,16 +294,17 @@ def _attend_op(q: Tensor, k: Tensor, v: Tensor, valid: Tensor) -> Tensor:
         _attend_split_kernel[(batch * kv_heads, splits)](
             q, k.contiguous(), v.contiguous(), valid.contiguous(), acc, m, l, keys, splits, KV_HEADS=kv_heads,
             G=group, GP=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_S=ATTEND_BLOCK, ITERS=iters,
-            IEEE=INTERPRET, num_warps=4, **pdl_options(q.device),
+            IEEE=INTERPRET, num_warps=4, **pdl_options(q.device, pdl),
         )  # fmt: skip
         _attend_combine_kernel[(batch * kv_heads * group,)](
-            acc, m, l, out, splits, NS=triton.next_power_of_2(splits), D=dim, num_warps=4, **pdl_options(q.device),
+            acc, m, l, out, splits, NS=triton.next_power_of_2(splits), D=dim, num_warps=4,
+            **pdl_options(q.device, pdl),
         )  # fmt: skip
     return out
 
 
 @_attend_op.register_fake
-def _(q, k, v, valid):
+def _(q, k, v, valid, pdl):
     return _new(q)
 
 
@@ -314,13 +315,13 @@ def _attend_splits(keys: int) -> tuple[int, int]:
     return iters, -(-blocks // iters)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, pdl: bool = True) -> torch.Tensor:
     """Softmax attention of one query position in float32, as flash decoding: one kernel scores
     each split of the keys (a program per split, so a long cache is read in parallel), a second
     combines the splits and rounds to bfloat16. q (batch, kv_heads, group, dim); k/v (batch,
     kv_heads, keys, dim), all bfloat16; valid (batch, keys) bool, at least one key per row;
-    returns q's shape."""
-    return _attend_op(q, k, v, valid)
+    returns q's shape. `pdl` (here and below): launched with programmatic dependent launch."""
+    return _attend_op(q, k, v, valid, pdl)
 
 
 def attention_usable(q: torch.Tensor, cfg) -> bool:
@@ -330,30 +331,31 @@ def attention_usable(q: torch.Tensor, cfg) -> bool:
     return usable(q, cfg) and dim >= 16 and dim & (dim - 1) == 0 and group <= 16
 
 
-def predict_and_norm(layer, streams: torch.Tensor):
+def predict_and_norm(layer, streams: torch.Tensor, pdl: bool = True):
     """AltUp.predict(streams) and input_layernorm of the active prediction, as one kernel.
     streams: (n, batch, seq, hidden); returns (predictions like streams, normed)."""
     cfg, altup = layer.cfg, layer.altup
     return _predict_op(streams, altup.router_norm.weight, altup.modality_router.weight, altup.prediction_coefs.weight,
-                       layer.input_layernorm.weight, cfg.rms_norm_eps, cfg.altup_active_idx)  # fmt: skip
+                       layer.input_layernorm.weight, cfg.rms_norm_eps, cfg.altup_active_idx, pdl)  # fmt: skip
 
 
-def correct(layer, predictions: torch.Tensor, h: torch.Tensor, mlp_out: torch.Tensor):
+def correct(layer, predictions: torch.Tensor, h: torch.Tensor, mlp_out: torch.Tensor, pdl: bool = True):
     """h + post_feedforward_layernorm(mlp_out), then AltUp.correct and the scaled first stream,
     as one kernel: returns (corrected streams, first)."""
     cfg, altup = layer.cfg, layer.altup
     return _correct_op(predictions, h, mlp_out, layer.post_feedforward_layernorm.weight, altup.router_norm.weight,
                        altup.modality_router.weight, altup.correction_coefs.weight, altup.correct_output_scale,
-                       cfg.rms_norm_eps, cfg.altup_active_idx, bool(cfg.altup_correct_scale))  # fmt: skip
+                       cfg.rms_norm_eps, cfg.altup_active_idx, bool(cfg.altup_correct_scale), pdl)  # fmt: skip
 
 
-def add_per_layer_input(layer, corrected: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
+def add_per_layer_input(layer, corrected: torch.Tensor, projected: torch.Tensor, pdl: bool = True) -> torch.Tensor:
     """Streams 1.. plus post_per_layer_input_norm(projected), stream 0 as it is, as one kernel."""
-    return _ple_op(corrected, projected, layer.post_per_layer_input_norm.weight, layer.cfg.rms_norm_eps)
+    return _ple_op(corrected, projected, layer.post_per_layer_input_norm.weight, layer.cfg.rms_norm_eps, pdl)
 
 
-def decode_end(layer, predictions, attn, laurel, per_layer_input, mlp=None):
-    """DecoderLayer.end through the kernels (same arithmetic; `mlp`: the MLP to run)."""
-    corrected, first = correct(layer, predictions, *layer.feedforward(predictions, attn, laurel, mlp))
+def decode_end(layer, predictions, attn, laurel, per_layer_input, mlp=None, pdl: bool = True):
+    """DecoderLayer.end through the kernels (same arithmetic; `mlp`: the MLP to run). Its products
+    run as gemv.project chooses for the model (gemv.routed)."""
+    corrected, first = correct(layer, predictions, *layer.feedforward(predictions, attn, laurel, mlp), pdl=pdl)
     gated = layer.act(project(layer.per_layer_input_gate, first)) * per_layer_input
-    return add_per_layer_input(layer, corrected, project(layer.per_layer_projection, gated))
+    return add_per_layer_input(layer, corrected, project(layer.per_layer_projection, gated), pdl)

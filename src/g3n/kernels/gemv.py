@@ -1,19 +1,23 @@
 """Matrix-vector products for batch-1 decoding: y = x @ W.T with one token row, as a Triton kernel.
 
 At batch 1 a decode step's products are matrix-vector products bound by reading the weights.
-cuBLAS picks tiles made for matrices (64 output rows a program), so a 2048 x 2048 projection ran
-as 32 programs on a 132-SM H200: 5.6 us for 8 MB, a third of the bandwidth. Here each program
-takes BLOCK_N rows (hundreds of programs), so every SM streams weights; the first weight tile
-is loaded before the programmatic-dependent-launch wait, while the previous kernel finishes.
-Sums run in float32 and round once to bfloat16, as cuBLAS's do. `model/text.py` and the engine
-route every batch-1 bfloat16 product on CUDA here (`project`, `product`), compiled or not: on an
-H200 E2B decoding with `--compile layers` went from 335 to 424 tokens/s, E4B from 234 to 282.
+cuBLAS picks tiles made for matrices (64 output rows a program), so a 2048 x 2048 projection runs
+as a few dozen programs on a GPU with over a hundred SMs, leaving most of the bandwidth unused.
+Here each program takes BLOCK_N rows (hundreds of programs), so every SM streams weights; the
+first weight tile is loaded before the programmatic-dependent-launch wait, while the previous
+kernel finishes. Sums run in float32 and round once to bfloat16, as cuBLAS's do.
+
+`model/text.py` and the engine send every batch-1 bfloat16 product on CUDA here (`project`,
+`product`), compiled or not. Whether the kernel runs (and launches with PDL) is the choice of
+whoever runs the model: `product` takes it as arguments, and `project`, called inside the model's
+forward, reads the choice an engine leaves on the model's nn.Linear modules for the duration of
+its calls (`routed`), so two engines over one model each keep their own; outside any, the kernel
+with PDL.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 import torch.nn.functional as F
@@ -29,15 +33,15 @@ try:
 except ImportError:
     triton = None
 
-ENABLED = os.environ.get("G3N_GEMV", "1") == "1"
+ROUTE = "_g3n_gemv"  # on a plain nn.Linear while an engine runs its model (`routed`): (kernel, pdl)
+_DEFAULT_ROUTE = (True, True)
 
 
 def usable(x: Tensor, w: Tensor) -> bool:
     """One row of bfloat16 x against a contiguous bfloat16 weight, on CUDA (or the CPU under
     Triton's interpreter), with no gradient to track."""
     return (
-        ENABLED
-        and runs_on(x)
+        runs_on(x)
         and x.dtype == w.dtype == torch.bfloat16
         and x.numel() == x.shape[-1] == w.shape[1]
         and w.shape[1] % config(*w.shape)[1] == 0
@@ -73,37 +77,70 @@ def config(n: int, k: int) -> tuple[int, int, int]:
     return block_n, min(k, 1024), 8 if k <= 2048 else 4
 
 
-def gemv(x: Tensor, w: Tensor, block_n: int | None = None, block_k: int | None = None, warps: int | None = None):
-    """x (..., K) with one row, w (N, K): x @ w.T as (..., N); the configuration by default `config`'s."""
+def gemv(
+    x: Tensor, w: Tensor, block_n: int | None = None, block_k: int | None = None, warps: int | None = None,
+    pdl: bool = True,
+):  # fmt: skip
+    """x (..., K) with one row, w (N, K): x @ w.T as (..., N); the configuration by default `config`'s;
+    `pdl`: launched with programmatic dependent launch where the GPU has it."""
     n, k = w.shape
     bn, bk, nw = config(n, k)
     bn, bk, nw = block_n or bn, block_k or bk, warps or nw
     out = x.new_empty((*x.shape[:-1], n))
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         _gemv_kernel[(triton.cdiv(n, bn),)](
-            x.contiguous(), w, out, n, K=k, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, **pdl_options(x.device)
+            x.contiguous(), w, out, n, K=k, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, **pdl_options(x.device, pdl)
         )
     return out
 
 
 # A custom op: torch.compile keeps it as a call (as it keeps cuBLAS's) instead of tracing Triton.
 @torch.library.custom_op("g3n::gemv", mutates_args=())
-def _gemv_op(x: Tensor, w: Tensor) -> Tensor:
-    return gemv(x, w)
+def _gemv_op(x: Tensor, w: Tensor, pdl: bool) -> Tensor:
+    return gemv(x, w, pdl=pdl)
 
 
 @_gemv_op.register_fake
-def _(x, w):
+def _(x, w, pdl):
     return x.new_empty((*x.shape[:-1], w.shape[0]))
 
 
-def product(x: Tensor, w: Tensor) -> Tensor:
-    """F.linear(x, w) without bias: the kernel for one token row, cuBLAS otherwise."""
-    return _gemv_op(x, w) if usable(x, w) else F.linear(x, w)
+def product(x: Tensor, w: Tensor, kernel: bool = True, pdl: bool = True) -> Tensor:
+    """F.linear(x, w) without bias: the kernel for one token row (unless `kernel` is False), cuBLAS
+    otherwise; `pdl`: the kernel launches with programmatic dependent launch."""
+    return _gemv_op(x, w, pdl) if kernel and usable(x, w) else F.linear(x, w)
 
 
 def project(module: nn.Module, x: Tensor) -> Tensor:
-    """module(x), through `product` for a plain bias-free nn.Linear (not LoRA-wrapped, not 4-bit)."""
+    """module(x), through `product` for a plain bias-free nn.Linear (not LoRA-wrapped, not 4-bit),
+    with the choice of the engine running the model (`routed`)."""
     if type(module) is nn.Linear and module.bias is None:
-        return product(x, module.weight)
+        kernel, pdl = getattr(module, ROUTE, _DEFAULT_ROUTE)
+        return product(x, module.weight, kernel, pdl)
     return module(x)
+
+
+@contextlib.contextmanager
+def routed(model: nn.Module, kernel: bool = True, pdl: bool = True):
+    """While inside, `project` runs `model`'s plain nn.Linear modules with this choice (the kernel
+    or cuBLAS; PDL or not). An engine enters it around each of its calls into the model, so the
+    choice stays its own: another engine over the same model enters its own, and compiled code,
+    which reads the choice as a module attribute, is guarded on it. A no-op for the default
+    choice, unless an enclosing call chose otherwise."""
+    route = (kernel, pdl)
+    outer = model.__dict__.get(ROUTE, _DEFAULT_ROUTE)
+    if route == outer:
+        yield
+        return
+    modules = [model, *(m for m in model.modules() if type(m) is nn.Linear)]
+    before = [m.__dict__.get(ROUTE) for m in modules]
+    for m in modules:
+        m.__dict__[ROUTE] = route
+    try:
+        yield
+    finally:
+        for m, value in zip(modules, before, strict=True):
+            if value is None:
+                m.__dict__.pop(ROUTE, None)
+            else:
+                m.__dict__[ROUTE] = value

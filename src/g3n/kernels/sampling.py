@@ -1,8 +1,8 @@
 """Top-k sampling as three small Triton kernels, for a decode step's 262,400 logits a row.
 
-generate.py samples with torch.topk, then softmax, top-p, min-p and an inverse-CDF draw over the
-k candidates. At batch 1 on an H200 that was about 47 kernels and 100 us a token (torch.topk's
-radix select alone 60 us), as much as 1.3 of E2B's 30 decoder layers. Here (25.5 us):
+inference/sampling.py samples with torch.topk, then softmax, top-p, min-p and an inverse-CDF draw over the
+k candidates: at batch 1 about 47 small kernels a token, torch.topk's radix select over the whole
+vocabulary the largest, together as long as a decoder layer or more. Here three kernels:
 
 1. each program takes the top K of one block of the vocabulary (Triton's bitonic `topk` over
    keys that pack a logit and its token id into one int64, so ties keep the lowest id);
@@ -10,15 +10,16 @@ radix select alone 60 us), as much as 1.3 of E2B's 30 decoder layers. Here (25.5
 3. one program per row takes their top K and does what generate.sample_tokens does after
    torch.topk: top-k below K, top-p, min-p, softmax and `draw`, in the same order.
 
-The result is a draw from the same distribution as generate.py's path (the CPU test compares
+The result is a draw from the same distribution as inference/sampling.py's path (the CPU test compares
 tokens for the same uniform numbers); only the order of float32 sums differs. `usable` says when
-it runs: CUDA tensors (or the CPU under Triton's interpreter, for tests), 1 <= top_k <= MAX_K.
+it can run: CUDA tensors (or the CPU under Triton's interpreter, for tests), 1 <= top_k <= MAX_K;
+whether it does is the caller's choice (inference/sampling.py's `kernels`, from the engine's
+DecodeOptions.sample_kernels).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 
@@ -29,11 +30,10 @@ try:
     import triton.language as tl
 
     from g3n.kernels.common import pdl_wait
-except ImportError:  # no Triton: generate.py's PyTorch path samples
+except ImportError:  # no Triton: inference/sampling.py's PyTorch path samples
     triton = None
 
-ENABLED = os.environ.get("G3N_SAMPLE_KERNELS", "1") == "1"
-MAX_K = 128  # larger top_k: generate.py's torch.topk path
+MAX_K = 128  # larger top_k: inference/sampling.py's torch.topk path
 BLOCK = 2048  # vocabulary entries (then candidates) per program of stages 1 and 2
 FINAL = 2048  # at most this many candidates go to the sampling program
 
@@ -41,8 +41,7 @@ FINAL = 2048  # at most this many candidates go to the sampling program
 def usable(logits: torch.Tensor, top_k: int) -> bool:
     """Whether `sample_top_k` serves these logits (batch, vocab) and this top_k."""
     return (
-        ENABLED
-        and runs_on(logits)
+        runs_on(logits)
         and logits.dim() == 2
         and logits.dtype == torch.float32
         and 1 <= top_k <= MAX_K
@@ -119,13 +118,16 @@ if triton is not None:
         tl.store(out_ptr + row, tl.sum(tl.where(pos == picked, ids, 0), 0))
 
 
-def sample_top_k(logits: torch.Tensor, top_k: int, top_p: float, min_p: float, uniform: torch.Tensor) -> torch.Tensor:
+def sample_top_k(
+    logits: torch.Tensor, top_k: int, top_p: float, min_p: float, uniform: torch.Tensor, pdl: bool = True
+) -> torch.Tensor:
     """One token id per row (batch,) of `logits` (batch, vocab; float32, after temperature and
-    repetition penalty), drawn at `uniform` (batch,) from the top-k, top-p, min-p distribution."""
+    repetition penalty), drawn at `uniform` (batch,) from the top-k, top-p, min-p distribution;
+    `pdl`: the kernels launch with programmatic dependent launch."""
     rows, n = logits.shape
     k = max(16, triton.next_power_of_2(top_k))
     logits, uniform = logits.contiguous(), uniform.float().contiguous()
-    pdl = pdl_options(logits.device)
+    pdl = pdl_options(logits.device, pdl)
     with torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext():
         blocks = triton.cdiv(n, BLOCK)
         keys = logits.new_empty((rows, blocks * k), dtype=torch.int64)

@@ -1,0 +1,1 @@
+"""MatFormer Mix-n-Match: plans, sub-model configs and tensor slices, slicing checkpoints, searching for slices."""

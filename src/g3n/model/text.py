@@ -98,8 +98,7 @@ class MLP(nn.Module):
     def sparsify(self, gate: torch.Tensor) -> torch.Tensor:
         """The layer's Gaussian top-k (identity on dense layers): keep what lies above
         mean + std * Phi^-1(sparsity) (biased std). float16 takes the statistics in float32: their
-        backward sums `width` gradients per token, which overflowed float16 at a loss scale of 32
-        (E2B, bench/train_gpu.py)."""
+        backward sums `width` gradients per token, which overflows float16 under loss scaling."""
         if self.std_multiplier is None:
             return gate
         stats = _upcast_float16(gate)
@@ -172,8 +171,8 @@ def _upcast_float16(x: torch.Tensor) -> torch.Tensor:
     """float16 as float32; bfloat16 and float32 stay as they are (transformers' arithmetic).
 
     For sums whose backward overflows float16 under loss scaling (bench/train_gpu.py
-    --fp16-probe, E2B): AltUp's 4 x 4 coefficients, whose gradient sums hidden_size products of
-    gradient and stream (or innovation) per token (at a loss scale of 256), although the router's
+    --fp16-probe finds them): AltUp's 4 x 4 coefficients, whose gradient sums hidden_size products
+    of gradient and stream (or innovation) per token, although the router's
     weights and its 1/hidden_size scale bring it back into range on the way to the streams; and
     the MLP's top-k statistics."""
     return x.float() if x.dtype == torch.float16 else x

@@ -251,7 +251,7 @@ def add_towers(model, model_dir: Path, parts) -> Towers:
 
 
 def load_towers(model_dir: Path, index, parts, dtype: torch.dtype, device, fp16_safe: bool | None = None) -> Towers:
-    """The requested towers with the checkpoint's weights (`index`: model/load.py's TensorIndex)."""
+    """The requested towers with the checkpoint's weights (`index`: checkpoint/reader.py's TensorIndex)."""
     cfg = read_hf_config(model_dir)
     with torch.device("meta"):
         towers = Towers(cfg, parts)

@@ -1,5 +1,5 @@
 """`g3n serve`: an OpenAI-compatible HTTP server (chat completions, streaming, models, health) and a
-chat page, over any engine chat_engine.py opens. app.py: routes; schema.py and content.py: request
+chat page, over any backend inference/backends.py opens. app.py: routes; schema.py and content.py: request
 parsing; scheduler.py: the model's worker thread and queue; static/index.html: the page."""
 
 from __future__ import annotations

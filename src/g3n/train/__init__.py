@@ -1,1 +1,1 @@
-"""Fine-tuning: data (this package's first part); the training loop arrives with the fine-tuning issue."""
+"""Fine-tuning: configs, chat datasets, the loss, the loop (LoRA and full, one or several GPUs), and how training runs the layers (checkpointing, offloading, compiling)."""

@@ -189,13 +189,12 @@ HELP = {
     "dtype": "auto, float32, bfloat16 or float16 (float16: loss scaling, float32 LoRA weights)",
     "device": "cpu, cuda (default: cuda when present)",
     "gradient_checkpointing": "recompute each layer in the backward pass instead of storing its activations; "
-    "offload (default): also keep each layer's input in pinned CPU memory until then (half the GPU memory at "
-    "the same speed, measured on an H200)",
-    "compile": "run the decoder layers and the loss through torch.compile (1.7-2.3x the tokens/s of the uncompiled "
-    "step on an H200, after a one-off compile of 30-70 s); auto: on when training 16-bit weights on one CUDA GPU",
+    "offload (default): also keep each layer's input in pinned CPU memory until then (less GPU memory at "
+    "about the same speed)",
+    "compile": "run the decoder layers and the loss through torch.compile (faster steps, after a one-off compile "
+    "of 30-70 s); auto: on when training 16-bit weights on one CUDA GPU",
     "fused_lora_mlp": "LoRA: run each MLP as one function whose backward pass holds half the (tokens x MLP width) "
-    "buffers (E4B on an H200: peak 9.80 -> 9.67 GiB at 1 x 2048, 12.59 -> 11.83 at 4 x 2048) but runs outside "
-    "the compiled graphs (about 8% fewer tokens/s at 4 x 2048)",
+    "buffers (a lower memory peak) but runs outside the compiled graphs (fewer tokens/s)",
     "ple_on_cpu": "keep the per-layer embedding table in CPU memory (only the batch's rows move to the GPU; "
     "frozen in full fine-tuning)",
     "seed": "seed for data order and initialisation",

@@ -1,9 +1,10 @@
 """The fine-tuning loop: LoRA or full, gradient accumulation, clipping, AdamW, schedules, eval,
 metrics, atomic checkpoints and exact resume.
 
-Exact resume: the data order of every epoch is a permutation drawn from (seed, epoch), and a
-checkpoint stores the step, the trainable weights, the optimizer and scheduler states and the RNG
-state, so a resumed run takes the same batches and reaches the same losses as an uninterrupted one.
+Exact resume: the data order of every epoch is a permutation drawn from (seed, epoch), the random
+numbers of a step (LoRA dropout) are drawn from (seed, process rank, step), and a checkpoint stores
+the step, the trainable weights and the optimizer and scheduler states, so a resumed run takes the
+same batches and dropout masks, on any device, and reaches the same losses as an uninterrupted one.
 
 Several processes (torchrun, see distributed.py): optimizer step s takes the rows at positions
 s*G .. (s+1)*G of the stream of epoch permutations, G = batch_size x grad_accum x processes (the
@@ -16,6 +17,7 @@ checkpoint resumes on another number of processes.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
@@ -77,10 +79,29 @@ def collate(rows, pad_id: int, processor=None) -> Batch:
     return Batch(ids, labels, segments if packed else None, media)
 
 
+def stream_seed(purpose: str, *key: int) -> int:
+    """The seed of the random stream that `purpose` and `key` (the run's seed, an epoch, a rank, a
+    step) name: a hash of all of them, so two keys never share a seed the way an arithmetic mix
+    does (seed * 1000 + epoch gives seed 1's held-out split, epoch -1, seed 0's order of epoch 999)."""
+    digest = hashlib.blake2b(json.dumps([purpose, *key]).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # 63 bits: any torch generator takes it
+
+
 @functools.lru_cache(maxsize=2)
 def epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
-    """The data order of one epoch (cached: every micro-batch of the epoch asks for it)."""
-    return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist())
+    """The data order of one epoch (epoch -1: which examples are held out for eval), the same on
+    every process (cached: every micro-batch of the epoch asks for it)."""
+    generator = torch.Generator().manual_seed(stream_seed("data order", seed, epoch))
+    return tuple(torch.randperm(n, generator=generator).tolist())
+
+
+def seed_step(seed: int, rank: int, step: int) -> None:
+    """Seed the random numbers optimizer step `step` (0-based) draws on this process (LoRA dropout
+    masks), on the CPU and every accelerator, from (seed, rank, step) alone. A resumed step so
+    draws what the uninterrupted run drew, on any device, with no generator state in the
+    checkpoint; and each process draws masks of its own, as the rows of one batch do. The data
+    order comes from generators of its own (epoch_order), the same on every process."""
+    torch.manual_seed(stream_seed("step", seed, rank, step))
 
 
 def step_rows(n: int, seed: int, step: int, global_batch: int) -> list[int]:
@@ -150,8 +171,7 @@ def save_checkpoint(out: Path, model, opt, sched, scaler, step: int, history: li
     if not d.main:
         return final
     with atomic_dir(final, overwrite=True) as tmp:
-        state.update(scheduler=sched.state_dict(), scaler=scaler.state_dict() if scaler else None,
-                     rng=torch.get_rng_state())  # fmt: skip
+        state.update(scheduler=sched.state_dict(), scaler=scaler.state_dict() if scaler else None)
         torch.save(state, tmp / "state.pt")
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, "history": history}))
     write_atomic(out / "latest.json", lambda p: p.write_text(json.dumps({"checkpoint": final.name, "step": step})))
@@ -266,20 +286,59 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
         distributed.teardown(d)
 
 
+@dataclass
+class _Run:
+    """What one fine-tune's steps, evals and checkpoints share."""
+
+    cfg: TrainConfig
+    d: Dist
+    out: Path
+    model: torch.nn.Module
+    tok: object
+    body: torch.nn.Module  # the module the training forward goes through (DDP or FSDP under torchrun)
+    params: list
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler | None  # float16 weights only
+    rows: list
+    eval_rows: list
+    processor: object | None  # reads the batches' image/audio files
+    total: int  # optimizer steps of the run
+    global_batch: int  # rows per optimizer step, over all processes
+
+    def evaluate(self) -> float:
+        return evaluate(self.model, self.eval_rows, self.cfg, self.tok.pad_id, self.d, self.processor)
+
+
 def _train(cfg: TrainConfig, d: Dist, resume: bool, overwrite: bool, progress: bool, stop_after):
-    from g3n import load
-    from g3n.adapters.lora import add_lora, save_adapter
-    from g3n.adapters.merge import merge_checkpoint, save_merged, save_model_dir
+    """The run in order: settings and output_dir, model, data, optimizer, resume, steps, results."""
     from g3n.checkpoint.names import resolve_model_dir
-    from g3n.train.lora_mlp import use_fused_mlp
 
     if not cfg.train_data:
         raise G3nError("config: train_data names no file")
     distributed.check_same_settings(d, cfg.to_dict())
     model_dir = resolve_model_dir(cfg.model)  # a bad model name fails before output_dir is touched
     distributed.on_main(d, lambda: prepare_output(cfg, resume, overwrite, d.world, model_dir))
-    out = Path(cfg.output_dir)
-    torch.manual_seed(cfg.seed)
+    model, tok, media_tokens, run_dtype = _load_model(cfg, d, model_dir)
+    runner = _make_trainable(cfg, d, model, run_dtype)
+    rows, eval_rows, stats, processor = _load_rows(cfg, d, model, tok, model_dir, media_tokens)
+    run = _start_run(cfg, d, model, tok, rows, eval_rows, processor, run_dtype)
+    step, history = _resume(run) if resume else (0, [])
+    if d.main:
+        _print_summary(run, stats, runner.compiled)
+    if not _train_steps(run, step, history, progress, stop_after):
+        return history  # stopped at stop_after, as a kill would
+    _finish(run, model_dir, run_dtype, history)
+    return history
+
+
+def _load_model(cfg: TrainConfig, d: Dist, model_dir: Path):
+    """(model, tokenizer, media token ids, dtype): the model on this process's device with the
+    towers the config tunes; the image/audio token ids are None for a text-only checkpoint; the
+    dtype is the 16/32-bit weights' (the merged checkpoint keeps it: lossless)."""
+    from g3n import load
+
+    torch.manual_seed(cfg.seed)  # the adapters' initial weights: the same on every process
     device = str(d.device) if d.on else cfg.device
     model, tok = load(cfg.model, dtype=cfg.dtype, device=device, ple_device="cpu" if cfg.ple_on_cpu else None,
                       load_in_4bit=cfg.load_in_4bit)  # fmt: skip
@@ -290,18 +349,25 @@ def _train(cfg: TrainConfig, d: Dist, resume: bool, overwrite: bool, progress: b
     if d.on and cfg.parts != ["text"]:
         raise PeerError("tuning the vision/audio tower runs on one process for now (set finetune_*_layers)")
     media_tokens = _media_setup(cfg, model, model_dir)
-    run_dtype = model.dtype  # of the 16/32-bit weights: the merged checkpoint keeps it (lossless)
-    half = run_dtype == torch.float16
+    return model, tok, media_tokens, model.dtype
+
+
+def _make_trainable(cfg: TrainConfig, d: Dist, model, run_dtype: torch.dtype) -> recompute.LayerRunner:
+    """LoRA adapters (float32 whatever the base dtype: loss scaling needs it) or the decoder's own
+    weights made trainable, and the layers set to run the training way; returns their runner."""
+    from g3n.adapters.lora import add_lora
+    from g3n.train.lora_mlp import use_fused_mlp
+
     if cfg.lora:
         add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.finetune_attention_modules,
                  cfg.finetune_mlp_modules, parts=cfg.parts)  # fmt: skip
         for p in model.parameters():
-            if p.requires_grad:  # adapters train in float32 whatever the base dtype (loss scaling needs it)
+            if p.requires_grad:
                 p.data = p.data.float()
         if cfg.fused_lora_mlp:
             use_fused_mlp(model)
     else:
-        if half:
+        if run_dtype == torch.float16:
             raise G3nError("full fine-tuning in float16 needs float32 master weights; use bfloat16 or float32")
         if d.on and cfg.optim == "adamw_8bit":
             raise PeerError("optim adamw_8bit: full fine-tuning on several processes (FSDP) needs optim adamw")
@@ -310,12 +376,19 @@ def _train(cfg: TrainConfig, d: Dist, resume: bool, overwrite: bool, progress: b
         table = model.model.embed_tokens_per_layer.weight
         if table.device != model.device:  # kept off the accelerator: frozen
             table.requires_grad_(False)
-    # auto: one CUDA GPU, 16-bit weights (compiled 4-bit layers and compiled DDP/FSDP are not yet
-    # measured on a GPU: `compile: true` asks for them)
+    # auto: one CUDA GPU, 16-bit weights; compiled 4-bit layers and compiled DDP/FSDP run only when
+    # `compile: true` asks for them (their speed on a GPU is unverified)
     auto = model.device.type == "cuda" and not d.on and not cfg.load_in_4bit
-    runner = recompute.configure(model.model, cfg.gradient_checkpointing, auto if cfg.compile == "auto" else cfg.compile)
+    runner = recompute.configure(
+        model.model, cfg.gradient_checkpointing, auto if cfg.compile == "auto" else cfg.compile
+    )
     model.train()
+    return runner
 
+
+def _load_rows(cfg: TrainConfig, d: Dist, model, tok, model_dir: Path, media_tokens):
+    """(rows, eval rows, data statistics, media processor): the training data tokenized and cut
+    into rows; the eval rows from eval_data, else eval_fraction of the data held out."""
     examples, stats = load_examples(cfg.train_data, tok, cfg.max_length, cfg.responses_only, cfg.skip_bad, media_tokens)
     if cfg.eval_data:
         eval_examples, _ = load_examples(
@@ -326,159 +399,219 @@ def _train(cfg: TrainConfig, d: Dist, resume: bool, overwrite: bool, progress: b
         n_eval = int(len(examples) * cfg.eval_fraction)
         eval_examples = [examples[i] for i in order[:n_eval]]
         examples = [examples[i] for i in order[n_eval:]]
-    kinds = {kind for ex in examples + eval_examples for kind, _ in ex.media}
-    processor = None
-    if kinds:  # the files are read per batch; towers the config does not tune load frozen
-        if d.on:
-            raise PeerError("images/audio in the data: training on several processes is text-only for now")
-        from g3n.media import MediaProcessor
-
-        processor = MediaProcessor(model_dir)
-        add_towers(model, model_dir, kinds)
+    processor = _media_processor(d, model, model_dir, examples + eval_examples)
     rows, eval_rows = make_rows(examples, cfg), make_rows(eval_examples, cfg)
     if not rows:
         raise G3nError("no training examples left (all were held out or had no labels)")
     distributed.check_same_data(d, rows)
+    return rows, eval_rows, stats, processor
+
+
+def _media_processor(d: Dist, model, model_dir: Path, examples: list[Example]):
+    """The reader of the examples' image/audio files (None when there are none); it reads them per
+    batch. The towers they need and the config does not tune load frozen."""
+    kinds = {kind for ex in examples for kind, _ in ex.media}
+    if not kinds:
+        return None
+    if d.on:
+        raise PeerError("images/audio in the data: training on several processes is text-only for now")
+    from g3n.media import MediaProcessor
+
+    processor = MediaProcessor(model_dir)
+    add_towers(model, model_dir, kinds)
+    return processor
+
+
+def _start_run(cfg: TrainConfig, d: Dist, model, tok, rows, eval_rows, processor, run_dtype) -> _Run:
+    """The step count, the model wrapped for this number of processes, the optimizer, the
+    schedule and (float16) the loss scaler."""
     global_batch = cfg.batch_size * cfg.grad_accum * d.world
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(rows) / global_batch))
-
-    body = distributed.wrap(d, model, cfg.lora)  # the module the training forward goes through
+    body = distributed.wrap(d, model, cfg.lora)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(cfg, params, model.device)
-    # Loss scaling starts at 2^10, not torch's 2^16: gradients reaching E2B's first layers measured
-    # ~80 at scale 1 (random weights, H200), so 2^16 overflowed and skipped the first 6-7 steps.
-    scaler = torch.amp.GradScaler(model.device.type, init_scale=2.0**10) if half else None
+    # Loss scaling starts at 2^10, not torch's 2^16: the gradients reaching E2B's first layers are
+    # large enough that 2^16 overflows and skips the first steps.
+    scaler = torch.amp.GradScaler(model.device.type, init_scale=2.0**10) if run_dtype == torch.float16 else None
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
-    step, history = 0, []
-    if resume:
-        if not (out / "latest.json").is_file():  # process 0 found it: this host does not see output_dir
-            raise G3nError(
-                f"{out}/latest.json not found here: resuming needs output_dir on a filesystem every host sees"
-            )
-        latest = json.loads((out / "latest.json").read_text())
-        ckpt = out / latest["checkpoint"]
-        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False, mmap=True)
-        distributed.load_model_state(d, model, state["model"], str(ckpt))
-        distributed.load_optimizer_state(d, model, opt, state["optimizer"])
-        resume_schedule(sched, state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"])
-        meta = json.loads((ckpt / STATE_FILE).read_text())
-        step, history = meta["step"], meta["history"]
-        if step > total:
-            raise G3nError(f"{ckpt}: the run is at step {step}, past this run's {total} steps; raise max_steps to "
-                           "continue it")  # fmt: skip
+    return _Run(cfg, d, Path(cfg.output_dir), model, tok, body, params, opt, sched, scaler, rows, eval_rows,
+                processor, total, global_batch)  # fmt: skip
 
+
+def _resume(run: _Run) -> tuple[int, list]:
+    """Load the latest checkpoint into the run; returns its step and history. Nothing random is
+    restored: each step seeds its own random numbers (seed_step)."""
+    out = run.out
+    if not (out / "latest.json").is_file():  # process 0 found it: this host does not see output_dir
+        raise G3nError(f"{out}/latest.json not found here: resuming needs output_dir on a filesystem every host sees")
+    latest = json.loads((out / "latest.json").read_text())
+    ckpt = out / latest["checkpoint"]
+    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False, mmap=True)
+    distributed.load_model_state(run.d, run.model, state["model"], str(ckpt))
+    distributed.load_optimizer_state(run.d, run.model, run.opt, state["optimizer"])
+    resume_schedule(run.sched, state["scheduler"])
+    if run.scaler is not None and state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    meta = json.loads((ckpt / STATE_FILE).read_text())
+    step, history = meta["step"], meta["history"]
+    if step > run.total:
+        raise G3nError(f"{ckpt}: the run is at step {step}, past this run's {run.total} steps; raise max_steps to "
+                       "continue it")  # fmt: skip
+    return step, history
+
+
+def _print_summary(run: _Run, stats, compiled: bool) -> None:
+    """What the run is about to do: data, steps, trainable parameters, how the layers run."""
+    cfg, d = run.cfg, run.d
     processes = f" x {d.world} processes" if d.on else ""
-    summary = (
+    print(
         f"[g3n] {stats.samples} samples ({stats.truncated} cut to {cfg.max_length} tokens, "
         f"{len(stats.without_labels)} without labels dropped, {len(stats.skipped)} bad skipped), "
-        f"{len(rows)} rows, {len(eval_rows)} eval rows; "
-        f"{total} steps of {cfg.batch_size} x {cfg.grad_accum} rows{processes}; "
-        f"{sum(p.numel() for p in params):,} trainable parameters"
+        f"{len(run.rows)} rows, {len(run.eval_rows)} eval rows; "
+        f"{run.total} steps of {cfg.batch_size} x {cfg.grad_accum} rows{processes}; "
+        f"{sum(p.numel() for p in run.params):,} trainable parameters",
+        flush=True,
     )
-    if d.main:
-        print(summary, flush=True)
-        layers = {
-            True: "recomputed in backward",
-            False: "kept",
-            "offload": "recomputed in backward, inputs in CPU memory",
-        }
-        print(f"[g3n] layer activations {layers[cfg.gradient_checkpointing]}"
-              + ("; compiling the decoder layers (the first steps take 30-70 s longer)" if runner.compiled else ""),
-              flush=True)  # fmt: skip
-        for problem in stats.skipped[:5]:
-            print(f"[g3n] skipped: {problem}", flush=True)
-    bar = None
-    if progress and d.main:
-        from tqdm import tqdm
+    layers = {True: "recomputed in backward", False: "kept", "offload": "recomputed in backward, inputs in CPU memory"}
+    print(f"[g3n] layer activations {layers[cfg.gradient_checkpointing]}"
+          + ("; compiling the decoder layers (the first steps take 30-70 s longer)" if compiled else ""),
+          flush=True)  # fmt: skip
+    for problem in stats.skipped[:5]:
+        print(f"[g3n] skipped: {problem}", flush=True)
 
-        bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
-    metrics = (out / "metrics.jsonl").open("a") if d.main else None
 
-    def log(record: dict) -> None:
-        history.append(record)
-        if metrics:
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
+class _Log:
+    """Where a run's records go: its history, and on process 0 metrics.jsonl and the progress bar."""
 
+    def __init__(self, run: _Run, history: list, step: int, progress: bool):
+        self.history, self.bar = history, None
+        if progress and run.d.main:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=run.total, initial=step, desc="train", unit="step", dynamic_ncols=True)
+        self.metrics = (run.out / "metrics.jsonl").open("a") if run.d.main else None
+
+    def __call__(self, record: dict) -> None:
+        self.history.append(record)
+        if self.metrics:
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
+        if self.bar and "loss" in record:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                 tok_s=f"{record['tokens_per_s']:.0f}")  # fmt: skip
+
+    def close(self) -> None:
+        if self.metrics:
+            self.metrics.close()
+        if self.bar:
+            self.bar.close()
+
+
+def _train_steps(run: _Run, step: int, history: list, progress: bool, stop_after) -> bool:
+    """The optimizer steps from `step` to the end, with evals, records and checkpoints; False when
+    stopped at `stop_after`."""
+    cfg, log = run.cfg, _Log(run, history, step, progress)
     try:
-        if eval_rows and step == 0:  # the baseline the run's eval losses compare against
-            loss = evaluate(model, eval_rows, cfg, tok.pad_id, d, processor)
+        if run.eval_rows and step == 0:  # the baseline the run's eval losses compare against
+            loss = run.evaluate()
             log({"step": 0, "eval_loss": round(loss, 6), "eval_perplexity": round(math.exp(loss), 4)})
-        while step < total:
-            start, loss_sum = time.perf_counter(), 0.0
-            chosen = step_rows(len(rows), cfg.seed, step, global_batch)  # the whole step, all processes
-            targets = max(1, sum(target_tokens(rows[i]) for i in chosen))
-            tokens = sum(len(rows[i][0]) for i in chosen)
-            for micro in range(cfg.grad_accum):
-                first = (micro * d.world + d.rank) * cfg.batch_size  # this process's share
-                b = collate([rows[i] for i in chosen[first : first + cfg.batch_size]], tok.pad_id, processor)
-                n = int((b.labels[:, 1:] != IGNORE).sum())
-                with distributed.accumulating(body, last=micro == cfg.grad_accum - 1):
-                    ids = b.ids.to(model.device)
-                    loss = causal_lm_loss(model, ids, b.labels, None, b.segments, body=body, media=b.media)
-                    # sum over the step's target tokens / their count; DDP and FSDP average over processes
-                    scaled = loss * (n * d.world / targets)
-                    (scaler.scale(scaled) if scaler else scaled).backward()
-                loss_sum += loss.item() * n / targets
-            (loss_sum,) = d.sum(loss_sum)
-            if not math.isfinite(loss_sum):
-                raise G3nError(f"loss became {loss_sum} at step {step + 1}; the last good checkpoint is kept in {out}")
-            if scaler:
-                scaler.unscale_(opt)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)  # 0/None: measured only
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP
-            if not torch.isfinite(grad_norm) and not scaler:  # with loss scaling: skip the step, lower the scale
-                raise G3nError(f"gradients became non-finite at step {step + 1}; the last good checkpoint is in {out}")
-            lr = sched.get_last_lr()[0]
-            skipped = False
-            if scaler:
-                scale = scaler.get_scale()
-                scaler.step(opt)  # skips the update when the scaled gradients overflowed
-                scaler.update()
-                skipped = scaler.get_scale() < scale
-            else:
-                opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+        while step < run.total:
+            record = _optimizer_step(run, step)
             step += 1
-            record = {"step": step, "loss": round(loss_sum, 6), "lr": lr, "grad_norm": round(float(grad_norm), 4),
-                      "tokens_per_s": round(tokens / (time.perf_counter() - start), 1)}  # fmt: skip
-            if skipped:
-                record["skipped_overflow"] = True  # float16: loss scale lowered, weights unchanged
-            if eval_rows and (step % cfg.eval_steps == 0 or step == total):
-                record["eval_loss"] = round(evaluate(model, eval_rows, cfg, tok.pad_id, d, processor), 6)
+            if run.eval_rows and (step % cfg.eval_steps == 0 or step == run.total):
+                record["eval_loss"] = round(run.evaluate(), 6)
                 record["eval_perplexity"] = round(math.exp(record["eval_loss"]), 4)
             log(record)
-            if bar:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-            if step % cfg.save_steps == 0 or step == total:
-                save_checkpoint(out, model, opt, sched, scaler, step, history, d)
+            if step % cfg.save_steps == 0 or step == run.total:
+                save_checkpoint(run.out, run.model, run.opt, run.sched, run.scaler, step, history, run.d)
             if stop_after is not None and step >= stop_after:
-                return history
+                return False
     finally:
-        if metrics:
-            metrics.close()
-        if bar:
-            bar.close()
+        log.close()
+    return True
 
+
+def _optimizer_step(run: _Run, step: int) -> dict:
+    """Optimizer step `step` (0-based) on this process's share of its rows; returns its record."""
+    start = time.perf_counter()
+    seed_step(run.cfg.seed, run.d.rank, step)
+    chosen = step_rows(len(run.rows), run.cfg.seed, step, run.global_batch)  # the whole step, all processes
+    tokens = sum(len(run.rows[i][0]) for i in chosen)
+    (loss,) = run.d.sum(_accumulate_gradients(run, chosen))
+    if not math.isfinite(loss):
+        raise G3nError(f"loss became {loss} at step {step + 1}; the last good checkpoint is kept in {run.out}")
+    lr, grad_norm, skipped = _update_weights(run, step)
+    record = {"step": step + 1, "loss": round(loss, 6), "lr": lr, "grad_norm": round(grad_norm, 4),
+              "tokens_per_s": round(tokens / (time.perf_counter() - start), 1)}  # fmt: skip
+    if skipped:
+        record["skipped_overflow"] = True  # float16: loss scale lowered, weights unchanged
+    return record
+
+
+def _accumulate_gradients(run: _Run, chosen: list[int]) -> float:
+    """Forward and backward over this process's micro-batches of the step's rows `chosen`; returns
+    this process's part of the step's loss."""
+    cfg, d = run.cfg, run.d
+    targets = max(1, sum(target_tokens(run.rows[i]) for i in chosen))
+    loss_sum = 0.0
+    for micro in range(cfg.grad_accum):
+        first = (micro * d.world + d.rank) * cfg.batch_size  # this process's share
+        b = collate([run.rows[i] for i in chosen[first : first + cfg.batch_size]], run.tok.pad_id, run.processor)
+        n = int((b.labels[:, 1:] != IGNORE).sum())
+        with distributed.accumulating(run.body, last=micro == cfg.grad_accum - 1):
+            ids = b.ids.to(run.model.device)
+            loss = causal_lm_loss(run.model, ids, b.labels, None, b.segments, body=run.body, media=b.media)
+            # sum over the step's target tokens / their count; DDP and FSDP average over processes
+            scaled = loss * (n * d.world / targets)
+            (run.scaler.scale(scaled) if run.scaler else scaled).backward()
+        loss_sum += loss.item() * n / targets
+    return loss_sum
+
+
+def _update_weights(run: _Run, step: int) -> tuple[float, float, bool]:
+    """Clip, step the optimizer and the schedule; returns (the step's learning rate, the gradient
+    norm, whether loss scaling skipped the update)."""
+    opt, scaler = run.opt, run.scaler
+    if scaler:
+        scaler.unscale_(opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, run.cfg.max_grad_norm or math.inf)  # 0/None: measured only
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP
+    if not torch.isfinite(grad_norm) and not scaler:  # with loss scaling: skip the step, lower the scale
+        raise G3nError(f"gradients became non-finite at step {step + 1}; the last good checkpoint is in {run.out}")
+    lr = run.sched.get_last_lr()[0]
+    skipped = False
+    if scaler:
+        scale = scaler.get_scale()
+        scaler.step(opt)  # skips the update when the scaled gradients overflowed
+        scaler.update()
+        skipped = scaler.get_scale() < scale
+    else:
+        opt.step()
+    run.sched.step()
+    opt.zero_grad(set_to_none=True)
+    return lr, float(grad_norm), skipped
+
+
+def _finish(run: _Run, model_dir: Path, run_dtype: torch.dtype, history: list) -> None:
+    """The run's results: the adapter, the merged or fully tuned model (save_merged), loss.png."""
+    from g3n.adapters.lora import save_adapter
+    from g3n.adapters.merge import merge_checkpoint, save_merged, save_model_dir
+
+    cfg, d, out = run.cfg, run.d, run.out
     if cfg.lora and d.main:
-        save_adapter(model, out / "adapter", base_model=str(cfg.model))
+        save_adapter(run.model, out / "adapter", base_model=str(cfg.model))
     if cfg.writes_model and cfg.load_in_4bit:  # from the base checkpoint's 16-bit weights, not the 4-bit ones
         if d.main:
             merge_checkpoint(model_dir, out / "adapter", out / "merged", overwrite=True)
     elif cfg.writes_model:
-        full = distributed.gathered_model(d, model)  # every process takes part under FSDP
+        full = distributed.gathered_model(d, run.model)  # every process takes part under FSDP
         if d.main:
             write = save_merged if cfg.lora else save_model_dir
             write(full, out / "merged", model_dir, dtype=run_dtype, overwrite=True)
     if d.main:
         plot_losses(history, out / "loss.png")
     d.barrier()  # every process returns once the outputs are written
-    return history
 
 
 def _media_setup(cfg: TrainConfig, model, model_dir: Path):

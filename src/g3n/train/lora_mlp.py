@@ -15,9 +15,8 @@ Linears with one active adapter and no dropout, when gradients are on; anything 
 4-bit base weights, dropout, full fine-tuning, inference) keeps the model's own MLP forward.
 
 Opt-in (`fused_lora_mlp: true`): it runs eagerly between the compiled halves of a layer (a graph
-break: a traced graph would not keep the in-place reuse), which cost about 8% of the tokens/s at
-4 x 2048 on an H200 and more on long rows cut into tiles, against 0.13 GiB less at E4B 1 x 2048 and
-0.76 GiB at 4 x 2048 (docs/benchmarks.md, fifth session).
+break: a traced graph would not keep the in-place reuse), which costs tokens/s, more on long rows
+cut into tiles, for a smaller memory peak (docs/benchmarks.md has the measurements).
 """
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ def dynamo_settings():
       checkpointed region must recompute with the graph its forward ran: once a function has a static
       and a dynamic-shape graph that both accept the inputs (a 2048-token batch, then a longer one),
       the most-recent-first order could pick the other in the backward pass, and
-      torch.utils.checkpoint stopped with "Recomputed values ... have different metadata"
+      torch.utils.checkpoint would stop with "Recomputed values ... have different metadata"
       (pytorch/pytorch#166926; torchtitan applies the same setting)."""
     import torch._dynamo
 
