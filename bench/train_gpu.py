@@ -181,7 +181,8 @@ def run_g3n(cfg, state, data, device, warmup, steps, checkpointing, compiled, dt
         return value
 
     reset(device)
-    result = timed_steps(step, warmup, steps, device)
+    with recompute.dynamo_settings():  # entered once, as train() does
+        result = timed_steps(step, warmup, steps, device)
     return result, (all(finite), sum(skipped), scaler.get_scale() if scaler else None)
 
 

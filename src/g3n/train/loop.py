@@ -280,7 +280,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
     this; process 0 writes the outputs."""
     d = distributed.setup(cfg.device)
     try:
-        with distributed.explained_timeouts(d):
+        with distributed.explained_timeouts(d), recompute.dynamo_settings():
             return _train(cfg, d, resume, overwrite, progress, stop_after)
     finally:
         distributed.teardown(d)

@@ -50,19 +50,27 @@ def _compile(backend: str):
 
 
 def _in_training_settings(fn):
-    """fn, called under dynamo_settings (only while it runs: nothing else in the process sees them)."""
+    """fn, called under dynamo_settings: inside a training run's (`train()` enters them once) at no
+    cost, else entered around this call (nothing else in the process sees them)."""
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
+        if _settings_depth:
+            return fn(*args, **kwargs)
         with dynamo_settings():
             return fn(*args, **kwargs)
 
     return call
 
 
+_settings_depth = 0  # how many dynamo_settings blocks are open (per process; training runs on one thread)
+
+
 @contextlib.contextmanager
 def dynamo_settings():
-    """Dynamo's settings for the compiled layer halves, set only around their calls:
+    """Dynamo's settings for training's compiled functions, set only inside this block (a training
+    run, or one call of such a function outside one: entering costs about 70 us, so training
+    enters it once, not around each of its hundreds of compiled calls a step):
     - a function that fails to compile runs uncompiled, with a warning (`suppress_errors`);
     - a few variants per function (sparse/dense, sliding/full, grad on/off): a higher recompile limit;
     - a function's compiled graphs are tried in the order they were made, not most recent first. A
@@ -81,15 +89,17 @@ def dynamo_settings():
     lru = getattr(torch._C._dynamo.eval_frame, "_set_lru_cache", None)
     if hasattr(config, "cache_entry_use_lru"):  # newer torch
         patch["cache_entry_use_lru"], lru = False, None
+    global _settings_depth
     with config.patch(patch):
-        if lru is None:
-            yield
-            return
-        lru(False)  # older torch: the same, through eval_frame
+        _settings_depth += 1
+        if lru is not None:
+            lru(False)  # older torch: the same, through eval_frame
         try:
             yield
         finally:
-            lru(True)
+            _settings_depth -= 1
+            if lru is not None:
+                lru(True)
 
 
 class LayerRunner:
