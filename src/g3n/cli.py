@@ -213,8 +213,9 @@ def _engine(args, modalities=None, **kw):
 
     kinds = [k for k in ("image", "audio") if getattr(args, k, None)] if modalities is None else modalities
     options = DecodeOptions() if args.compile is None else DecodeOptions(compile=args.compile)
-    return load_engine(_resolve_model(args), dtype=args.dtype, device=args.device, matformer=args.matformer, modalities=kinds,
-                       load_in_4bit=args.load_in_4bit, context=args.context, options=options, **kw)  # fmt: skip
+    return load_engine(_resolve_model(args), dtype=args.dtype, device=args.device, matformer=args.matformer,
+                       modalities=kinds, load_in_4bit=args.load_in_4bit, context=args.context, options=options,
+                       **kw)  # fmt: skip
 
 
 def cmd_generate(args) -> int:

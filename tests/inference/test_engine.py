@@ -59,7 +59,7 @@ def test_decode_compiles_after_training_compiled_in_the_same_process():
     from g3n.train import recompute
 
     assert torch._dynamo.config.suppress_errors is False
-    trained = recompute._in_training_settings(torch.compile(lambda x: x + 1, backend="eager"))
+    trained = recompute.in_training_settings(torch.compile(lambda x: x + 1, backend="eager"))
     assert trained(torch.ones(2)).tolist() == [2.0, 2.0]
     assert torch._dynamo.config.suppress_errors is False
     with engine._strict_dynamo(), torch._dynamo.config.patch(recompile_limit=1):

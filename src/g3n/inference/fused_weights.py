@@ -9,11 +9,12 @@ and the modules, their parameters and the state_dict keep their shapes and value
 
 A group stays unfused when its modules are not plain nn.Linear without bias of one dtype and
 device (LoRA-wrapped, 4-bit). `fuse` runs before every decode through the fused layers
-(engine.Generator, unless its DecodeOptions.fuse_weights is off) and first checks that the modules' weights are still views of the group's matrix: moving the model
-or assigning new weights breaks that, and the group is then built again (or dropped), so decoding
-never reads a stale copy. `in_projections` and `gate_up` take the engine's choices: `fused` (an
-engine with fuse_weights off runs one product per module even where another engine fused the
-weights) and the batch-1 kernel's (`kernel`, `pdl`: kernels/gemv.py).
+(engine.Generator, unless its DecodeOptions.fuse_weights is off) and first checks that the
+modules' weights are still views of the group's matrix: moving the model or assigning new weights
+breaks that, and the group is then built again (or dropped), so decoding never reads a stale copy.
+`in_projections` and `gate_up` take the engine's choices: `fused` (an engine with fuse_weights off
+runs one product per module even where another engine fused the weights) and the batch-1 kernel's
+(`kernel`, `pdl`: kernels/gemv.py).
 """
 
 from __future__ import annotations

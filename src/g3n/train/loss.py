@@ -58,7 +58,7 @@ def _compiled():
 @functools.cache
 def _compile(backend: str):
     return tuple(
-        recompute._in_training_settings(torch.compile(f, dynamic=True, backend=backend))
+        recompute.in_training_settings(torch.compile(f, dynamic=True, backend=backend))
         for f in (_chunk_forward, _chunk_backward)
     )
 

@@ -46,10 +46,10 @@ def _compiled():
 
 @functools.cache
 def _compile(backend: str):
-    return tuple(_in_training_settings(torch.compile(f, backend=backend)) for f in (_begin, _attend, _end, _project_kv))
+    return tuple(in_training_settings(torch.compile(f, backend=backend)) for f in (_begin, _attend, _end, _project_kv))
 
 
-def _in_training_settings(fn):
+def in_training_settings(fn):
     """fn, called under dynamo_settings: inside a training run's (`train()` enters them once) at no
     cost, else entered around this call (nothing else in the process sees them)."""
 
