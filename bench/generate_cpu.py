@@ -47,13 +47,13 @@ def g3n_fused(model, prompts, new: int) -> list[list[int]]:
     ids = torch.tensor(prompts)
     gen = Generator(model, len(prompts), ids.shape[1] + new, fused=True)
     with torch.inference_mode():
-        logits = gen.prefill(ids, torch.ones_like(ids, dtype=torch.bool))
+        logits = torch.cat([gen.prefill(row, x) for row, x in enumerate(ids)])
         out = []
         for step in range(new):
             tok = logits.argmax(-1)
             out.append(tok)
             if step < new - 1:
-                logits = gen.step(tok, ids.shape[1] + step)
+                logits = gen.step(tok, [ids.shape[1] + step] * len(prompts)).logits
     return torch.stack(out, 1).tolist()
 
 

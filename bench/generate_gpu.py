@@ -39,7 +39,8 @@ from functools import partial
 import torch
 
 from g3n.config import text_config_from_dict
-from g3n.inference.engine import Generator, compiled_decode, decode_logits
+from g3n.inference.decode import compiled_decode, decode_logits
+from g3n.inference.engine import Generator
 from g3n.inference.generate import generate_steps
 from g3n.inference.options import DecodeOptions
 from g3n.inference.sampling import SamplingParams, next_tokens, sample_tokens

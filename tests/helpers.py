@@ -254,9 +254,9 @@ def teacher_forced(model, ids, prompt_len, **generator_kw):
     from g3n.inference.engine import Generator
 
     gen = Generator(model, 1, ids.shape[1], **generator_kw)
-    out = [gen.prefill(ids[:, :prompt_len], torch.ones(1, prompt_len, dtype=torch.bool))]
+    out = [gen.prefill(0, ids[0, :prompt_len])]
     for pos in range(prompt_len, ids.shape[1]):
-        out.append(gen.step(ids[:, pos].to(model.device), pos).clone())
+        out.append(gen.step(ids[:, pos], [pos]).logits.clone())
     return torch.stack(out, dim=1).cpu()
 
 
@@ -264,7 +264,7 @@ def record_layer_compiles(monkeypatch) -> dict[str, list]:
     """Make the engine's per-layer compile (its parts: the step's inputs, each kind of layer, the
     logits) trace (fullgraph) through a backend that records each graph and runs it as traced;
     returns {"inputs" | "layer" | "logits": the graphs traced for that part}."""
-    from g3n.inference import engine
+    from g3n.inference import decode
 
     graphs = {"inputs": [], "layer": [], "logits": []}
 
@@ -275,9 +275,9 @@ def record_layer_compiles(monkeypatch) -> dict[str, list]:
 
         return torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)
 
-    parts = (recorded(engine.step_inputs, "inputs"), recorded(engine.decode_layer_cached, "layer"),
-             recorded(engine.step_logits, "logits"))  # fmt: skip
-    monkeypatch.setattr(engine, "_compiled_parts", lambda: parts)
+    parts = (recorded(decode.step_inputs, "inputs"), recorded(decode.decode_layer_cached, "layer"),
+             recorded(decode.step_logits, "logits"))  # fmt: skip
+    monkeypatch.setattr(decode, "_compiled_parts", lambda: parts)
     return graphs
 
 
@@ -292,9 +292,9 @@ def fake_cuda_graph(monkeypatch) -> None:
         def replay(self):
             pass
 
-    def warm_up(run, step, args):
+    def warm_up(run):
         for _ in range(2):
-            run(step, args)
+            run()
 
     monkeypatch.setattr(Generator, "_warm_up", staticmethod(warm_up))
     monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)

@@ -121,17 +121,17 @@ def test_chat_keeps_conversation_and_commands(capsys, monkeypatch):
 
 def test_compile_option_reaches_the_engine(capsys, monkeypatch):
     """--compile picks the decode step's compile mode (ignored on a CPU, where nothing is captured)."""
-    import g3n.inference.generate as gen
+    import g3n.inference.engine as gen
     from g3n.inference.options import CompileMode, DecodeOptions
 
     modes = []
-    original = gen.Generator
+    original = gen.Engine
 
-    def spy(*args, **kw):
-        modes.append(kw["options"].compile)
-        return original(*args, **kw)
+    def spy(model, slots, options):
+        modes.append(DecodeOptions().compile if options is None else options.compile)
+        return original(model, slots, options)
 
-    monkeypatch.setattr(gen, "Generator", spy)
+    monkeypatch.setattr(gen, "Engine", spy)
     for flag, mode in (("layers", CompileMode.LAYERS), ("step", CompileMode.STEP), ("off", CompileMode.OFF)):
         args = ["generate", "--prompt", "Hi", "--greedy", "--max-new-tokens", "3", "--device", "cpu", "--compile", flag]
         rc, out, _ = run_cli(args, capsys)

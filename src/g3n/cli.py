@@ -103,9 +103,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         default=None,  # None: DecodeOptions' default
         choices=[mode.value for mode in CompileMode],
         help="on a GPU, compile the decode step with torch.compile before it is captured as a CUDA graph: "
-        "'layers' compiles each kind of decoder layer (a one-off 10-30 s per batch size and cache length, then "
-        "3.7-4.5x the tokens/s at batch 1), 'step' the whole step as one graph (75-120 s); worth it for long "
-        f"answers and servers, not one short reply (default: {DecodeOptions().compile}; ignored on a CPU)",
+        "'layers' compiles each kind of decoder layer, 'step' the whole step as one graph (the longest compile), "
+        "'off' runs the model's own layers in the graph. The compile is paid once per machine and shape; later "
+        f"runs load it from ~/.cache/g3n/torch-compile (default: {DecodeOptions().compile}; ignored on a CPU)",
+    )
+    g.add_argument(
+        "--ple-on-gpu",
+        action="store_true",
+        help="keep the per-layer embedding table on the GPU (default: in CPU memory, read by the GPU over the "
+        "bus at the same speed; about 3 GiB less GPU memory for E2B, 4.5 GiB for E4B)",
     )
     g.add_argument(
         "--matformer",
@@ -212,10 +218,10 @@ def _engine(args, modalities=None, **kw):
     from g3n.inference.backends import load_engine
 
     kinds = [k for k in ("image", "audio") if getattr(args, k, None)] if modalities is None else modalities
-    options = DecodeOptions() if args.compile is None else DecodeOptions(compile=args.compile)
+    options = None if args.compile is None else DecodeOptions(compile=args.compile)  # None: the defaults
     return load_engine(_resolve_model(args), dtype=args.dtype, device=args.device, matformer=args.matformer,
                        modalities=kinds, load_in_4bit=args.load_in_4bit, context=args.context, options=options,
-                       **kw)  # fmt: skip
+                       ple_on_gpu=args.ple_on_gpu, **kw)  # fmt: skip
 
 
 def cmd_generate(args) -> int:
@@ -223,7 +229,7 @@ def cmd_generate(args) -> int:
     if args.raw and (args.image or args.audio or args.system):
         raise G3nError("--raw continues plain text; a system prompt, images and audio need the chat format "
                        "(drop --raw)")  # fmt: skip
-    engine = _engine(args)
+    engine = _engine(args, adapter=args.adapter, max_batch=1)
     media = None
     if args.raw:
         ids = engine.encode(args.prompt)
@@ -244,7 +250,7 @@ CHAT_HELP = (
 
 def cmd_chat(args) -> int:
     params = _sampling(args)
-    engine = _engine(args)
+    engine = _engine(args, adapter=args.adapter, max_batch=1)
     system = args.system
     history: list[dict] = []
     pending = {"image": list(args.image), "audio": list(args.audio)}  # for the next user message
@@ -514,6 +520,7 @@ def _add_generate(sub) -> None:
         "and stream it to the terminal. Stops at <end_of_turn>, eos, or --max-new-tokens.",
     )
     _add_model_args(p)
+    _add_adapter_arg(p)
     p.add_argument("--prompt", required=True, help="the prompt text")
     p.add_argument("--system", default=None, help="a system prompt (folded into the user turn)")
     p.add_argument("--raw", action="store_true", help="continue the prompt as plain text, no chat template")
@@ -530,6 +537,7 @@ def _add_chat(sub) -> None:
         "Reads stdin, so a file of lines can be piped in.",
     )
     _add_model_args(p)
+    _add_adapter_arg(p)
     p.add_argument("--system", default=None, help="a system prompt for the conversation")
     _add_media_args(p)
     _add_sampling_args(p)
@@ -668,14 +676,18 @@ def _add_serve(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_model_args(p)
-    p.add_argument("--adapter", default=None,
-                   help="a PEFT LoRA adapter directory, merged in at load (with --load-in-4bit: run beside the 4-bit "
-                   "weights, unmerged)")  # fmt: skip
+    _add_adapter_arg(p)
     p.add_argument("--text-only", action="store_true",
                    help="do not load a multimodal checkpoint's vision/audio towers (less memory; images and "
                    "audio then get a 400)")  # fmt: skip
     _add_server_args(p)
     p.set_defaults(func=cmd_serve)
+
+
+def _add_adapter_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", default=None,
+                   help="a PEFT LoRA adapter directory (e.g. runs/NAME/adapter from g3n train), merged in at load "
+                   "(with --load-in-4bit: run beside the 4-bit weights, unmerged); without --model, its base model")  # fmt: skip
 
 
 def _add_server_args(p: argparse.ArgumentParser) -> None:

@@ -8,8 +8,9 @@ import warnings
 import pytest
 import torch
 
-from g3n.inference import engine
-from g3n.inference.engine import Generator, cache_bucket
+from g3n.inference import decode, engine
+from g3n.inference.decode import cache_bucket
+from g3n.inference.engine import Generator
 from g3n.inference.options import CompileMode, DecodeOptions
 from helpers import fake_cuda_graph, record_layer_compiles, teacher_forced
 
@@ -21,7 +22,7 @@ def test_decode_far_past_the_window_matches_transformers(hf_model, ours, monkeyp
     """Window 8, 48 positions: every ring slot is rewritten several times; chunked prefill too;
     `fused`: the decode layers the compiled GPU step is made of (AltUp without GEMMs, GQA without
     K/V copies), run eagerly here."""
-    monkeypatch.setattr(engine, "PREFILL_CHUNK", chunk)
+    monkeypatch.setattr(decode, "PREFILL_CHUNK", chunk)
     ids = torch.randint(0, 300, (1, 48), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         expected = hf_model(ids).logits[:, 19:]
@@ -36,17 +37,22 @@ def test_cache_bucket_rounds_up_within_the_context():
 
 
 @pytest.mark.parametrize("fused", [False, True])
-def test_left_padded_batch_equals_rows_alone(ours, fused):
+def test_rows_at_their_own_positions_equal_rows_alone(ours, fused):
+    """Two rows of different lengths share a step, each at its own position (no padding); a row
+    the step does not write (live False) keeps its cache as it was."""
     g = torch.Generator().manual_seed(5)
     rows = [torch.randint(0, 300, (n,), generator=g) for n in (13, 5)]
-    width, steps = 13, 20
-    ids = torch.zeros(2, width, dtype=torch.long)
-    mask = torch.zeros(2, width, dtype=torch.bool)
-    for r, x in enumerate(rows):
-        ids[r, width - len(x) :], mask[r, width - len(x) :] = x, True
+    steps = 20
     follow = torch.randint(0, 300, (2, steps), generator=g)
-    gen = Generator(ours, 2, width + steps, fused=fused)
-    batched = [gen.prefill(ids, mask)] + [gen.step(follow[:, s], width + s).clone() for s in range(steps - 1)]
+    gen = Generator(ours, 2, 13 + steps, fused=fused)
+    first = [gen.prefill(r, x)[0] for r, x in enumerate(rows)]
+    batched = [torch.stack(first)]
+    for s in range(steps - 1):
+        batched.append(gen.step(follow[:, s], [13 + s, 5 + s]).logits.clone())
+        if s == 3:  # a step that writes neither row changes nothing
+            held = {k: v.clone() for k, v in gen.cache.keys.items()}
+            gen.step(follow[:, 0], [13 + s + 1, 5 + s + 1], live=torch.tensor([False, False]))
+            assert all(torch.equal(held[k], gen.cache.keys[k]) for k in held)
     for r, x in enumerate(rows):
         alone = teacher_forced(ours, torch.cat([x, follow[r, :-1]])[None], prompt_len=len(x), fused=fused)[0]
         assert (torch.stack([b[r] for b in batched]) - alone).abs().max() < TOL
@@ -62,7 +68,7 @@ def test_decode_compiles_after_training_compiled_in_the_same_process():
     trained = recompute.in_training_settings(torch.compile(lambda x: x + 1, backend="eager"))
     assert trained(torch.ones(2)).tolist() == [2.0, 2.0]
     assert torch._dynamo.config.suppress_errors is False
-    with engine._strict_dynamo(), torch._dynamo.config.patch(recompile_limit=1):
+    with decode.strict_dynamo(), torch._dynamo.config.patch(recompile_limit=1):
         double = torch.compile(lambda x: x * 2, backend="eager", dynamic=False)
         assert double(torch.ones(2)).tolist() == [2.0, 2.0]
         with pytest.raises(Exception, match="recompile"):
@@ -104,7 +110,7 @@ def test_failed_compile_falls_back_to_the_uncompiled_graph(hf_dir, monkeypatch):
 
         return fail
 
-    monkeypatch.setattr(engine, "compiled_decode", broken)
+    monkeypatch.setattr(decode, "compiled_decode", broken)
     model = load_model(hf_dir, dtype="float32", device="cuda")
     ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(7))
     eager = teacher_forced(model, ids, prompt_len=10, cuda_graph=False)
@@ -169,11 +175,11 @@ def _kernel_failing_compile(monkeypatch, seen: list) -> None:
             seen.append(args[-1].decode_kernels)
             if args[-1].decode_kernels:
                 raise RuntimeError("this compiler cannot take the decode kernels")
-            return engine.decode_logits(*args)
+            return decode.decode_logits(*args)
 
         return step
 
-    monkeypatch.setattr(engine, "compiled_decode", compiled_decode)
+    monkeypatch.setattr(decode, "compiled_decode", compiled_decode)
     monkeypatch.setattr(engine.decode_kernels, "usable", lambda x, cfg: True)
 
 
@@ -191,9 +197,9 @@ def test_a_compile_failing_with_the_decode_kernels_drops_them_for_that_engine_on
     for _ in range(2):  # two engines in turn: each tries the kernels first
         seen.clear()
         gen = Generator(model, 1, 12, options=asked, cuda_graph=True)
-        gen.prefill(ids[:, :10], torch.ones(1, 10, dtype=torch.bool))
+        gen.prefill(0, ids[0, :10])
         with pytest.warns(UserWarning, match="decode kernels failed to compile.*cannot take the decode kernels"):
-            got = gen.step(ids[:, 10], 10)  # warm-up (compiling) and capture
+            got = gen.step(ids[:, 10], [10]).logits  # warm-up (compiling) and capture
         assert seen == [True, False, False, False]  # failed with them; warm-up x2 and capture without
         assert gen.compiled and gen.compile is CompileMode.STEP
         assert gen.options == DecodeOptions(compile="step", decode_kernels=False)
@@ -214,13 +220,13 @@ def test_a_compile_failing_without_the_kernels_decodes_uncompiled(ours, monkeypa
 
         return step
 
-    monkeypatch.setattr(engine, "compiled_decode", compiled_decode)
+    monkeypatch.setattr(decode, "compiled_decode", compiled_decode)
     model = copy.deepcopy(ours)
     ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(10))
     expected = teacher_forced(model, ids, prompt_len=10, cuda_graph=False)[:, 1]
     gen = Generator(model, 1, 12, options=DecodeOptions(compile="step", decode_kernels=False), cuda_graph=True)
-    gen.prefill(ids[:, :10], torch.ones(1, 10, dtype=torch.bool))
+    gen.prefill(0, ids[0, :10])
     with pytest.warns(UserWarning, match="decode step failed, decoding uncompiled: RuntimeError: no compiler here"):
-        got = gen.step(ids[:, 10], 10)
+        got = gen.step(ids[:, 10], [10]).logits
     assert seen == [False] and not gen.compiled and gen.fused is False
     assert (got - expected).abs().max() < TOL

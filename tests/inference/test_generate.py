@@ -297,12 +297,13 @@ def test_prompt_too_long(tiny):
 
 
 def test_max_new_tokens_capped_by_the_context(tiny, monkeypatch):
-    """Prompt + new tokens never exceed max_position_embeddings; the longest prompt sets the room."""
+    """Prompt + new tokens never exceed max_position_embeddings; each prompt has its own room."""
     model, tok = tiny
     prompts = [tok.encode("Once upon a time", add_bos=True), tok.encode("Hi", add_bos=True)]
-    monkeypatch.setattr(model.config, "max_position_embeddings", len(prompts[0]) + 4)
+    context = len(prompts[0]) + 4
+    monkeypatch.setattr(model.config, "max_position_embeddings", context)
     params = SamplingParams(greedy=True, max_new_tokens=50)
-    assert [len(x) for x in generate(model, prompts, params)] == [4, 4]
+    assert [len(x) for x in generate(model, prompts, params)] == [4, context - len(prompts[1])]
     monkeypatch.setattr(model.config, "max_position_embeddings", len(prompts[0]) + 1)
     assert [len(x) for x in generate(model, prompts[:1], params)] == [1]
 

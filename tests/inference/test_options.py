@@ -19,7 +19,7 @@ SWITCHES = ("G3N_COMPILE", "G3N_FUSE_WEIGHTS", "G3N_DECODE_KERNELS", "G3N_GEMV",
 
 
 def test_compile_takes_the_cli_words_and_refuses_others():
-    assert DecodeOptions().compile is CompileMode.OFF
+    assert DecodeOptions().compile is CompileMode.LAYERS  # fast by default (nothing is compiled on a CPU)
     assert [DecodeOptions(compile=w).compile for w in ("off", "layers", "step")] == list(CompileMode)
     assert DecodeOptions(compile=CompileMode.LAYERS) == DecodeOptions(compile="layers")
     for bad in (True, False, None, "1", "Layers"):
@@ -50,9 +50,9 @@ def test_two_engines_over_one_model_keep_their_own_product_choice(monkeypatch):
         for choice, gen in engines.items():
             calls.clear()
             if position == 5:
-                out = gen.prefill(ids[:, :5], torch.ones(1, 5, dtype=torch.bool))
+                out = gen.prefill(0, ids[0, :5])
             else:
-                out = gen.step(ids[:, position - 1], position - 1)
+                out = gen.step(ids[:, position - 1], [position - 1]).logits
             outputs[choice].append(out.clone())
             assert calls and set(calls) == {choice}
     calls.clear()
@@ -72,12 +72,12 @@ def test_sampling_follows_the_engine_options(tiny, monkeypatch):
     model, tok = tiny
     drawn = []
 
-    def fake_kernels(logits, top_k, top_p, min_p, uniform, pdl=True):
+    def fake_kernels(logits, top_k, top_p, min_p, uniform, k_cap, pdl=True):
         drawn.append(pdl)
         return logits.argmax(-1)
 
-    monkeypatch.setattr(sample_kernels, "usable", lambda logits, top_k: True)  # as on a GPU
-    monkeypatch.setattr(sample_kernels, "sample_top_k", fake_kernels)
+    monkeypatch.setattr(sample_kernels, "usable_rows", lambda logits, k_cap: True)  # as on a GPU
+    monkeypatch.setattr(sample_kernels, "sample_top_k_rows", fake_kernels)
     prompt = tok.encode_chat([{"role": "user", "content": "Hi"}])
     params = SamplingParams(seed=3, max_new_tokens=4)
     for options, expected in [
@@ -91,22 +91,23 @@ def test_sampling_follows_the_engine_options(tiny, monkeypatch):
 
 
 def test_backends_pass_their_options_to_every_engine(tiny, monkeypatch):
-    """TorchEngine hands its DecodeOptions to each Generator it builds (streaming and batches)."""
-    import g3n.inference.generate as gen
+    """TorchEngine hands its DecodeOptions to its engine, which streaming and serving share."""
+    import copy
+
     from g3n.inference.backends import TorchEngine
     from g3n.inference.sampling import SamplingParams
 
-    seen = []
-    original = gen.Generator
-    monkeypatch.setattr(gen, "Generator", lambda *a, **kw: seen.append(kw["options"]) or original(*a, **kw))
     model, tok = tiny
+    model = copy.deepcopy(model)  # no engines from other tests
     options = DecodeOptions(gemv=False, sample_kernels=False)
     engine = TorchEngine(model, tok, "tiny", options=options)
     ids = engine.encode_chat([{"role": "user", "content": "Hi"}])
     params = SamplingParams(greedy=True, max_new_tokens=2)
     list(engine.stream(ids, params))
-    list(engine.run_batch([ids, ids], [params, params]))
-    assert seen == [options, options]
+    engine.submit(ids, params)
+    while engine.engine.busy:
+        engine.step()
+    assert engine.engine.options == options
     assert TorchEngine(model, tok, "tiny").options == DecodeOptions()
     with pytest.raises(G3nError, match="options must be a DecodeOptions"):
         TorchEngine(model, tok, "tiny", options="step")

@@ -171,12 +171,12 @@ else:
         alone = {c: _teacher_forced(model, ids, 10, fused=True, options=o) for c, o in choices.items()}
         engines = {c: Generator(model, 1, 11, options=o, cuda_graph=False, fused=True) for c, o in choices.items()}
         for gen in engines.values():
-            gen.prefill(ids[:, :10], torch.ones(1, 10, dtype=torch.bool))
+            gen.prefill(0, ids[0, :10])
         layers = len(model.model.layers)
         for pos in range(10, 11):  # one step each, after both prefills: interleaved, at the interpreter's cost
             for choice, gen in engines.items():
                 calls.clear()
-                logits = gen.step(ids[:, pos], pos).float()
+                logits = gen.step(ids[:, pos], [pos]).logits.float()
                 assert torch.equal(logits, alone[choice][:, pos - 9])
                 if choice == "on":
                     assert calls.count("predict_and_norm") == calls.count("attend") == layers
@@ -190,8 +190,8 @@ else:
         torch path draws), the kernels run only in the first."""
         model, tok = g3n.load("tiny", dtype="float32")  # float32 logits: no ties for the two paths to order apart
         calls = []
-        real = sample_kernels.sample_top_k
-        monkeypatch.setattr(sample_kernels, "sample_top_k", lambda *a: calls.append(1) or real(*a))
+        real = sample_kernels.sample_top_k_rows
+        monkeypatch.setattr(sample_kernels, "sample_top_k_rows", lambda *a: calls.append(1) or real(*a))
         prompt = tok.encode_chat([{"role": "user", "content": "Hi"}])
         params = SamplingParams(seed=4, max_new_tokens=4, temperature=0.8)
         with_kernels = list(generate_steps(model, [prompt], params))

@@ -4,19 +4,21 @@ and llama.cpp (GGUF files). `g3n chat`, `g3n generate` and `g3n serve` only talk
 - `prepare(messages)`: (prompt ids, media tensors or None); content may hold HF-style image and
   audio parts (media.py); `encode(text)`: ids of plain text (one BOS either way).
 - `stream(ids, params[, media])`: one prompt's reply as text pieces (the CLI).
-- `run_batch(prompts, params, stopped)`: several prompts at once, each with its own sampling
-  settings and seed, as `Piece(row, text, finish)` events; a row ends early when `stopped(row)`
-  turns true (a server's disconnects and stop strings). `max_batch` says how many rows it takes:
-  g3n's engine batches (`generate_rows`), llama-cpp-python runs one sequence at a time.
+- `submit(ids, params, media=, logit_bias=, logprobs=)` -> handle, `step()` -> the `Piece`s
+  produced, `cancel(handle)`: continuous batching for a server. g3n's engine runs up to
+  `max_batch` requests together, each with its own sampling settings and seed, a new one joining
+  at the next step (inference/engine.py); llama-cpp-python runs one sequence at a time.
 - `modalities`: what message content it takes: text, plus image/audio when the towers are loaded
   (`check_modalities` says clearly what is missing).
 """
 
 from __future__ import annotations
 
+import collections
+import itertools
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,9 +29,12 @@ from g3n.inference.sampling import SamplingParams
 
 @dataclass
 class Piece:
-    row: int
+    handle: int
     text: str = ""  # new text of one generated token ("" while a character is incomplete)
     finish: str | None = None  # "stop" (end of turn) or "length" (max tokens); text is "" then
+    logprob: float | None = None  # of the token, when asked (g3n's engine)
+    top: list[tuple[str, float]] | None = None  # the most likely alternatives' text and log-probabilities
+    token: str | None = None  # the token's own text, with logprobs
 
 
 def _say(msg: str) -> None:
@@ -47,6 +52,9 @@ class TorchEngine:
             raise G3nError(f"options must be a DecodeOptions, not {self.options!r}")
         self.model, self.tok, self.name, self.max_batch = model, tokenizer, name, max_batch
         self.context_length = model.config.max_position_embeddings
+        self._engine = None
+        self._streamers: dict = {}  # handle -> TextStreamer of a submitted request
+        self._ended: list[int] = []  # handles that end before their first token (max_tokens 0)
         self.model_dir, self.lazy_towers, self.processor = model_dir, lazy_towers, None
 
     @property
@@ -79,29 +87,55 @@ class TorchEngine:
             self.processor = MediaProcessor(self.model_dir)
         return self.processor(self.tok, messages)
 
+    @property
+    def engine(self):
+        """This backend's persistent engine (inference/engine.py), made on first use: the CLI's
+        replies and the server's requests all run on it (one thread at a time)."""
+        if self._engine is None:
+            from g3n.inference.engine import Engine
+
+            self._engine = Engine(self.model, self.max_batch, self.options)
+        return self._engine
+
     def stream(self, ids: list[int], params: SamplingParams, media: dict | None = None) -> Iterator[str]:
         from g3n.inference import generate  # looked up per call, so tests can wrap generate.stream_text
 
-        return generate.stream_text(self.model, self.tok, ids, params, media, options=self.options)
+        return generate.stream_text(self.model, self.tok, ids, params, media, engine=self.engine)
 
-    def run_batch(self, prompts, params, stopped: Callable[[int], bool] | None = None, media=None) -> Iterator[Piece]:
-        """`media`: one batch-wide media dict (media.py's tensors for the prompts in order) or None."""
-        from g3n.inference.generate import TextStreamer, generate_rows
+    def submit(self, ids: list[int], params: SamplingParams, media: dict | None = None,
+               logit_bias: dict[int, float] | None = None, logprobs: int | None = None) -> int:  # fmt: skip
+        from g3n.inference.engine import Request
+        from g3n.inference.generate import TextStreamer
 
-        streamers = [TextStreamer(self.tok) for _ in prompts]
-        limits = [min(p.max_new_tokens, self.context_length - len(x)) for p, x in zip(params, prompts)]
-        stops = self.tok.stop_ids
-        steps = generate_rows(self.model, prompts, params, stops, self.tok.pad_id, stopped, media, self.options)
-        for step, tokens in enumerate(steps):
-            for row, tok in enumerate(tokens):
-                if tok is None:
-                    continue
-                if tok in stops:
-                    yield Piece(row, finish="stop")
-                    continue
-                yield Piece(row, streamers[row].push(tok))
-                if step + 1 >= limits[row]:
-                    yield Piece(row, finish="length")
+        request = Request(list(ids), params, frozenset(self.tok.stop_ids), media, logit_bias, logprobs)
+        handle = self.engine.add(request)
+        self._streamers[handle] = TextStreamer(self.tok)
+        if request.params.max_new_tokens == 0:
+            self._ended.append(handle)
+        return handle
+
+    def cancel(self, handle: int) -> None:
+        self.engine.cancel(handle)
+        self._streamers.pop(handle, None)
+
+    def step(self) -> list[Piece]:
+        out = [Piece(h, finish="length") for h in self._ended]
+        self._ended.clear()
+        for t in self.engine.step():
+            streamer = self._streamers.get(t.handle)
+            if streamer is None:
+                continue
+            if t.finish:
+                self._streamers.pop(t.handle)
+            if t.finish == "stop":
+                out.append(Piece(t.handle, finish="stop"))
+                continue
+            piece = Piece(t.handle, streamer.push(t.token), t.finish)
+            if t.logprob is not None:
+                piece.logprob, piece.token = t.logprob, self.tok.decode([t.token])
+                piece.top = [(self.tok.decode([i]), lp) for i, lp in t.top]
+            out.append(piece)
+        return out
 
 
 class GGUFEngine:
@@ -115,6 +149,9 @@ class GGUFEngine:
 
         self.gguf, self.name = GGUFModel(path, context), name
         self.context_length = self.gguf.n_ctx
+        self._queue: collections.deque = collections.deque()  # (handle, ids, params) not started
+        self._active = None  # (handle, its chunks) while llama.cpp runs it
+        self._handles = itertools.count()
         self.encode_chat, self.encode = self.gguf.encode_chat, self.gguf.encode
 
     def stream(self, ids: list[int], params: SamplingParams, media: dict | None = None) -> Iterator[str]:
@@ -126,21 +163,37 @@ class GGUFEngine:
         check_modalities(self, media_kinds(messages))
         return self.gguf.encode_chat(messages), None
 
-    def run_batch(self, prompts, params, stopped: Callable[[int], bool] | None = None, media=None) -> Iterator[Piece]:
+    def submit(self, ids: list[int], params: SamplingParams, media: dict | None = None,
+               logit_bias: dict[int, float] | None = None, logprobs: int | None = None) -> int:  # fmt: skip
         if media:
             raise G3nError("a GGUF file runs text only here")
-        for row, (ids, p) in enumerate(zip(prompts, params)):
-            chunks = self.gguf.chunks(ids, p)
-            try:
-                for text, finish in chunks:
-                    if stopped is not None and stopped(row):
-                        break
-                    if text:
-                        yield Piece(row, text)
-                    if finish:
-                        yield Piece(row, finish="stop" if finish == "stop" else "length")
-            finally:
-                chunks.close()  # ends llama.cpp's generation there
+        if logit_bias or logprobs is not None:
+            raise G3nError("logit_bias and logprobs need g3n's engine (an HF checkpoint); a GGUF file runs in llama.cpp")
+        handle = next(self._handles)
+        self._queue.append((handle, ids, params))
+        return handle
+
+    def cancel(self, handle: int) -> None:
+        self._queue = collections.deque(q for q in self._queue if q[0] != handle)
+        if self._active is not None and self._active[0] == handle:
+            self._active[1].close()  # ends llama.cpp's generation there
+            self._active = None
+
+    def step(self) -> list[Piece]:
+        """The next piece of the one sequence llama.cpp runs (the next queued one when it ends)."""
+        if self._active is None:
+            if not self._queue:
+                return []
+            handle, ids, params = self._queue.popleft()
+            self._active = (handle, self.gguf.chunks(ids, params))
+        handle, chunks = self._active
+        text, finish = next(chunks, ("", "length"))
+        out = [Piece(handle, text)] if text else []
+        if finish:
+            out.append(Piece(handle, finish="stop" if finish == "stop" else "length"))
+            chunks.close()
+            self._active = None
+        return out
 
 
 def media_kinds(messages: list[dict]) -> set[str]:
@@ -178,14 +231,16 @@ def model_name(model: str) -> str:
 
 def load_engine(model: str = "tiny", dtype="auto", device=None, matformer=None, adapter=None, max_batch: int = 8,
                 modalities=(), lazy_towers: bool = True, load_in_4bit: bool = False, context: int | None = None,
-                options: DecodeOptions | None = None):  # fmt: skip
+                options: DecodeOptions | None = None, ple_on_gpu: bool = False):  # fmt: skip
     """Open MODEL (checkpoint directory, cached HF id, 'tiny' or .gguf file) as an engine.
 
     modalities: towers to load now ("image", "audio"), or "all" for every tower the checkpoint has;
     lazy_towers: load others when their input first appears (the CLI; not the server);
     load_in_4bit: NF4 attention/MLP weights, the per-layer table in CPU memory; an adapter then
     runs beside them, unmerged; context: llama.cpp's context for a GGUF file (inference/llama_cpp.py);
-    options: how g3n's engine decodes (DecodeOptions: --compile and the kernels), g3n's engine only."""
+    options: how g3n's engine decodes (DecodeOptions: --compile and the kernels), g3n's engine only;
+    ple_on_gpu: the per-layer embedding table on the accelerator (default: in CPU memory, which the
+    engine's steps read over the bus at the same speed)."""
     start = time.perf_counter()
     name = model_name(model)
     if str(model).lower().endswith(".gguf"):
@@ -220,9 +275,8 @@ def load_engine(model: str = "tiny", dtype="auto", device=None, matformer=None, 
         except G3nError as e:  # "all" means: what this checkpoint and this install can do
             _say(f"[g3n] serving text only: {e}")
             kinds = []
-    # 4-bit: the per-layer table (as large as E2B's 4-bit weights together) stays in CPU memory
     m, tok = load(model, dtype=dtype, device=device, matformer=matformer, modalities=kinds, load_in_4bit=load_in_4bit,
-                  ple_device="cpu" if load_in_4bit else None)  # fmt: skip
+                  ple_device=None if ple_on_gpu else "cpu")  # fmt: skip
     extra = f", MatFormer plan {matformer}" if matformer else ""
     if load_in_4bit:
         extra += ", attention/MLP weights in 4 bits (NF4)"

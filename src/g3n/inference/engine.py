@@ -1,309 +1,102 @@
-"""The generation engine: a preallocated KV cache, chunked prefill and a fixed-shape decode step
-that a CUDA graph can replay.
+"""The generation engine: one long-lived object per model that owns the KV cache, the captured
+decode graphs and the compiled code, and serves one request after another, continuously batched.
 
-- Full-attention layers own `max_len` slots; sliding layers a ring of `sliding_window` slots;
-  KV-shared layers nothing (they read their source layer's buffers). Which position each slot
-  holds lives in a tensor (`slot_index`), so a decode step has the same shapes at every position.
-- Prefill runs the prompt in chunks; a sliding layer attends to its ring plus the chunk, then keeps
-  the chunk's last `sliding_window` positions.
-- On CUDA the decode step is captured once as a CUDA graph (inputs copied into static buffers,
-  then replayed): at batch 1 the model is bound by kernel launches, which the graph removes. The
-  per-layer embedding rows of the new tokens are gathered inside the graph: from the table on the
-  GPU, or from the table in CPU memory, page-locked in place and read by the GPU over the bus
-  (`model/ple_table.py`: only the current tokens' rows move, with no host round trip per token; if the
-  table cannot be page-locked, the rows are gathered on the host before each replay).
-- What the engine does is set by its DecodeOptions (inference/options.py), passed to `Generator`
-  and from it down to the kernels; two engines in one process may decode differently.
-- Optionally (DecodeOptions.compile) the step is compiled with torch.compile before it is
-  captured, through `decode_layer_cached` (inductor fuses the ~160 small kernels of a layer:
-  norms, AltUp, casts, attention; q/k/v/Laurel-left and gate/up run as one product each,
-  `inference/fused_weights.py`, unless fuse_weights is off; inductor's kernels use programmatic
-  dependent launch where torch has it). "layers" compiles `decode_layer_cached` once per kind of
-  layer (6 graphs for E2B and E4B), and the step's inputs (`step_inputs`) and logits
-  (`step_logits`) once each; the graph runs them in turn. "step" compiles the whole step as one
-  graph (the longest compile). Compiling pays off only after some thousands of tokens, so it is
-  off by default (for servers and long runs). If compiling fails the uncompiled step is captured
-  instead and a warning says why. A model with 4-bit weights (bitsandbytes) is not compiled.
-- In a compiled bfloat16 step on CUDA, hand-written Triton kernels (`kernels/decode.py`, unless
-  decode_kernels is off) run AltUp's chains of tiny reductions (3 kernels a layer instead of 11)
-  and attention as flash decoding; if the step fails to compile with them, this engine compiles
-  it without them (its options say so from then on), with a warning; the next engine tries them
-  again. Every batch-1 bfloat16 product on CUDA, compiled or not, runs as `kernels/gemv.py`'s
-  kernel (unless gemv is off: cuBLAS; the choice reaches the model's own layers through
-  `gemv.routed`, entered around the engine's calls into the model), and top-k sampling as
-  `kernels/sampling.py`'s (sample_kernels); g3n's Triton kernels launch with programmatic
-  dependent launch (`kernels/common.py`, pdl). Inductor's coordinate-descent tuning of its own
-  batch-1 products stays off: the gemv kernel beats what it finds, without its minutes of tuning.
-- `sample` (inference/sampling.py's sampling) runs at the end of the captured step, so a token costs one
-  graph replay and no sampling kernels launched from Python.
-- Compiled code is specialised to the cache's shapes, so with compiling on the cache length is
-  rounded up to a power of two (at least 1024, at most the context): one compile serves every
-  request of that bucket and batch size.
+- `Engine` keeps `slots` rows. A request (`Request`) takes a free row (or waits for one); its
+  prompt is prefilled in chunks, one chunk per `step()`, between the other rows' decode steps, so
+  running streams do not stall for a long prompt; then it joins the next decode step. A row that
+  finishes frees its slot at once.
+- Every row samples with its own settings and seed inside the step (`sampling.RowSampling`,
+  `sampling.sample_rows`): the uniform numbers are a hash of the seed and the position, so a
+  seeded row draws the same tokens alone, batched, or joined mid-flight.
+- Per-row hooks: `Request.logit_bias` (added to the logits in the step), `Request.logprobs` (the
+  chosen token's log-probability and the most likely alternatives), `Request.processor` (a Python
+  callable that rewrites the row's logits before its draw: grammar masks and the like; a step with
+  one runs its draws outside the graph).
+- Prefix reuse: a request whose prompt starts with what a free row holds (the next turn of a chat)
+  prefills only the rest. Sliding-window layers keep the last `sliding_window` positions, so a row
+  is reusable up to the whole of what it holds, or up to any point while it holds no more than one
+  window; otherwise it is prefilled from the start.
+- `Generator` is the fixed-shape machinery under it: the cache (decode.py), one CUDA graph per
+  number of rows a step covers (a power of two: rows sit in the lowest free slots), compiled as
+  DecodeOptions.compile says. With compiling on, the cache's length is a power of two (at least
+  1024) and grows when a request needs more (the graphs are captured again).
 """
 
 from __future__ import annotations
 
-import contextlib
+import collections
 import dataclasses
+import itertools
+import random
+import sys
+import time
 import warnings
-from functools import partial
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
-import torch._inductor.config
 
-from g3n.config import FULL, SLIDING, TextConfig
-from g3n.inference import fused_weights
+from g3n.errors import G3nError
+from g3n.inference import compile_cache, decode, fused_weights
+from g3n.inference.decode import PREFILL_CHUNK, StaticCache, cache_bucket, decode_logits, forward_cached
 from g3n.inference.options import CompileMode, DecodeOptions
+from g3n.inference.sampling import RowSampling, SamplingParams, candidate_cap, sample_rows
 from g3n.kernels import decode as decode_kernels
 from g3n.kernels import gemv
 from g3n.model.ple_table import device_view
 from g3n.model.quant import is_4bit
-from g3n.model.text import apply_rope, build_mask
 
-PREFILL_CHUNK = 512  # tokens a prefill pass: its activations set prefill's memory peak
-DEFAULTS = DecodeOptions()
-
-
-class StaticCache:
-    def __init__(self, cfg: TextConfig, batch: int, max_len: int, device, dtype):
-        self.cfg, self.batch, self.max_len = cfg, batch, max_len
-        self.size = {FULL: max_len, SLIDING: min(cfg.sliding_window, max_len)}
-        kv_shape = (batch, cfg.num_key_value_heads)
-        self.keys, self.values = {}, {}
-        for layer in range(cfg.first_kv_shared_layer):
-            shape = (*kv_shape, self.size[cfg.layer_types[layer]], cfg.head_dim)
-            self.keys[layer] = torch.zeros(shape, device=device, dtype=dtype)
-            self.values[layer] = torch.zeros(shape, device=device, dtype=dtype)
-        self.slot_index = {k: torch.full((n,), -1, dtype=torch.long, device=device) for k, n in self.size.items()}
-        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
-        self.pads = torch.zeros(batch, dtype=torch.long, device=device)  # left padding of each row
-
-    def key_valid(self, kind: str, key_index: torch.Tensor) -> torch.Tensor:
-        """(batch, keys) bool: the slot holds a position, and that position was a real token."""
-        real = self.valid.gather(1, key_index.clamp(min=0)[None].expand(self.batch, -1))
-        return real & (key_index >= 0)[None]
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
-def _attend(attn, q, cos, sin, k, v, mask, kernel=False, pdl=True):
-    """Attention.forward for one query position, from its q projection, as float32 broadcast sums:
-    the query heads that share a K/V head are grouped (no K/V copy per head), and a compiler turns
-    scores, softmax and the weighted sum into a few reductions that read the cache once (cuDNN's
-    attention kernel, made for many queries, is a large share of a compiled step's GPU time).
-    `kernel`: the same in float32 as flash decoding (kernels/decode.py), each split of the keys
-    one program, instead of reductions over all keys at once; `pdl`: its launches'."""
-    batch, group, dtype = q.shape[0], attn.n_heads // attn.n_kv_heads, q.dtype
-    q = apply_rope(attn.q_norm(q.view(batch, 1, -1, attn.head_dim)), cos, sin)
-    q = q.reshape(batch, attn.n_kv_heads, group, 1, attn.head_dim)
-    if kernel:
-        out = decode_kernels.attend(q.squeeze(3), k, v, mask.reshape(batch, -1), pdl)  # in q's dtype
-    else:
-        scores = (q.float() * k[:, :, None].float()).sum(-1)  # (batch, kv_heads, group, keys); scaling 1.0
-        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
-        out = (probs[..., None] * v[:, :, None].float()).sum(-2)
-    return gemv.project(attn.o_proj, out.to(dtype).reshape(batch, 1, -1))
+TOP_LOGPROBS = 20  # the most likely alternatives a step reports per row (OpenAI's top_logprobs limit)
 
 
-def decode_layer_cached(layer, streams, per_layer_input, cos, sin, kbuf, vbuf, slots, mask, options=DEFAULTS):
-    """DecoderLayer.forward for one new token per row, reading and writing the cache's buffers
-    directly: a K/V-computing layer writes its new K/V at `slots` of `kbuf`/`vbuf` and attends to
-    them, a KV-shared layer attends to its source's. Its attention is float32 broadcast sums
-    (`_attend`; AltUp's tiny matrices are such sums too under compile, `small_linear`) and the
-    projections that read one input run as one product where fused (`fused_weights`): fewer,
-    fusable kernels for a compiled decode step (tests compare it with the layer itself and with
-    transformers). Eagerly the broadcasts would be materialised, so uncompiled decoding keeps the
-    model's own layers. Nothing here depends on the layer's index, so one compiled function serves
-    every layer of the same kind (the per-layer compile, CompileMode.LAYERS). `options`: the
-    engine's DecodeOptions: the decode kernels, fused weights, and gemv/PDL for the fused products
-    and the kernels (the layer's other products follow `gemv.routed`, which the engine enters
-    around its calls); compiled code is guarded on them."""
-    attn = layer.self_attn
-    pdl, fuse, gemv_kernel = options.pdl, options.fuse_weights, options.gemv
-    kernels = options.decode_kernels and decode_kernels.usable(streams, layer.cfg)
-    if kernels:
-        predictions, normed = decode_kernels.predict_and_norm(layer, streams, pdl)
-    else:
-        predictions = layer.altup.predict(streams)
-        normed = layer.input_layernorm(predictions[layer.cfg.altup_active_idx])
-    q, k, v, left = fused_weights.in_projections(layer, normed, fuse, gemv_kernel, pdl)
-    if not attn.kv_shared:
-        k, v = attn.finish_kv(k, v, cos, sin)
-        kbuf.index_copy_(2, slots, k)
-        vbuf.index_copy_(2, slots, v)
-    attend_kernel = options.decode_kernels and decode_kernels.attention_usable(q, layer.cfg)
-    out = _attend(attn, q, cos, sin, kbuf, vbuf, mask, attend_kernel, pdl)
-    mlp = layer.mlp
-    end = partial(decode_kernels.decode_end, layer, pdl=pdl) if kernels else layer.end
-    return end(
-        predictions, out, layer.laurel.finish(normed, left), per_layer_input,
-        mlp=lambda x: mlp.finish(*fused_weights.gate_up(mlp, x, fuse, gemv_kernel, pdl)),
-    )  # fmt: skip
+@dataclass
+class StepOut:
+    """A decode step's results (the graph's output buffers: overwritten by the next step)."""
+
+    logits: torch.Tensor  # (rows, vocab)
+    tokens: torch.Tensor | None  # (rows,) drawn in the step, when it samples
+    logprobs: torch.Tensor | None = None  # (rows,) of the drawn tokens, when asked
+    top_ids: torch.Tensor | None = None  # (rows, TOP_LOGPROBS)
+    top_logprobs: torch.Tensor | None = None
 
 
-def step_inputs(model, cache: StaticCache, ids: torch.Tensor, index: torch.Tensor, ple_rows=None, embeds=None):
-    """What the layers of a step over `ids` (batch, T) at cache positions `index` (T,) read:
-    (AltUp streams, per-layer inputs, RoPE and attention mask per kind of layer, cache slots of
-    `index` per kind of layer), with the cache's bookkeeping (validity, slot positions) updated.
-
-    T == 1 is the decode step (fixed shapes; `index` a device tensor); T > 1 a prefill chunk.
-    `embeds`: the chunk's input embeddings when images/audio are merged in."""
-    cfg, body = model.config, model.model
-    decode = ids.shape[1] == 1
-    if decode:  # generated tokens are real in every row (prefill sets validity from the mask)
-        cache.valid.index_fill_(1, index, True)
-    positions = (index[None, :] - cache.pads[:, None]).clamp(min=0)
-    streams, per_layer = body.embed_streams(ids, ple_rows, embeds)
-    rope = {kind: body.rotary_emb(positions, kind, streams.dtype) for kind in cache.size}
-    masks, slots = {}, {}
-    for kind, size in cache.size.items():
-        window = cfg.sliding_window if kind == SLIDING else None
-        slots[kind] = index % size
-        if decode or kind == FULL:  # write first, then attend to the whole buffer
-            cache.slot_index[kind].index_copy_(0, slots[kind], index)
-            keys = cache.slot_index[kind]
-        else:  # a prefill chunk on a ring: attend to the ring as it was plus the chunk
-            keys = torch.cat([cache.slot_index[kind], index])
-        masks[kind] = build_mask(index, keys, cache.key_valid(kind, keys), window)
-    return streams, per_layer, rope, masks, slots
-
-
-def forward_cached(model, cache: StaticCache, ids: torch.Tensor, index: torch.Tensor, ple_rows=None, embeds=None):
-    """Hidden states of `ids` (batch, T) at cache positions `index` (T,), written into `cache`,
-    through the model's own layers (a prefill chunk, or an uncompiled decode step; see step_inputs)."""
-    cfg, body = model.config, model.model
-    decode = ids.shape[1] == 1
-    streams, per_layer, rope, masks, slots = step_inputs(model, cache, ids, index, ple_rows, embeds)
-    produced = {}
-
-    def kv_for(attn, normed):
-        layer = attn.layer
-        if attn.kv_shared:
-            return produced[cfg.kv_source(layer)]
-        kind = cfg.layer_types[layer]
-        k, v = attn.project_kv(normed, *rope[kind])
-        kbuf, vbuf = cache.keys[layer], cache.values[layer]
-        if decode or kind == FULL:
-            kbuf.index_copy_(2, slots[kind], k)
-            vbuf.index_copy_(2, slots[kind], v)
-            produced[layer] = (kbuf, vbuf)
-        else:
-            produced[layer] = (torch.cat([kbuf, k], dim=2), torch.cat([vbuf, v], dim=2))
-            keep = min(cache.size[kind], k.shape[2])  # the chunk's last positions stay in the ring
-            kbuf.index_copy_(2, slots[kind][-keep:], k[:, :, -keep:])
-            vbuf.index_copy_(2, slots[kind][-keep:], v[:, :, -keep:])
-        return produced[layer]
-
-    streams = body.run_layers(streams, per_layer, rope, kv_for, masks)
-    if not decode:
-        keep = min(cache.size[SLIDING], len(index))
-        cache.slot_index[SLIDING].index_copy_(0, slots[SLIDING][-keep:], index[-keep:])
-    return body.final_hidden(streams)
-
-
-def step_logits(model, streams: torch.Tensor) -> torch.Tensor:
-    """The logits (batch, vocab) of a decode step's last streams."""
-    return model.logits(model.model.final_hidden(streams)[:, -1])
-
-
-def decode_logits(model, cache: StaticCache, tokens, ple_rows, index, fused=False, options=DEFAULTS) -> torch.Tensor:
-    """One decode step's logits (batch, vocab): what the CUDA graph captures and torch.compile fuses.
-    `fused`: through `decode_layer_cached` (True), or that compiled once per kind of layer and the
-    step's inputs and logits compiled each (CompileMode.LAYERS); False: the model's own layers.
-    `options`: the engine's DecodeOptions, for `decode_layer_cached`."""
-    if not fused:
-        return model.logits(forward_cached(model, cache, tokens, index, ple_rows)[:, -1])
-    inputs, run_layer, logits = (
-        _compiled_parts() if fused == CompileMode.LAYERS else (step_inputs, decode_layer_cached, step_logits)
-    )
-    streams, per_layer, rope, masks, slots = inputs(model, cache, tokens, index, ple_rows)
-    cfg = model.config
-    for i, layer in enumerate(model.model.layers):
-        kind, source = cfg.layer_types[i], cfg.kv_source(i)
-        kv = cache.keys[source], cache.values[source]
-        streams = run_layer(layer, streams, per_layer[:, :, i, :], *rope[kind], *kv, slots[kind], masks[kind], options)
-    return logits(model, streams)
-
-
-_compiled: dict = {}
-
-
-def _inductor_options() -> dict:
-    """Programmatic dependent launch where this torch has it (Hopper and later GPUs; inductor leaves
-    it out elsewhere): each kernel is launched while its predecessor finishes."""
-    if hasattr(torch._inductor.config.triton, "enable_pdl"):
-        return {"triton.enable_pdl": True}
-    return {}
-
-
-def _compile(fn):
-    """fn under torch.compile, once per process (compiled code is cached per shape and guarded on
-    its arguments, the engine's DecodeOptions among them)."""
-    if fn not in _compiled:
-        _compiled[fn] = torch.compile(fn, fullgraph=True, dynamic=False, options=_inductor_options())
-    return _compiled[fn]
-
-
-def compiled_decode():
-    """decode_logits under torch.compile: the whole step as one graph."""
-    return _compile(decode_logits)
-
-
-def _compiled_parts():
-    """The per-layer compile's parts: step_inputs, decode_layer_cached and step_logits under
-    torch.compile. The layer is compiled once per kind of layer (sliding or full, K/V computed or
-    shared, sparse or dense MLP, width), not once for the whole step; the step's inputs (embedding,
-    per-layer inputs, RoPE, masks: about 80 small kernels uncompiled) and its logits each once."""
-    return _compile(step_inputs), _compile(decode_layer_cached), _compile(step_logits)
-
-
-def _strict_dynamo():
-    """Past its recompile limit (8 shapes: batch sizes x cache buckets) dynamo would quietly run
-    the step uncompiled, here the fused layers, eagerly slower than the model's own: make it raise,
-    so the step falls back like any failed compile."""
-    if not hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):  # older torch: its default
-        return contextlib.nullcontext()
-    return torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
-
-
-def cache_bucket(max_len: int, limit: int) -> int:
-    """max_len rounded up to a power of two (at least 1024), capped at the context `limit`."""
-    return max(max_len, min(limit, max(1024, 1 << (max_len - 1).bit_length())))
+def logprob_outputs(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log-probability of `tokens`, the TOP_LOGPROBS most likely ids, their log-probabilities),
+    under the model's own distribution (the raw logits, before any sampling setting)."""
+    lp = logits.float().log_softmax(-1)
+    top = lp.topk(min(TOP_LOGPROBS, lp.shape[-1]), dim=-1)
+    return lp.gather(-1, tokens[:, None]).squeeze(-1), top.indices, top.values
 
 
 class Generator:
-    """Prefill + decode for one batch of prompts against a StaticCache.
+    """The cache and the decode step of `batch` rows, `max_len` positions a row.
 
-    `options` (DecodeOptions; default DecodeOptions()): how it decodes. On CUDA `step` is captured
-    as a CUDA graph at its first call (`cuda_graph=False`: eager steps), compiled first as
-    `options.compile` says (`compile`: what is compiled after the 4-bit and CPU exceptions, a
-    CompileMode). `fused`: decode through `decode_layer_cached` (True) or that compiled per kind
-    of layer (CompileMode.LAYERS) instead of the model's own layers (False); default: as compiled.
-    `sample(logits, uniform)`: the next tokens (batch,) from a step's logits and one uniform number
-    per row; given, each step ends with it (in the graph: no sampling kernels launched per token)
-    and returns tokens. `options` may change once: a compile that fails with the decode kernels
-    leaves this engine's options without them.
+    `options` (DecodeOptions; default DecodeOptions()): how it decodes. On CUDA each step shape is
+    captured as a CUDA graph at its first call (`cuda_graph=False`: eager steps), compiled first
+    as `options.compile` says. `fused`: decode through `decode_layer_cached` (True) or that compiled
+    per kind of layer (CompileMode.LAYERS) instead of the model's own layers (False); default: as
+    compiled. `sampling` (RowSampling of `batch` rows): given, each step draws every row's next
+    token in the step (in the graph: no sampling kernels launched per token). `options` may change
+    once: a compile that fails with the decode kernels leaves this engine's options without them.
     """
 
-    def __init__(
-        self,
-        model,
-        batch: int,
-        max_len: int,
-        options: DecodeOptions | None = None,
-        cuda_graph: bool | None = None,
-        fused: bool | CompileMode | None = None,
-        sample=None,
-    ):
+    def __init__(self, model, batch: int, max_len: int, options: DecodeOptions | None = None,
+                 cuda_graph: bool | None = None, fused: bool | CompileMode | None = None,
+                 sampling: RowSampling | None = None):  # fmt: skip
         self.model = model
-        self.options = DEFAULTS if options is None else options
+        self.options = DecodeOptions() if options is None else options
         if not isinstance(self.options, DecodeOptions):
             raise TypeError(f"options must be a DecodeOptions, not {type(self.options).__name__}")
-        self.sample = sample
+        self.sampling = sampling
         self.device = model.device
         self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else cuda_graph
         compile = self.options.compile
         if compile is not CompileMode.OFF and is_4bit(model):
             # bitsandbytes' 4-bit weights are tensor subclasses torch.compile does not trace in one graph
-            warnings.warn("compile: 4-bit weights decode through the uncompiled CUDA graph")
             compile = CompileMode.OFF
         self.compile = compile if self.cuda_graph else CompileMode.OFF
         if fused is None:  # compiled steps decode through the fused layers, uncompiled ones the model's own
@@ -314,150 +107,510 @@ class Generator:
         if self.compile is not CompileMode.OFF:
             max_len = cache_bucket(max_len, model.config.max_position_embeddings)
         self.cache = StaticCache(model.config, batch, max_len, self.device, model.dtype)
-        self.graph = None
-        self.compiled = False  # whether the captured step is the compiled one
+        self.graphs: dict = {}  # (rows, k_cap, logprobs) -> (graph, its inputs, its StepOut)
+        self.compiled = False  # whether the captured steps are the compiled ones
         # where decode steps read per-layer rows on the device (None: gathered on the host)
         self.ple_table = device_view(model.model, self.device) if self.device.type == "cuda" else None
         self._ple_holder = getattr(model.model, "_mapped_ple", None)  # keeps the mapping while in use
+
+    @property
+    def batch(self) -> int:
+        return self.cache.batch
+
+    @property
+    def max_len(self) -> int:
+        return self.cache.max_len
 
     def _routed(self):
         """This engine's batch-1 product choice for the model's own layers, while inside."""
         return gemv.routed(self.model, self.options.gemv, self.options.pdl)
 
-    @torch.inference_mode()
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits of the last prompt position (batch, vocab); `ids`/`mask` are left-padded;
-        `embeds` (batch, T, hidden): input embeddings with images/audio merged in."""
-        with self._routed():
-            return self._prefill(ids, mask, embeds)
+    def grow(self, max_len: int) -> None:
+        """Room for `max_len` positions a row, keeping what every row holds (graphs are captured again)."""
+        if max_len <= self.max_len:
+            return
+        if self.compile is not CompileMode.OFF:
+            max_len = cache_bucket(max_len, self.model.config.max_position_embeddings)
+        old, self.graphs = self.cache, {}
+        self.cache = StaticCache(self.model.config, old.batch, max_len, self.device, self.model.dtype)
+        for kind, index in old.slot_index.items():
+            self.cache.slot_index[kind][:, : index.shape[1]] = index
+        for layer in old.keys:
+            for new, held in ((self.cache.keys[layer], old.keys[layer]), (self.cache.values[layer], old.values[layer])):
+                new[:, :, : held.shape[2]] = held
 
-    def _prefill(self, ids, mask, embeds):
-        cache = self.cache
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        cache.pads.copy_((~mask).sum(-1))
-        cache.valid[:, : ids.shape[1]] = mask
-        hidden = None
-        for start in range(0, ids.shape[1], PREFILL_CHUNK):
-            chunk = ids[:, start : start + PREFILL_CHUNK]
-            index = torch.arange(start, start + chunk.shape[1], device=self.device)
-            chunk_embeds = None if embeds is None else embeds[:, start : start + PREFILL_CHUNK]
-            hidden = forward_cached(self.model, cache, chunk, index, embeds=chunk_embeds)
+    @torch.inference_mode()
+    def prefill(self, row: int, ids, start: int = 0, embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed `ids` (T,) to row `row` at positions start.. (the positions before `start` are what
+        the row already holds), in chunks: the logits of the last position (1, vocab). `embeds`
+        (1, T, hidden): input embeddings with images/audio merged in."""
+        ids = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1).to(self.device)
+        view, hidden = self.cache.view(slice(row, row + 1)), None
+        with self._routed():
+            for at in range(0, ids.shape[1], PREFILL_CHUNK):
+                chunk = ids[:, at : at + PREFILL_CHUNK]
+                index = torch.arange(start + at, start + at + chunk.shape[1], device=self.device)[None]
+                chunk_embeds = None if embeds is None else embeds[:, at : at + PREFILL_CHUNK]
+                hidden = forward_cached(self.model, view, chunk, index, embeds=chunk_embeds)
         return self.model.logits(hidden[:, -1])
 
-    @property
-    def captured(self) -> bool:
-        """Whether `step` replays a captured graph (and so returns without waiting for the host)."""
-        return self.graph is not None
+    def prefill_chunk(self, row: int, ids: torch.Tensor, start: int, embeds=None) -> torch.Tensor:
+        """One chunk (at most PREFILL_CHUNK ids) of a row's prefill: the last position's logits."""
+        return self.prefill(row, ids, start, embeds)
 
-    def _step(self, tokens, ple_rows, index):
-        return decode_logits(self.model, self.cache, tokens, ple_rows, index, self.fused, self.options)
+    @torch.inference_mode()
+    def step(self, tokens, positions, live=None, k_cap: int = 64, logprobs: bool = False) -> StepOut:
+        """Feed `tokens` (rows,) at `positions` (rows,) to the first `rows` rows (a graph per number
+        of rows); `live` (rows,) bool: the rows whose caches the step writes (default all). With
+        `sampling`, the step also draws each row's next token (`k_cap`: sampling.candidate_cap of
+        the rows' settings), and with `logprobs`, their log-probabilities (logprob_outputs)."""
+        rows = len(tokens)
+        tokens = torch.as_tensor(tokens, dtype=torch.long).to(self.device)
+        positions = torch.as_tensor(positions, dtype=torch.long).to(self.device)
+        live = torch.ones(rows, dtype=torch.bool, device=self.device) if live is None else live.to(self.device)
+        key = (rows, k_cap if self.sampling is not None else None, logprobs)
+        if not self.cuda_graph:
+            inputs = self._inputs(tokens, positions, live)
+            with self._routed():
+                return self._run(inputs, key, decode_logits, self.fused)
+        if key not in self.graphs:
+            with self._routed():
+                self._capture(key, tokens, positions, live)
+        graph, inputs, out = self.graphs[key]
+        inputs["tokens"].copy_(tokens[:, None])
+        inputs["index"].copy_(positions[:, None])
+        inputs["live"].copy_(live)
+        if self.ple_table is None:
+            inputs["rows"].copy_(self._host_rows(tokens), non_blocking=True)
+        graph.replay()
+        return out
+
+    @torch.inference_mode()
+    def follow(self, tokens: torch.Tensor, key) -> StepOut:
+        """The step after the last one of `key`'s graph, for the same rows, fed with `tokens`
+        (rows,) on the device (what that step drew): queued without the host reading them."""
+        graph, inputs, out = self.graphs[key]
+        inputs["tokens"].copy_(tokens[:, None])
+        inputs["index"].add_(inputs["live"][:, None].long())
+        if self.ple_table is None:
+            inputs["rows"].copy_(self._host_rows(tokens), non_blocking=True)
+        graph.replay()
+        return out
 
     def _host_rows(self, tokens: torch.Tensor) -> torch.Tensor:
         """The tokens' per-layer rows gathered where the table lives (a host sync when on the CPU)."""
-        return self.model.model.ple_rows(tokens[:, None])
+        return self.model.model.ple_rows(tokens[:, None].cpu() if self.ple_table is None else tokens[:, None])
 
-    @torch.inference_mode()
-    def step(self, tokens: torch.Tensor, position: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Logits (batch, vocab) after feeding `tokens` (batch,) at cache position `position`;
-        with `sample`, the next tokens (batch,) drawn from them at uniform numbers from `generator`
-        (torch.rand's, so a step draws what generate.next_tokens would).
-
-        With the per-layer rows read on the device (`ple_table`), a graph step never waits for the
-        host: the caller may read earlier tokens while it runs. Its result is the graph's output
-        buffer, overwritten by the next step."""
-        tokens = tokens.to(self.device)
-        if not self.cuda_graph:
-            index = torch.tensor([position], device=self.device)
-            rows = self._host_rows(tokens) if self.ple_table is None else self._device_rows(tokens[:, None])
-            with self._routed():
-                logits = self._step(tokens[:, None], rows.to(self.device), index)
-            if self.sample is None:
-                return logits
-            return self.sample(logits, uniform=torch.rand(len(tokens), generator=generator, device=self.device))
-        if self.graph is None:
-            with self._routed():
-                self._capture(tokens, position)
-        self.static_tokens.copy_(tokens[:, None])
-        if self.ple_table is None:
-            self.static_rows.copy_(self._host_rows(tokens), non_blocking=True)
-        self.static_index.fill_(position)
-        if self.sample is not None:
-            self.static_uniform.uniform_(generator=generator)  # = torch.rand(batch, generator=generator)
-        self.graph.replay()
-        return self.static_logits if self.sample is None else self.static_next
+    def _inputs(self, tokens, positions, live) -> dict:
+        """Fresh buffers with default strides (compiled code is guarded on strides too)."""
+        inputs = {"tokens": tokens[:, None].clone(), "index": positions[:, None].clone(), "live": live.clone()}
+        rows = self._host_rows(tokens) if self.ple_table is None else self._device_rows(inputs["tokens"])
+        inputs["rows"] = torch.empty(rows.shape, dtype=rows.dtype, device=self.device)
+        inputs["rows"].copy_(rows)
+        return inputs
 
     def _device_rows(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.model.ple_rows(tokens, table=self.ple_table)
 
-    def _capture(self, tokens, position: int):
-        """Warm up (compiling, if on) on a side stream, then capture one decode step into a CUDA
-        graph (with the gather of the per-layer rows, when they are read on the device). The
-        warm-up runs the real first step (writing the same K/V and bookkeeping each time), so it
-        leaves the cache as that step will, also after a failed compile."""
-        # Fresh buffers with default strides: compiled code is guarded on strides too (a token
-        # column sliced out of a wider tensor has stride 16 where argmax's has 1: a recompile).
-        self.static_tokens = torch.empty((len(tokens), 1), dtype=tokens.dtype, device=self.device)
-        self.static_tokens.copy_(tokens[:, None])
-        rows = self._host_rows(tokens) if self.ple_table is None else self._device_rows(self.static_tokens)
-        self.static_rows = torch.empty(rows.shape, dtype=rows.dtype, device=self.device)
-        self.static_rows.copy_(rows)
-        self.static_index = torch.full((1,), position, device=self.device, dtype=torch.long)
-        inputs = (self.model, self.cache, self.static_tokens, self.static_rows, self.static_index)
-        self.static_uniform = torch.zeros(len(tokens), device=self.device)
+    def _run(self, inputs: dict, key, step, fused) -> StepOut:
+        """The step over `inputs` (what a graph captures): per-layer rows, logits, draws."""
+        rows, k_cap, logprobs = key
+        if self.ple_table is not None:
+            inputs["rows"].copy_(self._device_rows(inputs["tokens"]))
+        cache = self.cache.view(slice(0, rows))
+        cache.live = inputs["live"]
+        logits = step(self.model, cache, inputs["tokens"], inputs["rows"], inputs["index"], fused, self.options)
+        out = StepOut(logits, None)
+        if self.sampling is not None:
+            sampling = self.sampling.view(slice(0, rows))
+            sampling.mark(inputs["tokens"][:, 0], inputs["live"])
+            options = self.options
+            out.tokens = sample_rows(logits, sampling, inputs["index"][:, 0] + 1, k_cap, options.sample_kernels,
+                                     options.pdl)  # fmt: skip
+            if logprobs:
+                out.logprobs, out.top_ids, out.top_logprobs = logprob_outputs(logits, out.tokens)
+        return out
 
-        def run(step, args):  # (logits, the tokens sampled from them or None)
-            if self.ple_table is not None:
-                self.static_rows.copy_(self._device_rows(self.static_tokens))
-            logits = step(*args)
-            return logits, None if self.sample is None else self.sample(logits, uniform=self.static_uniform)
-
+    def _capture(self, key, tokens, positions, live) -> None:
+        """Warm up (compiling, if on) on a side stream, then capture the step into a CUDA graph. The
+        warm-up runs the real step (writing the same K/V each time), so it leaves the cache as
+        that step will, also after a failed compile."""
+        inputs = self._inputs(tokens, positions, live)
         step = decode_logits
-        if self.compile is CompileMode.LAYERS:  # the graph runs the step uncompiled, each layer compiled
+        if self.compile is not CompileMode.OFF:
+            cache_dir = compile_cache.use()
+            before, started = compile_cache.hits(), time.perf_counter()
+            _say(f"[g3n] compiling the decode step ({self.compile} mode, {key[0]} row{'s' * (key[0] > 1)} x "
+                 f"{self.max_len} positions; once per shape on this machine, cached in {cache_dir})")  # fmt: skip
+        if self.compile is CompileMode.LAYERS and self.fused is not False:
             try:
-                # one graph per kind of layer, batch size and cache bucket (dynamo's default limit: 8)
+                # one graph per kind of layer, number of rows and cache length (dynamo's default limit: 8)
                 with torch._dynamo.config.patch(recompile_limit=256):
-                    self._warm_up_compiled(run, step, inputs, CompileMode.LAYERS)
+                    self._warm_up_compiled(inputs, key, step, CompileMode.LAYERS)
                 self.compiled, self.fused = True, CompileMode.LAYERS
             except Exception as e:  # noqa: BLE001 - any compiler failure: decode uncompiled
                 warnings.warn(
                     f"torch.compile of the decode layers failed, decoding uncompiled: {type(e).__name__}: {e}"
                 )
-                self.fused = False
+                self.fused, self.compile, self.compiled = False, CompileMode.OFF, False
         elif self.compile is CompileMode.STEP:
             try:
-                self._warm_up_compiled(run, compiled_decode(), inputs, self.fused)
-                step, self.compiled = compiled_decode(), True
+                self._warm_up_compiled(inputs, key, decode.compiled_decode(), self.fused)
+                step, self.compiled = decode.compiled_decode(), True
             except Exception as e:  # noqa: BLE001 - any compiler failure: decode uncompiled
                 warnings.warn(f"torch.compile of the decode step failed, decoding uncompiled: {type(e).__name__}: {e}")
-                self.fused = False  # uncompiled, the model's own layers are faster
-        args = (*inputs, self.fused, self.options)
-        if not self.compiled:
-            self._warm_up(run, step, args)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.static_logits, self.static_next = run(step, args)
+                self.fused, self.compile, self.compiled = False, CompileMode.OFF, False
+        if self.compiled:
+            hit, miss = (now - then for now, then in zip(compile_cache.hits(), before, strict=True))
+            how = "from the cache" if hit and not miss else "compiled"
+            _say(f"[g3n] decode step ready in {time.perf_counter() - started:.1f}s ({how})")
+        else:
+            self._warm_up(lambda: self._run(inputs, key, step, self.fused))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self._run(inputs, key, step, self.fused)
+        self.graphs[key] = (graph, inputs, out)
 
-    def _warm_up_compiled(self, run, step, inputs, fused):
-        """Warm up (so compile) a compiled step over `inputs` and `fused`; if it fails with the
-        decode kernels in it, once more without them: this engine's options lose them (the error
-        may be this torch's, or this model's), the next engine tries them again."""
+    def _warm_up_compiled(self, inputs, key, step, fused):
+        """Warm up (so compile) a compiled step; if it fails with the decode kernels in it, once
+        more without them: this engine's options lose them (the error may be this torch's, or this
+        model's), the next engine tries them again."""
         probe = torch.empty(0, dtype=self.model.dtype, device=self.device)  # what the kernels ran on
-        with _strict_dynamo():
+        with decode.strict_dynamo():
             try:
-                self._warm_up(run, step, (*inputs, fused, self.options))
+                self._warm_up(lambda: self._run(inputs, key, step, fused))
             except Exception as e:
                 if not (self.options.decode_kernels and decode_kernels.usable(probe, self.model.config)):
                     raise  # not theirs
                 warnings.warn(f"the decode kernels failed to compile, compiling without them: {type(e).__name__}: {e}")
                 self.options = dataclasses.replace(self.options, decode_kernels=False)
-                self._warm_up(run, step, (*inputs, fused, self.options))
+                self._warm_up(lambda: self._run(inputs, key, step, fused))
 
     @staticmethod
-    def _warm_up(run, step, args):
+    def _warm_up(run):
         """Two steps (compiling, if compiled) on a side stream, as capturing a CUDA graph wants."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                run(step, args)
+                run()
         torch.cuda.current_stream().wait_stream(stream)
+
+
+@dataclass
+class Request:
+    """One generation: a prompt and how to continue it.
+
+    stop_ids: tokens that end it (produced, then reported with finish "stop"); media: its images
+    and audio (media.py's tensors); logit_bias: token id -> value added to its logits;
+    logprobs: None, or how many alternatives (0..TOP_LOGPROBS) to report with each token's own
+    log-probability; processor(tokens so far, logits (vocab,)) -> logits: a per-row hook run on
+    the host before each draw."""
+
+    prompt: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    stop_ids: frozenset[int] = frozenset()
+    media: dict | None = None
+    logit_bias: dict[int, float] | None = None
+    logprobs: int | None = None
+    processor: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None
+
+
+@dataclass
+class Token:
+    """One new token of request `handle`; `finish` ("stop": a stop token, which is `token`;
+    "length": max_new_tokens or the context reached) on its last one."""
+
+    handle: int
+    token: int
+    finish: str | None = None
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+
+
+@dataclass(eq=False)
+class _Row:
+    handle: int
+    request: Request
+    max_new: int
+    held: list[int] = field(default_factory=list)  # the ids whose K/V the row's cache holds
+    prefilled: int = 0  # prompt ids fed so far
+    embeds: torch.Tensor | None = None
+    next: int | None = None  # the last drawn token, fed at the next step
+    produced: int = 0
+    seed: int = 0
+
+
+class Engine:
+    """The persistent engine of one model: `slots` rows sharing one cache and its graphs.
+
+    add(request) -> handle; step() -> the Tokens it produced (one prefill chunk of a waiting row
+    and one decode step of the running rows); cancel(handle); `busy` while anything is queued or
+    running. `generate(request)` runs one request to its end. `max_len`: positions a row (default:
+    grown as requests need, up to the model's context)."""
+
+    def __init__(self, model, slots: int = 1, options: DecodeOptions | None = None, max_len: int | None = None,
+                 cuda_graph: bool | None = None):  # fmt: skip
+        self.model, self.slots = model, slots
+        self.fixed_len = max_len
+        self.sampling = RowSampling(slots, model.config.vocab_size, model.device)
+        start = max_len or min(self.context, 1024)
+        self.gen = Generator(model, slots, start, options, cuda_graph, sampling=self.sampling)
+        self.rows: list[_Row | None] = [None] * slots
+        self.held: list[list[int]] = [[] for _ in range(slots)]  # what each free row's cache still holds
+        self.waiting: collections.deque[_Row] = collections.deque()
+        self._handles = itertools.count()
+        self._flight: _InFlight | None = None  # a decode step queued, its tokens not read yet
+
+    @property
+    def options(self) -> DecodeOptions:
+        return self.gen.options
+
+    @property
+    def context(self) -> int:
+        return self.model.config.max_position_embeddings
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting) or any(r is not None for r in self.rows)  # a queued step has running rows
+
+    def add(self, request: Request) -> int:
+        """Queue `request`; a prompt that cannot fit the context is refused (naming both lengths)."""
+        prompt = list(request.prompt)
+        if not prompt:
+            raise G3nError("every prompt needs at least one token")
+        limit = self.fixed_len or self.context
+        if len(prompt) >= limit:
+            what = "this engine's cache" if self.fixed_len else "the model's context"
+            raise G3nError(f"prompt of {len(prompt)} tokens does not fit {what} of {limit} tokens "
+                           f"(at most {limit - 1} leave room for one new token)")  # fmt: skip
+        if request.logprobs is not None and not 0 <= request.logprobs <= TOP_LOGPROBS:
+            raise G3nError(f"logprobs must be between 0 and {TOP_LOGPROBS}, not {request.logprobs}")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in (request.logit_bias or {}) if not 0 <= t < vocab]
+        if bad:
+            raise G3nError(f"logit_bias names token {bad[0]}, outside the vocabulary (0..{vocab - 1})")
+        p = request.params
+        row = _Row(next(self._handles), request, min(p.max_new_tokens, limit - len(prompt)))
+        row.seed = random.getrandbits(63) if p.seed is None else p.seed
+        if row.max_new > 0:  # else it has ended already
+            self.waiting.append(row)
+        return row.handle
+
+    def cancel(self, handle: int) -> None:
+        """Drop a request, queued or running (its slot is free for the next step)."""
+        self.waiting = collections.deque(r for r in self.waiting if r.handle != handle)
+        for slot, row in enumerate(self.rows):
+            if row is not None and row.handle == handle:
+                self._free(slot)
+
+    def generate(self, request: Request) -> Iterator[Token]:
+        """Run `request` to its end (with whatever else is queued), yielding its tokens."""
+        handle = self.add(request)
+        try:
+            while True:
+                for t in self.step():
+                    if t.handle == handle:
+                        yield t
+                        if t.finish:
+                            return
+                if not self._known(handle):
+                    return
+        finally:
+            if self._known(handle):
+                self.cancel(handle)
+
+    def _known(self, handle: int) -> bool:
+        return any(r.handle == handle for r in self.waiting) or any(
+            r is not None and r.handle == handle for r in self.rows
+        )
+
+    @torch.inference_mode()
+    def step(self) -> list[Token]:
+        """One prefill chunk (of the first row still prefilling) and one decode step of every row
+        that has a token to feed: the tokens they produced."""
+        self._admit()
+        out: list[Token] = []
+        prefilling = [s for s, r in enumerate(self.rows) if r is not None and r.next is None]
+        if prefilling:
+            out += self._prefill_chunk(prefilling[0])
+        flight, self._flight = self._flight, None
+        if flight is not None:
+            self._flight = self._follow(flight)  # queued before `flight`'s tokens are read
+            out += self._collect(flight)
+        if self._flight is None:
+            decoding = [s for s, r in enumerate(self.rows) if r is not None and r.next is not None]
+            if decoding:
+                self._flight = self._launch(decoding)
+                if not self.gen.cuda_graph:  # nothing to overlap: collect it now
+                    flight, self._flight = self._flight, None
+                    out += self._collect(flight)
+        return out
+
+    def _admit(self) -> None:
+        """Waiting requests into free rows: the row whose cache shares the longest reusable prefix."""
+        while self.waiting and None in self.rows:
+            row = self.waiting.popleft()
+            free = [s for s, r in enumerate(self.rows) if r is None]
+            reuse = {s: self._reusable(self.held[s], row) for s in free}
+            slot = max(free, key=lambda s: (reuse[s], -s))
+            self._start(slot, row, reuse[slot])
+
+    def _reusable(self, held: list[int], row: _Row) -> int:
+        """How many of the prompt's first ids the row's cache holding `held` can serve (at least one
+        id is always prefilled, for the logits of the last)."""
+        if row.request.media is not None or not held:
+            return 0
+        prompt = row.request.prompt
+        n = 0
+        for a, b in zip(held, prompt[:-1]):
+            if a != b:
+                break
+            n += 1
+        window = self.model.config.sliding_window
+        return n if n == len(held) or len(held) <= window else 0
+
+    def _start(self, slot: int, row: _Row, reuse: int) -> None:
+        request = row.request
+        need = len(request.prompt) + row.max_new
+        if self.fixed_len is None and need > self.gen.max_len:
+            self.gen.grow(min(self.context, need))
+        self.gen.cache.keep_prefix(slot, reuse)
+        row.held, row.prefilled = list(request.prompt[:reuse]), reuse
+        if request.media:
+            ids = torch.tensor([request.prompt], device=self.model.device)
+            row.embeds = self.model.embed_inputs(ids, request.media)
+        self.sampling.set(slot, request.params, row.seed, request.prompt, request.logit_bias)
+        self.rows[slot] = row
+        self.held[slot] = []
+
+    def _free(self, slot: int) -> None:
+        row = self.rows[slot]
+        self.rows[slot] = None
+        self.held[slot] = [] if row.request.media is not None else row.held
+
+    def _prefill_chunk(self, slot: int) -> list[Token]:
+        row = self.rows[slot]
+        prompt = row.request.prompt
+        at = row.prefilled
+        chunk = prompt[at : at + PREFILL_CHUNK]
+        embeds = None if row.embeds is None else row.embeds[:, at : at + PREFILL_CHUNK]
+        logits = self.gen.prefill_chunk(slot, chunk, at, embeds)
+        row.prefilled += len(chunk)
+        row.held += chunk
+        if row.prefilled < len(prompt):
+            return []
+        row.embeds = None
+        sampling = self.sampling.view(slice(slot, slot + 1))
+        position = torch.tensor([len(prompt)], device=self.model.device)
+        if row.request.processor is not None:
+            logits = self._processed(row, logits[0])[None]
+        params = [row.request.params]
+        tokens = sample_rows(logits, sampling, position, candidate_cap(params), *self._kernels())
+        out = StepOut(logits, tokens)
+        if row.request.logprobs is not None:
+            out.logprobs, out.top_ids, out.top_logprobs = logprob_outputs(logits, tokens)
+        return self._emit([slot], out, [0], tokens.tolist())
+
+    def _kernels(self) -> tuple[bool, bool]:
+        return self.gen.options.sample_kernels, self.gen.options.pdl
+
+    def _processed(self, row: _Row, logits: torch.Tensor) -> torch.Tensor:
+        generated = row.held[len(row.request.prompt) :] + ([] if row.next is None else [row.next])
+        return row.request.processor(generated, logits.float())
+
+    def _launch(self, decoding: list[int]) -> _InFlight:
+        """Queue a decode step of the `decoding` rows (fed their last drawn tokens)."""
+        rows = min(1 << max(decoding).bit_length(), self.slots)  # a power of two covering the decoding rows
+        tokens, positions = [0] * rows, [0] * rows
+        live = torch.zeros(rows, dtype=torch.bool)
+        for s in range(rows):  # rows not decoding: their own position, their cache untouched
+            row = self.rows[s]
+            if row is not None:
+                tokens[s], positions[s] = row.next or 0, len(row.held)
+            live[s] = s in decoding
+        params = [self.rows[s].request.params for s in decoding]
+        logprobs = any(self.rows[s].request.logprobs is not None for s in decoding)
+        key = (rows, candidate_cap(params), logprobs)
+        out = self.gen.step(tokens, positions, live, *key[1:])
+        processed = [s for s in decoding if self.rows[s].request.processor is not None]
+        if processed:  # draw these rows again from their rewritten logits, at the same numbers
+            out = dataclasses.replace(out, tokens=out.tokens.clone())
+            for s in processed:
+                row = self.rows[s]
+                logits = self._processed(row, out.logits[s])
+                sampling = self.sampling.view(slice(s, s + 1))
+                position = torch.tensor([len(row.held) + 1], device=self.model.device)
+                cap = candidate_cap([row.request.params])
+                out.tokens[s] = sample_rows(logits[None], sampling, position, cap, *self._kernels())[0]
+        return _InFlight(decoding, [self.rows[s].handle for s in decoding], key, out, not processed)
+
+    def _follow(self, prev: _InFlight) -> _InFlight | None:
+        """Queue the step after `prev` before its tokens reach the host (on a GPU the host then
+        reads them while the step runs), when the same rows go on: nobody joined or left, no host
+        hook, and every row needs that step's token unless it stops."""
+        decoding = [s for s, r in enumerate(self.rows) if r is not None and r.next is not None]
+        same = decoding == prev.slots and all(self.rows[s].handle == h for s, h in zip(decoding, prev.handles))
+        room = all(self.rows[s].produced + 1 < self.rows[s].max_new for s in decoding)
+        if not (self.gen.cuda_graph and prev.chainable and same and room):
+            return None
+        return _InFlight(prev.slots, prev.handles, prev.key, self.gen.follow(prev.tokens, prev.key), True)
+
+    def _collect(self, flight: _InFlight) -> list[Token]:
+        """The tokens of a queued step, for its rows still running (one host copy)."""
+        tokens = flight.host_tokens()
+        kept = [i for i, (s, h) in enumerate(zip(flight.slots, flight.handles))
+                if self.rows[s] is not None and self.rows[s].handle == h]  # fmt: skip
+        for i in kept:
+            row = self.rows[flight.slots[i]]
+            row.held.append(row.next)
+        return self._emit([flight.slots[i] for i in kept], flight, [i for i in kept], tokens)
+
+    def _emit(self, slots: list[int], out, at: list[int], tokens: list[int]) -> list[Token]:
+        """Tokens for `slots` (their values `tokens`; `out`'s rows `at` for logprobs), finishing
+        rows that end."""
+        want = [self.rows[s].request.logprobs is not None for s in slots]
+        if any(want):
+            chosen = out.logprobs[at].tolist()
+            top_ids, top_lp = out.top_ids[at].tolist(), out.top_logprobs[at].tolist()
+        result = []
+        for i, s in enumerate(slots):
+            row = self.rows[s]
+            t = Token(row.handle, tokens[i])
+            if want[i]:
+                n = row.request.logprobs
+                t.logprob, t.top = chosen[i], list(zip(top_ids[i][:n], top_lp[i][:n], strict=True))
+            row.next, row.produced = tokens[i], row.produced + 1
+            if tokens[i] in row.request.stop_ids:
+                t.finish = "stop"
+            elif row.produced >= row.max_new:
+                t.finish = "length"
+            if t.finish:
+                self._free(s)
+            result.append(t)
+        return result
+
+
+class _InFlight:
+    """A queued decode step: its rows (slots and the handles that held them), its graph key, and
+    its results, snapshotted (the graph's buffers are overwritten by the next step) and on their
+    way to the host."""
+
+    def __init__(self, slots: list[int], handles: list[int], key, out: StepOut, chainable: bool):
+        self.slots, self.handles, self.key, self.chainable = slots, handles, key, chainable
+        self.tokens = out.tokens.clone()
+        self.logprobs, self.top_ids, self.top_logprobs = (
+            (None, None, None) if out.logprobs is None else
+            (out.logprobs.clone(), out.top_ids.clone(), out.top_logprobs.clone())
+        )  # fmt: skip
+        self._host, self._done = self.tokens, None
+        if self.tokens.device.type == "cuda":
+            self._host = torch.empty(self.tokens.shape, dtype=self.tokens.dtype, pin_memory=True)
+            self._host.copy_(self.tokens, non_blocking=True)
+            self._done = torch.cuda.Event()
+            self._done.record()
+
+    def host_tokens(self) -> list[int]:
+        if self._done is not None:
+            self._done.synchronize()
+        return self._host[self.slots].tolist()

@@ -1,5 +1,5 @@
-"""Token generation: Google's recommended sampling, batching by left padding, streaming (the KV
-cache and decode step live in engine.py).
+"""Token generation through the model's persistent engine (inference/engine.py): Google's
+recommended sampling, batches of prompts, streaming text.
 
 Defaults are Google's recommendation for Gemma 3n: temperature 1.0, top_k 64, top_p 0.95,
 min_p 0.0, repetition penalty 1.0 (off). The logits pass the filters in transformers' order
@@ -8,80 +8,96 @@ min_p 0.0, repetition penalty 1.0 (off). The logits pass the filters in transfor
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 from collections.abc import Iterator
-from functools import partial
 
 import torch
 
 from g3n.errors import G3nError
-from g3n.inference.engine import Generator
+from g3n.inference.engine import Engine, Request, Token
 from g3n.inference.options import DecodeOptions
-from g3n.inference.sampling import SamplingParams, next_tokens, sample_tokens
+from g3n.inference.sampling import SamplingParams
 
 
-def _copy_to_host(tokens: torch.Tensor):
-    """Start copying `tokens` to the host without waiting for work queued after the copy;
-    `_host_values` waits for this copy only. So a decode step queued in between runs on the GPU
-    while the host reads and hands out the tokens before it."""
-    if tokens.device.type != "cuda":
-        return tokens, None
-    host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-    host.copy_(tokens, non_blocking=True)
-    done = torch.cuda.Event()
-    done.record()
-    return host, done
+class _Engines:
+    """The engines a model has served, by (options, slots, module identities): the next call reuses
+    the cache, graphs and compiled code. A copy of the model starts with none (an engine holds
+    CUDA graphs and a cache that belong to the original)."""
+
+    def __init__(self):
+        self.by_key: dict = {}
+
+    def __deepcopy__(self, memo):
+        return _Engines()
 
 
-def _host_values(pending) -> list:
-    host, done = pending
-    if done is not None:
-        done.synchronize()
-    return host.tolist()
+def engine_for(model, options: DecodeOptions | None = None, slots: int = 1) -> Engine:
+    """The model's persistent engine for `options` with at least `slots` rows (made on first use;
+    a model whose modules were replaced since, e.g. by an adapter, gets a new one)."""
+    options = DecodeOptions() if options is None else options
+    if not isinstance(options, DecodeOptions):
+        raise G3nError(f"options must be a DecodeOptions, not {options!r}")
+    engines = model.__dict__.setdefault("_g3n_engines", _Engines())
+    modules = hash(tuple(map(id, model.modules())))
+    key = (options, modules)
+    engine = engines.by_key.get(key)
+    if engine is None or engine.slots < slots:
+        engines.by_key.pop(key, None)
+        if len(engines.by_key) >= 2:  # memory stays bounded: the oldest goes
+            engines.by_key.pop(next(iter(engines.by_key)))
+        engine = engines.by_key[key] = Engine(model, slots, options)
+    return engine
 
 
-def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(x) for x in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.bool)
-    for row, x in enumerate(prompts):
-        ids[row, width - len(x) :] = torch.tensor(x, dtype=torch.long)
-        mask[row, width - len(x) :] = True
-    return ids.to(device), mask.to(device)
+def _row_seed(seed: int | None, row: int) -> int | None:
+    """Row `row` of a batch sharing one seed: the seed itself for the first row (so a batch's first
+    row equals the prompt alone), derived ones for the others (so equal prompts differ)."""
+    return seed if seed is None or row == 0 else hash((seed, row)) & (2**63 - 1)
 
 
-def _context_limit(model, prompts: list[list[int]]) -> int:
-    """The model's context; refuses empty prompts and prompts that leave no room for a token."""
+def _run_rows(model, requests: list[Request], options, stopped=None, media_rows=None) -> Iterator[list[Token | None]]:
+    """Run `requests` on the model's engine; yield, per step, each row's next Token (None for rows
+    that ended). `stopped(row)`, asked before each step, ends a row there."""
+    engine = engine_for(model, options, len(requests))
+    handles = [engine.add(r) for r in requests]
+    row_of = {h: i for i, h in enumerate(handles)}
+    queues = [collections.deque() for _ in handles]
+    done = [r.params.max_new_tokens == 0 for r in requests]
+    try:
+        while not all(done):
+            if stopped is not None:
+                for row, handle in enumerate(handles):
+                    if not done[row] and stopped(row):
+                        engine.cancel(handle)
+                        done[row] = True
+                        queues[row].clear()
+                if all(done):
+                    return
+            for t in engine.step():
+                if t.handle in row_of:
+                    queues[row_of[t.handle]].append(t)
+            while not all(done) and all(d or q for d, q in zip(done, queues)):
+                out = [None if d else q.popleft() for d, q in zip(done, queues)]
+                for row, t in enumerate(out):
+                    if t is not None and t.finish:
+                        done[row] = True
+                yield out
+    finally:
+        for handle in handles:
+            engine.cancel(handle)
+
+
+def _requests(model, prompts, params: list[SamplingParams], stop_ids, media, logprobs=None) -> list[Request]:
     if not prompts or any(len(x) == 0 for x in prompts):
         raise G3nError("every prompt needs at least one token")
-    limit = model.config.max_position_embeddings
-    longest = max(len(x) for x in prompts)
-    if longest >= limit:
-        raise G3nError(
-            f"prompt of {longest} tokens does not fit the model's context of {limit} tokens "
-            f"(at most {limit - 1} leave room for one new token)"
-        )
-    return limit
-
-
-def _sampling(options: DecodeOptions) -> dict:
-    """sample_tokens' and next_tokens' keywords for the engine's options (the sampling kernels)."""
-    return {"kernels": options.sample_kernels, "pdl": options.pdl}
-
-
-def _prefill(model, prompts, pad_id: int, steps: int, penalize: bool, media, options: DecodeOptions, params=None):
-    """Left-pad, build the engine for `steps` new tokens, prefill (images/audio merged in):
-    (ids, tokens seen per row for the repetition penalty or None, engine, last logits).
-    `params`: sampling settings for every row, which the engine's steps then sample with
-    themselves (in the CUDA graph, when captured), returning tokens instead of logits."""
-    ids, mask = _left_pad(prompts, pad_id, model.device)
-    seen = None
-    if penalize:
-        seen = torch.zeros(len(prompts), model.config.vocab_size, dtype=torch.bool, device=model.device)
-        seen.scatter_(1, torch.where(mask, ids, 0), mask)
-    sample = None if params is None else partial(sample_tokens, p=params, seen=seen, **_sampling(options))
-    engine = Generator(model, len(prompts), ids.shape[1] + steps, options=options, sample=sample)
-    embeds = model.embed_inputs(ids, media) if media else None
-    return ids, seen, engine, engine.prefill(ids, mask, embeds)
+    if len(params) != len(prompts):
+        raise G3nError(f"{len(prompts)} prompts but {len(params)} sampling settings")
+    if media and len(prompts) > 1:
+        raise G3nError("images and audio are generated one prompt at a time")
+    stops = frozenset(stop_ids)
+    return [Request(list(x), p, stops, media if media else None, logprobs=logprobs)
+            for x, p in zip(prompts, params)]  # fmt: skip
 
 
 @torch.inference_mode()
@@ -97,45 +113,17 @@ def generate_steps(
     """Yield, per step, one new token per prompt (None for prompts that already stopped).
 
     A prompt stops after producing one of `stop_ids` (which is yielded) or after max_new_tokens,
-    which is capped so that the longest prompt plus its new tokens fit the model's context
+    which is capped so that the prompt plus its new tokens fit the model's context
     (max_position_embeddings). A prompt that leaves no room for one new token is refused (G3nError
-    naming both lengths), never truncated. `media`: the prompts' images/audio (media.py's
-    MediaProcessor output), in prompt order. `options`: how the engine decodes (DecodeOptions;
-    default DecodeOptions()), sampling included.
+    naming both lengths), never truncated. Each row draws with `params.seed` (the first row) or a
+    seed derived from it (the others). `media`: one prompt's images/audio (media.py's
+    MediaProcessor output). `options`: how the model's engine decodes (DecodeOptions; default
+    DecodeOptions()), sampling included. `pad_id` is unused (rows are never padded) and kept for
+    callers that pass it.
     """
-    options = DecodeOptions() if options is None else options
-    limit = _context_limit(model, prompts)
-    max_new = min(params.max_new_tokens, limit - max(len(x) for x in prompts))
-    device = model.device
-    generator = None
-    if params.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(params.seed)
-    penalize = params.repetition_penalty != 1.0
-    ids, seen, engine, logits = _prefill(model, prompts, pad_id, max_new, penalize, media, options, params)
-    stops = set(stop_ids)
-    done = [False] * len(prompts)
-
-    def advance(tok, step):  # the next tokens: the engine samples them in its step
-        if seen is not None:
-            seen[torch.arange(len(prompts), device=device), tok] = True
-        return engine.step(tok, ids.shape[1] + step, generator)
-
-    tok = next_tokens(logits, params, seen, generator, **_sampling(options))
-    for step in range(max_new):
-        pending = _copy_to_host(tok)
-        last = step == max_new - 1
-        # A captured step is queued before the host reads `tok`, so the GPU runs it meanwhile
-        # (wasted work if every row stops here); the first (capturing, maybe compiling) step
-        # waits until the first token is out.
-        queued = not last and engine.captured
-        if queued:
-            following = advance(tok, step)
-        values = _host_values(pending)
-        yield [None if d else t for t, d in zip(values, done)]
-        done = [d or t in stops for t, d in zip(values, done)]
-        if all(done) or last:
-            return
-        tok = following if queued else advance(tok, step)
+    per_row = [dataclasses.replace(params, seed=_row_seed(params.seed, r)) for r in range(len(prompts))]
+    for step in _run_rows(model, _requests(model, prompts, per_row, stop_ids, media), options):
+        yield [None if t is None else t.token for t in step]
 
 
 @torch.inference_mode()
@@ -149,76 +137,29 @@ def generate_rows(
     media=None,
     options: DecodeOptions | None = None,
 ) -> Iterator[list[int | None]]:
-    """Like generate_steps, but each row has its own SamplingParams and its own random generator,
-    seeded with its own seed, so a row gets exactly the tokens it would get alone (and the same as
-    generate_steps for a batch of one): what a server batching unrelated requests needs.
-
-    `stopped(row)` (optional) is asked before each step; a row for which it is true ends there
-    (yields None from then on), and the batch ends when every row has ended. `media`: the
-    prompts' images/audio (media.py's MediaProcessor output), in prompt order, and `options`, as in
-    generate_steps.
-    """
-    options = DecodeOptions() if options is None else options
-    if len(params) != len(prompts):
-        raise G3nError(f"{len(prompts)} prompts but {len(params)} sampling settings")
-    limit = _context_limit(model, prompts)
-    # each row stops where it would alone; the cache is as long as the longest-running row needs
-    max_new = [min(p.max_new_tokens, limit - len(x)) for p, x in zip(params, prompts, strict=True)]
-    steps = max(max_new)
-    if steps == 0:
-        return
-    device = model.device
-    generators = [None if p.seed is None else torch.Generator(device=device).manual_seed(p.seed) for p in params]
-    penalize = any(p.repetition_penalty != 1.0 for p in params)
-    ids, seen, engine, logits = _prefill(model, prompts, pad_id, steps, penalize, media, options)
-    stops = set(stop_ids)
-    done = [n == 0 for n in max_new]
-
-    def advance(tokens, step):
-        if seen is not None:
-            seen[torch.arange(len(prompts), device=device), tokens] = True
-        return engine.step(tokens, ids.shape[1] + step)
-
-    for step in range(steps):
-        if stopped is not None:
-            done = [d or bool(stopped(row)) for row, d in enumerate(done)]
-        if all(done):
-            return
-        live = [row for row, d in enumerate(done) if not d]
-        tokens = torch.zeros(len(prompts), dtype=torch.long, device=device)
-        for row in live:
-            row_seen = None if seen is None else seen[row : row + 1]
-            row_logits = logits[row : row + 1]
-            tokens[row] = next_tokens(row_logits, params[row], row_seen, generators[row], **_sampling(options))[0]
-        pending = _copy_to_host(tokens)
-        # queued before the host reads `tokens` once captured, as in generate_steps
-        queued = engine.captured and any(step + 1 < max_new[row] for row in live)
-        if queued:
-            logits = advance(tokens, step)
-        values = _host_values(pending)
-        out: list[int | None] = [None] * len(prompts)
-        for row in live:
-            out[row] = values[row]
-            done[row] = out[row] in stops or step + 1 >= max_new[row]
-        yield out
-        if all(done):
-            return
-        if not queued:
-            logits = advance(tokens, step)
+    """Like generate_steps, but each row has its own SamplingParams (its own seed): a row gets
+    exactly the tokens it would get alone. `stopped(row)` (optional) is asked before each step; a
+    row for which it is true ends there (yields None from then on)."""
+    for step in _run_rows(model, _requests(model, prompts, params, stop_ids, media), options, stopped):
+        yield [None if t is None else t.token for t in step]
 
 
 def generate(
     model, prompts: list[list[int]], params: SamplingParams, stop_ids=(), pad_id: int = 0, media=None,
-    options: DecodeOptions | None = None,
+    options: DecodeOptions | None = None, logprobs: int | None = None,
 ):  # fmt: skip
-    """The new tokens of every prompt (stop tokens excluded), generated together as one batch
-    (max_new_tokens capped by the context, see generate_steps)."""
-    out: list[list[int]] = [[] for _ in prompts]
-    stop_ids = set(stop_ids)
-    for step in generate_steps(model, prompts, params, stop_ids, pad_id, media, options):
-        for row, tok in enumerate(step):
-            if tok is not None and tok not in stop_ids:
-                out[row].append(tok)
+    """The new tokens of every prompt (stop tokens excluded), generated together (max_new_tokens
+    capped by the context, see generate_steps). With `logprobs` (0..20): engine.Token objects
+    instead of ids, each with its log-probability and the `logprobs` most likely alternatives."""
+    per_row = [dataclasses.replace(params, seed=_row_seed(params.seed, r)) for r in range(len(prompts))]
+    requests = _requests(model, prompts, per_row, stop_ids, media, logprobs)
+    out: list[list] = [[] for _ in prompts]
+    stops = set(stop_ids)
+    with torch.inference_mode():
+        for step in _run_rows(model, requests, options):
+            for row, t in enumerate(step):
+                if t is not None and t.token not in stops:
+                    out[row].append(t if logprobs is not None else t.token)
     return out
 
 
@@ -279,15 +220,17 @@ class TextStreamer:
 
 
 def stream_text(
-    model, tokenizer, prompt_ids: list[int], params: SamplingParams, media=None, options: DecodeOptions | None = None
-) -> Iterator[str]:
-    """Pieces of the reply's text as they are generated; stops at eos or <end_of_turn>
-    (`options`: see generate_steps)."""
+    model, tokenizer, prompt_ids: list[int], params: SamplingParams, media=None, options: DecodeOptions | None = None,
+    engine: Engine | None = None,
+) -> Iterator[str]:  # fmt: skip
+    """Pieces of the reply's text as they are generated; stops at eos or <end_of_turn>. Runs on
+    `engine`, or the model's own engine for `options` (see generate_steps)."""
+    engine = engine_for(model, options) if engine is None else engine
     streamer = TextStreamer(tokenizer)
-    stops = tokenizer.stop_ids
-    for (tok,) in generate_steps(model, [prompt_ids], params, stops, tokenizer.pad_id, media, options):
-        if tok is None or tok in stops:
+    stops = frozenset(tokenizer.stop_ids)
+    for t in engine.generate(Request(list(prompt_ids), params, stops, media or None)):
+        if t.token in stops:
             return
-        piece = streamer.push(tok)
+        piece = streamer.push(t.token)
         if piece:
             yield piece

@@ -2,9 +2,10 @@
 to the engine (`Generator`) and the kernels it launches, so two engines in one process can decode
 differently and nothing is read from the environment.
 
-The kernel switches default to on; each exists to turn one part off, to compare against it
-(bench/generate_gpu.py's variants) or to step around it where it fails. `compile` defaults to off
-(its one-off cost pays only over long runs); the default lives here only, `DecodeOptions()`.
+The switches default to on, compiling included (`compile="layers"`: its one-off cost is paid once
+per machine, inference/compile_cache.py); each exists to turn one part off, to compare against it
+(bench/generate_gpu.py's variants) or to step around it where it fails. The defaults live here
+only, `DecodeOptions()`.
 """
 
 from __future__ import annotations
@@ -45,9 +46,9 @@ def compile_mode(value) -> CompileMode:
 class DecodeOptions:
     """The decode path's switches; `DecodeOptions()` is what g3n runs unless told otherwise.
 
-    compile: see CompileMode. Compiling costs seconds to minutes once per batch size and cache
-        length and pays off over thousands of tokens (servers, long answers), not one short reply;
-        on a CPU nothing is captured or compiled.
+    compile: see CompileMode. Compiling costs seconds to minutes once per number of rows and cache
+        length on a machine (later processes load it from the disk cache in seconds); on a CPU
+        nothing is captured or compiled, and 4-bit weights are not compiled.
     fuse_weights: in a compiled step, projections that read one input (q/k/v/Laurel's left,
         gate/up) run as one product over concatenated weights (inference/fused_weights.py). Off:
         one product per projection.
@@ -62,7 +63,7 @@ class DecodeOptions:
         launches while the one before it finishes; kernels/common.py). Off: plain launches.
     """
 
-    compile: CompileMode = CompileMode.OFF
+    compile: CompileMode = CompileMode.LAYERS
     fuse_weights: bool = True
     decode_kernels: bool = True
     gemv: bool = True

@@ -134,3 +134,105 @@ def next_tokens(logits, p: SamplingParams, seen=None, generator=None, kernels=Tr
     decode step sampling in its CUDA graph draws: engine.Generator.step)."""
     uniform = torch.rand(logits.shape[0], generator=generator, device=logits.device)
     return sample_tokens(logits, p, seen, uniform, kernels, pdl)
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xor-shift-multiply) on int64 tensors holding 32-bit values; its
+    multipliers are below 2**31, so no product leaves int64."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x5BD1E995) & _MASK32
+    return x ^ (x >> 16)
+
+
+def uniform_at(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """One uniform number in [0, 1) per row, a hash of the row's seed and the position of the token
+    being drawn: a row draws the same numbers alone, in any batch, and wherever it joins one, with
+    no random state to carry (and inside a CUDA graph)."""
+    x = _mix32(_mix32(seeds & _MASK32) ^ ((seeds >> 32) & _MASK32))
+    x = _mix32(x ^ (positions & _MASK32))
+    return (x >> 8).float() * 2.0**-24
+
+
+class RowSampling:
+    """Each row's sampling settings as tensors (what a step samples every row with, in one go):
+    temperature, top_k, top_p, min_p, repetition penalty, greedy, seed; `bias` (rows, vocab) is
+    added to the logits first (OpenAI's logit_bias, and any additive per-row mask); `seen` (rows,
+    vocab) marks the tokens of each row's sequence (the repetition penalty's)."""
+
+    def __init__(self, rows: int, vocab: int, device):
+        def full(value, dtype=torch.float32):
+            return torch.full((rows,), value, dtype=dtype, device=device)
+
+        self.temperature, self.top_k, self.top_p = full(1.0), full(64, torch.long), full(1.0)
+        self.min_p, self.repetition, self.greedy = full(0.0), full(1.0), full(False, torch.bool)
+        self.seed = full(0, torch.long)
+        self.bias = torch.zeros(rows, vocab, device=device)
+        self.seen = torch.zeros(rows, vocab, dtype=torch.bool, device=device)
+
+    def view(self, rows: slice) -> RowSampling:
+        out = object.__new__(RowSampling)
+        out.__dict__.update({k: v[rows] for k, v in self.__dict__.items()})
+        return out
+
+    def set(self, row: int, p: SamplingParams, seed: int, sequence: list[int], bias: dict[int, float] | None = None):
+        """Row `row` samples with `p` and `seed`, its sequence so far being `sequence`."""
+        for name, value in (("temperature", p.temperature), ("top_k", p.top_k), ("top_p", p.top_p),
+                            ("min_p", p.min_p), ("repetition", p.repetition_penalty), ("greedy", p.greedy),
+                            ("seed", seed & (2**63 - 1))):  # fmt: skip
+            getattr(self, name)[row] = value
+        self.bias[row].zero_()
+        if bias:
+            ids = torch.tensor(list(bias), dtype=torch.long)
+            self.bias[row, ids.to(self.bias.device)] = torch.tensor(list(bias.values())).to(self.bias)
+        self.seen[row].zero_()
+        if sequence:
+            self.seen[row, torch.tensor(sequence, device=self.seen.device)] = True
+
+    def mark(self, tokens: torch.Tensor, live: torch.Tensor | None = None) -> None:
+        """Add `tokens` (rows,) to the rows' sequences (only the `live` rows')."""
+        at = tokens[:, None]
+        value = torch.ones_like(at, dtype=torch.bool) if live is None else live[:, None] | self.seen.gather(1, at)
+        self.seen.scatter_(1, at, value)
+
+
+def candidate_cap(params: list[SamplingParams]) -> int:
+    """The number of candidates a step over rows with these settings draws among: 64, or 0 (the
+    whole vocabulary, sorted) when a row has top-k off or above 64."""
+    return 64 if all(p.greedy or 1 <= p.top_k <= 64 for p in params) else 0
+
+
+def sample_rows(logits, s: RowSampling, positions, k_cap: int, kernels=True, pdl=True) -> torch.Tensor:
+    """One token per row of `logits` (rows, vocab), each row with its own settings (`s`) and the
+    uniform number of its seed at `positions` (rows,): what sample_tokens gives that row alone
+    (barring ties at the k-th logit and the order of float32 sums). `k_cap`: candidate_cap of the
+    rows' settings (64: every row's top-k is in 1..64; 0: the whole vocabulary). `kernels`: draw
+    through kernels/sampling.py where it can run (`pdl`: their launches')."""
+    logits = logits.float() + s.bias
+    rep = s.repetition[:, None]
+    penalized = torch.where(logits < 0, logits * rep, logits / rep)
+    logits = torch.where(s.seen & (rep != 1.0), penalized, logits)
+    greedy = logits.argmax(-1)
+    logits = logits / torch.where(s.greedy | (s.temperature == 0), 1.0, s.temperature)[:, None]
+    uniform = uniform_at(s.seed, positions)
+    if kernels and k_cap and sample_kernels.usable_rows(logits, k_cap):
+        drawn = sample_kernels.sample_top_k_rows(logits, s.top_k, s.top_p, s.min_p, uniform, k_cap, pdl)
+        return torch.where(s.greedy, greedy, drawn)
+    if k_cap:
+        values, ids = torch.topk(logits, k_cap, dim=-1)
+    else:
+        values, ids = torch.sort(logits, dim=-1, descending=True)
+    rank = torch.arange(values.shape[-1], device=values.device)
+    top_k = torch.where(s.top_k > 0, s.top_k, values.shape[-1])
+    values = values.masked_fill(rank >= top_k[:, None], float("-inf"))
+    probs = values.softmax(-1)  # top-p: drop where the tail from here holds <= 1 - top_p
+    tail = probs.flip(-1).cumsum(-1).flip(-1)
+    values = values.masked_fill((tail <= 1 - s.top_p[:, None]) & (rank > 0), float("-inf"))
+    probs = values.softmax(-1)
+    values = values.masked_fill(probs < s.min_p[:, None] * probs.amax(-1, keepdim=True), float("-inf"))
+    drawn = ids.gather(-1, draw(values.softmax(-1), uniform)).squeeze(-1)
+    return torch.where(s.greedy, greedy, drawn)

@@ -10,11 +10,15 @@ vocabulary the largest, together as long as a decoder layer or more. Here three 
 3. one program per row takes their top K and does what generate.sample_tokens does after
    torch.topk: top-k below K, top-p, min-p, softmax and `draw`, in the same order.
 
-The result is a draw from the same distribution as inference/sampling.py's path (the CPU test compares
-tokens for the same uniform numbers); only the order of float32 sums differs. `usable` says when
-it can run: CUDA tensors (or the CPU under Triton's interpreter, for tests), 1 <= top_k <= MAX_K;
-whether it does is the caller's choice (inference/sampling.py's `kernels`, from the engine's
-DecodeOptions.sample_kernels).
+`sample_top_k` takes one top_k, top_p and min_p for every row; `sample_top_k_rows` reads them per
+row from tensors (a batch of requests with their own settings, whose values a CUDA graph's replays
+may change), with K from a bound `k_cap` on the rows' top_k. Only stage 3 tells them apart.
+
+The result is a draw from the same distribution as inference/sampling.py's path (the CPU tests compare
+tokens for the same uniform numbers); only the order of float32 sums differs. `usable` and
+`usable_rows` say when they can run: CUDA tensors (or the CPU under Triton's interpreter, for tests),
+1 <= top_k (or k_cap) <= MAX_K; whether they do is the caller's choice (inference/sampling.py's
+`kernels`, from the engine's DecodeOptions.sample_kernels).
 """
 
 from __future__ import annotations
@@ -40,12 +44,18 @@ FINAL = 2048  # at most this many candidates go to the sampling program
 
 def usable(logits: torch.Tensor, top_k: int) -> bool:
     """Whether `sample_top_k` serves these logits (batch, vocab) and this top_k."""
+    return usable_rows(logits, top_k)
+
+
+def usable_rows(logits: torch.Tensor, k_cap: int) -> bool:
+    """Whether `sample_top_k_rows` serves these logits (batch, vocab) for rows' top_k up to k_cap
+    (below the vocabulary: a top_k as large turns top-k off in inference/sampling.py)."""
     return (
         runs_on(logits)
         and logits.dim() == 2
         and logits.dtype == torch.float32
-        and 1 <= top_k <= MAX_K
-        and top_k < logits.shape[-1]
+        and 1 <= k_cap <= MAX_K
+        and k_cap < logits.shape[-1]
     )
 
 
@@ -94,10 +104,14 @@ if triton is not None:
     @triton.jit
     def _sample_kernel(
         keys_ptr, n, uniform_ptr, out_ptr, top_k, top_p, min_p, BLOCK: tl.constexpr, K: tl.constexpr,
-        PDL: tl.constexpr,
+        PER_ROW: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
+        # PER_ROW: top_k, top_p and min_p point to one value a row (sample_top_k_rows), else they are
+        # the values (sample_top_k: no tensors to fill for them in a batch-1 decode step)
         pdl_wait(PDL)
         row = tl.program_id(0)
+        if PER_ROW:
+            top_k, top_p, min_p = tl.load(top_k + row), tl.load(top_p + row), tl.load(min_p + row)
         offs = tl.arange(0, BLOCK)
         keys = tl.load(keys_ptr + row * n + offs, mask=offs < n, other=_LOWEST)
         values, ids = _unpack(tl.topk(keys, K))  # largest first
@@ -124,8 +138,33 @@ def sample_top_k(
     """One token id per row (batch,) of `logits` (batch, vocab; float32, after temperature and
     repetition penalty), drawn at `uniform` (batch,) from the top-k, top-p, min-p distribution;
     `pdl`: the kernels launch with programmatic dependent launch."""
+    return _sample(logits, top_k, (top_k, float(top_p), float(min_p)), uniform, pdl, per_row=False)
+
+
+def sample_top_k_rows(
+    logits: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    uniform: torch.Tensor,
+    k_cap: int,
+    pdl: bool = True,
+) -> torch.Tensor:
+    """`sample_top_k` with each row's own settings, for a batch of requests in one CUDA graph:
+    top_k (batch,) integers in [1, k_cap], top_p (batch,) in (0, 1], min_p (batch,) in [0, 1].
+    The kernels read them on the device (no host sync, so replays may change them); `k_cap` fixes
+    the candidates kept (K, a compile-time size), so it stays a Python int. Row r draws what
+    sample_top_k(logits[r:r+1], top_k[r], ...) draws; with a larger K than that call's the
+    float32 sums run over more zeros, in an order the GPU may group differently."""
+    settings = (top_k.contiguous(), top_p.float().contiguous(), min_p.float().contiguous())
+    return _sample(logits, k_cap, settings, uniform, pdl, per_row=True)
+
+
+def _sample(logits, k_cap: int, settings: tuple, uniform: torch.Tensor, pdl: bool, per_row: bool) -> torch.Tensor:
+    """Both entry points' launches: stages 1 and 2 depend only on K, so only the last kernel
+    learns where its settings come from."""
     rows, n = logits.shape
-    k = max(16, triton.next_power_of_2(top_k))
+    k = max(16, triton.next_power_of_2(k_cap))
     logits, uniform = logits.contiguous(), uniform.float().contiguous()
     pdl = pdl_options(logits.device, pdl)
     with torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext():
@@ -139,7 +178,7 @@ def sample_top_k(
             keys = fewer
         out = logits.new_empty(rows, dtype=torch.int64)
         _sample_kernel[(rows,)](
-            keys, keys.shape[1], uniform, out, top_k, float(top_p), float(min_p),
-            BLOCK=max(k, triton.next_power_of_2(keys.shape[1])), K=k, num_warps=8, **pdl,
+            keys, keys.shape[1], uniform, out, *settings,
+            BLOCK=max(k, triton.next_power_of_2(keys.shape[1])), K=k, PER_ROW=per_row, num_warps=8, **pdl,
         )  # fmt: skip
     return out

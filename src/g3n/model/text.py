@@ -397,16 +397,18 @@ class KVCache:
 
 def build_mask(q_index, k_index, k_valid, window, segments=None):
     """(batch, 1, q, k) bool: causal by cache index, within `window`, and only real keys; with
+    the indices (q,) and (k,) shared by every row, or (batch, q) and (batch, k) per row; with
     `segments` (batch, seq) also only keys of the query's own segment (packed samples).
 
     Rows with no allowed key (queries that are themselves padding) may attend everywhere, so the
     softmax stays finite; their outputs are never used.
     """
-    diff = q_index[:, None] - k_index[None, :]
+    q_index, k_index = q_index.reshape(-1, q_index.shape[-1]), k_index.reshape(-1, k_index.shape[-1])
+    diff = q_index[:, :, None] - k_index[:, None, :]
     allowed = diff >= 0
     if window is not None:
         allowed = allowed & (diff < window)
-    allowed = allowed[None, None] & k_valid[:, None, None, :]
+    allowed = allowed[:, None] & k_valid[:, None, None, :]
     if segments is not None:
         allowed = allowed & (segments[:, None, :, None] == segments[:, None, None, :])
     return allowed | ~allowed.any(-1, keepdim=True)

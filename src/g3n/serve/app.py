@@ -130,7 +130,7 @@ def create_app(engine, limits: Limits | None = None, api_key: str | None = None)
     async def chat_completions(request: Request):
         body = parse_body(await _read_body(request, limits.max_body_bytes))
         req, ids, media = await run_in_threadpool(prepare, body)
-        job = Job(ids, req.params, req.stop, asyncio.get_running_loop(), media)
+        job = Job(ids, req.params, req.stop, asyncio.get_running_loop(), media, req.logit_bias, req.logprobs)
         try:
             scheduler.submit(job)
         except QueueFull as e:
@@ -187,18 +187,29 @@ class _Reply:
     def head(self) -> dict:
         return {"id": self.id, "created": self.created, "model": self.model, "system_fingerprint": None}
 
-    def chunk(self, delta: dict, finish: str | None = None) -> str:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    def chunk(self, delta: dict, finish: str | None = None, logprobs=None) -> str:
+        choice = {"index": 0, "delta": delta, "logprobs": _logprobs(logprobs), "finish_reason": finish}
         return _sse_line({**self.head(), "object": "chat.completion.chunk", "choices": [choice]})
 
     def usage_chunk(self, completion_tokens: int) -> str:
         body = {**self.head(), "object": "chat.completion.chunk", "choices": [], "usage": self.usage(completion_tokens)}
         return _sse_line(body)
 
-    def completion(self, text: str, finish: str, completion_tokens: int) -> dict:
+    def completion(self, text: str, finish: str, completion_tokens: int, logprobs=None) -> dict:
         message = {"role": "assistant", "content": text}
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+        choice = {"index": 0, "message": message, "logprobs": _logprobs(logprobs), "finish_reason": finish}
         return {**self.head(), "object": "chat.completion", "choices": [choice], "usage": self.usage(completion_tokens)}
+
+
+def _logprobs(tokens: list | None) -> dict | None:
+    """OpenAI's choice.logprobs from (token text, log-probability, [(text, log-probability)])."""
+    if not tokens:
+        return None
+
+    def entry(text: str, lp: float) -> dict:
+        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+    return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, b) for a, b in top]} for t, lp, top in tokens]}
 
 
 def _sse_line(data: dict) -> str:
@@ -221,7 +232,7 @@ async def _sse(job: Job, reply: _Reply, include_usage: bool):
         while True:
             event = await job.events.get()
             if event[0] == "text":
-                yield reply.chunk({"content": event[1]})
+                yield reply.chunk({"content": event[1]}, logprobs=event[2])
             elif event[0] == "done":
                 yield reply.chunk({}, event[1])
                 if include_usage:
@@ -238,7 +249,7 @@ async def _sse(job: Job, reply: _Reply, include_usage: bool):
 async def _collect(job: Job, reply: _Reply, request: Request) -> dict:
     """The whole reply; checks twice a second whether the client is still there (and if not,
     cancels the job so its slot frees), also while pieces keep arriving."""
-    pieces = []
+    pieces, logprobs = [], []
     get = asyncio.ensure_future(job.events.get())
     checked = time.monotonic()
     try:
@@ -253,8 +264,9 @@ async def _collect(job: Job, reply: _Reply, request: Request) -> dict:
             event = get.result()
             if event[0] == "text":
                 pieces.append(event[1])
+                logprobs += event[2] or []
             elif event[0] == "done":
-                return reply.completion("".join(pieces), event[1], event[2])
+                return reply.completion("".join(pieces), event[1], event[2], logprobs if job.logprobs is not None else None)
             else:
                 raise _failure(event[1])
             get = asyncio.ensure_future(job.events.get())

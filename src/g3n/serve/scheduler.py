@@ -1,15 +1,14 @@
 """The one thread that owns the model, and the bounded queue in front of it.
 
-Requests become `Job`s. The worker takes every waiting job (up to the engine's `max_batch`) and
-runs them as one batch through `engine.run_batch`: g3n's engine generates them together, each row
-with its own sampling settings and seed, so a reply is the same text it would be alone. Jobs that
-arrive while a batch runs wait for the next one (static batching: the KV cache has one shape per
-batch). A job with images or audio runs in a batch of its own (exactly the path `g3n generate
---image` takes); llama.cpp (GGUF) takes one job at a time.
+Requests become `Job`s. The worker keeps up to `max_batch` jobs running on the engine and steps
+it (continuous batching): a job that arrives while others generate joins at the next step (its
+prompt prefilled in chunks between their decode steps), and a job that ends frees its place at
+once. g3n's engine runs each row with its own sampling settings and seed, so a reply is the same
+text it would be alone; llama.cpp (GGUF) runs one job at a time.
 
 A job ends early when its client goes away or one of its stop strings appears: the worker checks
-between tokens, that row stops, and the batch ends when all its rows have. Events go back to the
-asyncio side through `loop.call_soon_threadsafe`.
+between steps and cancels it in the engine. Events go back to the asyncio side through
+`loop.call_soon_threadsafe`.
 """
 
 from __future__ import annotations
@@ -55,17 +54,22 @@ class StopStrings:
 class Job:
     """One request: its prompt and settings in, events out.
 
-    Events: ("text", str), ("done", finish_reason, completion_tokens), ("error", exception).
+    Events: ("text", str, logprobs or None), ("done", finish_reason, completion_tokens),
+    ("error", exception); logprobs: a list of (token text, log-probability, top alternatives).
     """
 
     prompt_ids: list[int]
     params: SamplingParams
     stop: list[str]
     loop: asyncio.AbstractEventLoop
-    media: dict | None = None  # image/audio tensors (media.py); such a job runs in a batch of its own
+    media: dict | None = None  # image/audio tensors (media.py)
+    logit_bias: dict[int, float] | None = None
+    logprobs: int | None = None  # None, or how many alternatives to report with each token
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False  # set by the request's side; read by the worker between tokens
     finished: bool = False
+    stops: StopStrings | None = None  # the worker's, while it runs
+    count: int = 0  # tokens produced
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -83,7 +87,7 @@ class Scheduler:
         self.max_queue = max_queue
         self.max_batch = max(1, min(max_batch or engine.max_batch, engine.max_batch))
         self.waiting: collections.deque[Job] = collections.deque()
-        self.running: list[Job] = []
+        self.running: dict[int, Job] = {}  # engine handle -> job
         self.largest_batch = 0
         self.completed = 0
         self._cond = threading.Condition()
@@ -100,9 +104,11 @@ class Scheduler:
                 job.emit("error", G3nError("the server is shutting down"))
             self.waiting.clear()
             self._cond.notify_all()
-        for job in self.running:
+        for job in list(self.running.values()):
             job.cancel()
         self._thread.join(timeout=10)
+        for handle in list(self.running):  # the engine may outlive this server
+            self.engine.cancel(handle)
 
     def submit(self, job: Job) -> None:
         with self._cond:
@@ -117,7 +123,7 @@ class Scheduler:
     def stats(self) -> dict:
         with self._cond:
             return {
-                "running": sum(not (j.cancelled or j.finished) for j in self.running),
+                "running": sum(not (j.cancelled or j.finished) for j in self.running.values()),
                 "waiting": sum(not j.cancelled for j in self.waiting),
                 "max_batch": self.max_batch,
                 "largest_batch": self.largest_batch,
@@ -129,68 +135,73 @@ class Scheduler:
         if any(j.cancelled for j in self.waiting):
             self.waiting = collections.deque(j for j in self.waiting if not j.cancelled)
 
-    def _take(self) -> list[Job] | None:
+    def _admit(self) -> bool:
+        """Start waiting jobs while there is room; wait while there is nothing to do. False: closed."""
         with self._cond:
             while True:
                 self._drop_cancelled()
                 if self._closed:
-                    return None
-                if self.waiting:
+                    return False
+                if self.waiting or self.running:
                     break
                 self._cond.wait()
-            batch = [self.waiting.popleft()]
-            if batch[0].media is None:  # text jobs batch together; jobs with media wait their turn
-                text = [j for j in self.waiting if j.media is None][: self.max_batch - 1]
-                self.waiting = collections.deque(j for j in self.waiting if j not in text)
-                batch += text
-            self.running = batch
-            self.largest_batch = max(self.largest_batch, len(batch))
-            return batch
+            while self.waiting and len(self.running) < self.max_batch:
+                job = self.waiting.popleft()
+                try:
+                    handle = self.engine.submit(job.prompt_ids, job.params, job.media, job.logit_bias, job.logprobs)
+                except Exception as e:  # noqa: BLE001 - a refused request fails alone
+                    job.finished = True
+                    job.emit("error", e)
+                    continue
+                self.running[handle] = job
+                job.stops, job.count = StopStrings(job.stop), 0
+            self.largest_batch = max(self.largest_batch, len(self.running))
+            return True
 
     def _work(self) -> None:
-        while (batch := self._take()) is not None:
+        while self._admit():
             try:
-                self._run(batch)
-            except Exception as e:  # noqa: BLE001 - a failed batch fails its requests, not the server
-                for job in batch:
-                    if not job.finished:
-                        job.finished = True
-                        job.emit("error", e)
-            finally:
-                with self._cond:
-                    self.completed += sum(j.finished for j in batch)
-                    self.running = []
+                self._step()
+            except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the server
+                for handle, job in list(self.running.items()):
+                    self._end(handle, job, error=e)
 
-    def _run(self, batch: list[Job]) -> None:
-        stops = [StopStrings(job.stop) for job in batch]
-        counts = [0] * len(batch)
-
-        def finish(row: int, reason: str) -> None:
-            job = batch[row]
-            if tail := stops[row].flush():
-                job.emit("text", tail)
+    def _end(self, handle: int, job: Job, reason: str | None = None, error: Exception | None = None) -> None:
+        with self._cond:
+            self.running.pop(handle, None)
+            self.completed += 1
+        if not job.finished and not (job.cancelled and error is None and reason is None):
             job.finished = True
-            job.emit("done", reason, counts[row])
+            if error is not None:
+                job.emit("error", error)
+            else:
+                if tail := job.stops.flush():
+                    job.emit("text", tail, None)
+                job.emit("done", reason, job.count)
+        if error is not None or reason is None:
+            self.engine.cancel(handle)
 
-        def stopped(row: int) -> bool:
-            return batch[row].finished or batch[row].cancelled
-
-        prompts = [job.prompt_ids for job in batch]
-        media = batch[0].media if len(batch) == 1 else None
-        for piece in self.engine.run_batch(prompts, [job.params for job in batch], stopped, media):
-            row, job = piece.row, batch[piece.row]
-            if stopped(row):
+    def _step(self) -> None:
+        for handle, job in list(self.running.items()):
+            if job.cancelled:
+                self._end(handle, job)
+        for piece in self.engine.step():
+            job = self.running.get(piece.handle)
+            if job is None:
                 continue
-            if piece.finish:
-                finish(row, piece.finish)
+            if piece.finish == "stop" and not piece.text:
+                self._end(piece.handle, job, "stop")
                 continue
-            counts[row] += 1
-            text, hit = stops[row].push(piece.text)
-            if text:
-                job.emit("text", text)
+            job.count += 1
+            text, hit = job.stops.push(piece.text)
+            logprobs = None
+            if piece.logprob is not None:
+                logprobs = [(piece.token, piece.logprob, piece.top)]
+            if text or logprobs:
+                job.emit("text", text, logprobs)
             if hit:
-                stops[row].pending = ""
-                finish(row, "stop")
-        for row, job in enumerate(batch):  # the engine ran out of tokens for the row (context full)
-            if not stopped(row):
-                finish(row, "length")
+                job.stops.pending = ""
+                self._end(piece.handle, job, "stop")
+                self.engine.cancel(piece.handle)
+            elif piece.finish:
+                self._end(piece.handle, job, piece.finish)

@@ -25,6 +25,8 @@ class ChatRequest:
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit
+    logprobs: int | None = None  # None, or how many alternatives each token reports (top_logprobs)
 
 
 def _number(body: dict, name: str, lo: float, hi: float, default, integer: bool = False):
@@ -44,9 +46,6 @@ _REFUSED = {
     "n": 1,
     "presence_penalty": 0,
     "frequency_penalty": 0,
-    "logprobs": False,
-    "top_logprobs": None,
-    "logit_bias": None,
     "tools": None,
     "functions": None,
 }
@@ -106,7 +105,39 @@ def parse_chat_request(body: dict, model_name: str, max_tokens_default: int) -> 
         seed=secrets.randbits(31) if seed is None else seed,
     )
     return ChatRequest(messages, modalities, params, _stop(body.get("stop")), bool(stream),
-                       bool(options.get("include_usage")))  # fmt: skip
+                       bool(options.get("include_usage")), _logit_bias(body.get("logit_bias")),
+                       _logprobs(body))  # fmt: skip
+
+
+def _logit_bias(bias) -> dict[int, float] | None:
+    """OpenAI's logit_bias: {"token id": value in [-100, 100]}; the ids are checked against the
+    vocabulary when the request starts."""
+    if bias is None:
+        return None
+    if not isinstance(bias, dict):
+        raise bad("'logit_bias' must be an object mapping token ids to numbers", "logit_bias")
+    out = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise bad(f"'logit_bias' key {key!r} is not a token id", "logit_bias") from None
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and -100 <= value <= 100
+        if not ok:
+            raise bad(f"'logit_bias' value for {key} must be a number in [-100, 100]", "logit_bias")
+        out[token] = float(value)
+    return out or None
+
+
+def _logprobs(body: dict) -> int | None:
+    """OpenAI's logprobs (bool) and top_logprobs (0..20, only with logprobs)."""
+    want = body.get("logprobs")
+    if want is not None and not isinstance(want, bool):
+        raise bad("'logprobs' must be true or false", "logprobs")
+    top = _number(body, "top_logprobs", 0, 20, None, integer=True)
+    if top is not None and not want:
+        raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return (top or 0) if want else None
 
 
 def _stop(stop) -> list[str]:
