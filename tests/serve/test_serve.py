@@ -449,3 +449,18 @@ def test_g3n_serve_command(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_late_short_request_finishes_before_an_early_long_one(server):
+    """Continuous batching: a request that arrives while a long reply streams joins it at the next
+    step and finishes first (static batching made it wait for the whole long reply)."""
+    sock = _open_stream(server)
+    try:
+        started = time.perf_counter()
+        status, body = chat(server, "Hi", max_tokens=3)
+        assert status == 200 and body["usage"]["completion_tokens"] <= 3
+        assert health(server)["running"] == 1  # the long reply is still going
+        assert time.perf_counter() - started < 30
+    finally:
+        sock.close()
+    _wait_idle(server, 10)

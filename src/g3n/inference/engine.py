@@ -108,6 +108,7 @@ class Generator:
             max_len = cache_bucket(max_len, model.config.max_position_embeddings)
         self.cache = StaticCache(model.config, batch, max_len, self.device, model.dtype)
         self.graphs: dict = {}  # (rows, k_cap, logprobs) -> (graph, its inputs, its StepOut)
+        self._eager: dict = {}  # without graphs: the last inputs of each step shape (for `follow`)
         self.compiled = False  # whether the captured steps are the compiled ones
         # where decode steps read per-layer rows on the device (None: gathered on the host)
         self.ple_table = device_view(model.model, self.device) if self.device.type == "cuda" else None
@@ -129,6 +130,7 @@ class Generator:
         """Room for `max_len` positions a row, keeping what every row holds (graphs are captured again)."""
         if max_len <= self.max_len:
             return
+        self._eager = {}
         if self.compile is not CompileMode.OFF:
             max_len = cache_bucket(max_len, self.model.config.max_position_embeddings)
         old, self.graphs = self.cache, {}
@@ -170,7 +172,7 @@ class Generator:
         live = torch.ones(rows, dtype=torch.bool, device=self.device) if live is None else live.to(self.device)
         key = (rows, k_cap if self.sampling is not None else None, logprobs)
         if not self.cuda_graph:
-            inputs = self._inputs(tokens, positions, live)
+            inputs = self._eager[key] = self._inputs(tokens, positions, live)
             with self._routed():
                 return self._run(inputs, key, decode_logits, self.fused)
         if key not in self.graphs:
@@ -189,11 +191,17 @@ class Generator:
     def follow(self, tokens: torch.Tensor, key) -> StepOut:
         """The step after the last one of `key`'s graph, for the same rows, fed with `tokens`
         (rows,) on the device (what that step drew): queued without the host reading them."""
-        graph, inputs, out = self.graphs[key]
+        if not self.cuda_graph:
+            inputs = self._eager[key]
+        else:
+            graph, inputs, out = self.graphs[key]
         inputs["tokens"].copy_(tokens[:, None])
         inputs["index"].add_(inputs["live"][:, None].long())
         if self.ple_table is None:
             inputs["rows"].copy_(self._host_rows(tokens), non_blocking=True)
+        if not self.cuda_graph:
+            with self._routed():
+                return self._run(inputs, key, decode_logits, self.fused)
         graph.replay()
         return out
 
@@ -442,9 +450,6 @@ class Engine:
             decoding = [s for s, r in enumerate(self.rows) if r is not None and r.next is not None]
             if decoding:
                 self._flight = self._launch(decoding)
-                if not self.gen.cuda_graph:  # nothing to overlap: collect it now
-                    flight, self._flight = self._flight, None
-                    out += self._collect(flight)
         return out
 
     def _admit(self) -> None:
@@ -552,7 +557,7 @@ class Engine:
         decoding = [s for s, r in enumerate(self.rows) if r is not None and r.next is not None]
         same = decoding == prev.slots and all(self.rows[s].handle == h for s, h in zip(decoding, prev.handles))
         room = all(self.rows[s].produced + 1 < self.rows[s].max_new for s in decoding)
-        if not (self.gen.cuda_graph and prev.chainable and same and room):
+        if not (prev.chainable and same and room):
             return None
         return _InFlight(prev.slots, prev.handles, prev.key, self.gen.follow(prev.tokens, prev.key), True)
 
@@ -564,11 +569,12 @@ class Engine:
         for i in kept:
             row = self.rows[flight.slots[i]]
             row.held.append(row.next)
-        return self._emit([flight.slots[i] for i in kept], flight, [i for i in kept], tokens)
+        slots = [flight.slots[i] for i in kept]
+        return self._emit(slots, flight, slots, [tokens[i] for i in kept])
 
     def _emit(self, slots: list[int], out, at: list[int], tokens: list[int]) -> list[Token]:
-        """Tokens for `slots` (their values `tokens`; `out`'s rows `at` for logprobs), finishing
-        rows that end."""
+        """Tokens for `slots` (their values `tokens`; their logprobs in `out`'s rows `at`),
+        finishing rows that end."""
         want = [self.rows[s].request.logprobs is not None for s in slots]
         if any(want):
             chosen = out.logprobs[at].tolist()
