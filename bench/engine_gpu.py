@@ -15,8 +15,8 @@ import argparse
 import time
 
 import torch
+from generate_gpu import build_g3n
 
-from generate_gpu import build_g3n  # noqa: E402 - bench/ is the script's directory
 from g3n.inference.generate import generate_steps
 from g3n.inference.options import DecodeOptions
 from g3n.inference.sampling import SamplingParams

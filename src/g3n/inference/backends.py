@@ -168,7 +168,9 @@ class GGUFEngine:
         if media:
             raise G3nError("a GGUF file runs text only here")
         if logit_bias or logprobs is not None:
-            raise G3nError("logit_bias and logprobs need g3n's engine (an HF checkpoint); a GGUF file runs in llama.cpp")
+            raise G3nError(
+                "logit_bias and logprobs need g3n's engine (an HF checkpoint); a GGUF file runs in llama.cpp"
+            )
         handle = next(self._handles)
         self._queue.append((handle, ids, params))
         return handle

@@ -31,8 +31,6 @@ owns the cache, the graphs and the rows; this module is what they run).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import warnings
 from functools import partial
 
 import torch
@@ -43,8 +41,6 @@ from g3n.inference import fused_weights
 from g3n.inference.options import CompileMode, DecodeOptions
 from g3n.kernels import decode as decode_kernels
 from g3n.kernels import gemv
-from g3n.model.ple_table import device_view
-from g3n.model.quant import is_4bit
 from g3n.model.text import apply_rope, build_mask
 
 PREFILL_CHUNK = 512  # tokens a prefill pass: its activations set prefill's memory peak

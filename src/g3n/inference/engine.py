@@ -46,6 +46,7 @@ from g3n.kernels import gemv
 from g3n.model.ple_table import device_view
 from g3n.model.quant import is_4bit
 
+
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -155,10 +156,6 @@ class Generator:
                 chunk_embeds = None if embeds is None else embeds[:, at : at + PREFILL_CHUNK]
                 hidden = forward_cached(self.model, view, chunk, index, embeds=chunk_embeds)
         return self.model.logits(hidden[:, -1])
-
-    def prefill_chunk(self, row: int, ids: torch.Tensor, start: int, embeds=None) -> torch.Tensor:
-        """One chunk (at most PREFILL_CHUNK ids) of a row's prefill: the last position's logits."""
-        return self.prefill(row, ids, start, embeds)
 
     @torch.inference_mode()
     def step(self, tokens, positions, live=None, k_cap: int = 64, logprobs: bool = False) -> StepOut:
@@ -500,7 +497,7 @@ class Engine:
         at = row.prefilled
         chunk = prompt[at : at + PREFILL_CHUNK]
         embeds = None if row.embeds is None else row.embeds[:, at : at + PREFILL_CHUNK]
-        logits = self.gen.prefill_chunk(slot, chunk, at, embeds)
+        logits = self.gen.prefill(slot, chunk, at, embeds)
         row.prefilled += len(chunk)
         row.held += chunk
         if row.prefilled < len(prompt):

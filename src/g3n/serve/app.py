@@ -266,7 +266,9 @@ async def _collect(job: Job, reply: _Reply, request: Request) -> dict:
                 pieces.append(event[1])
                 logprobs += event[2] or []
             elif event[0] == "done":
-                return reply.completion("".join(pieces), event[1], event[2], logprobs if job.logprobs is not None else None)
+                return reply.completion(
+                    "".join(pieces), event[1], event[2], logprobs if job.logprobs is not None else None
+                )
             else:
                 raise _failure(event[1])
             get = asyncio.ensure_future(job.events.get())
