@@ -299,3 +299,20 @@ def fake_cuda_graph(monkeypatch) -> None:
     monkeypatch.setattr(Generator, "_warm_up", staticmethod(warm_up))
     monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
     monkeypatch.setattr(torch.cuda, "graph", lambda graph: contextlib.nullcontext())
+
+
+def run_under_triton_interpreter(path: str, passed: int, timeout: int) -> None:
+    """Run the test module `path` again in a subprocess with TRITON_INTERPRET=1 (Triton reads it
+    when kernels are defined), where its real tests are collected: all `passed` of them pass and
+    none is skipped."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", path],
+        env=env, capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+    assert f"{passed} passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]

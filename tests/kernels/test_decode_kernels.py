@@ -4,24 +4,18 @@ them, run on the CPU by Triton's interpreter: this module runs itself again in a
 TRITON_INTERPRET=1 (Triton reads it when kernels are defined), where the real tests are collected."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from helpers import run_under_triton_interpreter
 
 pytest.importorskip("triton")
 
 if os.environ.get("TRITON_INTERPRET") != "1":
 
     def test_kernels_under_the_triton_interpreter():
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        run = subprocess.run(
-            [sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", __file__],
-            env=env, capture_output=True, text=True, timeout=1800, check=False,
-        )  # fmt: skip
-        assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
-        assert "12 passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
+        run_under_triton_interpreter(__file__, passed=12, timeout=1800)
 
 else:
     import copy

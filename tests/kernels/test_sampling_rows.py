@@ -4,24 +4,18 @@ itself again in a subprocess with TRITON_INTERPRET=1 (Triton reads it when kerne
 where the real tests are collected. Small shapes: the interpreter sorts about 1,000 logits a second."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from helpers import run_under_triton_interpreter
 
 pytest.importorskip("triton")
 
 if os.environ.get("TRITON_INTERPRET") != "1":
 
     def test_per_row_sampling_under_the_triton_interpreter():
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        run = subprocess.run(
-            [sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", __file__],
-            env=env, capture_output=True, text=True, timeout=900, check=False,
-        )  # fmt: skip
-        assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
-        assert "2 passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
+        run_under_triton_interpreter(__file__, passed=2, timeout=900)
 
 else:
     from g3n.inference.sampling import SamplingParams, sample_tokens

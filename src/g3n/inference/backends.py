@@ -109,9 +109,10 @@ class TorchEngine:
 
         request = Request(list(ids), params, frozenset(self.tok.stop_ids), media, logit_bias, logprobs)
         handle = self.engine.add(request)
-        self._streamers[handle] = TextStreamer(self.tok)
-        if request.params.max_new_tokens == 0:
+        if params.max_new_tokens == 0:  # the engine ends it at once, without a token
             self._ended.append(handle)
+        else:
+            self._streamers[handle] = TextStreamer(self.tok)
         return handle
 
     def cancel(self, handle: int) -> None:

@@ -38,7 +38,7 @@ import torch
 
 from g3n.errors import G3nError
 from g3n.inference import compile_cache, decode, fused_weights
-from g3n.inference.decode import PREFILL_CHUNK, StaticCache, cache_bucket, decode_logits, forward_cached
+from g3n.inference.decode import StaticCache, cache_bucket, decode_logits, forward_cached
 from g3n.inference.options import CompileMode, DecodeOptions
 from g3n.inference.sampling import RowSampling, SamplingParams, candidate_cap, sample_rows
 from g3n.kernels import decode as decode_kernels
@@ -148,12 +148,12 @@ class Generator:
         the row already holds), in chunks: the logits of the last position (1, vocab). `embeds`
         (1, T, hidden): input embeddings with images/audio merged in."""
         ids = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1).to(self.device)
-        view, hidden = self.cache.view(slice(row, row + 1)), None
+        view, hidden, size = self.cache.view(slice(row, row + 1)), None, decode.PREFILL_CHUNK
         with self._routed():
-            for at in range(0, ids.shape[1], PREFILL_CHUNK):
-                chunk = ids[:, at : at + PREFILL_CHUNK]
+            for at in range(0, ids.shape[1], size):
+                chunk = ids[:, at : at + size]
                 index = torch.arange(start + at, start + at + chunk.shape[1], device=self.device)[None]
-                chunk_embeds = None if embeds is None else embeds[:, at : at + PREFILL_CHUNK]
+                chunk_embeds = None if embeds is None else embeds[:, at : at + size]
                 hidden = forward_cached(self.model, view, chunk, index, embeds=chunk_embeds)
         return self.model.logits(hidden[:, -1])
 
@@ -204,7 +204,7 @@ class Generator:
 
     def _host_rows(self, tokens: torch.Tensor) -> torch.Tensor:
         """The tokens' per-layer rows gathered where the table lives (a host sync when on the CPU)."""
-        return self.model.model.ple_rows(tokens[:, None].cpu() if self.ple_table is None else tokens[:, None])
+        return self.model.model.ple_rows(tokens[:, None])
 
     def _inputs(self, tokens, positions, live) -> dict:
         """Fresh buffers with default strides (compiled code is guarded on strides too)."""
@@ -495,8 +495,8 @@ class Engine:
         row = self.rows[slot]
         prompt = row.request.prompt
         at = row.prefilled
-        chunk = prompt[at : at + PREFILL_CHUNK]
-        embeds = None if row.embeds is None else row.embeds[:, at : at + PREFILL_CHUNK]
+        chunk = prompt[at : at + decode.PREFILL_CHUNK]
+        embeds = None if row.embeds is None else row.embeds[:, at : at + decode.PREFILL_CHUNK]
         logits = self.gen.prefill(slot, chunk, at, embeds)
         row.prefilled += len(chunk)
         row.held += chunk

@@ -21,7 +21,7 @@ from g3n.inference.sampling import SamplingParams
 
 
 class _Engines:
-    """The engines a model has served, by (options, slots, module identities): the next call reuses
+    """The engines a model has served, by (options, module identities): the next call reuses
     the cache, graphs and compiled code. A copy of the model starts with none (an engine holds
     CUDA graphs and a cache that belong to the original)."""
 
@@ -50,13 +50,16 @@ def engine_for(model, options: DecodeOptions | None = None, slots: int = 1) -> E
     return engine
 
 
-def _row_seed(seed: int | None, row: int) -> int | None:
-    """Row `row` of a batch sharing one seed: the seed itself for the first row (so a batch's first
-    row equals the prompt alone), derived ones for the others (so equal prompts differ)."""
-    return seed if seed is None or row == 0 else hash((seed, row)) & (2**63 - 1)
+def _per_row(params: SamplingParams, rows: int) -> list[SamplingParams]:
+    """`params` for each of `rows` rows sharing it: the seed itself for the first row (so a batch's
+    first row equals the prompt alone), seeds derived from it for the others (so equal prompts
+    differ)."""
+    seed = params.seed
+    return [params if seed is None or row == 0 else dataclasses.replace(params, seed=hash((seed, row)) & (2**63 - 1))
+            for row in range(rows)]  # fmt: skip
 
 
-def _run_rows(model, requests: list[Request], options, stopped=None, media_rows=None) -> Iterator[list[Token | None]]:
+def _run_rows(model, requests: list[Request], options, stopped=None) -> Iterator[list[Token | None]]:
     """Run `requests` on the model's engine; yield, per step, each row's next Token (None for rows
     that ended). `stopped(row)`, asked before each step, ends a row there."""
     engine = engine_for(model, options, len(requests))
@@ -88,8 +91,9 @@ def _run_rows(model, requests: list[Request], options, stopped=None, media_rows=
             engine.cancel(handle)
 
 
-def _requests(model, prompts, params: list[SamplingParams], stop_ids, media, logprobs=None) -> list[Request]:
-    if not prompts or any(len(x) == 0 for x in prompts):
+def _requests(prompts, params: list[SamplingParams], stop_ids, media, logprobs=None) -> list[Request]:
+    """The engine's requests (Engine.add checks each prompt)."""
+    if not prompts:
         raise G3nError("every prompt needs at least one token")
     if len(params) != len(prompts):
         raise G3nError(f"{len(prompts)} prompts but {len(params)} sampling settings")
@@ -121,8 +125,7 @@ def generate_steps(
     DecodeOptions()), sampling included. `pad_id` is unused (rows are never padded) and kept for
     callers that pass it.
     """
-    per_row = [dataclasses.replace(params, seed=_row_seed(params.seed, r)) for r in range(len(prompts))]
-    for step in _run_rows(model, _requests(model, prompts, per_row, stop_ids, media), options):
+    for step in _run_rows(model, _requests(prompts, _per_row(params, len(prompts)), stop_ids, media), options):
         yield [None if t is None else t.token for t in step]
 
 
@@ -140,7 +143,7 @@ def generate_rows(
     """Like generate_steps, but each row has its own SamplingParams (its own seed): a row gets
     exactly the tokens it would get alone. `stopped(row)` (optional) is asked before each step; a
     row for which it is true ends there (yields None from then on)."""
-    for step in _run_rows(model, _requests(model, prompts, params, stop_ids, media), options, stopped):
+    for step in _run_rows(model, _requests(prompts, params, stop_ids, media), options, stopped):
         yield [None if t is None else t.token for t in step]
 
 
@@ -151,8 +154,7 @@ def generate(
     """The new tokens of every prompt (stop tokens excluded), generated together (max_new_tokens
     capped by the context, see generate_steps). With `logprobs` (0..20): engine.Token objects
     instead of ids, each with its log-probability and the `logprobs` most likely alternatives."""
-    per_row = [dataclasses.replace(params, seed=_row_seed(params.seed, r)) for r in range(len(prompts))]
-    requests = _requests(model, prompts, per_row, stop_ids, media, logprobs)
+    requests = _requests(prompts, _per_row(params, len(prompts)), stop_ids, media, logprobs)
     out: list[list] = [[] for _ in prompts]
     stops = set(stop_ids)
     with torch.inference_mode():

@@ -178,8 +178,7 @@ class Scheduler:
                 if tail := job.stops.flush():
                     job.emit("text", tail, None)
                 job.emit("done", reason, job.count)
-        if error is not None or reason is None:
-            self.engine.cancel(handle)
+        self.engine.cancel(handle)  # a no-op where the engine ended it
 
     def _step(self) -> None:
         for handle, job in list(self.running.items()):
@@ -202,6 +201,5 @@ class Scheduler:
             if hit:
                 job.stops.pending = ""
                 self._end(piece.handle, job, "stop")
-                self.engine.cancel(piece.handle)
             elif piece.finish:
                 self._end(piece.handle, job, piece.finish)
