@@ -167,10 +167,11 @@ class Scheduler:
                     self._end(handle, job, error=e)
 
     def _end(self, handle: int, job: Job, reason: str | None = None, error: Exception | None = None) -> None:
+        answered = not job.finished and not (job.cancelled and error is None and reason is None)
         with self._cond:
             self.running.pop(handle, None)
-            self.completed += 1
-        if not job.finished and not (job.cancelled and error is None and reason is None):
+            self.completed += answered  # a request whose client left is not counted
+        if answered:
             job.finished = True
             if error is not None:
                 job.emit("error", error)
