@@ -3,20 +3,35 @@ random E2B/E4B weights (bf16, the per-layer table in CPU memory, as `g3n generat
 against the same calls with `DecodeOptions(compile="off")`, in one process.
 
 Rows: batch 1, prompt 512, 256 new tokens (first call: compile or cache load included; second
-call: time to first token and decode tokens/s); an 8,192-token prompt's time to first token;
-batch 8 through one engine (8 prompts in one `generate_steps`); peak GPU memory of each.
+call, another prompt: time to first token and decode tokens/s); an 8,192-token prompt's time to
+first token; batch 8 through one engine (8 prompts in one `generate_steps`); peak GPU memory of
+each. Every timed call has prompts of its own (a prompt seen before would reuse its cache).
 
     PYTHONPATH=src python bench/engine_gpu.py [--sizes E2B E4B] [--variants default off]
+
+Diagnostics: `--chunks 512 2048 8192` times the long prompt per prefill chunk size; `--profile N`
+profiles N batch-1 decode steps (GPU busy time and kernels a step, the top kernels);
+`--second-process` then times a new process's first call (the compile cache's hit), with dynamo's
+own compile times; `--adapters N` times batch 8 with N random LoRA adapters (r 16 on the seven
+projections) served per row (adapters/row_lora.py), rows spread over them, against batch 8 on
+the base model.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from generate_gpu import build_g3n
 
+from g3n.inference import decode
+from g3n.inference.engine import Engine, Request
 from g3n.inference.generate import generate_steps
 from g3n.inference.options import DecodeOptions
 from g3n.inference.sampling import SamplingParams
@@ -37,12 +52,86 @@ def timed(model, prompts, new: int, options) -> dict:
     return out
 
 
+def random_adapter(model, out: Path, seed: int, rank: int = 16) -> Path:
+    """A PEFT LoRA adapter of the decoder's seven projections with random A and B."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+            out_features, in_features = module.weight.shape
+            key = f"base_model.model.{name}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, in_features, generator=g) * 0.01
+            tensors[f"{key}.lora_B.weight"] = torch.randn(out_features, rank, generator=g) * 0.01
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank}))
+    return out
+
+
+def adapters_row(model, prompts, n: int) -> dict:
+    """Batch 8 through one engine whose rows use `n` adapters in turn, and the same on the base."""
+    out = {}
+    for label, count in (("base", 0), (f"{n} adapters", n)):
+        engine = Engine(model, len(prompts))
+        with tempfile.TemporaryDirectory() as tmp:
+            for i in range(count):
+                engine.add_adapter(f"a{i}", random_adapter(model, Path(tmp) / f"a{i}", i))
+        names = [f"a{i % count}" if count else None for i in range(len(prompts))]
+        for new in (16, 256):  # warm-up (captures), then timed
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            for p, name in zip(prompts, names, strict=True):
+                engine.add(Request(p[:-new] if new == 16 else p, SamplingParams(max_new_tokens=new), adapter=name))
+            start, produced = time.perf_counter(), 0
+            while engine.busy:
+                produced += len(engine.step())
+        out[label] = {"tok_s": round(produced / (time.perf_counter() - start), 1),  # prefills included
+                      "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}  # fmt: skip
+    return out
+
+
+def profile(model, prompt, steps: int) -> None:
+    """GPU busy time and kernel launches per decode step (batch 1), and the costliest kernels."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    gen = generate_steps(model, prompt, SamplingParams(max_new_tokens=steps + 40))
+    for _ in range(20):
+        next(gen)
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            next(gen)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    gen.close()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.device_time for e in kernels) / 1e3  # ms
+    print(f"profile: {steps} steps, wall {wall / steps * 1e3:.3f} ms/step, GPU busy {busy / steps:.3f} ms/step, "
+          f"{len(kernels) / steps:.0f} kernels/step", flush=True)  # fmt: skip
+    totals: dict = {}
+    for e in kernels:
+        n, t = totals.get(e.name, (0, 0.0))
+        totals[e.name] = (n + 1, t + e.device_time)
+    for name, (n, t) in sorted(totals.items(), key=lambda kv: -kv[1][1])[:25]:
+        print(f"  {t / steps:8.1f} us/step {n / steps:5.1f}x  {name[:110]}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", nargs="+", default=["E2B"])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
     ap.add_argument("--long", type=int, default=8192)
+    ap.add_argument("--chunks", type=int, nargs="*", default=[], help="prefill chunk sizes for the long prompt")
+    ap.add_argument("--profile", type=int, default=0, help="profile this many batch-1 decode steps")
+    ap.add_argument("--second-process", action="store_true", help="then time a new process's first call")
+    ap.add_argument("--first-only", action="store_true", help="only the batch-1 calls (the second process)")
+    ap.add_argument("--adapters", type=int, default=0, help="then batch 8 with this many LoRA adapters per row")
     args = ap.parse_args()
+    started = time.perf_counter()
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     for size in args.sizes:
         model = build_g3n(size)
@@ -51,15 +140,41 @@ def main():
             options = VARIANTS[name]
             g = torch.Generator().manual_seed(0)
             prompt = [torch.randint(0, vocab, (512,), generator=g).tolist()]
-            rows = {"first call": timed(model, prompt, 256, options), "second call": timed(model, prompt, 256, options)}
+            first = timed(model, prompt, 256, options)
+            print(
+                f"{size} {name:8s} first call   {first} ({time.perf_counter() - started:.1f}s since start)", flush=True
+            )
+            # another prompt: the same one again would restore its kept prefix (shared-prefix reuse)
+            other = [torch.randint(0, vocab, (512,), generator=g).tolist()]
+            rows = {"second call": timed(model, other, 256, options)}
+            if args.first_only:
+                print(f"{size} {name:8s} second call  {rows['second call']}", flush=True)
+                print(torch._dynamo.utils.compile_times(), flush=True)
+                continue
+            if args.profile and name == "default":
+                profile(model, prompt, args.profile)
+            for chunk in args.chunks:
+                long = [torch.randint(0, vocab, (args.long,), generator=g).tolist()]
+                decode.PREFILL_CHUNK = chunk
+                timed(model, long, 2, options)
+                rows[f"prompt {args.long}, chunk {chunk}"] = timed(model, long, 2, options)
+                decode.PREFILL_CHUNK = 512
             long = [torch.randint(0, vocab, (args.long,), generator=g).tolist()]
             timed(model, long, 2, options)  # the longer cache's graphs
             rows[f"prompt {args.long}"] = timed(model, long, 2, options)
-            batch = [torch.randint(0, vocab, (512,), generator=g).tolist() for _ in range(8)]
-            timed(model, batch, 16, options)
-            rows["batch 8"] = timed(model, batch, 256, options)
+            batch = [torch.randint(0, vocab, (512,), generator=g).tolist() for _ in range(16)]
+            timed(model, batch[8:], 16, options)
+            rows["batch 8"] = timed(model, batch[:8], 256, options)
+            if args.adapters and name == "default":
+                fresh = [torch.randint(0, vocab, (512,), generator=g).tolist() for _ in range(8)]
+                for label, r in adapters_row(model, fresh, args.adapters).items():
+                    rows[f"batch 8, {label}"] = r
             for what, r in rows.items():
                 print(f"{size} {name:8s} {what:12s} {r}", flush=True)
+        if args.second_process:
+            child = [sys.executable, __file__, "--sizes", size, "--variants", "default", "--first-only"]
+            print(f"second process ({size}):", flush=True)
+            subprocess.run(child, check=True)
 
 
 if __name__ == "__main__":

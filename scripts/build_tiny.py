@@ -35,7 +35,7 @@ from g3n.checkpoint.save import save_text_checkpoint
 from g3n.config import TextConfig
 from g3n.model.load import load_model
 from g3n.model.text import Gemma3nForCausalLM
-from g3n.tokenizer import Tokenizer
+from g3n.tokenizer import CHAT_TEMPLATE, Tokenizer
 from g3n.train.data import tokenize
 
 VOCAB = 768
@@ -255,21 +255,6 @@ def main() -> None:
         shutil.rmtree(args.out)
     work.rename(args.out)
     print(f"wrote {args.out}")
-
-
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{%- if messages[0]['role'] == 'system' -%}"
-    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
-    "{%- set loop_messages = messages[1:] -%}"
-    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
-    "{%- for message in loop_messages -%}"
-    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
-    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
-    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
-)
 
 
 def write_tokenizer_files(out: Path) -> None:

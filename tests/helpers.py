@@ -186,38 +186,6 @@ def save_hf_multimodal(model, out_dir):
     return out_dir
 
 
-class ServerThread:
-    """An ASGI app served by uvicorn on a free loopback port, in a thread (a context manager)."""
-
-    def __init__(self, app):
-        import socket
-
-        import uvicorn
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-
-    def __enter__(self):
-        import threading
-        import time
-
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "uvicorn did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=15)
-        self.sock.close()
-
-
 CAPITALS = ["Zork", "Blip", "Quax", "Murn", "Telo", "Vesk", "Oran", "Pym"]
 
 
@@ -258,6 +226,22 @@ def teacher_forced(model, ids, prompt_len, **generator_kw):
     for pos in range(prompt_len, ids.shape[1]):
         out.append(gen.step(ids[:, pos], [pos]).logits.clone())
     return torch.stack(out, dim=1).cpu()
+
+
+def run_requests(engine, requests, start_at=None, full=False):
+    """Step an inference Engine through `requests` until all are done: the tokens of each (`full`:
+    the Token objects); `start_at[i]`: the engine step at which request i is added (default 0)."""
+    start_at = start_at or [0] * len(requests)
+    handles, out, step = {}, {}, 0
+    while len(handles) < len(requests) or engine.busy:
+        for i, r in enumerate(requests):
+            if i not in handles and start_at[i] <= step:
+                handles[i] = engine.add(r)
+                out[handles[i]] = []
+        for t in engine.step():
+            out[t.handle].append(t if full else t.token)
+        step += 1
+    return [out[handles[i]] for i in range(len(requests))]
 
 
 def record_layer_compiles(monkeypatch) -> dict[str, list]:
@@ -301,6 +285,34 @@ def fake_cuda_graph(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "graph", lambda graph: contextlib.nullcontext())
 
 
+def replaying_cuda_graph(monkeypatch) -> None:
+    """fake_cuda_graph, with replays that run the captured step again on the graph's own input
+    buffers and copy its results into the captured outputs, as a CUDA graph replay does (eager,
+    uncompiled steps only): the engine's buffer handling across steps and requests is exercised."""
+    import dataclasses
+
+    from g3n.inference.decode import decode_logits
+    from g3n.inference.engine import Generator
+
+    fake_cuda_graph(monkeypatch)
+    capture = Generator._capture
+
+    def replaying(self, key, *args):
+        capture(self, key, *args)
+        _, inputs, out = self.graphs[key]
+
+        class Replay:
+            def replay(_):
+                new = self._run(inputs, key, decode_logits, self.fused)
+                for f in dataclasses.fields(out):
+                    if getattr(out, f.name) is not None:
+                        getattr(out, f.name).copy_(getattr(new, f.name))
+
+        self.graphs[key] = (Replay(), inputs, out)
+
+    monkeypatch.setattr(Generator, "_capture", replaying)
+
+
 def run_under_triton_interpreter(path: str, passed: int, timeout: int) -> None:
     """Run the test module `path` again in a subprocess with TRITON_INTERPRET=1 (Triton reads it
     when kernels are defined), where its real tests are collected: all `passed` of them pass and
@@ -316,3 +328,164 @@ def run_under_triton_interpreter(path: str, passed: int, timeout: int) -> None:
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
     assert f"{passed} passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
+
+
+# ---- serve ------------------------------------------------------------------------------------
+QUESTION = "What is the capital of France?"
+WIDE = {"temperature": 2.0, "top_k": 0, "top_p": 1.0}  # the whole vocabulary, no repeating loop
+
+
+class ServerThread:
+    """An ASGI app served by uvicorn on a free loopback port, in a thread (a context manager).
+    With `limits`, uvicorn gets serve.server_config's settings for them, as `g3n serve` does."""
+
+    def __init__(self, app, limits=None):
+        import socket
+
+        import uvicorn
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        if limits is None:
+            config = uvicorn.Config(app, log_level="warning", lifespan="on")
+        else:
+            from g3n.serve import server_config
+
+            config = server_config(app, "127.0.0.1", self.port, limits, "critical")
+        self.server = uvicorn.Server(config)
+
+    def __enter__(self):
+        import threading
+        import time
+
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+        self.sock.close()
+
+
+def request(server, method, path, body=None, headers=None, timeout=60):
+    """(status, parsed JSON or text) of one request; body: dict (sent as JSON) or bytes."""
+    import http.client
+    import json
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=timeout)
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+    resp = conn.getresponse()
+    raw = resp.read().decode()
+    conn.close()
+    try:
+        return resp.status, json.loads(raw)
+    except json.JSONDecodeError:
+        return resp.status, raw
+
+
+def chat_body(content):
+    """A chat request's body for the tiny model: one user message with this content."""
+    return {"model": "tiny", "messages": [{"role": "user", "content": content}]}
+
+
+def chat(server, content=QUESTION, **kw):
+    """(status, parsed JSON) of a chat completion request."""
+    return request(server, "POST", "/v1/chat/completions", chat_body(content) | kw)
+
+
+def stream_chunks(server, path, body, timeout=120):
+    """The parsed data chunks of a streamed reply to `body` (sent with stream: true), up to [DONE]."""
+    import http.client
+    import json
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=timeout)
+    conn.request("POST", path, json.dumps({**body, "stream": True}), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.getheader("content-type").startswith("text/event-stream")
+    chunks = []
+    for line in resp:
+        line = line.decode().strip()
+        if line == "data: [DONE]":
+            break
+        if line.startswith("data: "):
+            chunks.append(json.loads(line[6:]))
+    conn.close()
+    return chunks
+
+
+def health(server):
+    return request(server, "GET", "/health")[1]
+
+
+def wait_idle(server, seconds=10.0):
+    """The server's /health once nothing runs or waits; fails after `seconds`."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        stats = health(server)
+        if stats["running"] == 0 and stats["waiting"] == 0:
+            return stats
+        time.sleep(0.05)
+    raise AssertionError(f"still busy after {seconds}s: {health(server)}")
+
+
+@contextlib.contextmanager
+def no_stop_tokens():
+    """Replies whose batch starts inside run to their max_tokens: no stop tokens (the engine reads
+    them when a batch starts). Even sampling the whole vocabulary at temperature 2, the tiny model
+    ends its stories within about 20 tokens, which a loaded machine can finish before a test looks
+    at the slot they hold (a CI run did)."""
+    from g3n.tokenizer import Tokenizer
+
+    original = Tokenizer.stop_ids
+    Tokenizer.stop_ids = property(lambda self: set())
+    try:
+        yield
+    finally:
+        Tokenizer.stop_ids = original
+
+
+def send_chat(server, body):
+    """A raw socket that sent this chat request (HTTP/1.1), left open for the reply."""
+    import json
+    import socket
+
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    data = json.dumps(body)
+    sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(data)}\r\n\r\n{data}".encode())  # fmt: skip
+    return sock
+
+
+def open_stream(server, max_tokens=1500, **kw):
+    """A raw socket streaming a long reply (no stop tokens: `no_stop_tokens`), returned once the
+    first token arrived."""
+    options = {"stream": True, "max_tokens": max_tokens, "seed": 1, **WIDE, **kw}
+    with no_stop_tokens():
+        sock = send_chat(server, chat_body("Tell me a story.") | options)
+        seen = b""
+        while b'"content": "' not in seen.split(b'"role"', 1)[-1]:
+            seen += sock.recv(4096)
+    return sock
+
+
+def queued_chat(server, max_tokens):
+    """A raw socket whose chat request ("Hi") waits in the server's queue (its batch is full),
+    returned once /health counts it."""
+    import time
+
+    sock = send_chat(server, chat_body("Hi") | {"max_tokens": max_tokens})
+    deadline = time.monotonic() + 10
+    while health(server)["waiting"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    return sock

@@ -157,7 +157,7 @@ def test_chat_drops_a_message_that_does_not_fit_and_goes_on(capsys, monkeypatch)
     [
         (["generate", "--prompt", "x", "--device", "gpu"], "'gpu' is not a device (cpu, cuda or cuda:N)"),
         (["serve", "--port", "99999"], "99999 is outside 0..65535"),
-        (["serve", "--max-queue", "-1"], "-1 < 0"),
+        (["serve", "--max-queue", "0"], "0 < 1"),
         (["serve", "--max-batch", "0"], "0 < 1"),
         (["generate", "--prompt", "x", "--context", "0"], "0 < 1"),
     ],
@@ -404,3 +404,66 @@ def test_export_refuses_contradictory_options(tmp_path, capsys):
         main(["export", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert ", ".join(QUANTS) in help_text and "dynamic" in help_text and "q4_k_m" in help_text
+
+
+def test_ctrl_c_during_a_reply_stops_it_and_keeps_the_chat(capsys, monkeypatch):
+    import os
+    import signal
+
+    import g3n.inference.generate as gen
+
+    seen, original = [], gen.stream_text
+
+    def interrupted_after_two_pieces(model, tok, ids, params, media=None, **kw):
+        seen.append(tok.decode(ids, skip_special=False))
+        for n, piece in enumerate(original(model, tok, ids, params, media, **kw)):
+            yield piece
+            if n == 1 and len(seen) == 1:
+                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the first reply streams
+
+    monkeypatch.setattr(gen, "stream_text", interrupted_after_two_pieces)
+    script = "What is the capital of Peru?\nAnd of France?\n/quit\n"
+    rc, out, err = run_cli(["chat", "--greedy", "--device", "cpu"], capsys, script, monkeypatch)
+    assert rc == 0 and "[reply stopped; the part shown is kept]" in err
+    first = out.split("model> ")[1].strip()
+    assert len(seen) == 2 and f"Peru?<end_of_turn>\n<start_of_turn>model\n{first}<end_of_turn>" in seen[1]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C at the prompt still quits
+
+
+def test_chat_input_that_is_not_utf8_is_reported_and_skipped(capsys, monkeypatch):
+    import io
+
+    stdin = io.TextIOWrapper(io.BytesIO(b"bad \xff byte\nWhat is the capital of Peru?\n/quit\n"), encoding="utf-8")
+    monkeypatch.setattr(sys, "stdin", stdin)
+    rc, out, err = run_cli(["chat", "--greedy", "--device", "cpu"], capsys)
+    assert rc == 0 and "your message has an invalid character at position 4" in err and "Lima" in out
+    rc, _, err = run_cli(["generate", "--prompt", "a\udcffb", "--device", "cpu"], capsys)  # argv's surrogateescape
+    assert rc == 2 and "text has an invalid character at position" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/sys/kernel"), reason="needs Linux's read-only /sys")
+@pytest.mark.parametrize("fmt,name", [("hf", "g3n-x"), ("gguf", "g3n-x.gguf")])
+def test_export_to_a_place_that_cannot_be_written_is_one_line_and_tilde_is_home(capsys, monkeypatch, fmt, name):
+    monkeypatch.setenv("HOME", "/sys")
+    quant = ["--quant", "f32"] if fmt == "gguf" else []
+    rc, _, err = run_cli(["export", "--format", fmt, *quant, f"--out=~/{name}"], capsys)
+    assert rc == 2 and err.startswith(f"g3n: error: /sys/{name}") and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_closed_streams_and_broken_pipes_end_quietly(capsys, monkeypatch):
+    class Gone:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+    generate = ["generate", "--prompt", "Hi", "--greedy", "--max-new-tokens", "4", "--device", "cpu"]
+    monkeypatch.setattr(sys, "stdout", Gone())  # `g3n generate ... | head -c0`
+    assert main(generate) == 141
+    monkeypatch.setattr(sys, "stdout", None)  # `g3n generate >&-`
+    assert main(generate) == 0
+    monkeypatch.setattr(sys, "stdin", None)  # `g3n chat <&-`
+    assert main(["chat", "--device", "cpu"]) == 2
+    assert "g3n chat reads its messages from stdin, which is closed" in capsys.readouterr().err

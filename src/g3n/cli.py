@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
 import sys
 import time
@@ -72,6 +74,16 @@ def _parent_dir(path: str) -> str:
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     return str(path)
+
+
+def _expand_home(args, *names) -> None:
+    """`~` in path options expanded once, where they enter (the shell leaves `--out=~/x` as it is)."""
+    for name in names:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(args, name, os.path.expanduser(value))
+        elif isinstance(value, list):
+            setattr(args, name, [os.path.expanduser(v) if v.startswith("~") else v for v in value])
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -248,19 +260,81 @@ CHAT_HELP = (
 )
 
 
+class _StopOnInterrupt:
+    """Ctrl-C during a reply ends the reply after the token being made (the engine is never left
+    mid-step), and the chat goes on; a second Ctrl-C interrupts at once."""
+
+    def __enter__(self):
+        import signal
+
+        self.hit, self.previous = False, None
+        with contextlib.suppress(ValueError):  # not the main thread: Ctrl-C keeps its default
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        if self.hit:
+            raise KeyboardInterrupt
+        self.hit = True
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def until_hit(self, pieces):
+        try:
+            for piece in pieces:
+                yield piece
+                if self.hit:
+                    return
+        finally:
+            if hasattr(pieces, "close"):
+                pieces.close()  # the engine drops the row
+
+
+def _chat_reply(engine, ids, params, media) -> tuple[str, bool]:
+    """The reply streamed to the terminal, and whether Ctrl-C stopped it."""
+    sys.stdout.write("model> ")
+    with _StopOnInterrupt() as stop:
+        try:
+            reply = _print_stream(stop.until_hit(engine.stream(ids, params, media)))
+        except KeyboardInterrupt:  # the second Ctrl-C
+            reply, stop.hit = "", True
+            sys.stdout.write("\n")
+    return reply, stop.hit
+
+
+def _chat_lines(interactive: bool):
+    """The chat's input lines; one that is not valid UTF-8 is reported and skipped."""
+    from g3n.tokenizer import check_text
+
+    if sys.stdin is None:
+        raise G3nError("g3n chat reads its messages from stdin, which is closed")
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 become lone surrogates: check_text names them
+        sys.stdin.reconfigure(errors="surrogateescape")
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            return
+        try:
+            yield check_text(line, "your message")
+        except G3nError as e:
+            print(f"g3n: {e}", file=sys.stderr)
+
+
 def cmd_chat(args) -> int:
+    _expand_home(args, "model", "adapter", "matformer", "image", "audio")
     params = _sampling(args)
     engine = _engine(args, adapter=args.adapter, max_batch=1)
     system = args.system
     history: list[dict] = []
     pending = {"image": list(args.image), "audio": list(args.audio)}  # for the next user message
-    interactive = sys.stdin.isatty()
+    interactive = sys.stdin is not None and sys.stdin.isatty()
     print(f"[g3n] chatting with {args.model}. {CHAT_HELP}", file=sys.stderr)
-    while True:
-        try:
-            line = input("you> " if interactive else "")
-        except EOFError:
-            break
+    for line in _chat_lines(interactive):
         text = line.strip()
         if not text:
             continue
@@ -299,13 +373,17 @@ def cmd_chat(args) -> int:
             pending = {"image": [], "audio": []}
             continue
         pending = {"image": [], "audio": []}
-        sys.stdout.write("model> ")
         try:
-            reply = _print_stream(engine.stream(ids, params, media))
+            reply, stopped = _chat_reply(engine, ids, params, media)
         except G3nError as e:  # e.g. no longer fits the context: drop this message, keep the chat
             print(f"\ng3n: {e} (message dropped; /reset starts a new conversation)", file=sys.stderr)
             history.pop()
             continue
+        if stopped:
+            print("[reply stopped" + ("; the part shown is kept]" if reply else "; message dropped]"), file=sys.stderr)
+            if not reply:
+                history.pop()
+                continue
         history.append({"role": "assistant", "content": reply})
     return 0
 
@@ -317,13 +395,19 @@ Serve a model over HTTP with OpenAI's chat-completions API, plus a chat page at 
                               checkpoint, whose towers are loaded at start unless --text-only),
                               stream, temperature, top_p, max_tokens, stop, seed (+ top_k, min_p,
                               repetition_penalty); Google's sampling defaults when not given
+  POST /v1/completions        raw prompts (text or token ids, batches), echo, logprobs (the prompt's
+                              too: lm-eval's loglikelihood requests), the same sampling fields
   GET  /v1/models             the one loaded model (its id is what requests name as "model")
+  GET  /metrics               Prometheus metrics (requests, tokens, queue, latencies)
   GET  /health                status and queue (no API key needed)
   GET  /                      a small chat page (streaming, image/audio upload)
 
-Requests arriving together are generated as one batch (up to --max-batch; a GGUF file runs one at a
-time); later ones wait in a queue of --max-queue and get 429 past it. A request's seed gives the
-same reply whether it ran alone or batched. Any OpenAI client works, e.g. with Python's:
+Requests are generated together, up to --max-batch (a GGUF file runs one at a time): a request that
+arrives while others generate joins them at the next step, and one that ends frees its place at once
+(continuous batching); later ones wait in a queue of --max-queue and get 429 past it. A request's seed gives the
+same reply whether it ran alone or batched. POSTs must be application/json, and the Host header an IP
+address, localhost or an --allowed-host name (against cross-site use from web pages; browser apps on
+other origins need --cors-origin; docs/serve.md, Security). Any OpenAI client works, e.g. with Python's:
   OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY or anything").chat.completions.create(...)"""
 
 
@@ -332,18 +416,51 @@ def cmd_serve(args) -> int:
         from g3n.serve import Limits, run_server
     except ImportError as e:
         raise G3nError(f"g3n serve needs the serve extra ({e.name} is missing): pip install 'g3n[serve]'") from None
-    api_key = args.api_key or os.environ.get("G3N_API_KEY") or None
+    api_key = args.api_key if args.api_key is not None else os.environ.get("G3N_API_KEY")
+    if api_key is not None and (not api_key.strip() or api_key != api_key.strip()):
+        where = "--api-key" if args.api_key is not None else "$G3N_API_KEY"
+        raise G3nError(f"{where} is empty or starts or ends with whitespace (an empty key would serve without one): "
+                       "give a real key, or none at all")  # fmt: skip
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"[g3n] warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)  # fmt: skip
     limits = Limits(max_queue=args.max_queue, max_batch=args.max_batch, max_prompt_tokens=args.max_prompt_tokens,
-                    max_tokens=args.max_tokens, max_body_bytes=int(args.max_body_mb * 2**20))  # fmt: skip
+                    max_tokens=args.max_tokens, max_body_bytes=int(args.max_body_mb * 2**20),
+                    max_connections=args.max_connections, batching=args.batching)  # fmt: skip
     modalities = () if args.text_only else "all"  # every tower the checkpoint has, loaded now
+    args.adapter, served = _serve_adapters(args.adapter)
+    if args.model is None and args.adapter is None and served:  # the base model the first one records
+        from g3n.adapters.lora import adapter_base_model
+
+        args.model = adapter_base_model(served[0][1])
     engine = _engine(args, modalities, adapter=args.adapter, max_batch=args.max_batch, lazy_towers=False)
+    for name, path in served:
+        if not hasattr(engine, "add_adapter"):
+            raise G3nError("--adapter NAME=DIR needs g3n's engine (an HF checkpoint); a GGUF file runs as it is")
+        engine.add_adapter(name, path)
+        print(f"[g3n] serving adapter {path} as model '{name}'", file=sys.stderr)
     print(f"[g3n] serving {engine.name} on http://{args.host}:{args.port} (chat page at /, API at /v1)",
           file=sys.stderr)  # fmt: skip
-    run_server(engine, args.host, args.port, limits, api_key, args.log_level)
+    run_server(engine, args.host, args.port, limits, api_key, args.log_level, args.allowed_host, args.cors_origin)
     return 0
+
+
+def _serve_adapters(values: list[str] | None) -> tuple[str | None, list[tuple[str, str]]]:
+    """serve's --adapter values: (the one DIR merged at load or None, [(NAME, DIR) served per row])."""
+    merged, served = [], []
+    for value in values or []:
+        name, sep, path = value.partition("=")
+        if sep and name and path and "/" not in name and not Path(value).exists():
+            served.append((name, str(Path(path).expanduser())))
+        else:
+            merged.append(str(Path(value).expanduser()))
+    if len(merged) > 1:
+        raise G3nError("--adapter DIR (merged into the model at load) takes one directory; serve several beside "
+                       "the model as --adapter NAME=DIR")  # fmt: skip
+    names = [n for n, _ in served]
+    if len(set(names)) < len(names):
+        raise G3nError(f"--adapter names must differ: {', '.join(names)}")
+    return (merged[0] if merged else None), served
 
 
 def cmd_demo(args) -> int:
@@ -384,6 +501,7 @@ def cmd_slice(args) -> int:
 
     if not args.model or not args.plan or not args.out:
         raise G3nError("g3n slice needs --model, --plan and --out (see g3n slice --help)")
+    _expand_home(args, "model", "plan", "out")
     start = time.perf_counter()
 
     def progress(done, total, name):
@@ -405,6 +523,7 @@ def cmd_slice_search(args) -> int:
     from g3n.matformer.plan import save_plan
     from g3n.matformer.search import parse_budget, plot, read_calibration, search
 
+    _expand_home(args, "model", "data")
     budget = parse_budget(args.budget)
     model, tok = _load(args)
     seqs = read_calibration(args.data, tok, args.max_tokens, args.max_length)
@@ -435,6 +554,7 @@ def cmd_train(args) -> int:
         if launched():
             raise G3nError("--gpus: this process already runs under torchrun; leave --gpus out")
         return _launch_torchrun(args)
+    _expand_home(args, "config")
     cfg = load_train_config(args.config, (args.set or []) + ["load_in_4bit=true"] * args.load_in_4bit)
     history = train(cfg, resume=args.resume, overwrite=args.overwrite)
     if os.environ.get("RANK", "0") != "0":
@@ -485,6 +605,7 @@ def _launch_torchrun(args) -> int:
 
 
 def cmd_export(args) -> int:
+    _expand_home(args, "model", "adapter", "out")
     start = time.perf_counter()
     if args.format == "hf" and args.quant is not None:
         raise G3nError(f"--quant {args.quant} is for --format gguf/ollama; an HF export's weight type is --dtype")
@@ -552,7 +673,8 @@ def _add_train(sub) -> None:
         help="fine-tune (LoRA or full) on chat data",
         description="Fine-tune a model on chat datasets. CONFIG is a YAML file of settings; --set "
         "key=value overrides any of them. A run writes checkpoints (resumable with --resume), "
-        "metrics.jsonl, loss.png and, for LoRA, a PEFT adapter into output_dir.\n\n"
+        "metrics.jsonl, loss.png and, for LoRA, a PEFT adapter into output_dir; one run at a time writes there "
+        "(another is refused, naming the process that holds it in output_dir/.g3n-lock).\n\n"
         + SEVERAL_GPUS_HELP
         + "\n\nsettings:\n"
         + settings_help(),
@@ -588,7 +710,7 @@ def _add_export(sub) -> None:
         description="Export a model for other tools; with --adapter, a PEFT LoRA adapter (e.g. "
         "runs/NAME/adapter from g3n train) is merged in first.\n"
         "  --format hf      an HF checkpoint directory (config.json, model.safetensors, tokenizer files) "
-        "of the text decoder, for transformers and g3n\n"
+        "of the whole model (towers too, for a multimodal checkpoint), for transformers and g3n\n"
         f"  --format gguf    one GGUF file for llama.cpp (--quant {', '.join(QUANTS)})\n"
         "  --format ollama  the GGUF plus a Modelfile beside it (Gemma's template, <end_of_turn> stop, "
         "Google's sampling defaults)\n"
@@ -676,7 +798,10 @@ def _add_serve(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_model_args(p)
-    _add_adapter_arg(p)
+    p.add_argument("--adapter", action="append", default=None, metavar="[NAME=]DIR",
+                   help="a PEFT LoRA adapter directory (e.g. runs/NAME/adapter from g3n train): DIR is merged into "
+                   "the model at load; NAME=DIR is served beside it, unmerged, as the model id NAME (requests pick "
+                   "it with \"model\": \"NAME\"; rows of different adapters share each step); repeatable")  # fmt: skip
     p.add_argument("--text-only", action="store_true",
                    help="do not load a multimodal checkpoint's vision/audio towers (less memory; images and "
                    "audio then get a 400)")  # fmt: skip
@@ -690,20 +815,55 @@ def _add_adapter_arg(p: argparse.ArgumentParser) -> None:
                    "(with --load-in-4bit: run beside the 4-bit weights, unmerged); without --model, its base model")  # fmt: skip
 
 
+def _nonempty(what: str):
+    """An argparse type for a string that must not be empty or blank."""
+
+    def parse(text: str) -> str:
+        if not text.strip() or text != text.strip():
+            raise argparse.ArgumentTypeError(f"{what} must not be empty or start or end with whitespace")
+        return text
+
+    return parse
+
+
+def _megabytes(text: str) -> float:
+    """--max-body-mb: a finite size > 0 (NaN, inf and negatives would refuse or crash every request)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0 or value * 2**20 < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a size in MiB > 0")
+    return value
+
+
 def _add_server_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("server")
-    g.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
+    g.add_argument("--host", type=_nonempty("the host"), default="127.0.0.1",
+                   help="address to listen on (127.0.0.1: this machine only)")  # fmt: skip
     g.add_argument("--port", type=_int_in(0, 65535), default=8000, help="port (8000)")
-    g.add_argument("--api-key", default=None,
+    g.add_argument("--api-key", type=_nonempty("the API key"), default=None,
                    help="require this key (Authorization: Bearer KEY) on every route but /health; "
                    "also read from $G3N_API_KEY. The chat page asks for it as a password")  # fmt: skip
+    g.add_argument("--allowed-host", action="append", default=[], metavar="NAME", type=_nonempty("a host name"),
+                   help="a host name clients may reach the server by, besides IP addresses, localhost and --host "
+                   "(the Host header; others get 421, against DNS rebinding); repeatable; '*' allows any")  # fmt: skip
+    g.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN", type=_nonempty("an origin"),
+                   help="a browser app's origin (https://app.example.com) allowed to call the API across origins "
+                   "(CORS); repeatable; '*' allows any page; none by default")  # fmt: skip
     g.add_argument("--max-batch", type=_int_in(1), default=8, help="requests generated together (8)")
-    g.add_argument("--max-queue", type=_int_in(0), default=32, help="requests that may wait; more get 429 (32)")
+    g.add_argument("--batching", choices=["continuous", "static"], default="continuous",
+                   help="continuous (default): requests join and leave the running batch at every step; "
+                   "static: a batch runs to its end before waiting requests start (for comparison)")  # fmt: skip
+    g.add_argument("--max-queue", type=_int_in(1), default=32, help="requests that may wait; more get 429 (32)")
+    g.add_argument("--max-connections", type=_int_in(1), default=256,
+                   help="open connections; past it requests get 503 (256)")  # fmt: skip
     g.add_argument("--max-prompt-tokens", type=_int_in(1), default=None,
                    help="longest prompt accepted (default: the model's context minus one)")  # fmt: skip
     g.add_argument("--max-tokens", type=_int_in(1), default=1024,
                    help="new tokens per reply when a request sets no max_tokens (1024)")  # fmt: skip
-    g.add_argument("--max-body-mb", type=float, default=20, help="largest request body in MiB, media included (20)")
+    g.add_argument("--max-body-mb", type=_megabytes, default=20,
+                   help="largest request body in MiB, media included (20)")  # fmt: skip
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (info)")  # fmt: skip
 
@@ -750,7 +910,25 @@ def _print_error(e: G3nError) -> None:
     print(f"g3n: error{f' (process {rank})' if rank != '0' else ''}: {e}", file=sys.stderr)
 
 
+def _closed_streams_to_devnull() -> None:
+    """A closed stdout/stderr (`>&-`): Python leaves None there, which print skips but write does not."""
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w"))  # noqa: SIM115 (for the process's life)
+
+
+def _os_error(e: OSError) -> G3nError | None:
+    """The file-system problems a user fixes (permissions, space) as one line naming the file."""
+    import errno
+
+    if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+        return None
+    where = f"{e.filename}: " if e.filename else ""
+    return G3nError(f"{where}{e.strerror or e}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _closed_streams_to_devnull()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
@@ -760,6 +938,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as other tools do
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141
+    except OSError as e:
+        error = _os_error(e)
+        if error is None:
+            raise
+        _print_error(error)
+        return 2
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ class TextConfig:
     torch_dtype: str | None = None
 
     def __post_init__(self):
+        self._check_sizes()
         n = self.num_hidden_layers
         if isinstance(self.intermediate_size, int):
             self.intermediate_size = [self.intermediate_size] * n
@@ -62,6 +63,22 @@ class TextConfig:
         if isinstance(self.eos_token_id, int):
             self.eos_token_id = [self.eos_token_id]
         self.validate()
+
+    def _check_sizes(self) -> None:
+        """Sizes are positive integers (a string or a negative one was a traceback far from here)."""
+        positive = ("vocab_size", "vocab_size_per_layer_input", "hidden_size", "hidden_size_per_layer_input",
+                    "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "sliding_window",
+                    "max_position_embeddings", "altup_num_inputs", "laurel_rank")  # fmt: skip
+        for name in (*positive, "num_kv_shared_layers", "altup_active_idx"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name in positive else 0):
+                raise G3nError(
+                    f"config field '{name}' must be an integer >= {1 if name in positive else 0}, got {value!r}"
+                )
+        widths = self.intermediate_size
+        for w in widths if isinstance(widths, list) else [widths]:
+            if not isinstance(w, int) or isinstance(w, bool) or w < 1:
+                raise G3nError(f"config field 'intermediate_size' must be integers >= 1 (one per layer), got {w!r}")
 
     def validate(self) -> None:
         n = self.num_hidden_layers
@@ -137,8 +154,14 @@ def read_yaml(path: Path):
     """A YAML file's content; a syntax error names the file and line."""
     import yaml
 
+    data = path.read_bytes()
     try:
-        return yaml.safe_load(path.read_text())
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise G3nError(f"{path}:{line}: not UTF-8 text (byte {e.start})") from None
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)

@@ -22,6 +22,7 @@ from g3n.tokenizer import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, format_chat, wit
 
 SAMPLING_RATE = 16_000
 MAX_AUDIO_SECONDS = 30.0  # the processor's 188 soft tokens cover 30 s
+MAX_AUDIO_SAMPLES = 2**24  # frames x channels decoded per clip (64 MiB as float32): 30 s of 8 channels at 48 kHz fits
 
 
 def load_image(path):
@@ -40,16 +41,41 @@ def load_image(path):
 
 def load_audio(path) -> np.ndarray:
     """Mono float32 samples at 16 kHz from a wav/flac/ogg/mp3 file (errors name the file)."""
-    import soundfile
-
     path = Path(path)
     if not path.is_file():
         raise G3nError(f"{path}: audio file not found")
-    try:
-        data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
-    except (soundfile.LibsndfileError, RuntimeError, TypeError) as e:
-        raise G3nError(f"{path}: not an audio file that can be read (corrupt or unsupported format: {e})") from None
+    data, rate = read_audio(str(path), str(path))
     return prepare_audio(data.mean(axis=1), rate, str(path))
+
+
+def read_audio(source, name: str, max_samples: int = MAX_AUDIO_SAMPLES) -> tuple[np.ndarray, int]:
+    """(float32 frames x channels, sample rate) of a file or file object, refused from its header
+    when over 30 s or `max_samples` (frames x channels), and never reading more than that (a
+    header may not know or tell the length)."""
+    import soundfile
+
+    try:
+        with soundfile.SoundFile(source) as f:
+            rate, channels = f.samplerate, f.channels
+            limit = min(int(MAX_AUDIO_SECONDS * rate), max_samples // max(channels, 1))
+            if f.frames > limit:
+                raise G3nError(_too_long(name, f.frames, rate, channels, max_samples))
+            data = f.read(frames=limit + 1, dtype="float32", always_2d=True)
+    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
+        # soundfile names a file object by its repr (<_io.BytesIO object at 0x...>): keep only the reason
+        reason = getattr(e, "error_string", None) or re.sub(r"<[^<>]* at 0x[0-9a-f]+>", "the data", str(e))
+        raise G3nError(
+            f"{name}: not an audio file that can be read (corrupt or unsupported format: {reason})"
+        ) from None
+    if len(data) > limit:
+        raise G3nError(_too_long(name, len(data), rate, channels, max_samples))
+    return data, rate
+
+
+def _too_long(name: str, frames: int, rate: int, channels: int, max_samples: int) -> str:
+    if frames > MAX_AUDIO_SECONDS * rate:
+        return f"{name}: {frames / rate:.1f} s of audio; Gemma 3n takes at most {MAX_AUDIO_SECONDS:.0f} s per clip"
+    return f"{name}: {frames} frames x {channels} channels is more than {max_samples} samples per clip"
 
 
 def prepare_audio(samples, rate: int, name: str = "audio") -> np.ndarray:

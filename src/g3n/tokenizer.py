@@ -44,6 +44,9 @@ class Tokenizer:
         self.start_of_turn_id = self.token_id(START_OF_TURN)
         self.end_of_turn_id = self.token_id(END_OF_TURN)
         self.turn_ids = {self.start_of_turn_id, self.end_of_turn_id}
+        # text that encodes to a control token, a turn marker or a media placeholder: never user text
+        markers = [*self.special, START_OF_TURN, END_OF_TURN, *MEDIA_PARTS.values()]
+        self._reserved = re.compile("|".join(map(re.escape, sorted(set(markers), key=len, reverse=True))))
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> Tokenizer:
@@ -77,6 +80,7 @@ class Tokenizer:
 
         With add_bos the result starts with exactly one BOS, whether or not the text had one.
         """
+        check_text(text)
         ids: list[int] = []
         for part in self._split.split(text) if self._split else [text]:
             if not part:
@@ -86,6 +90,11 @@ class Tokenizer:
             else:
                 ids.extend(self.sp.encode(part))
         return with_single_bos(ids, self.bos_id) if add_bos else ids
+
+    def reserved_text(self, text: str) -> str | None:
+        """The first special token's text (control token, turn marker, media placeholder) in `text`."""
+        m = self._reserved.search(text)
+        return m.group() if m else None
 
     def is_special(self, i: int) -> bool:
         """Control, added and turn-marker tokens: not part of the readable text."""
@@ -126,6 +135,8 @@ def format_chat(messages: list[dict], add_generation_prompt: bool = True, media:
         prefix = _content(messages.pop(0), 0, media) + "\n\n"  # not trimmed, as in Google's template
     text = []
     for n, msg in enumerate(messages):
+        if msg.get("role") == "tool" or msg.get("tool_calls"):  # where the server's tool-call format goes
+            raise G3nError(f"message {n}: tool calls have no chat format yet")
         role = ROLES.get(msg.get("role"))
         if role is None:
             raise G3nError(f"message {n}: unknown role {msg.get('role')!r} (use system, user or assistant)")
@@ -137,6 +148,141 @@ def format_chat(messages: list[dict], add_generation_prompt: bool = True, media:
     if add_generation_prompt:
         text.append(f"{START_OF_TURN}model\n")
     return "".join(text)
+
+
+# format_chat as a Jinja template, for exports (HF: chat_template.jinja; GGUF: tokenizer.chat_template;
+# transformers and llama.cpp render it): string content or parts (text trimmed each, image/audio as the placeholders),
+# the system prompt folded into the first user turn, one BOS, the same refusals. Tool calls have no
+# format yet: the `tools` argument, role `tool` and `tool_calls` are refused here and in format_chat,
+# the one place (both) where the server's tool-call format goes.
+CHAT_TEMPLATE = """{{- bos_token -}}
+{%- if tools -%}
+    {{- raise_exception("tools: this chat template has no tool-call format") -}}
+{%- endif -%}
+{%- set ns = namespace(prefix='') -%}
+{%- set loop_messages = messages -%}
+{%- if messages and messages[0]['role'] == 'system' -%}
+    {%- set content = messages[0]['content'] -%}
+    {%- if content is string -%}
+        {%- set ns.prefix = content -%}
+    {%- elif content is defined and content is iterable and content is not mapping -%}
+        {%- for part in content -%}
+            {%- if part['type'] == 'text' and part['text'] is string -%}
+                {%- set ns.prefix = ns.prefix + (part['text'] | trim) -%}
+            {%- elif part['type'] == 'image' -%}
+                {%- set ns.prefix = ns.prefix + '<image_soft_token>' -%}
+            {%- elif part['type'] == 'audio' -%}
+                {%- set ns.prefix = ns.prefix + '<audio_soft_token>' -%}
+            {%- else -%}
+                {{- raise_exception('message 0, part ' ~ loop.index0 ~ ': unknown content part (use text, image or audio)') -}}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{- raise_exception("message 0: 'content' must be a string") -}}
+    {%- endif -%}
+    {%- set ns.prefix = ns.prefix + '\n\n' -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- set n = loop.index0 -%}
+    {%- if message['role'] == 'tool' or message['tool_calls'] -%}
+        {{- raise_exception('message ' ~ n ~ ': tool calls have no chat format yet') -}}
+    {%- elif message['role'] == 'user' -%}
+        {%- set role = 'user' -%}
+    {%- elif message['role'] == 'assistant' or message['role'] == 'model' -%}
+        {%- set role = 'model' -%}
+    {%- else -%}
+        {{- raise_exception('message ' ~ n ~ ': unknown role ' ~ message['role'] ~ ' (use system, user or assistant)') -}}
+    {%- endif -%}
+    {%- if (role == 'user') != (n % 2 == 0) -%}
+        {{- raise_exception('message ' ~ n ~ ': expected a ' ~ ('user' if n % 2 == 0 else 'model') ~ ' turn (turns alternate user/assistant)') -}}
+    {%- endif -%}
+    {{- '<start_of_turn>' + role + '\n' + (ns.prefix if loop.first else '') -}}
+    {%- set content = message['content'] -%}
+    {%- if content is string -%}
+        {{- content | trim -}}
+    {%- elif content is defined and content is iterable and content is not mapping -%}
+        {%- for part in content -%}
+            {%- if part['type'] == 'text' and part['text'] is string -%}
+                {{- part['text'] | trim -}}
+            {%- elif part['type'] == 'image' -%}
+                {{- '<image_soft_token>' -}}
+            {%- elif part['type'] == 'audio' -%}
+                {{- '<audio_soft_token>' -}}
+            {%- else -%}
+                {{- raise_exception('message ' ~ n ~ ', part ' ~ loop.index0 ~ ': unknown content part (use text, image or audio)') -}}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{- raise_exception('message ' ~ n ~ ": 'content' must be a string") -}}
+    {%- endif -%}
+    {{- '<end_of_turn>\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '<start_of_turn>model\n' -}}
+{%- endif -%}
+"""
+
+
+def checkpoint_chat_template(model_dir: str | Path) -> str | None:
+    """A checkpoint's own template: chat_template.jinja (transformers prefers it), else
+    tokenizer_config.json's (the default one of named templates), else a processor's chat_template.json."""
+    model_dir = Path(model_dir)
+    if (model_dir / "chat_template.jinja").is_file():
+        return (model_dir / "chat_template.jinja").read_text()
+    for path in (model_dir / "tokenizer_config.json", model_dir / "chat_template.json"):
+        if not path.is_file():
+            continue
+        try:
+            template = json.loads(path.read_text()).get("chat_template")
+        except json.JSONDecodeError as e:
+            raise G3nError(f"{path}: not valid JSON ({e})") from None
+        if isinstance(template, list):
+            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        if isinstance(template, str) and template:
+            return template
+    return None
+
+
+def export_chat_template(model_dir: str | Path) -> str:
+    """The template an export carries: the checkpoint's own when it takes content parts (Google's
+    does), else g3n's (a template without parts prints the list as a Python repr)."""
+    own = checkpoint_chat_template(model_dir)
+    return own if own is not None and renders_parts(own) else CHAT_TEMPLATE
+
+
+def renders_parts(template: str) -> bool:
+    """Whether `template` renders a user turn of text parts as it renders the same text as a string
+    (rendered as transformers and llama-cpp-python do: sandboxed Jinja, blocks trimmed)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def fail(message):
+        raise ValueError(message)
+
+    def render(content) -> str:
+        return env.from_string(template).render(
+            messages=[{"role": "user", "content": content}], bos_token="<bos>", eos_token="<eos>",
+            add_generation_prompt=True, raise_exception=fail,
+        )  # fmt: skip
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    text = "Is this one text part?"
+    try:
+        plain = render(text)
+        return text in plain and render([{"type": "text", "text": text}]) == plain
+    except Exception:  # noqa: BLE001 - a template that fails to parse or render takes no parts either
+        return False
+
+
+def check_text(text: str, what: str = "text") -> str:
+    """`text` as SentencePiece can take it: a lone surrogate (a JSON \\ud800 escape, or bytes that
+    were not UTF-8 read with surrogateescape) is an error naming its position, not a traceback."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise G3nError(f"{what} has an invalid character at position {e.start} ({text[e.start]!r}: not valid "
+                       "UTF-8, e.g. a lone surrogate); fix or remove it") from None  # fmt: skip
+    return text
 
 
 def with_single_bos(ids: list[int], bos_id: int) -> list[int]:

@@ -171,9 +171,10 @@ def _kernel_failing_compile(monkeypatch, seen: list) -> None:
     whether the kernels were on. The kernels count as usable for the model (as bf16 on a GPU)."""
 
     def compiled_decode():
-        def step(*args):  # decode_logits' arguments: the engine's options last
-            seen.append(args[-1].decode_kernels)
-            if args[-1].decode_kernels:
+        def step(*args):  # decode_logits' arguments: the engine's options, then the rows' adapters
+            options = args[-2]
+            seen.append(options.decode_kernels)
+            if options.decode_kernels:
                 raise RuntimeError("this compiler cannot take the decode kernels")
             return decode.decode_logits(*args)
 
@@ -215,7 +216,7 @@ def test_a_compile_failing_without_the_kernels_decodes_uncompiled(ours, monkeypa
 
     def compiled_decode():
         def step(*args):
-            seen.append(args[-1].decode_kernels)
+            seen.append(args[-2].decode_kernels)  # the engine's options (then the rows' adapters)
             raise RuntimeError("no compiler here")
 
         return step

@@ -323,3 +323,66 @@ def test_search_bad_input(parent, calib, tmp_path, capsys):
     assert "bad.jsonl:2: expected an object with 'text' or 'messages'" in capsys.readouterr().err
     assert main([*base, "--budget", "10", "--data", str(calib)]) == 2
     assert "no candidate fits the budget" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("ffn_widths: true\n", r"'ffn_widths' must be an integer .* \(got True, a boolean\)"),
+        ("ffn_widths: [64, true]\n", r"'ffn_widths' must be .* \(got True, a boolean\)"),
+        ("ffn_widths: 48\nskip_layers: [true]\n", r"'skip_layers' must be a list of layer indices \(got True"),
+    ],
+)
+def test_booleans_are_not_widths_or_layers(parent, tmp_path, text, match):
+    """YAML's true is Python's 1: it wrote intermediate_size [true, ...] and skipped layer 1."""
+    (tmp_path / "p.yaml").write_text(text)
+    with pytest.raises(G3nError, match=match):
+        slice_checkpoint(parent[1], str(tmp_path / "p.yaml"), tmp_path / "x")
+    with pytest.raises(G3nError, match=r"skip_layers must be a list of integers \(got True, a boolean\)"):
+        slice_checkpoint(parent[1], Plan(ffn_widths=[48] * 35, skip_layers=[True]), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_plan_files_that_are_not_utf8(parent, tmp_path):
+    (tmp_path / "p.yaml").write_bytes(b"name: caf\xe9\nffn_widths: 48\n")
+    with pytest.raises(G3nError, match=r"p.yaml:1: not UTF-8 text \(byte 9\)"):
+        slice_checkpoint(parent[1], str(tmp_path / "p.yaml"), tmp_path / "x")
+    (tmp_path / "p.csv").write_bytes(b"layer,ffn_width\n0,48\xe9\n")
+    with pytest.raises(G3nError, match=r"p.csv: not UTF-8 text"):
+        slice_checkpoint(parent[1], str(tmp_path / "p.csv"), tmp_path / "x")
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("hidden_size", -32, r"config field 'hidden_size' must be an integer >= 1, got -32"),
+        ("num_hidden_layers", "35", r"config field 'num_hidden_layers' must be an integer >= 1, got '35'"),
+        ("intermediate_size", [64] * 34 + ["64"], r"'intermediate_size' must be integers >= 1 .* got '64'"),
+        ("head_dim", True, r"'head_dim' must be an integer >= 1, got True"),
+    ],
+)
+def test_parent_config_with_a_bad_dimension(parent, tmp_path, field, value, message):
+    src = parent[1]
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    raw = json.loads((bad / "config.json").read_text())
+    text = raw.get("text_config", raw)
+    text[field] = value
+    (bad / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(G3nError, match=message):
+        slice_checkpoint(bad, "E2B", tmp_path / "x")
+
+
+def test_calibration_text_that_is_not_utf8_names_the_line(tmp_path):
+    from g3n.checkpoint.names import TINY_DIR
+    from g3n.matformer.search import read_calibration
+    from g3n.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(TINY_DIR)
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(b'{"text": "fine text"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(G3nError, match=r"c.jsonl:2: not UTF-8 \(byte offset 13 in the line\)"):
+        read_calibration(path, tok, 100, 32)
+    path.write_text('{"text": "fine text"}\n{"text": "lone \\udc80 surrogate"}\n')
+    with pytest.raises(G3nError, match=r"c.jsonl:2: text has an invalid character at position 5"):
+        read_calibration(path, tok, 100, 32)

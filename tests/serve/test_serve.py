@@ -6,8 +6,6 @@ the queue limit, the API key, and the official openai client."""
 from __future__ import annotations
 
 import base64
-import contextlib
-import http.client
 import io
 import json
 import socket
@@ -20,83 +18,49 @@ import pytest
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
-from g3n.inference.backends import TorchEngine
 from g3n.inference.generate import stream_text
 from g3n.inference.sampling import SamplingParams
 from g3n.serve import Limits, create_app
 from g3n.serve.content import parse_messages
 from g3n.serve.errors import APIError
 from g3n.serve.scheduler import StopStrings
-from g3n.tokenizer import Tokenizer
-from helpers import ServerThread
+from helpers import (
+    QUESTION,
+    WIDE,
+    ServerThread,
+    chat,
+    chat_body,
+    health,
+    no_stop_tokens,
+    open_stream,
+    queued_chat,
+    request,
+    send_chat,
+    stream_chunks,
+    wait_idle,
+)
 
-QUESTION = "What is the capital of France?"
-
-
-@pytest.fixture(scope="module")
-def engine(tiny):
-    model, tok = tiny
-    return TorchEngine(model, tok, "tiny", max_batch=8)
-
-
-@pytest.fixture(scope="module")
-def server(engine):
-    with ServerThread(create_app(engine, Limits(max_body_bytes=2**20))) as s:
-        yield s
-
-
-def request(server, method, path, body=None, headers=None, timeout=60):
-    """(status, parsed JSON or text) of one request; body: dict (sent as JSON) or bytes."""
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=timeout)
-    data = json.dumps(body).encode() if isinstance(body, dict) else body
-    conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
-    resp = conn.getresponse()
-    raw = resp.read().decode()
-    conn.close()
-    try:
-        return resp.status, json.loads(raw)
-    except json.JSONDecodeError:
-        return resp.status, raw
-
-
-def chat(server, content=QUESTION, **kw):
-    return request(server, "POST", "/v1/chat/completions",
-                   {"model": "tiny", "messages": [{"role": "user", "content": content}], **kw})  # fmt: skip
+MAX_BATCH = 8  # the engine's: 8 concurrent clients batch together
+APP_OPTIONS = {"limits": Limits(max_body_bytes=2**20)}
 
 
 def stream(server, content=QUESTION, **kw):
     """(text, finish_reason, usage or None, number of SSE events) of a streamed reply."""
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
-    body = {"model": "tiny", "messages": [{"role": "user", "content": content}], "stream": True, **kw}
-    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
-    resp = conn.getresponse()
-    assert resp.status == 200 and resp.getheader("content-type").startswith("text/event-stream")
-    text, finish, usage, events = [], None, None, 0
-    for line in resp:
-        line = line.decode().strip()
-        if not line.startswith("data: "):
-            continue
-        if line == "data: [DONE]":
-            break
-        events += 1
-        chunk = json.loads(line[6:])
+    chunks = stream_chunks(server, "/v1/chat/completions", chat_body(content) | kw)
+    text, finish, usage = [], None, None
+    for chunk in chunks:
         assert chunk["object"] == "chat.completion.chunk", chunk
         usage = chunk.get("usage") or usage
         for choice in chunk["choices"]:
             text.append(choice["delta"].get("content") or "")
             finish = choice["finish_reason"] or finish
-    conn.close()
-    return "".join(text), finish, usage, events
+    return "".join(text), finish, usage, len(chunks)
 
 
 def lone_text(engine, content, **params):
     """What g3n's own generation (the path of `g3n generate`) writes for this prompt."""
     ids = engine.encode_chat([{"role": "user", "content": content}])
     return "".join(stream_text(engine.model, engine.tok, ids, SamplingParams(**params)))
-
-
-def health(server):
-    return request(server, "GET", "/health")[1]
 
 
 def test_models_health_and_page(server):
@@ -188,40 +152,37 @@ def test_content_parts_become_hf_content_lists():
         parse_messages([messages[0], messages[1] | {"content": [broken]}])
 
 
-def _user(parts):
-    return {"model": "tiny", "messages": [{"role": "user", "content": parts}]}
-
-
 BAD_REQUESTS = [  # (body, status, field the error names, code, words in the message)
     (b"{not json", 400, None, "invalid_json", "not valid JSON"),
     (b"[1, 2]", 400, None, "invalid_json", "JSON object"),
     ({"messages": [{"role": "user", "content": "hi"}]}, 400, "model", None, "'model' is required"),
     ({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}, 404, "model", "model_not_found", "gpt-4o"),
-    (_user("hi") | {"temperature": -1}, 400, "temperature", None, "between"),
-    (_user("hi") | {"temperature": "hot"}, 400, "temperature", None, "a number"),
-    (_user("hi") | {"top_p": 0}, 400, "top_p", None, "greater than 0"),
-    (_user("hi") | {"max_tokens": 0}, 400, "max_tokens", None, "between"),
-    (_user("hi") | {"seed": 1.5}, 400, "seed", None, "an integer"),
-    (_user("hi") | {"n": 2}, 400, "n", "unsupported", "not supported"),
-    (_user("hi") | {"stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None, "up to 4"),
-    (_user("hi") | {"stream": "yes"}, 400, "stream", None, "true or false"),
+    (chat_body("hi") | {"temperature": -1}, 400, "temperature", None, "between"),
+    (chat_body("hi") | {"temperature": "hot"}, 400, "temperature", None, "a number"),
+    (chat_body("hi") | {"top_p": 0}, 400, "top_p", None, "greater than 0"),
+    (chat_body("hi") | {"max_tokens": 0}, 400, "max_tokens", None, "between"),
+    (chat_body("hi") | {"seed": 1.5}, 400, "seed", None, "an integer"),
+    (chat_body("hi") | {"n": 2}, 400, "n", "unsupported", "not supported"),
+    (chat_body("hi") | {"stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None, "up to 4"),
+    (chat_body("hi") | {"stream": "yes"}, 400, "stream", None, "true or false"),
     ({"model": "tiny", "messages": []}, 400, "messages", None, "non-empty"),
     ({"model": "tiny", "messages": [{"role": "tool", "content": "x"}]}, 400, "messages", None, "role 'tool'"),
-    ({"model": "tiny", "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
-     400, "messages", None, "alternate"),
-    (_user([{"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]), 400, "messages", None,
+    ({"model": "tiny", "messages": [{"role": "system", "content": "a"}, {"role": "assistant", "content": "b"}]},
+     400, "messages", None, "messages[1]: the conversation must start with a user message"),
+    (chat_body([{"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]), 400, "messages", None,
      "remote image URLs are not fetched"),
-    (_user([{"type": "image_url", "image_url": {"url": "data:image/png;base64,%%%"}}]), 400, "messages", None,
+    (chat_body([{"type": "image_url", "image_url": {"url": "data:image/png;base64,%%%"}}]), 400, "messages", None,
      "messages[0].content[0]: the image data is not valid base64"),
-    (_user([{"type": "text", "text": "hi"}, {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]),
-     400, "messages", None, "messages[0].content[1]: the audio could not be decoded"),
-    (_user([{"type": "image_url", "image_url": {"url": _png()}}, {"type": "text", "text": "hi"}]), 400, "messages",
+    (chat_body([{"type": "text", "text": "hi"},
+                {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]),
+     400, "messages", "unsupported_modality", "without an audio tower"),  # refused before decoding
+    (chat_body([{"type": "image_url", "image_url": {"url": _png()}}, {"type": "text", "text": "hi"}]), 400, "messages",
      "unsupported_modality", "without a vision tower; images need a Gemma3nForConditionalGeneration checkpoint"),
-    (_user([{"type": "input_audio", "input_audio": {"data": _wav(), "format": "wav"}}]), 400, "messages",
+    (chat_body([{"type": "input_audio", "input_audio": {"data": _wav(), "format": "wav"}}]), 400, "messages",
      "unsupported_modality", "without an audio tower"),
-    (_user([{"type": "video", "video": "x"}]), 400, "messages", None, "expected a text, image_url or input_audio"),
-    (_user("word " * 3000), 400, "messages", "context_length_exceeded", "at most 2047"),
-    (json.dumps(_user("x" * (2**20 + 10))).encode(), 413, None, "request_too_large", "larger than"),
+    (chat_body([{"type": "video", "video": "x"}]), 400, "messages", None, "expected a text, image_url or input_audio"),
+    (chat_body("word " * 3000), 400, "messages", "context_length_exceeded", "at most 2047"),
+    (json.dumps(chat_body("x" * (2**20 + 10))).encode(), 413, None, "request_too_large", "larger than"),
 ]  # fmt: skip
 
 
@@ -278,96 +239,44 @@ def test_concurrent_streaming_clients_are_batched_and_independent(server):
           f"slowest client {max(r[2] for r in results):.2f}s")  # fmt: skip
 
 
-def _wait_idle(server, seconds=10.0):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        stats = health(server)
-        if stats["running"] == 0 and stats["waiting"] == 0:
-            return stats
-        time.sleep(0.05)
-    raise AssertionError(f"still busy after {seconds}s: {health(server)}")
-
-
-WIDE = {"temperature": 2.0, "top_k": 0, "top_p": 1.0}  # the whole vocabulary, no repeating loop
-
-
-@contextlib.contextmanager
-def _endless():
-    """Replies whose batch starts inside run to their max_tokens: no stop tokens (the engine reads
-    them when a batch starts). Even sampling the whole vocabulary at temperature 2, the tiny model
-    ends its stories within about 20 tokens, which a loaded machine can finish before a test looks
-    at the slot they hold (a CI run did)."""
-    original = Tokenizer.stop_ids
-    Tokenizer.stop_ids = property(lambda self: set())
-    try:
-        yield
-    finally:
-        Tokenizer.stop_ids = original
-
-
-def _open_stream(server, max_tokens=1500, **kw):
-    """A raw socket streaming a long reply (no stop tokens: `_endless`), returned once the first
-    token arrived."""
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
-    body = json.dumps(_user("Tell me a story.") | {"stream": True, "max_tokens": max_tokens, "seed": 1, **WIDE, **kw})
-    with _endless():
-        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     f"Content-Length: {len(body)}\r\n\r\n{body}".encode())  # fmt: skip
-        seen = b""
-        while b'"content": "' not in seen.split(b'"role"', 1)[-1]:
-            seen += sock.recv(4096)
-    return sock
-
-
 def test_client_disconnect_frees_the_slot(server):
-    sock = _open_stream(server)
+    sock = open_stream(server)
     assert health(server)["running"] == 1
     t0 = time.perf_counter()
     sock.close()  # a 1500-token reply would take about a minute here
-    _wait_idle(server, 10)
+    wait_idle(server, 10)
     freed = time.perf_counter() - t0
     # a non-streamed request whose client leaves is noticed too (polled twice a second)
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
-    body = json.dumps(_user("Tell me a story.") | {"max_tokens": 1500} | WIDE)
-    with _endless():
-        sock.sendall(
-            f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode()
-        )
+    with no_stop_tokens():
+        sock = send_chat(server, chat_body("Tell me a story.") | {"max_tokens": 1500} | WIDE)
         deadline = time.monotonic() + 10
         while health(server)["running"] == 0:
             assert time.monotonic() < deadline
             time.sleep(0.02)
     sock.close()
-    _wait_idle(server, 10)
+    wait_idle(server, 10)
     assert chat(server, temperature=0)[0] == 200
     print(f"\nstreaming client gone -> slot free {freed:.2f}s later")
 
 
 def test_queue_limit_gives_429_and_recovers(engine):
     with ServerThread(create_app(engine, Limits(max_queue=1, max_batch=1))) as server:
-        running = _open_stream(server)  # holds the only batch slot
-        waiting = socket.create_connection(("127.0.0.1", server.port), timeout=30)
-        body = json.dumps(_user("Hi") | {"max_tokens": 4})
-        waiting.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
-                        f"{body}".encode())  # fmt: skip
-        deadline = time.monotonic() + 10
-        while health(server)["waiting"] < 1:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        running = open_stream(server)  # holds the only batch slot
+        waiting = queued_chat(server, max_tokens=4)
         status, out = chat(server, "Hi")
         assert status == 429 and out["error"]["code"] == "queue_full" and out["error"]["type"] == "rate_limit_error"
         running.close()  # frees the slot: the waiting request runs, then the server takes new ones
         reply = waiting.recv(65536).decode()
         assert reply.startswith("HTTP/1.1 200") or waiting.recv(65536)
         waiting.close()
-        _wait_idle(server, 10)
+        wait_idle(server, 10)
         assert chat(server, "Hi", max_tokens=4)[0] == 200
 
 
 def test_api_key_on_every_route_but_health(engine):
     with ServerThread(create_app(engine, api_key="s3cret")) as server:
         for method, path in [("GET", "/"), ("GET", "/v1/models"), ("POST", "/v1/chat/completions")]:
-            status, out = request(server, method, path, _user("hi"))
+            status, out = request(server, method, path, chat_body("hi"))
             assert status == 401 and out["error"]["code"] == "invalid_api_key", (path, out)
         assert request(server, "GET", "/v1/models", headers={"Authorization": "Bearer wrong"})[0] == 401
         assert request(server, "GET", "/health")[0] == 200
@@ -438,7 +347,7 @@ def test_g3n_serve_command(tmp_path):
                     break
             except OSError:
                 time.sleep(0.1)
-        body = _user(QUESTION) | {"temperature": 0, "max_tokens": 40}
+        body = chat_body(QUESTION) | {"temperature": 0, "max_tokens": 40}
         assert request(server, "POST", "/v1/chat/completions", body)[0] == 401
         status, out = request(server, "POST", "/v1/chat/completions", body, {"Authorization": "Bearer k3y"})
         assert status == 200 and "Paris" in out["choices"][0]["message"]["content"]
@@ -454,7 +363,7 @@ def test_g3n_serve_command(tmp_path):
 def test_a_late_short_request_finishes_before_an_early_long_one(server):
     """Continuous batching: a request that arrives while a long reply streams joins it at the next
     step and finishes first (static batching made it wait for the whole long reply)."""
-    sock = _open_stream(server)
+    sock = open_stream(server)
     try:
         started = time.perf_counter()
         status, body = chat(server, "Hi", max_tokens=3)
@@ -463,4 +372,25 @@ def test_a_late_short_request_finishes_before_an_early_long_one(server):
         assert time.perf_counter() - started < 30
     finally:
         sock.close()
-    _wait_idle(server, 10)
+    wait_idle(server, 10)
+
+
+def test_static_batching_makes_a_late_request_wait_for_the_batch(engine):
+    """`--batching static` (the comparison for continuous batching): a request that arrives while
+    a batch runs waits in the queue until that batch ends, then runs."""
+    with ServerThread(create_app(engine, Limits(batching="static"))) as static:
+        sock = open_stream(static)
+        try:
+            done = {}
+            late = threading.Thread(target=lambda: done.update(out=chat(static, "Hi", max_tokens=3)))
+            late.start()
+            deadline = time.monotonic() + 10
+            while health(static)["waiting"] != 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert health(static)["waiting"] == 1 and health(static)["running"] == 1
+            time.sleep(0.5)
+            assert "out" not in done  # still queued behind the running batch
+        finally:
+            sock.close()  # the batch ends (its client left): the late request runs
+        late.join(timeout=30)
+        assert done["out"][0] == 200

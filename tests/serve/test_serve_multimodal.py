@@ -14,14 +14,12 @@ import pytest
 pytest.importorskip("timm")
 pytest.importorskip("starlette")
 
-from test_serve import request
-
 from g3n.inference.backends import load_engine
 from g3n.inference.generate import generate
 from g3n.inference.sampling import SamplingParams
 from g3n.media import MediaProcessor
 from g3n.serve import create_app
-from helpers import ServerThread, make_hf_multimodal, save_hf_multimodal
+from helpers import ServerThread, make_hf_multimodal, request, save_hf_multimodal
 
 
 @pytest.fixture(scope="module")

@@ -230,3 +230,40 @@ def test_fused_lora_mlp_in_bfloat16_reuses_its_buffers(hf_dir, layer, device):
         (grads[n], p_grads[n], ref, n) for n, ref in ref_grads.items()
     ]:
         assert ours.dtype == torch.float32 and _error(ours, ref) <= 1.5 * _error(peft, ref) + 5e-3, name
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"use_dora": True}, r"adapter_config.json: use_dora is not supported"),
+        ({"peft_type": "IA3"}, r"adapter_config.json: peft_type 'IA3': g3n loads and merges LoRA adapters only"),
+        ("truncate", r"adapter_model.safetensors: cannot read the adapter weights .* truncated"),
+    ],
+)
+def test_one_rule_for_adapters_in_every_export(tmp_path, change, message):
+    """A DoRA adapter merged into the HF export but was refused by the GGUF export; an IA3 adapter
+    or a truncated weights file were tracebacks. Now HF export, GGUF export and loading say the same."""
+    import json
+
+    import g3n
+    from g3n.errors import G3nError
+    from g3n.export.gguf import export_gguf
+    from g3n.export.hf import export_hf
+    from helpers import tiny_with_saved_adapter
+
+    adapter = tmp_path / "adapter"
+    tiny_with_saved_adapter(adapter)
+    if change == "truncate":
+        weights = adapter / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    else:
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        (adapter / "adapter_config.json").write_text(json.dumps({**config, **change}))
+    errors = []
+    for export in (lambda: export_hf("tiny", tmp_path / "hf", adapter=adapter),
+                   lambda: export_gguf("tiny", tmp_path / "m.gguf", adapter=adapter, quant="f32"),
+                   lambda: load_adapter(g3n.load("tiny", dtype="float32", device="cpu")[0], adapter)):  # fmt: skip
+        with pytest.raises(G3nError, match=message) as e:
+            export()
+        errors.append(str(e.value))
+    assert len(set(errors)) == 1 and not (tmp_path / "hf").exists() and not (tmp_path / "m.gguf").exists()

@@ -7,6 +7,7 @@ adapter saved here loads into transformers' `Gemma3nForCausalLM` with `PeftModel
 
 from __future__ import annotations
 
+import contextlib
 import json
 import types
 from pathlib import Path
@@ -22,7 +23,30 @@ MLP = ["gate_proj", "up_proj", "down_proj"]
 PEFT_PREFIX = "base_model.model."  # what PeftModel puts before the model's own names
 
 
+def import_bitsandbytes_quietly() -> None:
+    """Import bitsandbytes (when installed) without the line its CPU backend logs on CPUs with
+    AVX-512 BF16: it tries a kernel from the Hugging Face Hub at import and reports the failure
+    (about trust_remote_code), which means nothing to a g3n user; its 4-bit layers run without it.
+    PEFT imports bitsandbytes whenever it is installed, so this runs before PEFT and training."""
+    import importlib.util
+    import logging
+    import sys
+
+    if "bitsandbytes" in sys.modules or importlib.util.find_spec("bitsandbytes") is None:
+        return
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    hub = logging.Filter()
+    hub.filter = lambda record: "kernels-community" not in record.getMessage()
+    logger.addFilter(hub)
+    try:
+        with contextlib.suppress(Exception):  # a broken install is reported where 4-bit weights need it
+            import bitsandbytes  # noqa: F401
+    finally:
+        logger.removeFilter(hub)
+
+
 def _peft():
+    import_bitsandbytes_quietly()
     try:
         import peft
     except ImportError:
@@ -129,18 +153,56 @@ def save_adapter(model, out_dir: str | Path, base_model: str = "") -> Path:
     return out
 
 
-def load_adapter(model, adapter_dir: str | Path):
-    """Add a saved PEFT LoRA adapter (ours or transformers + PEFT's) to a g3n model."""
-    from safetensors.torch import load_file
-
-    peft = _peft()
-    adapter_dir = Path(adapter_dir)
-    config_path = adapter_dir / "adapter_config.json"
+def read_adapter_config(adapter_dir: str | Path) -> dict:
+    """adapter_config.json, checked to be an adapter g3n can use: the one rule for loading,
+    merging and every export (HF, GGUF): plain LoRA; DoRA and PEFT's other methods are refused."""
+    config_path = Path(adapter_dir) / "adapter_config.json"
     if not config_path.is_file():
         raise G3nError(f"{config_path}: not found (a PEFT adapter directory is expected)")
+    try:
+        config = json.loads(config_path.read_bytes().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise G3nError(f"{config_path}: not a PEFT adapter config ({e})") from None
+    if not isinstance(config, dict):
+        raise G3nError(f"{config_path}: not a PEFT adapter config (expected a JSON object)")
+    kind = config.get("peft_type", "LORA")
+    if kind != "LORA":
+        raise G3nError(f"{config_path}: peft_type {kind!r}: g3n loads and merges LoRA adapters only")
+    if config.get("use_dora"):
+        raise G3nError(f"{config_path}: use_dora is not supported: g3n loads, merges and exports plain LoRA "
+                       "adapters only (train without DoRA)")  # fmt: skip
+    for key in ("r", "lora_alpha"):
+        value = config.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise G3nError(f"{config_path}: {key} must be a number > 0, got {value!r}")
+    return config
+
+
+def read_adapter_weights(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
+    """adapter_model.safetensors's tensors; a missing, truncated or foreign file is a one-line error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    if not path.is_file():
+        raise G3nError(f"{path}: not found (a PEFT adapter directory holds adapter_model.safetensors)")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise G3nError(
+            f"{path}: cannot read the adapter weights ({e}); the file is truncated or not safetensors"
+        ) from None
+
+
+def load_adapter(model, adapter_dir: str | Path):
+    """Add a saved PEFT LoRA adapter (ours or transformers + PEFT's) to a g3n model."""
+    peft = _peft()
+    adapter_dir = Path(adapter_dir)
+    read_adapter_config(adapter_dir)
+    weights = read_adapter_weights(adapter_dir)
     config = peft.LoraConfig.from_pretrained(str(adapter_dir))
     _inject(model, config)
-    state = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(adapter_dir / "adapter_model.safetensors").items()}
+    state = {k.removeprefix(PEFT_PREFIX): v for k, v in weights.items()}
     params = dict(model.named_parameters())
     for key, tensor in state.items():
         module, _, part = key.rpartition(".lora_")

@@ -5,24 +5,83 @@ export never overwrites the model, an adapter, or anything that is not an earlie
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import os
+import re
 import shutil
+import socket
 from pathlib import Path
 
 from g3n.errors import G3nError
 
+# A write in progress goes to `.NAME.g3n-partial-PID` beside NAME (hidden, named for what it is and
+# whose it is); earlier versions wrote `.NAME.tmp-PID`. One left by a killed process is removed by
+# the next write of NAME (or the next run into the same output_dir) once its PID is gone.
+PARTIAL = "g3n-partial"
+TEMP_PATTERN = re.compile(rf"\.(?P<name>.+)\.(?:{PARTIAL}|tmp)-(?P<pid>\d+)(?:\.[A-Za-z0-9]+)?")
+
+
+def temp_path(path: Path, suffix: str = "") -> Path:
+    """Where this process writes `path` before renaming it into place."""
+    return path.with_name(f".{path.name}.{PARTIAL}-{os.getpid()}{suffix}")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host (one of another user counts as running)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True
+    return True
+
+
+def remove_stale_temps(directory: Path, name: str | None = None) -> list[str]:
+    """Remove the temporaries in `directory` (of `name` only, when given) whose process is gone;
+    returns their names."""
+    removed = []
+    try:
+        entries = list(Path(directory).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        m = TEMP_PATTERN.fullmatch(entry.name)
+        if not m or (name is not None and m["name"] != name) or pid_alive(int(m["pid"])):
+            continue
+        with contextlib.suppress(OSError):
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            removed.append(entry.name)
+    return removed
+
 
 def write_atomic(path: Path, write) -> None:
-    """Call write(tmp_path), then rename tmp_path to path."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """Call write(tmp_path), then rename tmp_path to path (a full disk or a read-only directory is
+    a one-line error, and nothing half-written stays)."""
+    path = Path(path)
+    remove_stale_temps(path.parent, path.name)
+    tmp = temp_path(path)
     try:
         write(tmp)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
+    except OSError as e:
+        raise write_error(path, e) from None
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def write_error(path: Path, e: OSError) -> Exception:
+    """A G3nError for the write problems a user fixes (space, permissions); anything else as it is."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return G3nError(f"{path}: no space left on the device while writing it (nothing half-written was kept)")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return G3nError(f"{path}: cannot write there ({e.strerror})")
+    return e
 
 
 @contextlib.contextmanager
@@ -32,16 +91,79 @@ def atomic_dir(out: str | Path, overwrite: bool = False):
     out = Path(out).expanduser().resolve()
     if out.exists() and not overwrite:
         raise G3nError(f"{out}: output directory exists (pass --overwrite to replace it)")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    remove_stale_temps(out.parent, out.name)
+    tmp = temp_path(out)
     try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
         yield tmp
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
+    except OSError as e:
+        raise write_error(out, e) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+LOCK_FILE = ".g3n-lock"
+
+
+def _holder(fd: int) -> str:
+    os.lseek(fd, 0, os.SEEK_SET)
+    return os.read(fd, 200).decode(errors="replace")
+
+
+@contextlib.contextmanager
+def dir_lock(directory: Path, what: str = "a run"):
+    """Hold `directory` for this process while it writes there: another g3n process asking for it
+    is refused with the holder's PID. The lock (flock on LOCK_FILE, which names the holder) ends
+    with its process, so a killed run's lock is simply taken over."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: the PID alone tells
+        fcntl = None
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(directory, e) from None
+    path = directory / LOCK_FILE
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise write_error(path, e) from None
+        try:
+            if fcntl is None:
+                raise OSError("no flock")
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd).strip() or "another process"
+            os.close(fd)
+            raise G3nError(f"{directory}: {holder} is writing {what} there ({path}); wait for it to end, "
+                           "stop it, or choose another directory") from None  # fmt: skip
+        except OSError:  # a filesystem without flock: the PID alone tells
+            holder = _holder(fd)
+            m = re.match(r"g3n process (\d+) on (\S+)", holder)
+            if m and m[2] == socket.gethostname() and int(m[1]) != os.getpid() and pid_alive(int(m[1])):
+                os.close(fd)
+                raise G3nError(f"{directory}: {holder.strip()} is writing {what} there ({path})") from None
+        try:  # the holder removes the file as it ends: lock the one that is there now
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, f"g3n process {os.getpid()} on {socket.gethostname()}\n".encode())
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()  # before the lock goes, so nobody locks a file on its way out
+        os.close(fd)
 
 
 # What an HF export writes (save_tensors / save_text_checkpoint + copy_tokenizer_files): the only

@@ -251,19 +251,14 @@ def _add_tokenizer(w, tokenizer_path: Path, model_dir: Path, vocab_size: int) ->
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
     w.add_add_space_prefix(proto.normalizer_spec.add_dummy_prefix)  # Gemma: no dummy "▁" prefix
-    template = _chat_template(model_dir)
-    if template:
-        w.add_chat_template(template)
+    w.add_chat_template(_chat_template(model_dir))
 
 
-def _chat_template(model_dir: Path) -> str | None:
-    """The checkpoint's own Jinja chat template (tokenizer_config.json or chat_template.jinja)."""
-    import json
+def _chat_template(model_dir: Path) -> str:
+    """The checkpoint's own chat template when it takes content parts, else g3n's (tokenizer.py)."""
+    from g3n.tokenizer import export_chat_template
 
-    if (model_dir / "chat_template.jinja").is_file():
-        return (model_dir / "chat_template.jinja").read_text()
-    config = model_dir / "tokenizer_config.json"
-    return json.loads(config.read_text()).get("chat_template") if config.is_file() else None
+    return export_chat_template(model_dir)
 
 
 def export_gguf(model: str, out: str | Path, adapter=None, quant: str = "f16", overwrite: bool = False) -> Path:

@@ -4,7 +4,7 @@ and llama.cpp (GGUF files). `g3n chat`, `g3n generate` and `g3n serve` only talk
 - `prepare(messages)`: (prompt ids, media tensors or None); content may hold HF-style image and
   audio parts (media.py); `encode(text)`: ids of plain text (one BOS either way).
 - `stream(ids, params[, media])`: one prompt's reply as text pieces (the CLI).
-- `submit(ids, params, media=, logit_bias=, logprobs=)` -> handle, `step()` -> the `Piece`s
+- `submit(ids, params, media=, logit_bias=, logprobs=, grammar=, adapter=)` -> handle, `step()` -> the `Piece`s
   produced, `cancel(handle)`: continuous batching for a server. g3n's engine runs up to
   `max_batch` requests together, each with its own sampling settings and seed, a new one joining
   at the next step (inference/engine.py); llama-cpp-python runs one sequence at a time.
@@ -45,6 +45,8 @@ class TorchEngine:
     """g3n's own model and tokenizer; with a multimodal checkpoint, its vision/audio towers.
     `options`: how its engine decodes (DecodeOptions, e.g. --compile; default DecodeOptions())."""
 
+    grammars = True  # decodes under a grammar (response_format)
+
     def __init__(self, model, tokenizer, name: str, max_batch: int = 8, model_dir=None, lazy_towers: bool = False,
                  options: DecodeOptions | None = None):  # fmt: skip
         self.options = DecodeOptions() if options is None else options
@@ -55,7 +57,17 @@ class TorchEngine:
         self._engine = None
         self._streamers: dict = {}  # handle -> TextStreamer of a submitted request
         self._ended: list[int] = []  # handles that end before their first token (max_tokens 0)
+        self._grammars: dict = {}  # handle -> GrammarProcessor of a request with a response format
+        self._vocab = None  # llguidance's view of the tokenizer, built at the first response format
         self.model_dir, self.lazy_towers, self.processor = model_dir, lazy_towers, None
+        self.adapter_names: list[str] = []  # LoRA adapters served per row beside the base model
+
+    def add_adapter(self, name: str, adapter_dir) -> None:
+        """Serve a PEFT LoRA adapter beside the base model under `name` (requests pick it by name)."""
+        if name == self.name or name in self.adapter_names:
+            raise G3nError(f"adapter name {name!r} is taken (the model's own name, or another adapter's)")
+        self.engine.add_adapter(name, adapter_dir)
+        self.adapter_names.append(name)
 
     @property
     def modalities(self) -> frozenset[str]:
@@ -103,21 +115,38 @@ class TorchEngine:
         return generate.stream_text(self.model, self.tok, ids, params, media, engine=self.engine)
 
     def submit(self, ids: list[int], params: SamplingParams, media: dict | None = None,
-               logit_bias: dict[int, float] | None = None, logprobs: int | None = None) -> int:  # fmt: skip
+               logit_bias: dict[int, float] | None = None, logprobs: int | None = None,
+               grammar: str | None = None, adapter: str | None = None) -> int:  # fmt: skip
         from g3n.inference.engine import Request
         from g3n.inference.generate import TextStreamer
 
-        request = Request(list(ids), params, frozenset(self.tok.stop_ids), media, logit_bias, logprobs)
+        processor = None
+        if grammar is not None:
+            processor = self._grammar(grammar, len(ids), params.max_new_tokens)
+        request = Request(list(ids), params, frozenset(self.tok.stop_ids), media, logit_bias, logprobs, processor,
+                          adapter)  # fmt: skip
         handle = self.engine.add(request)
         if params.max_new_tokens == 0:  # the engine ends it at once, without a token
             self._ended.append(handle)
         else:
             self._streamers[handle] = TextStreamer(self.tok)
+            if processor is not None:
+                self._grammars[handle] = processor
         return handle
+
+    def _grammar(self, grammar: str, prompt_len: int, max_new: int):
+        """The row's grammar processor (inference/grammar.py); the vocabulary is built once."""
+        from g3n.inference import grammar as grammars
+
+        if self._vocab is None:
+            self._vocab = grammars.vocabulary(self.tok, self.model.config.vocab_size)
+        budget = min(max_new, (self.engine.fixed_len or self.engine.context) - prompt_len)
+        return grammars.GrammarProcessor(self._vocab, grammar, self.tok.stop_ids, budget)
 
     def cancel(self, handle: int) -> None:
         self.engine.cancel(handle)
         self._streamers.pop(handle, None)
+        self._grammars.pop(handle, None)
 
     def step(self) -> list[Piece]:
         out = [Piece(h, finish="length") for h in self._ended]
@@ -126,10 +155,13 @@ class TorchEngine:
             streamer = self._streamers.get(t.handle)
             if streamer is None:
                 continue
+            grammar = self._grammars.get(t.handle)
             if t.finish:
                 self._streamers.pop(t.handle)
-            if t.finish == "stop":
-                out.append(Piece(t.handle, finish="stop"))
+                self._grammars.pop(t.handle, None)
+            if t.finish == "stop":  # a value closed early for max_tokens is cut short, though whole
+                early = grammar is not None and grammar.closed_early
+                out.append(Piece(t.handle, finish="length" if early else "stop"))
                 continue
             piece = Piece(t.handle, streamer.push(t.token), t.finish)
             if t.logprob is not None:
@@ -144,6 +176,8 @@ class GGUFEngine:
 
     modalities = frozenset({"text"})
     max_batch = 1
+    grammars = False
+    adapter_names: tuple[str, ...] = ()  # served adapters: none (llama.cpp runs the GGUF as it is)
 
     def __init__(self, path: str, name: str, context: int | None = None):
         from g3n.inference.llama_cpp import GGUFModel
@@ -165,13 +199,15 @@ class GGUFEngine:
         return self.gguf.encode_chat(messages), None
 
     def submit(self, ids: list[int], params: SamplingParams, media: dict | None = None,
-               logit_bias: dict[int, float] | None = None, logprobs: int | None = None) -> int:  # fmt: skip
+               logit_bias: dict[int, float] | None = None, logprobs: int | None = None,
+               grammar: str | None = None, adapter: str | None = None) -> int:  # fmt: skip
         if media:
             raise G3nError("a GGUF file runs text only here")
-        if logit_bias or logprobs is not None:
-            raise G3nError(
-                "logit_bias and logprobs need g3n's engine (an HF checkpoint); a GGUF file runs in llama.cpp"
-            )
+        asked = {"logit_bias": logit_bias, "logprobs": logprobs is not None, "response_format": grammar is not None,
+                 "frequency_penalty": params.frequency_penalty, "presence_penalty": params.presence_penalty}  # fmt: skip
+        if named := [name for name, value in asked.items() if value]:
+            raise G3nError(f"{' and '.join(named)} need{'s' * (len(named) == 1)} g3n's engine (an HF checkpoint); "
+                           "a GGUF file runs in llama.cpp")  # fmt: skip
         handle = next(self._handles)
         self._queue.append((handle, ids, params))
         return handle

@@ -13,6 +13,8 @@ owns the cache, the graphs and the rows; this module is what they run).
 - The per-layer embedding rows of the new tokens are gathered inside the step: from the table on
   the GPU, or from the table in CPU memory, page-locked in place and read by the GPU over the bus
   (`model/ple_table.py`).
+- Every path runs the model's own layers (DecoderLayer.forward): a prefill chunk and an uncompiled
+  decode step with the modules' ops, a fused decode step (`decode_layer_cached`) with `DecodeOps`.
 - Compiled steps (DecodeOptions.compile) run `decode_layer_cached`: inductor fuses the ~160 small
   kernels of a layer (norms, AltUp, casts, attention); q/k/v/Laurel-left and gate/up run as one
   product each (`inference/fused_weights.py`, unless fuse_weights is off). "layers" compiles
@@ -31,7 +33,7 @@ owns the cache, the graphs and the rows; this module is what they run).
 from __future__ import annotations
 
 import contextlib
-from functools import partial
+from dataclasses import dataclass
 
 import torch
 import torch._inductor.config
@@ -41,10 +43,27 @@ from g3n.inference import fused_weights
 from g3n.inference.options import CompileMode, DecodeOptions
 from g3n.kernels import decode as decode_kernels
 from g3n.kernels import gemv
-from g3n.model.text import apply_rope, build_mask
+from g3n.model import row_deltas
+from g3n.model.text import LayerOps, apply_rope, build_mask
 
-PREFILL_CHUNK = 512  # tokens a prefill pass: its activations set prefill's memory peak
+PREFILL_CHUNK = 512  # tokens a prefill pass while other rows decode (their next token waits for it)
+LONE_PREFILL_CHUNK = 2048  # while no row decodes: fewer, larger passes (its activations set the memory peak)
 DEFAULTS = DecodeOptions()
+
+
+@dataclass(eq=False)
+class PrefixState:
+    """A row's cache after the prompt ids `ids` (StaticCache.snapshot): another row restored from
+    it goes on from position len(ids) as if it had prefilled them."""
+
+    ids: tuple[int, ...]
+    keys: dict[int, torch.Tensor]  # per K/V layer: (kv heads, positions or ring slots, head dim)
+    values: dict[int, torch.Tensor]
+    ring_index: torch.Tensor  # the position each sliding-ring slot holds (-1: empty)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (*self.keys.values(), *self.values.values()))
 
 
 class StaticCache:
@@ -74,6 +93,31 @@ class StaticCache:
         out.batch, out.live = out.slot_index[FULL].shape[0], None
         return out
 
+    def snapshot(self, row: int, ids) -> PrefixState:
+        """A copy of what `row` holds after the prompt ids `ids` (its positions 0..len(ids)-1, taken
+        before anything else is written): full layers' K/V of those positions, sliding layers'
+        rings as they are."""
+        n, keys, values = len(ids), {}, {}
+        for layer in self.keys:
+            part = slice(0, n) if self.cfg.layer_types[layer] == FULL else slice(None)
+            keys[layer] = self.keys[layer][row, :, part].clone()
+            values[layer] = self.values[layer][row, :, part].clone()
+        ring = self.slot_index[SLIDING][row].clone()
+        return PrefixState(tuple(ids), keys, values, ring)
+
+    def restore(self, row: int, state: PrefixState) -> bool:
+        """Make `row` hold what `state` holds (False, nothing changed: a ring of another size)."""
+        if state.ring_index.shape[0] != self.size[SLIDING] or len(state.ids) > self.max_len:
+            return False
+        n = len(state.ids)
+        for layer, k in state.keys.items():
+            self.keys[layer][row, :, : k.shape[1]] = k
+            self.values[layer][row, :, : k.shape[1]] = state.values[layer]
+        full = torch.arange(self.size[FULL], device=state.ring_index.device)
+        self.slot_index[FULL][row] = torch.where(full < n, full, -1)
+        self.slot_index[SLIDING][row] = state.ring_index
+        return True
+
     def keep_prefix(self, row: int, length: int) -> None:
         """Forget what `row` holds from position `length` on (0: everything)."""
         for index in self.slot_index.values():
@@ -90,7 +134,7 @@ class StaticCache:
         held.scatter_(1, slots, index)
 
 
-def _attend(attn, q, cos, sin, k, v, mask, kernel=False, pdl=True):
+def _attend(attn, q, cos, sin, k, v, mask, kernel=False, pdl=True, linear=gemv.project):
     """Attention.forward for one query position, from its q projection, as float32 broadcast sums:
     the query heads that share a K/V head are grouped (no K/V copy per head), and a compiler turns
     scores, softmax and the weighted sum into a few reductions that read the cache once (cuDNN's
@@ -106,7 +150,7 @@ def _attend(attn, q, cos, sin, k, v, mask, kernel=False, pdl=True):
         scores = (q.float() * k[:, :, None].float()).sum(-1)  # (batch, kv_heads, group, keys); scaling 1.0
         probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
         out = (probs[..., None] * v[:, :, None].float()).sum(-2)
-    return gemv.project(attn.o_proj, out.to(dtype).reshape(batch, 1, -1))
+    return linear(attn.o_proj, out.to(dtype).reshape(batch, 1, -1))
 
 
 def write_slots(buf: torch.Tensor, slots: torch.Tensor, new: torch.Tensor, live=None) -> None:
@@ -118,40 +162,78 @@ def write_slots(buf: torch.Tensor, slots: torch.Tensor, new: torch.Tensor, live=
     buf.scatter_(2, at, new)
 
 
-def decode_layer_cached(layer, streams, per_layer_input, cos, sin, kbuf, vbuf, slots, live, mask, options=DEFAULTS):
-    """DecoderLayer.forward for one new token per row, reading and writing the cache's buffers
-    directly: a K/V-computing layer writes its new K/V at `slots` (rows, 1) of `kbuf`/`vbuf` (for
-    the `live` rows) and attends to them, a KV-shared layer attends to its source's. Its attention
-    is float32 broadcast sums (`_attend`; AltUp's tiny matrices are such sums too under compile,
-    `small_linear`) and the projections that read one input run as one product where fused
-    (`fused_weights`): fewer, fusable kernels for a compiled decode step (tests compare it with the
-    layer itself and with transformers). Eagerly the broadcasts would be materialised, so
-    uncompiled decoding keeps the model's own layers. Nothing here depends on the layer's index, so
-    one compiled function serves every layer of the same kind (the per-layer compile,
-    CompileMode.LAYERS). `options`: the engine's DecodeOptions: the decode kernels, fused weights,
-    and gemv/PDL for the fused products and the kernels (the layer's other products follow
-    `gemv.routed`, which the engine enters around its calls); compiled code is guarded on them."""
-    attn = layer.self_attn
-    pdl, fuse, gemv_kernel = options.pdl, options.fuse_weights, options.gemv
-    kernels = options.decode_kernels and decode_kernels.usable(streams, layer.cfg)
-    if kernels:
-        predictions, normed = decode_kernels.predict_and_norm(layer, streams, pdl)
-    else:
-        predictions = layer.altup.predict(streams)
-        normed = layer.input_layernorm(predictions[layer.cfg.altup_active_idx])
-    q, k, v, left = fused_weights.in_projections(layer, normed, fuse, gemv_kernel, pdl)
-    if not attn.kv_shared:
-        k, v = attn.finish_kv(k, v, cos, sin)
-        write_slots(kbuf, slots, k, live)
-        write_slots(vbuf, slots, v, live)
-    attend_kernel = options.decode_kernels and decode_kernels.attention_usable(q, layer.cfg)
-    out = _attend(attn, q, cos, sin, kbuf, vbuf, mask, attend_kernel, pdl)
-    mlp = layer.mlp
-    end = partial(decode_kernels.decode_end, layer, pdl=pdl) if kernels else layer.end
-    return end(
-        predictions, out, layer.laurel.finish(normed, left), per_layer_input,
-        mlp=lambda x: mlp.finish(*fused_weights.gate_up(mlp, x, fuse, gemv_kernel, pdl)),
-    )  # fmt: skip
+class DecodeOps(LayerOps):
+    """A decode step's ways of computing a layer's parts (DecoderLayer.forward's `ops`): the
+    projections that read one input as one product where fused (`fused_weights`), attention over
+    the whole cache as float32 broadcast sums (`_attend`; AltUp's tiny matrices are such sums too
+    under compile, `small_linear`), and in a compiled bfloat16 step on CUDA the decode kernels
+    (`options.decode_kernels`). Eagerly the broadcasts would be materialised, so uncompiled
+    decoding keeps the modules' own ops. `options`: the engine's DecodeOptions (compiled code is
+    guarded on them); the layer's other products follow `gemv.routed`, which the engine enters
+    around its calls."""
+
+    def __init__(self, options: DecodeOptions, adapter_ids: torch.Tensor | None = None):
+        super().__init__(adapter_ids)
+        self.options = options
+
+    def _kernels(self, like: torch.Tensor, cfg) -> bool:
+        return self.options.decode_kernels and decode_kernels.usable(like, cfg)
+
+    def predict(self, layer, streams):
+        if self._kernels(streams, layer.cfg):
+            return decode_kernels.predict_and_norm(layer, streams, self.options.pdl)
+        return super().predict(layer, streams)
+
+    def _deltas(self, modules, x, outs):
+        if self.adapter_ids is None:
+            return outs
+        return [row_deltas.add_deltas(m, x, y, self.adapter_ids) for m, y in zip(modules, outs, strict=True)]
+
+    def project(self, layer, normed):
+        o, attn = self.options, layer.self_attn
+        q, k, v, left = fused_weights.in_projections(layer, normed, o.fuse_weights, o.gemv, o.pdl)
+        if k is None:
+            return self._deltas([attn.q_proj], normed, [q])[0], None, left
+        q, k, v = self._deltas([attn.q_proj, attn.k_proj, attn.v_proj], normed, [q, k, v])
+        return q, (k, v), left
+
+    def attend(self, attn, q, cos, sin, k, v, mask):
+        kernel = self.options.decode_kernels and decode_kernels.attention_usable(q, attn.cfg)
+        return _attend(attn, q, cos, sin, k, v, mask, kernel, self.options.pdl, self.linear)
+
+    def mlp(self, mlp, x):
+        o = self.options
+        gate_up = fused_weights.gate_up(mlp, x, o.fuse_weights, o.gemv, o.pdl)
+        return mlp.finish(*self._deltas([mlp.gate_proj, mlp.up_proj], x, gate_up), self.linear)
+
+    def correct(self, layer, predictions, h, mlp_out):
+        if self._kernels(predictions, layer.cfg):
+            return decode_kernels.correct(layer, predictions, h, mlp_out, self.options.pdl)
+        return super().correct(layer, predictions, h, mlp_out)
+
+    def add_per_layer_input(self, layer, corrected, projected):
+        if self._kernels(corrected, layer.cfg):
+            return decode_kernels.add_per_layer_input(layer, corrected, projected, self.options.pdl)
+        return super().add_per_layer_input(layer, corrected, projected)
+
+
+def decode_layer_cached(layer, streams, per_layer_input, cos, sin, kbuf, vbuf, slots, live, mask, options=DEFAULTS,
+                        adapter_ids=None):  # fmt: skip
+    """The layer's own forward (DecoderLayer.forward) for one new token per row, with DecodeOps,
+    reading and writing the cache's buffers directly: a K/V-computing layer writes its new K/V at
+    `slots` (rows, 1) of `kbuf`/`vbuf` (for the `live` rows) and attends to them, a KV-shared layer
+    attends to its source's. Nothing here depends on the layer's index, so one compiled function
+    serves every layer of the same kind (the per-layer compile, CompileMode.LAYERS). `adapter_ids`
+    (rows,): each row's LoRA adapter (adapters/row_lora.py), None without per-row adapters."""
+
+    def kv_for(attn, normed, new):
+        if new is not None:
+            k, v = attn.finish_kv(*new, cos, sin)
+            write_slots(kbuf, slots, k, live)
+            write_slots(vbuf, slots, v, live)
+        return kbuf, vbuf
+
+    return layer(streams, per_layer_input, cos, sin, kv_for, mask, ops=DecodeOps(options, adapter_ids))
 
 
 def step_inputs(model, cache: StaticCache, ids: torch.Tensor, index: torch.Tensor, ple_rows=None, embeds=None):
@@ -178,20 +260,22 @@ def step_inputs(model, cache: StaticCache, ids: torch.Tensor, index: torch.Tenso
     return streams, per_layer, rope, masks, slots
 
 
-def forward_cached(model, cache: StaticCache, ids: torch.Tensor, index: torch.Tensor, ple_rows=None, embeds=None):
+def forward_cached(model, cache: StaticCache, ids: torch.Tensor, index: torch.Tensor, ple_rows=None, embeds=None,
+                   adapter_ids=None):  # fmt: skip
     """Hidden states of `ids` (rows, T) at positions `index` (rows, T), written into `cache`,
-    through the model's own layers (a prefill chunk, or an uncompiled decode step; see step_inputs)."""
+    through the model's own layers (a prefill chunk, or an uncompiled decode step; see step_inputs);
+    `adapter_ids` (rows,): each row's LoRA adapter (None: no per-row adapters)."""
     cfg, body = model.config, model.model
     decode = ids.shape[1] == 1
     streams, per_layer, rope, masks, slots = step_inputs(model, cache, ids, index, ple_rows, embeds)
     produced = {}
 
-    def kv_for(attn, normed):
+    def kv_for(attn, normed, new=None):
         layer = attn.layer
         if attn.kv_shared:
             return produced[cfg.kv_source(layer)]
         kind = cfg.layer_types[layer]
-        k, v = attn.project_kv(normed, *rope[kind])
+        k, v = attn.project_kv(normed, *rope[kind]) if new is None else attn.finish_kv(*new, *rope[kind])
         kbuf, vbuf = cache.keys[layer], cache.values[layer]
         if decode or kind == FULL:
             cache.write(kbuf, slots[kind], k)
@@ -204,7 +288,8 @@ def forward_cached(model, cache: StaticCache, ids: torch.Tensor, index: torch.Te
             cache.write(vbuf, slots[kind][:, -keep:], v[:, :, -keep:])
         return produced[layer]
 
-    streams = body.run_layers(streams, per_layer, rope, kv_for, masks)
+    ops = None if adapter_ids is None else LayerOps(adapter_ids)
+    streams = body.run_layers(streams, per_layer, rope, kv_for, masks, ops)
     if not decode:
         keep = min(cache.size[SLIDING], index.shape[1])
         cache.record(SLIDING, slots[SLIDING][:, -keep:], index[:, -keep:])
@@ -216,14 +301,15 @@ def step_logits(model, streams: torch.Tensor) -> torch.Tensor:
     return model.logits(model.model.final_hidden(streams)[:, -1])
 
 
-def decode_logits(model, cache: StaticCache, tokens, ple_rows, index, fused=False, options=DEFAULTS) -> torch.Tensor:
+def decode_logits(model, cache: StaticCache, tokens, ple_rows, index, fused=False, options=DEFAULTS,
+                  adapter_ids=None) -> torch.Tensor:  # fmt: skip
     """One decode step's logits (rows, vocab) for `tokens` (rows, 1) at positions `index` (rows, 1):
     what the CUDA graph captures and torch.compile fuses. `fused`: through `decode_layer_cached`
     (True), or that compiled once per kind of layer and the step's inputs and logits compiled each
     (CompileMode.LAYERS); False: the model's own layers. `options`: the engine's DecodeOptions,
-    for `decode_layer_cached`."""
+    for `decode_layer_cached`; `adapter_ids` (rows,): each row's LoRA adapter (None: none loaded)."""
     if not fused:
-        return model.logits(forward_cached(model, cache, tokens, index, ple_rows)[:, -1])
+        return model.logits(forward_cached(model, cache, tokens, index, ple_rows, adapter_ids=adapter_ids)[:, -1])
     inputs, run_layer, logits = (
         _compiled_parts() if fused == CompileMode.LAYERS else (step_inputs, decode_layer_cached, step_logits)
     )
@@ -232,9 +318,8 @@ def decode_logits(model, cache: StaticCache, tokens, ple_rows, index, fused=Fals
     for i, layer in enumerate(model.model.layers):
         kind, source = cfg.layer_types[i], cfg.kv_source(i)
         kv = cache.keys[source], cache.values[source]
-        streams = run_layer(
-            layer, streams, per_layer[:, :, i, :], *rope[kind], *kv, slots[kind], cache.live, masks[kind], options
-        )
+        streams = run_layer(layer, streams, per_layer[:, :, i, :], *rope[kind], *kv, slots[kind], cache.live,
+                            masks[kind], options, adapter_ids)  # fmt: skip
     return logits(model, streams)
 
 

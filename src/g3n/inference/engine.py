@@ -3,8 +3,9 @@ decode graphs and the compiled code, and serves one request after another, conti
 
 - `Engine` keeps `slots` rows. A request (`Request`) takes a free row (or waits for one); its
   prompt is prefilled in chunks, one chunk per `step()`, between the other rows' decode steps, so
-  running streams do not stall for a long prompt; then it joins the next decode step. A row that
-  finishes frees its slot at once.
+  running streams do not stall for a long prompt (chunks of decode.PREFILL_CHUNK tokens while
+  other rows decode, decode.LONE_PREFILL_CHUNK while none does); then it joins the next decode
+  step. A row that finishes frees its slot at once.
 - Every row samples with its own settings and seed inside the step (`sampling.RowSampling`,
   `sampling.sample_rows`): the uniform numbers are a hash of the seed and the position, so a
   seeded row draws the same tokens alone, batched, or joined mid-flight.
@@ -12,10 +13,19 @@ decode graphs and the compiled code, and serves one request after another, conti
   chosen token's log-probability and the most likely alternatives), `Request.processor` (a Python
   callable that rewrites the row's logits before its draw: grammar masks and the like; a step with
   one runs its draws outside the graph).
+- Per-row LoRA adapters (`add_adapter`, `Request.adapter`): each row's adapter index goes into the
+  step, and the layers add that adapter's deltas (adapters/row_lora.py): rows of different
+  adapters share one step. Caches are reused only under the adapter that made them.
 - Prefix reuse: a request whose prompt starts with what a free row holds (the next turn of a chat)
   prefills only the rest. Sliding-window layers keep the last `sliding_window` positions, so a row
   is reusable up to the whole of what it holds, or up to any point while it holds no more than one
   window; otherwise it is prefilled from the start.
+- Shared prefixes across rows (a system prompt many requests start with): when a new prompt
+  shares at least MIN_SHARED ids with another the engine has seen, its prefill stops at the end of
+  the common part and keeps a copy of the row's cache there (`decode.PrefixState`: the full
+  layers' K/V of those positions and the sliding rings as they were, which is what any row needs to
+  go on from that point); later requests starting with it restore the copy into their own row
+  and prefill only the rest. Copies live in a least-recently-used store of `prefix_cache_mb`.
 - `Generator` is the fixed-shape machinery under it: the cache (decode.py), one CUDA graph per
   number of rows a step covers (a power of two: rows sit in the lowest free slots), compiled as
   DecodeOptions.compile says. With compiling on, the cache's length is a power of two (at least
@@ -38,7 +48,7 @@ import torch
 
 from g3n.errors import G3nError
 from g3n.inference import compile_cache, decode, fused_weights
-from g3n.inference.decode import StaticCache, cache_bucket, decode_logits, forward_cached
+from g3n.inference.decode import PrefixState, StaticCache, cache_bucket, decode_logits, forward_cached
 from g3n.inference.options import CompileMode, DecodeOptions
 from g3n.inference.sampling import RowSampling, SamplingParams, candidate_cap, sample_rows
 from g3n.kernels import decode as decode_kernels
@@ -52,6 +62,8 @@ def _say(msg: str) -> None:
 
 
 TOP_LOGPROBS = 20  # the most likely alternatives a step reports per row (OpenAI's top_logprobs limit)
+MIN_SHARED = 16  # prompt ids two requests must share before the engine keeps a copy of their common prefix
+RECENT_PROMPTS = 64  # prompts remembered to find shared prefixes in
 
 
 @dataclass
@@ -114,6 +126,11 @@ class Generator:
         # where decode steps read per-layer rows on the device (None: gathered on the host)
         self.ple_table = device_view(model.model, self.device) if self.device.type == "cuda" else None
         self._ple_holder = getattr(model.model, "_mapped_ple", None)  # keeps the mapping while in use
+        self.row_adapters = False  # whether steps apply per-row LoRA adapters (adapters/row_lora.py)
+
+    def use_row_adapters(self) -> None:
+        """From now on each row's adapter (an index; -1: none) goes into every step (captured again)."""
+        self.row_adapters, self.graphs, self._eager = True, {}, {}
 
     @property
     def batch(self) -> int:
@@ -143,42 +160,49 @@ class Generator:
                 new[:, :, : held.shape[2]] = held
 
     @torch.inference_mode()
-    def prefill(self, row: int, ids, start: int = 0, embeds: torch.Tensor | None = None) -> torch.Tensor:
+    def prefill(self, row: int, ids, start: int = 0, embeds: torch.Tensor | None = None,
+                chunk: int | None = None, adapter: int = -1) -> torch.Tensor:  # fmt: skip
         """Feed `ids` (T,) to row `row` at positions start.. (the positions before `start` are what
-        the row already holds), in chunks: the logits of the last position (1, vocab). `embeds`
-        (1, T, hidden): input embeddings with images/audio merged in."""
+        the row already holds), in chunks of `chunk` tokens (default decode.PREFILL_CHUNK): the
+        logits of the last position (1, vocab). `embeds` (1, T, hidden): input embeddings with
+        images/audio merged in; `adapter`: the row's LoRA adapter (with row adapters in use)."""
         ids = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1).to(self.device)
-        view, hidden, size = self.cache.view(slice(row, row + 1)), None, decode.PREFILL_CHUNK
+        adapters = torch.tensor([adapter], device=self.device) if self.row_adapters else None
+        view, hidden, size = self.cache.view(slice(row, row + 1)), None, chunk or decode.PREFILL_CHUNK
         with self._routed():
             for at in range(0, ids.shape[1], size):
                 chunk = ids[:, at : at + size]
                 index = torch.arange(start + at, start + at + chunk.shape[1], device=self.device)[None]
                 chunk_embeds = None if embeds is None else embeds[:, at : at + size]
-                hidden = forward_cached(self.model, view, chunk, index, embeds=chunk_embeds)
+                hidden = forward_cached(self.model, view, chunk, index, embeds=chunk_embeds, adapter_ids=adapters)
         return self.model.logits(hidden[:, -1])
 
     @torch.inference_mode()
-    def step(self, tokens, positions, live=None, k_cap: int = 64, logprobs: bool = False) -> StepOut:
+    def step(self, tokens, positions, live=None, k_cap: int = 64, logprobs: bool = False, adapters=None) -> StepOut:
         """Feed `tokens` (rows,) at `positions` (rows,) to the first `rows` rows (a graph per number
         of rows); `live` (rows,) bool: the rows whose caches the step writes (default all). With
         `sampling`, the step also draws each row's next token (`k_cap`: sampling.candidate_cap of
-        the rows' settings), and with `logprobs`, their log-probabilities (logprob_outputs)."""
+        the rows' settings), and with `logprobs`, their log-probabilities (logprob_outputs).
+        `adapters` (rows,): each row's LoRA adapter, -1 none (with row adapters in use)."""
         rows = len(tokens)
         tokens = torch.as_tensor(tokens, dtype=torch.long).to(self.device)
         positions = torch.as_tensor(positions, dtype=torch.long).to(self.device)
         live = torch.ones(rows, dtype=torch.bool, device=self.device) if live is None else live.to(self.device)
+        adapters = torch.full((rows,), -1) if adapters is None else torch.as_tensor(adapters, dtype=torch.long)
+        adapters = adapters.to(self.device)
         key = (rows, k_cap if self.sampling is not None else None, logprobs)
         if not self.cuda_graph:
-            inputs = self._eager[key] = self._inputs(tokens, positions, live)
+            inputs = self._eager[key] = self._inputs(tokens, positions, live, adapters)
             with self._routed():
                 return self._run(inputs, key, decode_logits, self.fused)
         if key not in self.graphs:
             with self._routed():
-                self._capture(key, tokens, positions, live)
+                self._capture(key, tokens, positions, live, adapters)
         graph, inputs, out = self.graphs[key]
         inputs["tokens"].copy_(tokens[:, None])
         inputs["index"].copy_(positions[:, None])
         inputs["live"].copy_(live)
+        inputs["adapters"].copy_(adapters)
         if self.ple_table is None:
             inputs["rows"].copy_(self._host_rows(tokens), non_blocking=True)
         graph.replay()
@@ -206,9 +230,10 @@ class Generator:
         """The tokens' per-layer rows gathered where the table lives (a host sync when on the CPU)."""
         return self.model.model.ple_rows(tokens[:, None])
 
-    def _inputs(self, tokens, positions, live) -> dict:
+    def _inputs(self, tokens, positions, live, adapters) -> dict:
         """Fresh buffers with default strides (compiled code is guarded on strides too)."""
-        inputs = {"tokens": tokens[:, None].clone(), "index": positions[:, None].clone(), "live": live.clone()}
+        inputs = {"tokens": tokens[:, None].clone(), "index": positions[:, None].clone(), "live": live.clone(),
+                  "adapters": adapters.clone()}  # fmt: skip
         rows = self._host_rows(tokens) if self.ple_table is None else self._device_rows(inputs["tokens"])
         inputs["rows"] = torch.empty(rows.shape, dtype=rows.dtype, device=self.device)
         inputs["rows"].copy_(rows)
@@ -224,7 +249,9 @@ class Generator:
             inputs["rows"].copy_(self._device_rows(inputs["tokens"]))
         cache = self.cache.view(slice(0, rows))
         cache.live = inputs["live"]
-        logits = step(self.model, cache, inputs["tokens"], inputs["rows"], inputs["index"], fused, self.options)
+        adapters = inputs["adapters"] if self.row_adapters else None
+        logits = step(self.model, cache, inputs["tokens"], inputs["rows"], inputs["index"], fused, self.options,
+                      adapters)  # fmt: skip
         out = StepOut(logits, None)
         if self.sampling is not None:
             sampling = self.sampling.view(slice(0, rows))
@@ -236,11 +263,11 @@ class Generator:
                 out.logprobs, out.top_ids, out.top_logprobs = logprob_outputs(logits, out.tokens)
         return out
 
-    def _capture(self, key, tokens, positions, live) -> None:
+    def _capture(self, key, tokens, positions, live, adapters) -> None:
         """Warm up (compiling, if on) on a side stream, then capture the step into a CUDA graph. The
         warm-up runs the real step (writing the same K/V each time), so it leaves the cache as
         that step will, also after a failed compile."""
-        inputs = self._inputs(tokens, positions, live)
+        inputs = self._inputs(tokens, positions, live, adapters)
         step = decode_logits
         if self.compile is not CompileMode.OFF:
             cache_dir = compile_cache.use()
@@ -310,7 +337,8 @@ class Request:
     and audio (media.py's tensors); logit_bias: token id -> value added to its logits;
     logprobs: None, or how many alternatives (0..TOP_LOGPROBS) to report with each token's own
     log-probability; processor(tokens so far, logits (vocab,)) -> logits: a per-row hook run on
-    the host before each draw."""
+    the host before each draw; adapter: the name of a LoRA adapter added to the engine
+    (Engine.add_adapter) that this request runs with, None: the base model."""
 
     prompt: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
@@ -319,6 +347,7 @@ class Request:
     logit_bias: dict[int, float] | None = None
     logprobs: int | None = None
     processor: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None
+    adapter: str | None = None
 
 
 @dataclass
@@ -344,6 +373,8 @@ class _Row:
     next: int | None = None  # the last drawn token, fed at the next step
     produced: int = 0
     seed: int = 0
+    mark: int = 0  # a prefix shared with other prompts: its cache is kept once prefilled
+    adapter: int = -1  # its LoRA adapter's index in the engine's RowAdapters (-1: none)
 
 
 class Engine:
@@ -352,10 +383,11 @@ class Engine:
     add(request) -> handle; step() -> the Tokens it produced (one prefill chunk of a waiting row
     and one decode step of the running rows); cancel(handle); `busy` while anything is queued or
     running. `generate(request)` runs one request to its end. `max_len`: positions a row (default:
-    grown as requests need, up to the model's context)."""
+    grown as requests need, up to the model's context). `prefix_cache_mb`: memory for copies of
+    shared prefixes' caches (0: none kept)."""
 
     def __init__(self, model, slots: int = 1, options: DecodeOptions | None = None, max_len: int | None = None,
-                 cuda_graph: bool | None = None):  # fmt: skip
+                 cuda_graph: bool | None = None, prefix_cache_mb: float = 256):  # fmt: skip
         self.model, self.slots = model, slots
         self.fixed_len = max_len
         self.sampling = RowSampling(slots, model.config.vocab_size, model.device)
@@ -363,13 +395,30 @@ class Engine:
         self.gen = Generator(model, slots, start, options, cuda_graph, sampling=self.sampling)
         self.rows: list[_Row | None] = [None] * slots
         self.held: list[list[int]] = [[] for _ in range(slots)]  # what each free row's cache still holds
+        self.held_adapter = [-1] * slots  # the adapter that cache was made with
+        self.adapters = None  # RowAdapters, once an adapter is added
         self.waiting: collections.deque[_Row] = collections.deque()
         self._handles = itertools.count()
         self._flight: _InFlight | None = None  # a decode step queued, its tokens not read yet
+        # (adapter, prefix ids) -> the cache after them, in least-recently-used order
+        self.prefixes: collections.OrderedDict[tuple, PrefixState] = collections.OrderedDict()
+        self.prefix_budget = int(prefix_cache_mb * 2**20)
+        self.recent: collections.deque[tuple[int, list[int]]] = collections.deque(maxlen=RECENT_PROMPTS)
+        self.reused_tokens = 0  # prompt ids not prefilled thanks to reuse (a row's own or a shared prefix)
 
     @property
     def options(self) -> DecodeOptions:
         return self.gen.options
+
+    def add_adapter(self, name: str, adapter_dir) -> None:
+        """Serve a PEFT LoRA adapter of the decoder beside the base model: requests naming it
+        (`Request.adapter`) run with it, batched with rows of other adapters or none."""
+        from g3n.adapters.row_lora import RowAdapters
+
+        if self.adapters is None:
+            self.adapters = RowAdapters(self.model)
+        self.adapters.add(name, adapter_dir)
+        self.gen.use_row_adapters()
 
     @property
     def context(self) -> int:
@@ -395,8 +444,13 @@ class Engine:
         bad = [t for t in (request.logit_bias or {}) if not 0 <= t < vocab]
         if bad:
             raise G3nError(f"logit_bias names token {bad[0]}, outside the vocabulary (0..{vocab - 1})")
+        adapter = -1
+        if request.adapter is not None:
+            if self.adapters is None:
+                raise G3nError(f"no adapter named {request.adapter!r} (none loaded)")
+            adapter = self.adapters.index(request.adapter)
         p = request.params
-        row = _Row(next(self._handles), request, min(p.max_new_tokens, limit - len(prompt)))
+        row = _Row(next(self._handles), request, min(p.max_new_tokens, limit - len(prompt)), adapter=adapter)
         row.seed = random.getrandbits(63) if p.seed is None else p.seed
         if row.max_new > 0:  # else it has ended already
             self.waiting.append(row)
@@ -454,14 +508,17 @@ class Engine:
         while self.waiting and None in self.rows:
             row = self.waiting.popleft()
             free = [s for s, r in enumerate(self.rows) if r is None]
-            reuse = {s: self._reusable(self.held[s], row) for s in free}
+            reuse = {s: self._reusable(self.held[s], row, self.held_adapter[s]) for s in free}
             slot = max(free, key=lambda s: (reuse[s], -s))
-            self._start(slot, row, reuse[slot])
+            stored = self._stored_prefix(row)
+            if stored is not None and len(stored.ids) > reuse[slot]:  # into the row with the least to lose
+                slot = min(free, key=lambda s: (reuse[s], s))
+            self._start(slot, row, reuse[slot], stored)
 
-    def _reusable(self, held: list[int], row: _Row) -> int:
-        """How many of the prompt's first ids the row's cache holding `held` can serve (at least one
-        id is always prefilled, for the logits of the last)."""
-        if row.request.media is not None or not held:
+    def _reusable(self, held: list[int], row: _Row, adapter: int = -1) -> int:
+        """How many of the prompt's first ids the row's cache holding `held` (made with `adapter`)
+        can serve (at least one id is always prefilled, for the logits of the last)."""
+        if row.request.media is not None or not held or adapter != row.adapter:
             return 0
         prompt = row.request.prompt
         n = 0
@@ -472,19 +529,61 @@ class Engine:
         window = self.model.config.sliding_window
         return n if n == len(held) or len(held) <= window else 0
 
-    def _start(self, slot: int, row: _Row, reuse: int) -> None:
+    def _stored_prefix(self, row: _Row) -> PrefixState | None:
+        """The longest stored prefix of the prompt (short of its last id)."""
+        prompt = row.request.prompt
+        if row.request.media is not None:
+            return None
+        found = [s for (adapter, ids), s in self.prefixes.items()
+                 if adapter == row.adapter and len(ids) < len(prompt) and tuple(prompt[: len(ids)]) == ids]  # fmt: skip
+        return max(found, key=lambda s: len(s.ids), default=None)
+
+    def _shared_prefix(self, row: _Row) -> int:
+        """How many of the prompt's first ids (short of its last) it shares with another known
+        prompt of the same adapter."""
+        prompt = row.request.prompt
+        others = itertools.chain(self.recent, ((r.adapter, r.request.prompt) for r in self.waiting),
+                                 ((r.adapter, r.request.prompt) for r in self.rows if r is not None))  # fmt: skip
+        head = prompt[:MIN_SHARED]
+        best = max((_common_prefix(prompt, o) for a, o in others if a == row.adapter and o[:MIN_SHARED] == head),
+                   default=0)  # fmt: skip
+        return min(best, len(prompt) - 1)
+
+    def _keep(self, slot: int, ids: list[int]) -> None:
+        """Store a copy of the row's cache after `ids` (least recently used copies make room)."""
+        key = (self.rows[slot].adapter, tuple(ids))
+        if key in self.prefixes:
+            self.prefixes.move_to_end(key)
+            return
+        state = self.gen.cache.snapshot(slot, ids)
+        if state.nbytes > self.prefix_budget:
+            return
+        while sum(s.nbytes for s in self.prefixes.values()) + state.nbytes > self.prefix_budget:
+            self.prefixes.popitem(last=False)
+        self.prefixes[key] = state
+
+    def _start(self, slot: int, row: _Row, reuse: int, stored: PrefixState | None = None) -> None:
         request = row.request
         need = len(request.prompt) + row.max_new
         if self.fixed_len is None and need > self.gen.max_len:
             self.gen.grow(min(self.context, need))
-        self.gen.cache.keep_prefix(slot, reuse)
+        if stored is not None and len(stored.ids) > reuse and self.gen.cache.restore(slot, stored):
+            reuse = len(stored.ids)
+            self.prefixes.move_to_end((row.adapter, stored.ids))
+        else:
+            self.gen.cache.keep_prefix(slot, reuse)
+        self.reused_tokens += reuse
+        if request.media is None and self.prefix_budget > 0:
+            shared = self._shared_prefix(row)
+            row.mark = shared if shared >= max(MIN_SHARED, reuse + 1) else 0
+            self.recent.append((row.adapter, request.prompt))
         row.held, row.prefilled = list(request.prompt[:reuse]), reuse
         if request.media:
             ids = torch.tensor([request.prompt], device=self.model.device)
             row.embeds = self.model.embed_inputs(ids, request.media)
         self.sampling.set(slot, request.params, row.seed, request.prompt, request.logit_bias)
         self.rows[slot] = row
-        self.held[slot] = []
+        self.held[slot], self.held_adapter[slot] = [], row.adapter
 
     def _free(self, slot: int) -> None:
         row = self.rows[slot]
@@ -495,22 +594,27 @@ class Engine:
         row = self.rows[slot]
         prompt = row.request.prompt
         at = row.prefilled
-        chunk = prompt[at : at + decode.PREFILL_CHUNK]
-        embeds = None if row.embeds is None else row.embeds[:, at : at + decode.PREFILL_CHUNK]
-        logits = self.gen.prefill(slot, chunk, at, embeds)
+        decoding = any(r is not None and r.next is not None for r in self.rows)
+        size = decode.PREFILL_CHUNK if decoding else decode.LONE_PREFILL_CHUNK
+        if at < row.mark:  # the chunk ends where the shared prefix does
+            size = min(size, row.mark - at)
+        chunk = prompt[at : at + size]
+        embeds = None if row.embeds is None else row.embeds[:, at : at + size]
+        logits = self.gen.prefill(slot, chunk, at, embeds, size, row.adapter)
         row.prefilled += len(chunk)
         row.held += chunk
+        if row.prefilled == row.mark:
+            self._keep(slot, prompt[: row.mark])
         if row.prefilled < len(prompt):
             return []
         row.embeds = None
         sampling = self.sampling.view(slice(slot, slot + 1))
         position = torch.tensor([len(prompt)], device=self.model.device)
-        if row.request.processor is not None:
-            logits = self._processed(row, logits[0])[None]
+        drawn_from = logits if row.request.processor is None else self._processed(row, logits[0])[None]
         params = [row.request.params]
-        tokens = sample_rows(logits, sampling, position, candidate_cap(params), *self._kernels())
+        tokens = sample_rows(drawn_from, sampling, position, candidate_cap(params), *self._kernels())
         out = StepOut(logits, tokens)
-        if row.request.logprobs is not None:
+        if row.request.logprobs is not None:  # under the model's own distribution
             out.logprobs, out.top_ids, out.top_logprobs = logprob_outputs(logits, tokens)
         return self._emit([slot], out, [0], tokens.tolist())
 
@@ -524,20 +628,22 @@ class Engine:
     def _launch(self, decoding: list[int]) -> _InFlight:
         """Queue a decode step of the `decoding` rows (fed their last drawn tokens)."""
         rows = min(1 << max(decoding).bit_length(), self.slots)  # a power of two covering the decoding rows
-        tokens, positions = [0] * rows, [0] * rows
+        tokens, positions, adapters = [0] * rows, [0] * rows, [-1] * rows
         live = torch.zeros(rows, dtype=torch.bool)
         for s in range(rows):  # rows not decoding: their own position, their cache untouched
             row = self.rows[s]
             if row is not None:
-                tokens[s], positions[s] = row.next or 0, len(row.held)
+                tokens[s], positions[s], adapters[s] = row.next or 0, len(row.held), row.adapter
             live[s] = s in decoding
         params = [self.rows[s].request.params for s in decoding]
         logprobs = any(self.rows[s].request.logprobs is not None for s in decoding)
         key = (rows, candidate_cap(params), logprobs)
-        out = self.gen.step(tokens, positions, live, *key[1:])
+        out = self.gen.step(tokens, positions, live, *key[1:], adapters=adapters)
         processed = [s for s in decoding if self.rows[s].request.processor is not None]
         if processed:  # draw these rows again from their rewritten logits, at the same numbers
             out = dataclasses.replace(out, tokens=out.tokens.clone())
+            if out.logprobs is not None:
+                out.logprobs = out.logprobs.clone()
             for s in processed:
                 row = self.rows[s]
                 logits = self._processed(row, out.logits[s])
@@ -545,6 +651,8 @@ class Engine:
                 position = torch.tensor([len(row.held) + 1], device=self.model.device)
                 cap = candidate_cap([row.request.params])
                 out.tokens[s] = sample_rows(logits[None], sampling, position, cap, *self._kernels())[0]
+                if out.logprobs is not None:  # of the token drawn now, under the model's own distribution
+                    out.logprobs[s] = logprob_outputs(out.logits[s : s + 1], out.tokens[s : s + 1])[0][0]
         return _InFlight(decoding, [self.rows[s].handle for s in decoding], key, out, not processed)
 
     def _follow(self, prev: _InFlight) -> _InFlight | None:
@@ -592,6 +700,18 @@ class Engine:
                 self._free(s)
             result.append(t)
         return result
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """len of the longest common prefix (binary search over slice comparisons, which run in C)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 class _InFlight:

@@ -2,8 +2,9 @@
 
 Defaults: temperature 1.0, top_k 64, top_p 0.95, min_p 0.0, repetition penalty 1.0 (off). The
 logits pass the filters in transformers' order (repetition penalty, temperature, top-k, top-p,
-min-p), so the same settings mean the same thing. Draws are inverse-CDF draws at given uniform
-numbers, so the engine can sample inside its captured step.
+min-p), so the same settings mean the same thing; OpenAI's frequency and presence penalties (per
+row, `RowSampling`, over the tokens generated so far) come first, after logit_bias. Draws are inverse-CDF
+draws at given uniform numbers, so the engine can sample inside its captured step.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ import torch
 from g3n.errors import G3nError
 from g3n.kernels import sampling as sample_kernels
 
+# Below this a temperature is greedy: logits / 1e-5 already make every token but the best (up to
+# ties) vanish, and far smaller ones overflow float32 into NaNs.
+MIN_TEMPERATURE = 1e-5
+
 
 @dataclass
 class SamplingParams:
@@ -23,24 +28,28 @@ class SamplingParams:
     top_p: float = 0.95
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0  # OpenAI's: minus this x the times a token was generated
+    presence_penalty: float = 0.0  # OpenAI's: minus this once a token was generated
     greedy: bool = False
     max_new_tokens: int = 256
     seed: int | None = None
 
     def __post_init__(self):
         checks = {  # name: (valid, rule); NaN fails every comparison
-            "temperature": (self.temperature >= 0, "must be >= 0 (0 = greedy)"),
+            "temperature": (self.temperature >= 0, f"must be >= 0 (below {MIN_TEMPERATURE}: greedy)"),
             "top_k": (self.top_k >= 0, "must be >= 0 (0 = off)"),
             "top_p": (0 < self.top_p <= 1, "must be in (0, 1]"),
             "min_p": (0 <= self.min_p <= 1, "must be in [0, 1]"),
             "repetition_penalty": (self.repetition_penalty > 0, "must be > 0 (1 = off)"),
+            "frequency_penalty": (-2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
+            "presence_penalty": (-2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
             "max_new_tokens": (self.max_new_tokens >= 0, "must be >= 0"),
         }
         for name, (ok, rule) in checks.items():
             if not ok:
                 raise G3nError(f"invalid {name}: {getattr(self, name)!r} ({rule})")
-        if self.temperature == 0:
-            self.greedy = True
+        if self.temperature < MIN_TEMPERATURE:
+            self.temperature, self.greedy = 0.0, True
 
 
 def _penalize_and_scale(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | None) -> torch.Tensor:
@@ -160,9 +169,11 @@ def uniform_at(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
 class RowSampling:
     """Each row's sampling settings as tensors (what a step samples every row with, in one go):
-    temperature, top_k, top_p, min_p, repetition penalty, greedy, seed; `bias` (rows, vocab) is
-    added to the logits first (OpenAI's logit_bias, and any additive per-row mask); `seen` (rows,
-    vocab) marks the tokens of each row's sequence (the repetition penalty's)."""
+    temperature, top_k, top_p, min_p, repetition penalty, frequency and presence penalties,
+    greedy, seed; `bias` (rows, vocab) is added to the logits first (OpenAI's logit_bias, and any
+    additive per-row mask); `seen` (rows, vocab) marks the tokens of each row's sequence (the
+    repetition penalty's); `counts` (rows, vocab) how often each token was generated (the prompt
+    not counted: the frequency and presence penalties')."""
 
     def __init__(self, rows: int, vocab: int, device):
         def full(value, dtype=torch.float32):
@@ -170,9 +181,11 @@ class RowSampling:
 
         self.temperature, self.top_k, self.top_p = full(1.0), full(64, torch.long), full(1.0)
         self.min_p, self.repetition, self.greedy = full(0.0), full(1.0), full(False, torch.bool)
+        self.frequency, self.presence = full(0.0), full(0.0)
         self.seed = full(0, torch.long)
         self.bias = torch.zeros(rows, vocab, device=device)
         self.seen = torch.zeros(rows, vocab, dtype=torch.bool, device=device)
+        self.counts = torch.zeros(rows, vocab, device=device)
 
     def view(self, rows: slice) -> RowSampling:
         out = object.__new__(RowSampling)
@@ -183,6 +196,7 @@ class RowSampling:
         """Row `row` samples with `p` and `seed`, its sequence so far being `sequence`."""
         for name, value in (("temperature", p.temperature), ("top_k", p.top_k), ("top_p", p.top_p),
                             ("min_p", p.min_p), ("repetition", p.repetition_penalty), ("greedy", p.greedy),
+                            ("frequency", p.frequency_penalty), ("presence", p.presence_penalty),
                             ("seed", seed & (2**63 - 1))):  # fmt: skip
             getattr(self, name)[row] = value
         self.bias[row].zero_()
@@ -190,14 +204,18 @@ class RowSampling:
             ids = torch.tensor(list(bias), dtype=torch.long)
             self.bias[row, ids.to(self.bias.device)] = torch.tensor(list(bias.values())).to(self.bias)
         self.seen[row].zero_()
+        self.counts[row].zero_()
         if sequence:
             self.seen[row, torch.tensor(sequence, device=self.seen.device)] = True
 
     def mark(self, tokens: torch.Tensor, live: torch.Tensor | None = None) -> None:
-        """Add `tokens` (rows,) to the rows' sequences (only the `live` rows')."""
+        """Add `tokens` (rows,) to the rows' sequences (only the `live` rows'): generated tokens,
+        the ones a decode step feeds."""
         at = tokens[:, None]
         value = torch.ones_like(at, dtype=torch.bool) if live is None else live[:, None] | self.seen.gather(1, at)
         self.seen.scatter_(1, at, value)
+        added = torch.ones_like(at, dtype=self.counts.dtype) if live is None else live[:, None].to(self.counts.dtype)
+        self.counts.scatter_add_(1, at, added)
 
 
 def candidate_cap(params: list[SamplingParams]) -> int:
@@ -213,6 +231,8 @@ def sample_rows(logits, s: RowSampling, positions, k_cap: int, kernels=True, pdl
     rows' settings (64: every row's top-k is in 1..64; 0: the whole vocabulary). `kernels`: draw
     through kernels/sampling.py where it can run (`pdl`: their launches')."""
     logits = logits.float() + s.bias
+    counts = s.counts  # OpenAI's frequency and presence penalties (0.0 for rows without them)
+    logits = logits - counts * s.frequency[:, None] - (counts > 0) * s.presence[:, None]
     rep = s.repetition[:, None]
     penalized = torch.where(logits < 0, logits * rep, logits / rep)
     logits = torch.where(s.seen & (rep != 1.0), penalized, logits)

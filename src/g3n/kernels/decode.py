@@ -27,7 +27,6 @@ import torch
 from torch import Tensor
 
 from g3n.kernels.common import INTERPRET, pdl_options, runs_on
-from g3n.kernels.gemv import project
 
 try:
     import triton
@@ -351,11 +350,3 @@ def correct(layer, predictions: torch.Tensor, h: torch.Tensor, mlp_out: torch.Te
 def add_per_layer_input(layer, corrected: torch.Tensor, projected: torch.Tensor, pdl: bool = True) -> torch.Tensor:
     """Streams 1.. plus post_per_layer_input_norm(projected), stream 0 as it is, as one kernel."""
     return _ple_op(corrected, projected, layer.post_per_layer_input_norm.weight, layer.cfg.rms_norm_eps, pdl)
-
-
-def decode_end(layer, predictions, attn, laurel, per_layer_input, mlp=None, pdl: bool = True):
-    """DecoderLayer.end through the kernels (same arithmetic; `mlp`: the MLP to run). Its products
-    run as gemv.project chooses for the model (gemv.routed)."""
-    corrected, first = correct(layer, predictions, *layer.feedforward(predictions, attn, laurel, mlp), pdl=pdl)
-    gated = layer.act(project(layer.per_layer_input_gate, first)) * per_layer_input
-    return add_per_layer_input(layer, corrected, project(layer.per_layer_projection, gated), pdl)

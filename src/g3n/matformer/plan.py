@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,21 +89,36 @@ def _read_plan_file(path: Path, parent: TextConfig) -> Plan:
     if unknown:
         raise G3nError(f"{path}: unknown field(s) {sorted(unknown)} (expected name, ffn_widths, skip_layers)")
     widths = raw.get("ffn_widths")
-    if isinstance(widths, int):
+    if _is_int(widths):
         widths = [widths] * parent.num_hidden_layers
-    if not isinstance(widths, list) or not all(isinstance(w, int) for w in widths):
-        raise G3nError(f"{path}: 'ffn_widths' must be an integer or a list of integers, one per layer")
+    if not isinstance(widths, list) or not all(_is_int(w) for w in widths):
+        raise G3nError(f"{path}: 'ffn_widths' must be an integer or a list of integers, one per layer"
+                       + _first_bool(widths))  # fmt: skip
     skip = raw.get("skip_layers") or []
-    if not isinstance(skip, list) or not all(isinstance(i, int) for i in skip):
-        raise G3nError(f"{path}: 'skip_layers' must be a list of layer indices")
+    if not isinstance(skip, list) or not all(_is_int(i) for i in skip):
+        raise G3nError(f"{path}: 'skip_layers' must be a list of layer indices" + _first_bool(skip))
     return Plan(ffn_widths=widths, skip_layers=skip, name=str(raw.get("name", path.stem)))
+
+
+def _is_int(value) -> bool:
+    """An integer, not a boolean (YAML's true is Python's 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _first_bool(values) -> str:
+    values = list(values) if isinstance(values, (list, tuple)) else [values]
+    return next((f" (got {v!r}, a boolean)" for v in values if isinstance(v, bool)), "")
 
 
 def _read_plan_csv(path: Path, parent: TextConfig) -> Plan:
     """CSV with a header `layer,ffn_width`; a width of 0 (or the word skip) skips the layer."""
     widths: dict[int, int] = {}
     skip = []
-    with path.open(newline="") as f:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise G3nError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    with io.StringIO(text, newline="") as f:
         rows = csv.reader(f)
         header = next(rows, None)
         if not header or [h.strip() for h in header[:2]] != ["layer", "ffn_width"]:
@@ -129,6 +145,10 @@ def _read_plan_csv(path: Path, parent: TextConfig) -> Plan:
 
 def validate_plan(plan: Plan, parent: TextConfig) -> None:
     n = parent.num_hidden_layers
+    for field_name in ("ffn_widths", "skip_layers"):
+        values = getattr(plan, field_name)
+        if not isinstance(values, (list, tuple)) or not all(_is_int(v) for v in values):
+            raise G3nError(f"plan {plan.name!r}: {field_name} must be a list of integers{_first_bool(values)}")
     if len(plan.ffn_widths) != n:
         raise G3nError(f"plan {plan.name!r}: {len(plan.ffn_widths)} FFN widths for a parent of {n} layers")
     for i, (w, parent_w) in enumerate(zip(plan.ffn_widths, parent.intermediate_size)):

@@ -41,23 +41,27 @@ def read_calibration(path: str | Path, tokenizer, max_tokens: int, max_len: int)
     if not path.is_file():
         raise G3nError(f"{path}: calibration file not found")
     seqs, total = [], 0
-    with path.open() as f:
-        for line_no, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise G3nError(f"{path}:{line_no}: not UTF-8 (byte offset {e.start} in the line)") from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise G3nError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-            if isinstance(row, dict) and isinstance(row.get("text"), str):
-                ids = tokenizer.encode(row["text"])
-            elif isinstance(row, dict) and isinstance(row.get("messages"), list):
-                try:
+            try:
+                if isinstance(row, dict) and isinstance(row.get("text"), str):
+                    ids = tokenizer.encode(row["text"])
+                elif isinstance(row, dict) and isinstance(row.get("messages"), list):
                     ids = tokenizer.encode_chat(row["messages"], add_generation_prompt=False)
-                except G3nError as e:
-                    raise G3nError(f"{path}:{line_no}: {e}") from None
-            else:
-                raise G3nError(f"{path}:{line_no}: expected an object with 'text' or 'messages'")
+                else:
+                    raise G3nError("expected an object with 'text' or 'messages'")
+            except G3nError as e:
+                raise G3nError(f"{path}:{line_no}: {e}") from None
             ids = ids[:max_len]
             if len(ids) > 1:
                 seqs.append(ids)

@@ -28,7 +28,7 @@ from torch import nn
 from g3n.config import FULL, SLIDING, TextConfig
 from g3n.errors import G3nError
 from g3n.kernels.gemv import project
-from g3n.model import ple_table
+from g3n.model import ple_table, row_deltas
 
 ACTIVATIONS = {
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -91,9 +91,10 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.finish(project(self.gate_proj, x), project(self.up_proj, x))
 
-    def finish(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        """The output from the gate and up projections (computed elsewhere: fused_weights)."""
-        return project(self.down_proj, self.act(self.sparsify(gate)) * up)
+    def finish(self, gate: torch.Tensor, up: torch.Tensor, linear=project) -> torch.Tensor:
+        """The output from the gate and up projections (computed elsewhere: fused_weights);
+        `linear(module, x)`: how the down projection runs (LayerOps.linear)."""
+        return linear(self.down_proj, self.act(self.sparsify(gate)) * up)
 
     def sparsify(self, gate: torch.Tensor) -> torch.Tensor:
         """The layer's Gaussian top-k (identity on dense layers): keep what lies above
@@ -192,7 +193,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Attention(nn.Module):
     def __init__(self, cfg: TextConfig, layer: int):
         super().__init__()
-        self.layer = layer
+        self.cfg, self.layer = cfg, layer
         self.head_dim = cfg.head_dim
         self.n_heads, self.n_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.kv_shared = layer >= cfg.first_kv_shared_layer
@@ -221,8 +222,13 @@ class Attention(nn.Module):
         """Attend x's queries to k/v (already including cached and shared states). `mask`: a
         (batch, 1, q, k) bool tensor; or, for causal attention over the same positions (within the
         sliding window on sliding layers), None or the (batch, seq) segment ids of packed rows."""
-        shape = (*x.shape[:-1], -1, self.head_dim)
-        q = apply_rope(self.q_norm(project(self.q_proj, x).view(shape)), cos, sin).transpose(1, 2)
+        return self.attend(project(self.q_proj, x), cos, sin, k, v, mask)
+
+    def attend(self, q, cos, sin, k, v, mask, linear=project):
+        """forward from the query projection `q` (batch, seq, heads * dim) on; `linear(module, x)`:
+        how the output projection runs (LayerOps.linear)."""
+        lead, shape = q.shape[:-1], (*q.shape[:-1], -1, self.head_dim)
+        q = apply_rope(self.q_norm(q.view(shape)), cos, sin).transpose(1, 2)
         if self.n_heads != self.n_kv_heads:
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -230,7 +236,7 @@ class Attention(nn.Module):
             out = causal_attention(q, k, v, self.window, mask)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
-        return project(self.o_proj, out.transpose(1, 2).reshape(*x.shape[:-1], -1))
+        return linear(self.o_proj, out.transpose(1, 2).reshape(*lead, -1))
 
 
 def causal_attention(q, k, v, window: int | None, segments: torch.Tensor | None = None) -> torch.Tensor:
@@ -325,42 +331,92 @@ class DecoderLayer(nn.Module):
         self.post_per_layer_input_norm = RMSNorm(h, eps)
         self.act = ACTIVATIONS[cfg.hidden_activation]
 
-    def forward(self, streams, per_layer_input, cos, sin, kv_for, mask, body=None):
-        """streams: (n, batch, seq, hidden). kv_for(normed) returns the K/V this layer attends to.
-        `body(layer, ...)`: runs the layer's work instead (training's compiled or tiled halves),
-        still through the module's call, so wrappers' hooks run (FSDP gathers shards there)."""
+    def forward(self, streams, per_layer_input, cos, sin, kv_for, mask, body=None, ops=None):
+        """streams: (n, batch, seq, hidden). `kv_for(attn, normed, new)` returns the K/V this layer
+        attends to (`new`: the layer's own K/V projections when `ops` computed them, else None).
+        `ops` (LayerOps): how the parts are computed (default: the modules' own calls; the decode
+        step passes fused products and kernels). `body(layer, ...)`: runs the layer's work instead
+        (training's compiled or tiled halves), still through the module's call, so wrappers' hooks
+        run (FSDP gathers shards there)."""
         if body is not None:
             return body(self, streams, per_layer_input, cos, sin, kv_for, mask)
-        predictions, normed, laurel = self.begin(streams)
-        k, v = kv_for(self.self_attn, normed)
-        return self.end(predictions, self.self_attn(normed, cos, sin, k, v, mask), laurel, per_layer_input)
+        ops = MODULE_OPS if ops is None else ops
+        predictions, normed = ops.predict(self, streams)
+        q, new_kv, left = ops.project(self, normed)
+        k, v = kv_for(self.self_attn, normed, new_kv)
+        attn = ops.attend(self.self_attn, q, cos, sin, k, v, mask)
+        return self.end(predictions, attn, self.laurel.finish(normed, left), per_layer_input, ops)
 
     def begin(self, streams):
         """Before attention: AltUp's predictions, the normed active stream and Laurel's output."""
-        predictions = self.altup.predict(streams)
-        normed = self.input_layernorm(predictions[self.cfg.altup_active_idx])
+        predictions, normed = MODULE_OPS.predict(self, streams)
         return predictions, normed, self.laurel(normed)
 
-    def feedforward(self, predictions, attn, laurel, mlp=None):
+    def feedforward(self, predictions, attn, laurel, ops=None):
         """The residual after attention and Laurel, and the MLP's output on it (not yet normed)."""
         h = (predictions[self.cfg.altup_active_idx] + self.post_attention_layernorm(attn) + laurel) / math.sqrt(2)
         normed = self.pre_feedforward_layernorm(h)
-        return h, (self.mlp(normed) if mlp is None else mlp(normed))
+        return h, (MODULE_OPS if ops is None else ops).mlp(self.mlp, normed)
 
-    def end(self, predictions, attn, laurel, per_layer_input, mlp=None):
-        """After attention: residuals, MLP (`mlp`: a function to run instead of self.mlp), AltUp's
-        correction and the per-layer input."""
-        active = self.cfg.altup_active_idx
-        h, mlp_out = self.feedforward(predictions, attn, laurel, mlp)
-        corrected = self.altup.correct(predictions, h + self.post_feedforward_layernorm(mlp_out))
-
-        first = corrected[active]
-        if self.cfg.altup_correct_scale:
-            first = self.altup.scale_corrected_output(first)
+    def end(self, predictions, attn, laurel, per_layer_input, ops=None):
+        """After attention: residuals, MLP, AltUp's correction and the per-layer input."""
+        ops = MODULE_OPS if ops is None else ops
+        corrected, first = ops.correct(self, predictions, *self.feedforward(predictions, attn, laurel, ops))
         gated = self.act(project(self.per_layer_input_gate, first)) * per_layer_input
-        ple = self.post_per_layer_input_norm(project(self.per_layer_projection, gated))
-        rest = corrected[1:] + ple
-        return torch.cat([corrected[:1], rest], dim=0)
+        return ops.add_per_layer_input(self, corrected, project(self.per_layer_projection, gated))
+
+
+class LayerOps:
+    """The parts of a decoder layer as its modules compute them. DecoderLayer.forward is written
+    once over these; the decode step (inference/decode.py) substitutes its own: fused products,
+    Triton kernels, attention over the whole cache as broadcast sums. `adapter_ids` (rows,): each
+    row's LoRA adapter among those stacked on the model (model/row_deltas.py; -1: none), added to
+    the projections they tune; None: no per-row adapters."""
+
+    def __init__(self, adapter_ids: torch.Tensor | None = None):
+        self.adapter_ids = adapter_ids
+
+    def linear(self, module, x):
+        """module(x), plus the rows' adapters' deltas where they tune `module`."""
+        y = project(module, x)
+        return y if self.adapter_ids is None else row_deltas.add_deltas(module, x, y, self.adapter_ids)
+
+    def predict(self, layer, streams):
+        """AltUp's predictions (n, batch, seq, hidden) and the input-normed active stream."""
+        predictions = layer.altup.predict(streams)
+        return predictions, layer.input_layernorm(predictions[layer.cfg.altup_active_idx])
+
+    def project(self, layer, normed):
+        """(q projection, the layer's new (k, v) projections or None for kv_for to compute, Laurel's
+        left projection) of the normed stream."""
+        attn = layer.self_attn
+        kv = None
+        if self.adapter_ids is not None and not attn.kv_shared:  # their adapters' deltas too
+            kv = self.linear(attn.k_proj, normed), self.linear(attn.v_proj, normed)
+        return self.linear(attn.q_proj, normed), kv, project(layer.laurel.linear_left, normed)
+
+    def attend(self, attn, q, cos, sin, k, v, mask):
+        return attn.attend(q, cos, sin, k, v, mask, self.linear)
+
+    def mlp(self, mlp, x):
+        if self.adapter_ids is None:
+            return mlp(x)
+        return mlp.finish(self.linear(mlp.gate_proj, x), self.linear(mlp.up_proj, x), self.linear)
+
+    def correct(self, layer, predictions, h, mlp_out):
+        """AltUp's corrected streams after the block, and the first one (scaled where configured)."""
+        corrected = layer.altup.correct(predictions, h + layer.post_feedforward_layernorm(mlp_out))
+        first = corrected[layer.cfg.altup_active_idx]
+        if layer.cfg.altup_correct_scale:
+            first = layer.altup.scale_corrected_output(first)
+        return corrected, first
+
+    def add_per_layer_input(self, layer, corrected, projected):
+        """The projected per-layer input, normed, added to every stream but the first."""
+        return torch.cat([corrected[:1], corrected[1:] + layer.post_per_layer_input_norm(projected)], dim=0)
+
+
+MODULE_OPS = LayerOps()
 
 
 class KVCache:
@@ -550,13 +606,18 @@ class TextModel(nn.Module):
 
         produced: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-        def kv_for(attn: Attention, normed: torch.Tensor):
+        def kv_for(attn: Attention, normed: torch.Tensor, new=None):
             layer = attn.layer
             if attn.kv_shared:
                 return produced[cfg.kv_source(layer)]
             cos, sin = rope[cfg.layer_types[layer]]
             runner = self.layer_runner
-            k, v = attn.project_kv(normed, cos, sin) if runner is None else runner.project_kv(attn, normed, cos, sin)
+            if new is not None:
+                k, v = attn.finish_kv(*new, cos, sin)
+            elif runner is None:
+                k, v = attn.project_kv(normed, cos, sin)
+            else:
+                k, v = runner.project_kv(attn, normed, cos, sin)
             if cache is not None:
                 k, v = cache.update(layer, k, v)
             produced[layer] = (k, v)
@@ -576,13 +637,14 @@ class TextModel(nn.Module):
         streams = [embeds] + [self._match_magnitude(project(p, embeds), target) for p in self.altup_projections]
         return torch.stack(streams, dim=0), per_layer
 
-    def run_layers(self, streams, per_layer, rope: dict, kv_for, masks: dict):
-        """Every decoder layer; `kv_for(attn, normed)` supplies the K/V each layer attends to."""
+    def run_layers(self, streams, per_layer, rope: dict, kv_for, masks: dict, ops: LayerOps | None = None):
+        """Every decoder layer; `kv_for(attn, normed, new)` supplies the K/V each layer attends to;
+        `ops`: DecoderLayer.forward's (not with a layer_runner: training runs the modules' own)."""
         if self.layer_runner is not None:
             return self.layer_runner.run(self, streams, per_layer, rope, kv_for, masks)
         for i, layer in enumerate(self.layers):
             kind = self.cfg.layer_types[i]
-            streams = layer(streams, per_layer[:, :, i, :], *rope[kind], kv_for, masks[kind])
+            streams = layer(streams, per_layer[:, :, i, :], *rope[kind], kv_for, masks[kind], ops=ops)
         return streams
 
     def final_hidden(self, streams: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@
 Parsing is by hand rather than through a validation library so that every problem becomes
 OpenAI's error body (errors.py) naming the field, which is what OpenAI clients show their users.
 Unknown fields are ignored (clients send `user`, `metadata` and the like); fields we cannot honour
-(n > 1, tools, logprobs, penalties) are refused rather than silently dropped.
+(n > 1, tools) are refused rather than silently dropped.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import json
 import secrets
 from dataclasses import dataclass, field
 
+from g3n.errors import G3nError
 from g3n.inference.sampling import SamplingParams
 from g3n.serve.content import parse_messages
 from g3n.serve.errors import APIError, bad
@@ -27,25 +28,40 @@ class ChatRequest:
     include_usage: bool = False
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit
     logprobs: int | None = None  # None, or how many alternatives each token reports (top_logprobs)
+    grammar: str | None = None  # what the reply must match (response_format; inference/grammar.py)
+    model: str = ""  # the id asked for: the base model's or a served adapter's
 
 
 def _number(body: dict, name: str, lo: float, hi: float, default, integer: bool = False):
     value = body.get(name)
     if value is None:
         return default
+    if integer and isinstance(value, float) and value.is_integer():
+        value = int(value)  # 6.0: JSON writers in some languages send whole numbers so
     kinds = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kinds):
-        raise bad(f"'{name}' must be {'an integer' if integer else 'a number'}, not {json.dumps(value)}", name)
+        raise bad(f"'{name}' must be {'an integer' if integer else 'a number'}, not {_shown(value)}", name)
     if not lo <= value <= hi:
         raise bad(f"'{name}' must be between {lo} and {hi}, got {value}", name)
     return value
 
 
+def integer_field(body: dict, name: str, lo: int, hi: int, default):
+    """An integer field in [lo, hi]; a float with no fraction (6.0) counts as its integer."""
+    return _number(body, name, lo, hi, default, integer=True)
+
+
+def _shown(value) -> str:
+    """A value for an error message: scalars as JSON (cut short), containers by kind."""
+    if isinstance(value, (list, dict)):
+        return "an array" if isinstance(value, list) else "an object"
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 # Fields we cannot honour, with the value that means "not asked for".
 _REFUSED = {
     "n": 1,
-    "presence_penalty": 0,
-    "frequency_penalty": 0,
     "tools": None,
     "functions": None,
 }
@@ -56,29 +72,28 @@ def parse_body(raw: bytes) -> dict:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise bad(f"the request body is not valid JSON ({e})", code="invalid_json") from None
+    except RecursionError:
+        raise bad("the request body's JSON is nested too deeply", code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object", code="invalid_json")
     return body
 
 
-def parse_chat_request(body: dict, model_name: str, max_tokens_default: int) -> ChatRequest:
-    """Check a /v1/chat/completions body; sampling defaults are Google's for Gemma 3n."""
+def parse_chat_request(body: dict, model_name: str | list[str], max_tokens_default: int, accept=None) -> ChatRequest:
+    """Check a /v1/chat/completions body; sampling defaults are Google's for Gemma 3n. `accept`:
+    called with the kinds of content before any media is decoded (content.parse_messages)."""
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad("'model' is required: the id from GET /v1/models", "model")
-    if model != model_name:
-        raise APIError(404, f"The model '{model}' does not exist; this server runs '{model_name}'",
+    names = [model_name] if isinstance(model_name, str) else model_name  # the base model, then adapters
+    if model not in names:
+        raise APIError(404, f"The model '{model}' does not exist; this server runs {', '.join(map(repr, names))}",
                        param="model", code="model_not_found")  # fmt: skip
     for name, neutral in _REFUSED.items():
         value = body.get(name)
         if value is not None and value != neutral and value != []:
             raise bad(f"'{name}' is not supported by this server (only {json.dumps(neutral)})", name, "unsupported")
-    fmt = body.get("response_format")
-    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-        raise bad("'response_format' must be {\"type\": \"text\"} (structured output is not supported)",
-                  "response_format", "unsupported")  # fmt: skip
-
-    messages, modalities = parse_messages(body.get("messages"))
+    grammar = _response_format(body.get("response_format"))
 
     stream = body.get("stream", False)
     if not isinstance(stream, bool) and stream is not None:
@@ -100,13 +115,82 @@ def parse_chat_request(body: dict, model_name: str, max_tokens_default: int) -> 
         top_k=_number(body, "top_k", 0, 2**31 - 1, 64, integer=True),  # extensions, as vLLM and llama.cpp take them
         min_p=_number(body, "min_p", 0, 1, 0.0),
         repetition_penalty=_number(body, "repetition_penalty", 0.01, 100, 1.0),
+        frequency_penalty=_number(body, "frequency_penalty", -2, 2, 0.0),  # OpenAI's range
+        presence_penalty=_number(body, "presence_penalty", -2, 2, 0.0),
         max_new_tokens=max_tokens,
         # every request gets a seed, so its draws never depend on what it is batched with
         seed=secrets.randbits(31) if seed is None else seed,
     )
-    return ChatRequest(messages, modalities, params, _stop(body.get("stop")), bool(stream),
-                       bool(options.get("include_usage")), _logit_bias(body.get("logit_bias")),
-                       _logprobs(body))  # fmt: skip
+    stop, bias, logprobs = _stop(body.get("stop")), _logit_bias(body.get("logit_bias")), _logprobs(body)
+    messages, modalities = parse_messages(body.get("messages"), accept)  # last: media decoding takes time
+    messages = merge_turns(messages)
+    return ChatRequest(messages, modalities, params, stop, bool(stream), bool(options.get("include_usage")), bias,
+                       logprobs, grammar, model)  # fmt: skip
+
+
+def merge_turns(messages: list[dict]) -> list[dict]:
+    """Messages as Gemma's alternating turns, as leniently as OpenAI takes them: every system
+    message joined in order into the one system prompt, consecutive messages of one role merged
+    (a blank line between). A conversation that starts with the assistant is refused, naming it;
+    one of system messages alone becomes the user's turn."""
+    system = [m for m in messages if m["role"] == "system"]
+    turns: list[dict] = []
+    for n, msg in enumerate(messages):
+        if msg["role"] == "system":
+            continue
+        if not turns and msg["role"] != "user":
+            raise bad(f"messages[{n}]: the conversation must start with a user message (after any system "
+                      f"messages), not {msg['role']}: Gemma's turns alternate user, model, user...", "messages")  # fmt: skip
+        if turns and turns[-1]["role"] == msg["role"]:
+            turns[-1] = {**msg, "content": _joined(turns[-1]["content"], msg["content"])}
+        else:
+            turns.append(msg)
+    if not system:
+        return turns
+    prompt = system[0]["content"]
+    for msg in system[1:]:
+        prompt = _joined(prompt, msg["content"])
+    return [{"role": "system" if turns else "user", "content": prompt}, *turns]
+
+
+def _joined(a, b):
+    """Two messages' content as one: strings or HF-style part lists, a blank line between texts."""
+    if isinstance(a, str) and isinstance(b, str):
+        return f"{a.strip()}\n\n{b.strip()}" if a.strip() and b.strip() else (a.strip() or b.strip())
+    a = [{"type": "text", "text": a}] if isinstance(a, str) else list(a)
+    b = [{"type": "text", "text": b}] if isinstance(b, str) else list(b)
+    if a and b and a[-1]["type"] == "text" and b[0]["type"] == "text":  # one part: the blank line survives trimming
+        return [*a[:-1], {"type": "text", "text": _joined(a[-1]["text"], b[0]["text"])}, *b[1:]]
+    return a + b
+
+
+def _response_format(fmt) -> str | None:
+    """OpenAI's response_format: text (None), json_object (any JSON object) or json_schema (a value
+    matching `json_schema.schema`, strict or not): the grammar the reply is decoded under."""
+    if fmt is None:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return None
+    if kind not in ("json_object", "json_schema"):
+        raise bad("'response_format' must be an object with 'type' text, json_object or json_schema",
+                  "response_format")  # fmt: skip
+    schema = None
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict):
+            raise bad("'response_format.json_schema' must be an object with the 'schema'", "response_format")
+        schema = spec.get("schema")
+        if schema is not None and not isinstance(schema, dict):
+            raise bad("'response_format.json_schema.schema' must be a JSON schema object", "response_format")
+        if not isinstance(spec.get("strict", False), bool) and spec.get("strict") is not None:
+            raise bad("'response_format.json_schema.strict' must be true or false", "response_format")
+    from g3n.inference.grammar import json_grammar
+
+    try:
+        return json_grammar(schema)
+    except G3nError as e:
+        raise bad(f"'response_format': {e}", "response_format") from None
 
 
 def _logit_bias(bias) -> dict[int, float] | None:
@@ -140,10 +224,15 @@ def _logprobs(body: dict) -> int | None:
     return (top or 0) if want else None
 
 
+MAX_STOPS, MAX_STOP_CHARS = 4, 200  # OpenAI's count; stop strings are phrases, not documents
+
+
 def _stop(stop) -> list[str]:
     if stop is None:
         return []
     stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > 4:
-        raise bad("'stop' must be a non-empty string or a list of up to 4 of them", "stop")
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > MAX_STOPS:
+        raise bad(f"'stop' must be a non-empty string or a list of up to {MAX_STOPS} of them", "stop")
+    if longest := max((len(s) for s in stops if len(s) > MAX_STOP_CHARS), default=0):
+        raise bad(f"'stop' strings may be at most {MAX_STOP_CHARS} characters, got one of {longest}", "stop")
     return stops

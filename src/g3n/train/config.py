@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,9 +64,15 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, str):
                 setattr(self, name, [value])
+            if isinstance(getattr(self, name), list):
+                setattr(self, name, [_home(f) for f in getattr(self, name)])
+        self.output_dir, self.model = _home(self.output_dir), _home(self.model)
         for name, f in FIELDS.items():
             setattr(self, name, _yaml_float(f.type, getattr(self, name)))
             _check_type(name, f.type, getattr(self, name))
+            value = getattr(self, name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise G3nError(f"config: {name} must be a finite number, got {value!r}")
         choices = {"lr_scheduler": ("linear", "cosine", "constant"), "optim": ("adamw", "adamw_8bit"),
                    "dtype": ("auto", "float32", "bfloat16", "float16"),
                    "gradient_checkpointing": (True, False, "offload"), "compile": (True, False, "auto")}  # fmt: skip
@@ -82,6 +90,7 @@ class TrainConfig:
             "warmup_steps": (self.warmup_steps >= 0, ">= 0"), "weight_decay": (self.weight_decay >= 0, ">= 0"),
             "max_grad_norm": (self.max_grad_norm is None or self.max_grad_norm >= 0, ">= 0 (0 or null: no clipping)"),
             "lora_alpha": (self.lora_alpha > 0, "> 0"), "lora_dropout": (0 <= self.lora_dropout < 1, ">= 0 and < 1"),
+            "seed": (0 <= self.seed < 2**63, ">= 0 and < 2**63"),
         }  # fmt: skip
         for name, (ok, allowed) in checks.items():
             if not ok:
@@ -108,11 +117,6 @@ class TrainConfig:
                 "config: the vision/audio tower is tuned with LoRA only (lora: true); full fine-tuning covers "
                 "the decoder"
             )
-        if self.save_merged and {"image", "audio"} & set(self.parts):
-            raise G3nError(
-                "config: save_merged writes the text decoder; adapters on the vision/audio tower are saved in PEFT's "
-                "format only (set save_merged to false)"
-            )
 
     @property
     def parts(self) -> list[str]:
@@ -128,6 +132,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _home(path):
+    """`~` expanded once, where a path enters the settings: every later use sees one directory."""
+    return os.path.expanduser(path) if isinstance(path, str) and path.startswith("~") else path
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -224,7 +233,8 @@ def _check_keys(data: dict, where: str) -> None:
 def _model_beside(model: str, base: Path) -> str:
     """A relative model path in a config file is relative to the file, as data paths are: one
     written as a path (./x, ../x) or found there. tiny, HF ids and absolute paths stay as they are."""
-    path = Path(model).expanduser()
+    model = _home(model)
+    path = Path(model)
     if model == "tiny" or path.is_absolute():
         return model
     if model.startswith(("./", "../", ".\\", "..\\")) or (base / path).exists():
@@ -251,6 +261,9 @@ def load_train_config(
         for key in ("train_data", "eval_data"):
             if key in loaded:
                 files = [loaded[key]] if isinstance(loaded[key], str) else loaded[key]
+                if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+                    raise G3nError(f"{path}: {key} must be a file name or a list of them, got {loaded[key]!r}")
+                files = [_home(f) for f in files]
                 loaded[key] = [str((path.parent / f).resolve()) if not Path(f).is_absolute() else f for f in files]
         if isinstance(loaded.get("model"), str):
             loaded["model"] = _model_beside(loaded["model"], path.parent)

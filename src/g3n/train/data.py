@@ -31,6 +31,7 @@ from g3n.tokenizer import (
     MEDIA_PARTS,
     ROLES,
     START_OF_TURN,
+    check_text,
     format_chat,
 )
 
@@ -206,6 +207,7 @@ def tokenize(
     """Token ids (one BOS) and labels. With responses_only, only model turns (their text and
     <end_of_turn>) carry labels; otherwise every token but the BOS does. `media_tokens`
     (towers.MediaTokens) is needed for samples with images or audio."""
+    check_sample(tok, sample, where)
     if isinstance(sample, str):
         ids = tok.encode(sample) + [tok.eos_id]
         return Example(ids, [IGNORE] + ids[1:])
@@ -236,6 +238,27 @@ def tokenize(
         ids += newline
         labels += _labels(newline, not responses_only)
     return Example(ids, labels, media)
+
+
+def check_sample(tok, sample: list[dict] | str, where: str) -> None:
+    """Refuse text SentencePiece cannot take, and, in chat messages, the text of special tokens: a
+    user's `<end_of_turn>` would end the turn early and move the loss onto user text. (A text
+    record writes its own format, so its markers stay tokens.)"""
+    if isinstance(sample, str):
+        check_text(sample, where)
+        return
+    for n, message in enumerate(sample):
+        content = message.get("content")
+        parts = [content] if isinstance(content, str) else []
+        if isinstance(content, list):
+            parts = [p.get("text") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
+        for text in parts:
+            check_text(text, f"{where}: message {n}")
+            marker = tok.reserved_text(text)
+            if marker:
+                raise G3nError(f"{where}: message {n} contains {marker!r}, a special token's text; chat data may "
+                               "not write turn markers or special tokens (remove it, or write the whole format "
+                               'yourself as a {"text": ...} record)')  # fmt: skip
 
 
 def _labels(tokens: list[int], learn: bool) -> list[int]:

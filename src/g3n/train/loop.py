@@ -16,6 +16,7 @@ checkpoint resumes on another number of processes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -30,7 +31,15 @@ from pathlib import Path
 
 import torch
 
-from g3n.checkpoint.atomic import atomic_dir, is_or_contains, write_atomic
+from g3n.checkpoint.atomic import (
+    LOCK_FILE,
+    TEMP_PATTERN,
+    atomic_dir,
+    dir_lock,
+    is_or_contains,
+    remove_stale_temps,
+    write_atomic,
+)
 from g3n.errors import G3nError
 from g3n.model.towers import MediaTokens, add_towers, multimodal_config
 from g3n.train import distributed, recompute
@@ -170,22 +179,32 @@ def save_checkpoint(out: Path, model, opt, sched, scaler, step: int, history: li
     state = {"model": distributed.model_state(d, model), "optimizer": distributed.optimizer_state(d, model, opt)}
     if not d.main:
         return final
-    with atomic_dir(final, overwrite=True) as tmp:
-        state.update(scheduler=sched.state_dict(), scaler=scaler.state_dict() if scaler else None)
-        torch.save(state, tmp / "state.pt")
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step, "history": history}))
+    try:
+        with atomic_dir(final, overwrite=True) as tmp:
+            state.update(scheduler=sched.state_dict(), scaler=scaler.state_dict() if scaler else None)
+            torch.save(state, tmp / "state.pt")
+            (tmp / STATE_FILE).write_text(json.dumps({"step": step, "history": history}))
+    except G3nError as e:
+        raise G3nError(f"{e}; the run stopped at step {step}, its last complete checkpoint is kept in {out}") from None
+    except RuntimeError as e:  # torch.save reports a full disk as a RuntimeError of its zip writer
+        raise G3nError(f"{final}: could not be written ({str(e).splitlines()[0]}); the run stopped at step {step}, "
+                       f"its last complete checkpoint is kept in {out}") from None  # fmt: skip
     write_atomic(out / "latest.json", lambda p: p.write_text(json.dumps({"checkpoint": final.name, "step": step})))
     return final
 
 
-# What a run writes into output_dir (the temporary names are write_atomic's and atomic_dir's)
-RUN_FILES = (CONFIG_FILE, "latest.json", "metrics.jsonl", "loss.png", "adapter", "merged")
-RUN_PATTERN = re.compile(r"checkpoint-\d+|\..+\.tmp-\d+(\.png)?")
+# What a run writes into output_dir (the temporary names are atomic.TEMP_PATTERN's)
+RUN_FILES = (CONFIG_FILE, "latest.json", "metrics.jsonl", "loss.png", "adapter", "merged", LOCK_FILE)
+RUN_PATTERN = re.compile(r"checkpoint-\d+")
 
 
 def foreign_entries(out: Path) -> list[str]:
     """The names in output_dir that a g3n run does not write (empty for an earlier run's directory)."""
-    return sorted(p.name for p in out.iterdir() if p.name not in RUN_FILES and not RUN_PATTERN.fullmatch(p.name))
+    return sorted(
+        p.name
+        for p in out.iterdir()
+        if p.name not in RUN_FILES and not RUN_PATTERN.fullmatch(p.name) and not TEMP_PATTERN.fullmatch(p.name)
+    )
 
 
 def check_output_place(cfg: TrainConfig, out: Path, model_dir: Path | None) -> None:
@@ -201,14 +220,30 @@ def check_output_place(cfg: TrainConfig, out: Path, model_dir: Path | None) -> N
 
 
 def prepare_output(
-    cfg: TrainConfig, resume: bool, overwrite: bool, processes: int = 1, model_dir: Path | None = None
+    cfg: TrainConfig,
+    resume: bool,
+    overwrite: bool,
+    processes: int = 1,
+    model_dir: Path | None = None,
+    held: contextlib.ExitStack | None = None,
 ) -> Path:
-    """Check output_dir and record the settings in it. An earlier run is a directory with a
-    checkpoint (latest.json); one without (a run that failed before its first checkpoint) is
-    started afresh. --overwrite replaces only an empty directory or one holding nothing but a
-    run's own files."""
+    """Lock output_dir for this run (until `held` closes), check it and record the settings in it.
+    An earlier run is a directory with a checkpoint (latest.json); one without (a run that failed
+    before its first checkpoint) is started afresh. --overwrite replaces only an empty directory or
+    one holding nothing but a run's own files. Temporaries of killed runs are removed."""
     out = Path(cfg.output_dir)
     check_output_place(cfg, out, model_dir)
+    if resume and not (out / "latest.json").is_file():
+        raise G3nError(f"{out}: no checkpoint to resume from")
+    with contextlib.ExitStack() as local:
+        (held or local).enter_context(dir_lock(out, "a training run"))
+        _prepare_locked(cfg, out, resume, overwrite, processes)
+    return out
+
+
+def _prepare_locked(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool, processes: int) -> None:
+    for place in (out, out / "adapter"):
+        remove_stale_temps(place)
     saved = out / CONFIG_FILE
     # an earlier run: a checkpoint or results; a run that failed before either is started afresh
     results = [out / "latest.json", out / "adapter", out / "merged", *out.glob("checkpoint-*")]
@@ -223,10 +258,8 @@ def prepare_output(
         clear_run(out)
     elif saved.is_file():  # a run that stopped before its first checkpoint: started afresh
         (out / "metrics.jsonl").unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
     record = {**cfg.to_dict(), "processes": processes}
     write_atomic(saved, lambda p: p.write_text(json.dumps(record, indent=2)))
-    return out
 
 
 def clear_run(out: Path) -> None:
@@ -240,6 +273,8 @@ def clear_run(out: Path) -> None:
             "choose another output_dir or remove them yourself"
         )
     for entry in out.iterdir():  # the entries, not the directory: it may be "." or a symlink
+        if entry.name == LOCK_FILE:
+            continue  # this run's
         shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
 
@@ -278,6 +313,9 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
     """Run the fine-tune; returns the history (list of per-step dicts). `stop_after` (a step)
     interrupts the run there, as a kill would (used by tests). Under torchrun every process calls
     this; process 0 writes the outputs."""
+    from g3n.adapters.lora import import_bitsandbytes_quietly
+
+    import_bitsandbytes_quietly()
     d = distributed.setup(cfg.device)
     try:
         with distributed.explained_timeouts(d), recompute.dynamo_settings():
@@ -318,18 +356,19 @@ def _train(cfg: TrainConfig, d: Dist, resume: bool, overwrite: bool, progress: b
         raise G3nError("config: train_data names no file")
     distributed.check_same_settings(d, cfg.to_dict())
     model_dir = resolve_model_dir(cfg.model)  # a bad model name fails before output_dir is touched
-    distributed.on_main(d, lambda: prepare_output(cfg, resume, overwrite, d.world, model_dir))
-    model, tok, media_tokens, run_dtype = _load_model(cfg, d, model_dir)
-    runner = _make_trainable(cfg, d, model, run_dtype)
-    rows, eval_rows, stats, processor = _load_rows(cfg, d, model, tok, model_dir, media_tokens)
-    run = _start_run(cfg, d, model, tok, rows, eval_rows, processor, run_dtype)
-    step, history = _resume(run) if resume else (0, [])
-    if d.main:
-        _print_summary(run, stats, runner.compiled)
-    if not _train_steps(run, step, history, progress, stop_after):
-        return history  # stopped at stop_after, as a kill would
-    _finish(run, model_dir, run_dtype, history)
-    return history
+    with contextlib.ExitStack() as held:  # output_dir is this run's until it ends
+        distributed.on_main(d, lambda: prepare_output(cfg, resume, overwrite, d.world, model_dir, held))
+        model, tok, media_tokens, run_dtype = _load_model(cfg, d, model_dir)
+        runner = _make_trainable(cfg, d, model, run_dtype)
+        rows, eval_rows, stats, processor = _load_rows(cfg, d, model, tok, model_dir, media_tokens)
+        run = _start_run(cfg, d, model, tok, rows, eval_rows, processor, run_dtype)
+        step, history = _resume(run) if resume else (0, [])
+        if d.main:
+            _print_summary(run, stats, runner.compiled)
+        if not _train_steps(run, step, history, progress, stop_after):
+            return history  # stopped at stop_after, as a kill would
+        _finish(run, model_dir, run_dtype, history)
+        return history
 
 
 def _load_model(cfg: TrainConfig, d: Dist, model_dir: Path):
@@ -446,7 +485,7 @@ def _resume(run: _Run) -> tuple[int, list]:
         raise G3nError(f"{out}/latest.json not found here: resuming needs output_dir on a filesystem every host sees")
     latest = json.loads((out / "latest.json").read_text())
     ckpt = out / latest["checkpoint"]
-    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False, mmap=True)
+    state = load_state(ckpt / "state.pt")
     distributed.load_model_state(run.d, run.model, state["model"], str(ckpt))
     distributed.load_optimizer_state(run.d, run.model, run.opt, state["optimizer"])
     resume_schedule(run.sched, state["scheduler"])
@@ -457,7 +496,30 @@ def _resume(run: _Run) -> tuple[int, list]:
     if step > run.total:
         raise G3nError(f"{ckpt}: the run is at step {step}, past this run's {run.total} steps; raise max_steps to "
                        "continue it")  # fmt: skip
+    if run.d.main:  # the records of steps after the checkpoint are run again: metrics.jsonl ends at its step
+        text = "".join(json.dumps(record) + "\n" for record in history)
+        write_atomic(out / "metrics.jsonl", lambda p: p.write_text(text))
     return step, history
+
+
+def load_state(path: Path) -> dict:
+    """A checkpoint's state.pt: tensors and plain data only (torch's weights_only loader), so a
+    planted pickle in a run directory cannot run code."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        found = [
+            line.split("error:", 1)[-1].split(". Please")[0].strip()
+            for line in str(e).splitlines()
+            if "Unpickler error" in line
+        ]
+        raise G3nError(f"{path}: holds objects other than tensors and plain data, refused"
+                       + (f" ({found[0]})" if found else "")) from None  # fmt: skip
+    except (RuntimeError, EOFError, OSError) as e:
+        raise G3nError(f"{path}: cannot read the checkpoint ({str(e).splitlines()[0] if str(e) else e!r}); "
+                       "resume from an earlier checkpoint-N by pointing latest.json at it") from None  # fmt: skip
 
 
 def _print_summary(run: _Run, stats, compiled: bool) -> None:
@@ -511,24 +573,52 @@ class _Log:
 def _train_steps(run: _Run, step: int, history: list, progress: bool, stop_after) -> bool:
     """The optimizer steps from `step` to the end, with evals, records and checkpoints; False when
     stopped at `stop_after`."""
-    cfg, log = run.cfg, _Log(run, history, step, progress)
+    log = _Log(run, history, step, progress)
     try:
-        if run.eval_rows and step == 0:  # the baseline the run's eval losses compare against
-            loss = run.evaluate()
-            log({"step": 0, "eval_loss": round(loss, 6), "eval_perplexity": round(math.exp(loss), 4)})
-        while step < run.total:
-            record = _optimizer_step(run, step)
-            step += 1
-            if run.eval_rows and (step % cfg.eval_steps == 0 or step == run.total):
-                record["eval_loss"] = round(run.evaluate(), 6)
-                record["eval_perplexity"] = round(math.exp(record["eval_loss"]), 4)
-            log(record)
-            if step % cfg.save_steps == 0 or step == run.total:
-                save_checkpoint(run.out, run.model, run.opt, run.sched, run.scaler, step, history, run.d)
-            if stop_after is not None and step >= stop_after:
-                return False
+        with _out_of_memory_explained(run):
+            return _steps(run, step, log, stop_after)
     finally:
         log.close()
+
+
+@contextlib.contextmanager
+def _out_of_memory_explained(run: _Run):
+    """An allocation that fails (a batch far too large for the device) as a one-line error naming
+    the settings that size it, not a traceback."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        text = str(e)
+        if (
+            not isinstance(e, torch.OutOfMemoryError)
+            and "can't allocate memory" not in text
+            and "out of memory" not in text
+        ):
+            raise
+        cfg = run.cfg
+        raise G3nError(
+            f"out of {run.model.device.type} memory ({text.splitlines()[0][:160]}): a micro-batch of batch_size "
+            f"{cfg.batch_size} rows of up to max_length {cfg.max_length} tokens does not fit; lower batch_size "
+            "(raise grad_accum to keep the global batch) or max_length"
+        ) from None
+
+
+def _steps(run: _Run, step: int, log: _Log, stop_after) -> bool:
+    cfg = run.cfg
+    if run.eval_rows and step == 0:  # the baseline the run's eval losses compare against
+        loss = run.evaluate()
+        log({"step": 0, "eval_loss": round(loss, 6), "eval_perplexity": round(math.exp(loss), 4)})
+    while step < run.total:
+        record = _optimizer_step(run, step)
+        step += 1
+        if run.eval_rows and (step % cfg.eval_steps == 0 or step == run.total):
+            record["eval_loss"] = round(run.evaluate(), 6)
+            record["eval_perplexity"] = round(math.exp(record["eval_loss"]), 4)
+        log(record)
+        if step % cfg.save_steps == 0 or step == run.total:
+            save_checkpoint(run.out, run.model, run.opt, run.sched, run.scaler, step, log.history, run.d)
+        if stop_after is not None and step >= stop_after:
+            return False
     return True
 
 
@@ -659,7 +749,7 @@ def plot_losses(history: list[dict], path: Path) -> None:
     ax.set_ylabel("loss")
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)

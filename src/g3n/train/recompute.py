@@ -284,8 +284,8 @@ class _OffloadedLayer(torch.autograd.Function):
 def _kv(k, v, cos, sin, compiled):
     """kv_for inside an offloaded layer: the source's K/V for a shared layer, else its own."""
     if k is not None:
-        return lambda attn, normed: (k, v)
-    return lambda attn, normed: project_kv(attn, normed, cos, sin, compiled)
+        return lambda attn, normed, new=None: (k, v)
+    return lambda attn, normed, new=None: project_kv(attn, normed, cos, sin, compiled)
 
 
 def run_layers(model, streams, per_layer, rope: dict, kv_for, masks: dict, checkpointing=False, compiled=False):
