@@ -10,8 +10,9 @@ the time to first token and of the time per token after it (per request).
     PYTHONPATH=src python bench/serve_gpu.py --model DIR [--batching continuous static]
         [--llama-server BIN --gguf FILE] [--clients 32 --prompt 512 --new 256 --arrive-s 2]
 
-`--model DIR`: a checkpoint (bench/make_synthetic_checkpoint.py writes random weights at real
-sizes; give it a tokenizer). `--batching static` starts the server with `--batching static` (a
+`--model`: what `g3n serve --model` takes (a checkpoint directory, an HF id in the local cache,
+`tiny`); bench/make_synthetic_checkpoint.py writes random weights at real sizes (give it a
+tokenizer). `--batching static` starts the server with `--batching static` (a
 batch runs to its end before the next is admitted), the comparison for continuous batching.
 """
 
@@ -30,6 +31,7 @@ import time
 import urllib.error
 import urllib.request
 
+from g3n.checkpoint.names import resolve_model_dir
 from g3n.tokenizer import Tokenizer
 
 WORDS = [
@@ -159,7 +161,7 @@ def main():
     ap.add_argument("--arrive-s", type=float, default=2.0)
     args = ap.parse_args()
     rng = random.Random(0)
-    tokenizer = Tokenizer.from_dir(args.model)
+    tokenizer = Tokenizer.from_dir(resolve_model_dir(args.model))
     texts = [prompt_text(tokenizer, args.prompt, rng) for _ in range(2 * args.clients)]
     texts, warm = texts[: args.clients], texts[args.clients :]
     delays = sorted(rng.uniform(0, args.arrive_s) for _ in range(args.clients))

@@ -90,6 +90,15 @@ def test_decode_roundtrip_and_specials(tok):
         ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "expected a model turn"),
         ([{"role": "robot", "content": "a"}], "unknown role 'robot'"),
         ([{"role": "user", "content": 5}], "'content' must be a string"),
+        # indices count the messages as given, a leading system message included
+        (
+            [{"role": "system", "content": "s"}, {"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+            "message 2: expected a model turn",
+        ),
+        (
+            [{"role": "user", "content": "a"}, {"role": "system", "content": "s"}],
+            r"message 1: unknown role 'system' \(use user or assistant\)",
+        ),
     ],
 )
 def test_bad_messages(tok, messages, match):

@@ -130,20 +130,22 @@ def format_chat(messages: list[dict], add_generation_prompt: bool = True, media:
     Content may be a string or a list of parts ({"type": "text"|"image"|"audio", ...}); with
     `media`, image and audio parts become placeholders, otherwise they are an error."""
     messages = list(messages)
-    prefix = ""
+    prefix, first = "", 0  # first: the index of the first turn in the messages given (errors name it)
     if messages and messages[0].get("role") == "system":
-        prefix = _content(messages.pop(0), 0, media) + "\n\n"  # not trimmed, as in Google's template
+        prefix, first = _content(messages.pop(0), 0, media) + "\n\n", 1  # not trimmed, as in Google's template
     text = []
     for n, msg in enumerate(messages):
+        at = n + first
         if msg.get("role") == "tool" or msg.get("tool_calls"):  # where the server's tool-call format goes
-            raise G3nError(f"message {n}: tool calls have no chat format yet")
+            raise G3nError(f"message {at}: tool calls have no chat format yet")
         role = ROLES.get(msg.get("role"))
         if role is None:
-            raise G3nError(f"message {n}: unknown role {msg.get('role')!r} (use system, user or assistant)")
+            allowed = "user or assistant" if at else "system, user or assistant"  # system: first only
+            raise G3nError(f"message {at}: unknown role {msg.get('role')!r} (use {allowed})")
         expected = "user" if n % 2 == 0 else "model"
         if role != expected:
-            raise G3nError(f"message {n}: expected a {expected} turn (turns alternate user/assistant)")
-        body = (prefix if n == 0 else "") + _content(msg, n, media).strip()
+            raise G3nError(f"message {at}: expected a {expected} turn (turns alternate user/assistant)")
+        body = (prefix if n == 0 else "") + _content(msg, at, media).strip()
         text.append(f"{START_OF_TURN}{role}\n{body}{END_OF_TURN}\n")
     if add_generation_prompt:
         text.append(f"{START_OF_TURN}model\n")
