@@ -520,12 +520,7 @@ class Engine:
         can serve (at least one id is always prefilled, for the logits of the last)."""
         if row.request.media is not None or not held or adapter != row.adapter:
             return 0
-        prompt = row.request.prompt
-        n = 0
-        for a, b in zip(held, prompt[:-1]):
-            if a != b:
-                break
-            n += 1
+        n = _common_prefix(held, row.request.prompt[:-1])
         window = self.model.config.sliding_window
         return n if n == len(held) or len(held) <= window else 0
 
