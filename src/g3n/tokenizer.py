@@ -124,23 +124,27 @@ class Tokenizer:
         return self.encode(self.format_chat(messages, add_generation_prompt), add_bos=True)
 
 
-def format_chat(messages: list[dict], add_generation_prompt: bool = True, media: bool = False) -> str:
+def format_chat(messages: list[dict], add_generation_prompt: bool = True, media: bool = False, tools=None) -> str:
     """The Gemma 3n chat template, without the leading <bos> (encode adds it).
 
     Content may be a string or a list of parts ({"type": "text"|"image"|"audio", ...}); with
-    `media`, image and audio parts become placeholders, otherwise they are an error."""
+    `media`, image and audio parts become placeholders, otherwise they are an error. `tools`
+    (OpenAI's), role `tool` messages and assistant `tool_calls` are written in g3n's tool-call
+    format (tool_calls.py)."""
     messages = list(messages)
+    if tools or any(m.get("role") == "tool" or m.get("tool_calls") for m in messages if isinstance(m, dict)):
+        from g3n.tool_calls import fold
+
+        messages = fold(messages, tools)
     prefix, first = "", 0  # first: the index of the first turn in the messages given (errors name it)
     if messages and messages[0].get("role") == "system":
         prefix, first = _content(messages.pop(0), 0, media) + "\n\n", 1  # not trimmed, as in Google's template
     text = []
     for n, msg in enumerate(messages):
         at = n + first
-        if msg.get("role") == "tool" or msg.get("tool_calls"):  # where the server's tool-call format goes
-            raise G3nError(f"message {at}: tool calls have no chat format yet")
         role = ROLES.get(msg.get("role"))
         if role is None:
-            allowed = "user or assistant" if at else "system, user or assistant"  # system: first only
+            allowed = "user, assistant or tool" if at else "system, user, assistant or tool"  # system: first only
             raise G3nError(f"message {at}: unknown role {msg.get('role')!r} (use {allowed})")
         expected = "user" if n % 2 == 0 else "model"
         if role != expected:
@@ -153,56 +157,41 @@ def format_chat(messages: list[dict], add_generation_prompt: bool = True, media:
 
 
 # format_chat as a Jinja template, for exports (HF: chat_template.jinja; GGUF: tokenizer.chat_template;
-# transformers and llama.cpp render it): string content or parts (text trimmed each, image/audio as the placeholders),
-# the system prompt folded into the first user turn, one BOS, the same refusals. Tool calls have no
-# format yet: the `tools` argument, role `tool` and `tool_calls` are refused here and in format_chat,
-# the one place (both) where the server's tool-call format goes.
-CHAT_TEMPLATE = """{{- bos_token -}}
-{%- if tools -%}
-    {{- raise_exception("tools: this chat template has no tool-call format") -}}
-{%- endif -%}
-{%- set ns = namespace(prefix='') -%}
-{%- set loop_messages = messages -%}
-{%- if messages and messages[0]['role'] == 'system' -%}
-    {%- set content = messages[0]['content'] -%}
-    {%- if content is string -%}
-        {%- set ns.prefix = content -%}
-    {%- elif content is defined and content is iterable and content is not mapping -%}
-        {%- for part in content -%}
-            {%- if part['type'] == 'text' and part['text'] is string -%}
-                {%- set ns.prefix = ns.prefix + (part['text'] | trim) -%}
-            {%- elif part['type'] == 'image' -%}
-                {%- set ns.prefix = ns.prefix + '<image_soft_token>' -%}
-            {%- elif part['type'] == 'audio' -%}
-                {%- set ns.prefix = ns.prefix + '<audio_soft_token>' -%}
-            {%- else -%}
-                {{- raise_exception('message 0, part ' ~ loop.index0 ~ ': unknown content part (use text, image or audio)') -}}
-            {%- endif -%}
+# transformers and llama.cpp render it): string content or parts (text trimmed each, image/audio as the
+# placeholders), the system prompt folded into the first user turn, one BOS, the same refusals, and
+# tool_calls.py's tool-call format (`tools`, role `tool`, assistant `tool_calls`; JSON written by the
+# `json` macro as json.dumps writes it, since Jinja's own `tojson` differs between runtimes).
+CHAT_TEMPLATE = r"""{%- macro json(v) -%}
+    {%- if v is string -%}
+        {{- '"' ~ (v | replace('\\', '\\\\') | replace('"', '\\"') | replace('\n', '\\n') | replace('\r', '\\r') | replace('\t', '\\t')) ~ '"' -}}
+    {%- elif v is mapping -%}
+        {{- '{' -}}
+        {%- for k in v -%}
+            {{- json(k | string) ~ ': ' ~ json(v[k]) -}}
+            {%- if not loop.last -%}{{- ', ' -}}{%- endif -%}
         {%- endfor -%}
+        {{- '}' -}}
+    {%- elif v is sameas true -%}
+        {{- 'true' -}}
+    {%- elif v is sameas false -%}
+        {{- 'false' -}}
+    {%- elif v is none -%}
+        {{- 'null' -}}
+    {%- elif v is number -%}
+        {{- v -}}
     {%- else -%}
-        {{- raise_exception("message 0: 'content' must be a string") -}}
+        {{- '[' -}}
+        {%- for x in v -%}
+            {{- json(x) -}}
+            {%- if not loop.last -%}{{- ', ' -}}{%- endif -%}
+        {%- endfor -%}
+        {{- ']' -}}
     {%- endif -%}
-    {%- set ns.prefix = ns.prefix + '\n\n' -%}
-    {%- set loop_messages = messages[1:] -%}
-{%- endif -%}
-{%- for message in loop_messages -%}
-    {%- set n = loop.index0 -%}
-    {%- if message['role'] == 'tool' or message['tool_calls'] -%}
-        {{- raise_exception('message ' ~ n ~ ': tool calls have no chat format yet') -}}
-    {%- elif message['role'] == 'user' -%}
-        {%- set role = 'user' -%}
-    {%- elif message['role'] == 'assistant' or message['role'] == 'model' -%}
-        {%- set role = 'model' -%}
-    {%- else -%}
-        {{- raise_exception('message ' ~ n ~ ': unknown role ' ~ message['role'] ~ ' (use system, user or assistant)') -}}
-    {%- endif -%}
-    {%- if (role == 'user') != (n % 2 == 0) -%}
-        {{- raise_exception('message ' ~ n ~ ': expected a ' ~ ('user' if n % 2 == 0 else 'model') ~ ' turn (turns alternate user/assistant)') -}}
-    {%- endif -%}
-    {{- '<start_of_turn>' + role + '\n' + (ns.prefix if loop.first else '') -}}
-    {%- set content = message['content'] -%}
+{%- endmacro -%}
+{%- macro text(content, n) -%}
     {%- if content is string -%}
         {{- content | trim -}}
+    {%- elif content is none -%}
     {%- elif content is defined and content is iterable and content is not mapping -%}
         {%- for part in content -%}
             {%- if part['type'] == 'text' and part['text'] is string -%}
@@ -218,7 +207,78 @@ CHAT_TEMPLATE = """{{- bos_token -}}
     {%- else -%}
         {{- raise_exception('message ' ~ n ~ ": 'content' must be a string") -}}
     {%- endif -%}
-    {{- '<end_of_turn>\n' -}}
+{%- endmacro -%}
+{%- macro call(c) -%}
+    {%- set args = c['function']['arguments'] if c['function']['arguments'] is defined else '{}' -%}
+    {{- '{"name": "' ~ c['function']['name'] ~ '", "parameters": ' ~ (args | trim if args is string else json(args)) ~ '}' -}}
+{%- endmacro -%}
+{{- bos_token -}}
+{%- set ns = namespace(prefix='', turn=0) -%}
+{%- if tools -%}
+    {%- set ns.prefix = 'You have access to functions. If you decide to invoke any of the function(s), you MUST put it in the format of\n{"name": function name, "parameters": dictionary of argument name and its value}\nTo call several functions at once, put the calls in a JSON list.\n\nYou SHOULD NOT include any other text in the response if you call a function\n[\n' -%}
+    {%- for tool in tools -%}
+        {%- set spec = tool['function'] if tool['function'] is defined else tool -%}
+        {%- set ns.prefix = ns.prefix ~ '{"name": ' ~ json(spec['name']) -%}
+        {%- if spec['description'] is defined and spec['description'] is not none -%}
+            {%- set ns.prefix = ns.prefix ~ ', "description": ' ~ json(spec['description']) -%}
+        {%- endif -%}
+        {%- if spec['parameters'] is defined and spec['parameters'] is not none -%}
+            {%- set ns.prefix = ns.prefix ~ ', "parameters": ' ~ json(spec['parameters']) -%}
+        {%- endif -%}
+        {%- set ns.prefix = ns.prefix ~ '}' ~ (',\n' if not loop.last else '\n]\n\n') -%}
+    {%- endfor -%}
+{%- endif -%}
+{%- set loop_messages = messages -%}
+{%- if messages and messages[0]['role'] == 'system' -%}
+    {%- set content = messages[0]['content'] -%}
+    {%- if content is string -%}
+        {%- set ns.prefix = ns.prefix ~ content -%}
+    {%- else -%}
+        {%- set ns.prefix = ns.prefix ~ text(content, 0) -%}
+    {%- endif -%}
+    {%- set ns.prefix = ns.prefix ~ '\n\n' -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- set n = loop.index0 -%}
+    {%- if message['role'] == 'tool' or message['role'] == 'user' -%}
+        {%- set role = 'user' -%}
+    {%- elif message['role'] == 'assistant' or message['role'] == 'model' -%}
+        {%- set role = 'model' -%}
+    {%- else -%}
+        {{- raise_exception('message ' ~ n ~ ': unknown role ' ~ message['role'] ~ ' (use system, user, assistant or tool)') -}}
+    {%- endif -%}
+    {%- set continued = message['role'] == 'tool' and loop.previtem is defined and loop.previtem['role'] == 'tool' -%}
+    {%- if not continued -%}
+        {%- if (role == 'user') != (ns.turn % 2 == 0) -%}
+            {{- raise_exception('message ' ~ n ~ ': expected a ' ~ ('user' if ns.turn % 2 == 0 else 'model') ~ ' turn (turns alternate user/assistant)') -}}
+        {%- endif -%}
+        {{- '<start_of_turn>' ~ role ~ '\n' ~ (ns.prefix if ns.turn == 0 else '') -}}
+    {%- endif -%}
+    {%- if message['role'] == 'tool' -%}
+        {{- ('\n' if continued else '') ~ '```tool_output\n' ~ text(message['content'], n) ~ '\n```' -}}
+    {%- elif message['tool_calls'] -%}
+        {%- set said = text(message['content'] if message['content'] is defined else none, n) -%}
+        {{- said ~ ('\n' if said else '') -}}
+        {%- if message['tool_calls'] | length == 1 -%}
+            {{- call(message['tool_calls'][0]) -}}
+        {%- else -%}
+            {{- '[' -}}
+            {%- for c in message['tool_calls'] -%}
+                {{- call(c) ~ (', ' if not loop.last else '') -}}
+            {%- endfor -%}
+            {{- ']' -}}
+        {%- endif -%}
+    {%- else -%}
+        {%- if message['content'] is none or message['content'] is not defined -%}
+            {{- raise_exception('message ' ~ n ~ ": 'content' must be a string") -}}
+        {%- endif -%}
+        {{- text(message['content'], n) -}}
+    {%- endif -%}
+    {%- if not (message['role'] == 'tool' and loop.nextitem is defined and loop.nextitem['role'] == 'tool') -%}
+        {{- '<end_of_turn>\n' -}}
+        {%- set ns.turn = ns.turn + 1 -%}
+    {%- endif -%}
 {%- endfor -%}
 {%- if add_generation_prompt -%}
     {{- '<start_of_turn>model\n' -}}
@@ -247,32 +307,38 @@ def checkpoint_chat_template(model_dir: str | Path) -> str | None:
 
 
 def export_chat_template(model_dir: str | Path) -> str:
-    """The template an export carries: the checkpoint's own when it takes content parts (Google's
-    does), else g3n's (a template without parts prints the list as a Python repr)."""
+    """The template an export carries: the checkpoint's own when it takes content parts and tools
+    (a template without parts prints the list as a Python repr; Google's drops `tools` silently),
+    else g3n's, which renders Google's turns the same and adds g3n's tool-call format."""
     own = checkpoint_chat_template(model_dir)
-    return own if own is not None and renders_parts(own) else CHAT_TEMPLATE
+    return own if own is not None and takes_parts_and_tools(own) else CHAT_TEMPLATE
 
 
-def renders_parts(template: str) -> bool:
-    """Whether `template` renders a user turn of text parts as it renders the same text as a string
-    (rendered as transformers and llama-cpp-python do: sandboxed Jinja, blocks trimmed)."""
+PROBE_TOOL = {"type": "function", "function": {"name": "g3n_probe_tool", "parameters": {"type": "object"}}}
+
+
+def takes_parts_and_tools(template: str) -> bool:
+    """Whether `template` renders a user turn of text parts as it renders the same text as a string,
+    and writes the `tools` it is given into the prompt (rendered as transformers and llama-cpp-python
+    do: sandboxed Jinja, blocks trimmed)."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def fail(message):
         raise ValueError(message)
 
-    def render(content) -> str:
+    def render(content, tools=None) -> str:
         return env.from_string(template).render(
             messages=[{"role": "user", "content": content}], bos_token="<bos>", eos_token="<eos>",
-            add_generation_prompt=True, raise_exception=fail,
+            add_generation_prompt=True, raise_exception=fail, tools=tools,
         )  # fmt: skip
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     text = "Is this one text part?"
     try:
         plain = render(text)
-        return text in plain and render([{"type": "text", "text": text}]) == plain
-    except Exception:  # noqa: BLE001 - a template that fails to parse or render takes no parts either
+        parts = text in plain and render([{"type": "text", "text": text}]) == plain
+        return parts and "g3n_probe_tool" in render(text, [PROBE_TOOL])
+    except Exception:  # noqa: BLE001 - a template that fails to parse or render takes neither
         return False
 
 

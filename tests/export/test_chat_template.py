@@ -1,6 +1,7 @@
 """The chat template every export carries renders what clients send exactly as g3n's format_chat:
 transformers' apply_chat_template on the HF export, llama-cpp-python's Jinja formatter on the GGUF
-(the template read from the file's metadata, as llama_cpp.Llama does), text and token ids alike."""
+(the template read from the file's metadata, as llama_cpp.Llama does), text and token ids alike,
+tool definitions, calls and results (tool_calls.py's format) included."""
 
 import json
 
@@ -10,7 +11,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from g3n.checkpoint.names import TINY_DIR
 from g3n.errors import G3nError
-from g3n.tokenizer import CHAT_TEMPLATE, Tokenizer, export_chat_template, format_chat, renders_parts
+from g3n.tokenizer import CHAT_TEMPLATE, Tokenizer, export_chat_template, format_chat, takes_parts_and_tools
 
 SYSTEM = {"role": "system", "content": "  Answer briefly. "}
 Q1 = {"role": "user", "content": "What is the capital of France?"}
@@ -65,8 +66,54 @@ BAD = {  # format_chat's refusals, refused by the template too
     "content missing": [{"role": "user"}],
     "content not text": [{"role": "user", "content": 5}],
     "content a mapping": [{"role": "user", "content": {"type": "text", "text": "x"}}],
-    "tool message": [Q1, {"role": "tool", "content": "42"}],
-    "assistant tool calls": [Q1, {"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}],
+    "tool result where the model speaks": [Q1, {"role": "tool", "content": "42"}],
+    "assistant without content": [Q1, {"role": "assistant"}],
+}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": 'The "current" weather\nin a city',
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "default": None}, "days": {"type": "integer", "minimum": 1.5},
+                           "metric": {"enum": [True, False]}, "note": {"description": "Ça\tva"}},
+            "required": ["city"],
+        },
+    },
+}  # fmt: skip
+NOW = {"type": "function", "function": {"name": "now"}}
+CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+TOOL_TABLE = {  # name: (messages, tools)
+    "tools": ([Q1], [WEATHER, NOW]),
+    "tools and a system prompt": ([SYSTEM, Q1], [WEATHER]),
+    "tools and system parts": ([{"role": "system", "content": [{"type": "text", "text": " Be brief. "}]}, Q1], [NOW]),
+    "a call and its result": (
+        [Q1, {"role": "assistant", "content": None, "tool_calls": [CALL]}, {"role": "tool", "content": " 21 C "}],
+        [WEATHER],
+    ),
+    "parallel calls, arguments as objects, text parts": (
+        [
+            Q1,
+            {
+                "role": "assistant",
+                "content": "Checking.",
+                "tool_calls": [
+                    CALL,
+                    {"id": "2", "type": "function", "function": {"name": "now", "arguments": {"tz": "UTC", "n": 1}}},
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": "21 C"},
+            {"role": "tool", "tool_call_id": "2", "content": [{"type": "text", "text": "noon"}]},
+            {"role": "assistant", "content": "21 C at noon."},
+            {"role": "user", "content": "Thanks"},
+        ],
+        [WEATHER, NOW],
+    ),
+    "a past call without tools offered now": (
+        [Q1, {"role": "assistant", "tool_calls": [CALL]}, {"role": "tool", "content": "x"}],
+        None,
+    ),
 }
 
 
@@ -143,12 +190,19 @@ def test_refused_everywhere(exported, name):
         _llama_cpp(exported["llm"], messages, True)
 
 
-def test_tools_are_refused_until_the_server_defines_their_format(exported):
-    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
-    with pytest.raises(Exception, match="tool-call format"):
-        _transformers(exported["hf"], [Q1], True, tools=tools)
-    with pytest.raises(Exception, match="tool-call format"):
-        _llama_cpp(exported["llm"], [Q1], True, tools=tools)
+@pytest.mark.parametrize("name", TOOL_TABLE)
+def test_tool_calls_render_identically(exported, name):
+    """Tools, calls and results as tool_calls.py writes them, in transformers and llama-cpp-python
+    alike (their `tojson` filters differ: the template writes JSON with its own macro)."""
+    messages, tools = TOOL_TABLE[name]
+    tok = Tokenizer.from_dir(TINY_DIR)
+    ours = "<bos>" + format_chat(messages, tools=tools)
+    if tools:
+        assert '{"name": "' + tools[0]["function"]["name"] + '"' in ours
+    hf_text, hf_ids = _transformers(exported["hf"], messages, True, tools=tools)
+    cpp_text, cpp_ids = _llama_cpp(exported["llm"], messages, True, tools=tools)
+    assert hf_text == ours and cpp_text == ours
+    assert hf_ids == tok.encode(ours) and cpp_ids == hf_ids
 
 
 # Google's template for Gemma 3n (its tokenizer_config.json): it takes parts, so exports keep it.
@@ -194,16 +248,17 @@ def _checkpoint_with(tmp_path, name, template, where="tokenizer_config.json"):
     return d
 
 
-def test_a_checkpoints_own_template_is_kept_when_it_takes_parts(tmp_path):
-    """Google's template (in tokenizer_config.json or chat_template.jinja) is kept, and renders our
-    table as format_chat does; one without parts, a broken one, or none at all gets g3n's."""
-    assert renders_parts(GOOGLE_TEMPLATE) and renders_parts(CHAT_TEMPLATE)
-    assert not renders_parts(OLD_TEMPLATE) and not renders_parts("{{ broken") and not renders_parts("")
+def test_a_checkpoints_own_template_is_kept_when_it_takes_parts_and_tools(tmp_path):
+    """A template that takes parts and tools (in tokenizer_config.json or chat_template.jinja) is
+    kept; Google's, which drops tools, one without parts, a broken one, or none at all get g3n's.
+    Google's renders our table as format_chat does (below), so nothing else changes for it."""
+    own = GOOGLE_TEMPLATE.replace("{{ bos_token }}", "{{ bos_token }}{% if tools %}{{ tools | tojson }}{% endif %}", 1)
+    assert takes_parts_and_tools(own) and takes_parts_and_tools(CHAT_TEMPLATE)
+    for bad in (GOOGLE_TEMPLATE, OLD_TEMPLATE, "{{ broken", ""):
+        assert not takes_parts_and_tools(bad)
     for where in ("tokenizer_config.json", "chat_template.jinja"):
-        assert (
-            export_chat_template(_checkpoint_with(tmp_path, f"google-{where}", GOOGLE_TEMPLATE, where))
-            == GOOGLE_TEMPLATE
-        )
+        assert export_chat_template(_checkpoint_with(tmp_path, f"own-{where}", own, where)) == own
+    assert export_chat_template(_checkpoint_with(tmp_path, "google", GOOGLE_TEMPLATE)) == CHAT_TEMPLATE
     assert export_chat_template(_checkpoint_with(tmp_path, "old", OLD_TEMPLATE)) == CHAT_TEMPLATE
     assert export_chat_template(_checkpoint_with(tmp_path, "none", None)) == CHAT_TEMPLATE
 

@@ -64,7 +64,7 @@ def test_errors_name_the_message_they_are_about(server):
         ([{"role": "assistant", "content": "Hi"}, {"role": "user", "content": "Hi"}], "messages[0]"),
         ([{"role": "system", "content": "x"}, {"role": "system", "content": "y"}, {"role": "assistant", "content": "z"}],
          "messages[2]"),
-        ([{"role": "user", "content": "x"}, {"role": "tool", "content": "y"}], "messages[1]"),
+        ([{"role": "user", "content": "x"}, {"role": "narrator", "content": "y"}], "messages[1]"),
     ]:  # fmt: skip
         status, out = request(server, "POST", "/v1/chat/completions", {"model": "tiny", "messages": messages})
         assert status == 400 and out["error"]["message"].startswith(where + ":"), out

@@ -166,7 +166,7 @@ BAD_REQUESTS = [  # (body, status, field the error names, code, words in the mes
     (chat_body("hi") | {"stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None, "up to 4"),
     (chat_body("hi") | {"stream": "yes"}, 400, "stream", None, "true or false"),
     ({"model": "tiny", "messages": []}, 400, "messages", None, "non-empty"),
-    ({"model": "tiny", "messages": [{"role": "tool", "content": "x"}]}, 400, "messages", None, "role 'tool'"),
+    ({"model": "tiny", "messages": [{"role": "function", "content": "x"}]}, 400, "messages", None, "role 'function'"),
     ({"model": "tiny", "messages": [{"role": "system", "content": "a"}, {"role": "assistant", "content": "b"}]},
      400, "messages", None, "messages[1]: the conversation must start with a user message"),
     (chat_body([{"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]), 400, "messages", None,

@@ -26,11 +26,13 @@ from starlette.routing import Route
 
 from g3n.errors import G3nError
 from g3n.inference.backends import check_modalities
+from g3n.serve.audio import FORM_PATHS, audio_routes
 from g3n.serve.completions import completions_route
 from g3n.serve.errors import APIError, bad, busy, failure
 from g3n.serve.metrics import Counted, Metrics
 from g3n.serve.scheduler import Job, QueueFull, Scheduler
 from g3n.serve.schema import ChatRequest, parse_body, parse_chat_request
+from g3n.tool_calls import CallStream
 
 
 @dataclass
@@ -109,7 +111,8 @@ class Guard:
     """ASGI middleware against cross-site use from a browser: the Host must name this server
     (DNS rebinding: a page on another name reading replies), and requests with a body must be
     `application/json`, which a cross-origin page can only send after a CORS preflight that this
-    server grants only to --cors-origin origins, so another page cannot make it generate."""
+    server grants only to --cors-origin origins, so another page cannot make it generate (the audio
+    routes take multipart forms and refuse other origins' pages themselves: audio.py)."""
 
     def __init__(self, app, allowed_hosts=()):
         self.app, self.allowed = app, frozenset(host_name(h) if h != "*" else h for h in allowed_hosts)
@@ -125,7 +128,7 @@ class Guard:
             return await _error(e)(scope, receive, send)
         if scope["method"] not in ("GET", "HEAD", "OPTIONS"):
             kind = headers.get(b"content-type", b"").decode("latin-1").partition(";")[0].strip().lower()
-            if kind != "application/json":
+            if kind != "application/json" and scope["path"] not in FORM_PATHS:
                 e = APIError(415, f"{scope['method']} {scope['path']} takes a JSON body: send 'Content-Type: "
                              f"application/json' (got {kind or 'none'!r})", code="unsupported_media_type")  # fmt: skip
                 return await _error(e)(scope, receive, send)
@@ -251,9 +254,14 @@ def create_app(engine, limits: Limits | None = None, api_key: str | None = None,
         finally:
             if holding:
                 media_gate.release()
-        if req.grammar is not None and not getattr(engine, "grammars", False):
-            raise bad(f"'response_format' needs g3n's engine (an HF checkpoint); {engine.name} runs in llama.cpp",
-                      "response_format", "unsupported")  # fmt: skip
+        if not getattr(engine, "grammars", False):
+            if req.grammar is not None:
+                raise bad(f"'response_format' needs g3n's engine (an HF checkpoint); {engine.name} runs in llama.cpp",
+                          "response_format", "unsupported")  # fmt: skip
+            if req.tools is not None and req.tools.forced:
+                raise bad(f"'tool_choice' {req.tools.choice!r} needs g3n's engine (an HF checkpoint) to promise a "
+                          f"call; {engine.name} runs in llama.cpp (tool_choice auto works there)", "tool_choice",
+                          "unsupported")  # fmt: skip
         if len(ids) > max_prompt:
             raise bad(f"the prompt is {len(ids)} tokens; this server takes at most {max_prompt} "
                       f"(model context {engine.context_length}, --max-prompt-tokens)", "messages",
@@ -264,22 +272,30 @@ def create_app(engine, limits: Limits | None = None, api_key: str | None = None,
         body = parse_body(await _read_body(request, limits.max_body_bytes, limits.body_timeout))
         req, ids, media = await run_in_threadpool(prepare, body)
         adapter = None if req.model == engine.name else req.model
+        grammar = req.grammar
+        if req.tools is not None and getattr(engine, "grammars", False):
+            grammar = req.tools.grammar
         job = Job(ids, req.params, req.stop, asyncio.get_running_loop(), media, req.logit_bias, req.logprobs,
-                  req.grammar, adapter)  # fmt: skip
+                  grammar, adapter)  # fmt: skip
+        calls = None  # reads calls out of the reply (tool_calls.py)
+        if req.tools is not None and req.tools.choice != "none":
+            calls = CallStream(req.tools.names, streamed=grammar is not None)
         try:
             scheduler.submit(job)
         except QueueFull as e:
             raise busy(str(e)) from None
         reply = _Reply(req.model, len(ids))
         if req.stream:
-            return StreamingResponse(_sse(job, reply, req.include_usage), media_type="text/event-stream",
+            return StreamingResponse(_sse(job, reply, req.include_usage, calls), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
-        return JSONResponse(await _collect(job, reply, request))
+        return JSONResponse(await _collect(job, reply, request, calls))
 
     def read_body(request: Request):
         return _read_body(request, limits.max_body_bytes, limits.body_timeout)
 
     completions = completions_route(engine, names, scheduler, limits.max_tokens, max_prompt, read_body)
+    transcriptions, translations = audio_routes(engine, names, scheduler, limits.max_tokens, max_prompt, read_body,
+                                                media_gate, cors_origins)  # fmt: skip
 
     async def on_api_error(request: Request, e: APIError):
         return _error(e, e.headers)
@@ -306,6 +322,8 @@ def create_app(engine, limits: Limits | None = None, api_key: str | None = None,
             Route("/v1/models/{model:path}", model),
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/completions", completions, methods=["POST"]),
+            Route("/v1/audio/transcriptions", transcriptions, methods=["POST"]),
+            Route("/v1/audio/translations", translations, methods=["POST"]),
         ],
         exception_handlers={APIError: on_api_error, HTTPException: on_http_error, Exception: on_crash},
         lifespan=lifespan,
@@ -352,8 +370,8 @@ class _Reply:
         body = {**self.head(), "object": "chat.completion.chunk", "choices": [], "usage": self.usage(completion_tokens)}
         return _sse_line(body)
 
-    def completion(self, text: str, finish: str, completion_tokens: int, logprobs=None) -> dict:
-        message = {"role": "assistant", "content": text}
+    def completion(self, text: str | None, finish: str, completion_tokens: int, logprobs=None, tool_calls=None) -> dict:
+        message = {"role": "assistant", "content": text} | ({"tool_calls": tool_calls} if tool_calls else {})
         choice = {"index": 0, "message": message, "logprobs": _logprobs(logprobs), "finish_reason": finish}
         return {**self.head(), "object": "chat.completion", "choices": [choice], "usage": self.usage(completion_tokens)}
 
@@ -376,17 +394,31 @@ def _sse_line(data: dict) -> str:
 _failure = failure
 
 
-async def _sse(job: Job, reply: _Reply, include_usage: bool):
-    """Server-sent events as OpenAI streams them. If the client leaves, Starlette cancels this
-    generator and `finally` cancels the job: the worker drops the row before its next token."""
+def _finish(reason: str, calls: list | None) -> str:
+    return "tool_calls" if calls and reason == "stop" else reason
+
+
+async def _sse(job: Job, reply: _Reply, include_usage: bool, calls: CallStream | None = None):
+    """Server-sent events as OpenAI streams them; with tools, a reply that calls them streams as
+    `tool_calls` deltas. If the client leaves, Starlette cancels this generator and `finally`
+    cancels the job: the worker drops the row before its next token."""
     try:
         yield reply.chunk({"role": "assistant", "content": ""})
         while True:
             event = await job.events.get()
-            if event[0] == "text":
+            if event[0] == "text" and calls is None:
                 yield reply.chunk({"content": event[1]}, logprobs=event[2])
+            elif event[0] == "text":
+                deltas = calls.push(event[1]) or ([{}] if event[2] else [])
+                for n, delta in enumerate(deltas):
+                    yield reply.chunk(delta, logprobs=event[2] if n == 0 else None)
             elif event[0] == "done":
-                yield reply.chunk({}, event[1])
+                made = None
+                if calls is not None:
+                    rest, made = calls.finish()
+                    for delta in rest:
+                        yield reply.chunk(delta)
+                yield reply.chunk({}, _finish(event[1], made))
                 if include_usage:
                     yield reply.usage_chunk(event[2])
                 break
@@ -398,9 +430,10 @@ async def _sse(job: Job, reply: _Reply, include_usage: bool):
         job.cancel()
 
 
-async def _collect(job: Job, reply: _Reply, request: Request) -> dict:
-    """The whole reply; checks twice a second whether the client is still there (and if not,
-    cancels the job so its slot frees), also while pieces keep arriving."""
+async def _collect(job: Job, reply: _Reply, request: Request, calls: CallStream | None = None) -> dict:
+    """The whole reply (with tools, its calls as `tool_calls`); checks twice a second whether the
+    client is still there (and if not, cancels the job so its slot frees), also while pieces keep
+    arriving."""
     pieces, logprobs = [], []
     get = asyncio.ensure_future(job.events.get())
     checked = time.monotonic()
@@ -418,9 +451,14 @@ async def _collect(job: Job, reply: _Reply, request: Request) -> dict:
                 pieces.append(event[1])
                 logprobs += event[2] or []
             elif event[0] == "done":
+                text, made = "".join(pieces), None
+                if calls is not None:
+                    calls.push(text)
+                    made = calls.finish()[1]
                 return reply.completion(
-                    "".join(pieces), event[1], event[2], logprobs if job.logprobs is not None else None
-                )
+                    None if made else text, _finish(event[1], made), event[2],
+                    logprobs if job.logprobs is not None else None, [c.openai() for c in made or []],
+                )  # fmt: skip
             else:
                 raise _failure(event[1])
             get = asyncio.ensure_future(job.events.get())

@@ -23,7 +23,7 @@ from g3n.errors import G3nError
 from g3n.media import MAX_AUDIO_SAMPLES, read_audio
 from g3n.serve.errors import bad
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 AUDIO_FORMATS = {"wav", "mp3", "flac", "ogg", "aiff"}
 IMAGE_FORMATS = ["PNG", "JPEG", "WEBP", "GIF", "BMP"]  # Pillow decoders tried; none of its exotic ones
 MAX_REQUEST_PIXELS = 50_000_000  # all of a request's images (150 MB as RGB; a 48-megapixel photo fits)
@@ -45,15 +45,16 @@ def parse_messages(messages, accept=None) -> tuple[list[dict], set[str]]:
             raise _bad(f"messages[{n}] must be an object with 'role' and 'content'")
         role = msg.get("role")
         if not isinstance(role, str) or role not in ROLES:
-            raise _bad(f"messages[{n}]: role {_short(role)} is not supported (system, user or assistant)")
+            raise _bad(f"messages[{n}]: role {_short(role)} is not supported (system, user, assistant or tool)")
+        calls = {"tool_calls": msg["tool_calls"]} if role == "assistant" and msg.get("tool_calls") else {}
         content = msg.get("content")
         if content is None or isinstance(content, str):  # kept a string: formatted exactly as the CLI does
             kinds.add("text")
-            out.append({"role": ROLES[role], "content": content or ""})
+            out.append({"role": ROLES[role], "content": content or "", **calls})
             continue
         parts = _parts(content, n)
         kinds.update(p["type"] for p in parts)
-        out.append({"role": ROLES[role], "content": parts})
+        out.append({"role": ROLES[role], "content": parts, **calls})
     if accept is not None:
         accept(kinds)
     if kinds & {"image", "audio"}:

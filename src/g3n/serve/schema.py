@@ -3,7 +3,7 @@
 Parsing is by hand rather than through a validation library so that every problem becomes
 OpenAI's error body (errors.py) naming the field, which is what OpenAI clients show their users.
 Unknown fields are ignored (clients send `user`, `metadata` and the like); fields we cannot honour
-(n > 1, tools) are refused rather than silently dropped.
+(n > 1, the legacy `functions`) are refused rather than silently dropped.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from g3n.errors import G3nError
 from g3n.inference.sampling import SamplingParams
 from g3n.serve.content import parse_messages
 from g3n.serve.errors import APIError, bad
+from g3n.tool_calls import Function, functions, render_history, with_tools
 
 
 @dataclass
@@ -30,6 +31,26 @@ class ChatRequest:
     logprobs: int | None = None  # None, or how many alternatives each token reports (top_logprobs)
     grammar: str | None = None  # what the reply must match (response_format; inference/grammar.py)
     model: str = ""  # the id asked for: the base model's or a served adapter's
+    tools: ToolUse | None = None  # the functions it may call (tools, tool_choice)
+
+
+@dataclass
+class ToolUse:
+    """What a request's `tools`, `tool_choice` and `parallel_tool_calls` ask (tool_calls.py)."""
+
+    functions: list[Function]
+    choice: str  # "auto", "none", "required", or the one function's name
+    parallel: bool
+    grammar: str  # the reply's grammar: text or calls as `choice` allows (with response_format's JSON)
+
+    @property
+    def forced(self) -> bool:
+        """The reply must be a call (only a grammar can promise that)."""
+        return self.choice not in ("auto", "none")
+
+    @property
+    def names(self) -> set[str]:
+        return {f.name for f in self.functions}
 
 
 def _number(body: dict, name: str, lo: float, hi: float, default, integer: bool = False):
@@ -62,8 +83,8 @@ def _shown(value) -> str:
 # Fields we cannot honour, with the value that means "not asked for".
 _REFUSED = {
     "n": 1,
-    "tools": None,
-    "functions": None,
+    "functions": None,  # the legacy form of tools
+    "function_call": None,
 }
 
 
@@ -92,8 +113,11 @@ def parse_chat_request(body: dict, model_name: str | list[str], max_tokens_defau
     for name, neutral in _REFUSED.items():
         value = body.get(name)
         if value is not None and value != neutral and value != []:
-            raise bad(f"'{name}' is not supported by this server (only {json.dumps(neutral)})", name, "unsupported")
-    grammar = _response_format(body.get("response_format"))
+            hint = "; send 'tools' instead" if name.startswith("function") else ""
+            raise bad(f"'{name}' is not supported by this server (only {json.dumps(neutral)}){hint}", name,
+                      "unsupported")  # fmt: skip
+    grammar, schema = _response_format(body.get("response_format"))
+    tools = _tools(body, schema)
 
     stream = body.get("stream", False)
     if not isinstance(stream, bool) and stream is not None:
@@ -123,9 +147,50 @@ def parse_chat_request(body: dict, model_name: str | list[str], max_tokens_defau
     )
     stop, bias, logprobs = _stop(body.get("stop")), _logit_bias(body.get("logit_bias")), _logprobs(body)
     messages, modalities = parse_messages(body.get("messages"), accept)  # last: media decoding takes time
-    messages = merge_turns(messages)
+    try:
+        messages = merge_turns(render_history(messages))
+        if tools is not None:
+            messages = with_tools(messages, tools.functions)
+    except G3nError as e:
+        raise bad(str(e), "messages") from None
     return ChatRequest(messages, modalities, params, stop, bool(stream), bool(options.get("include_usage")), bias,
-                       logprobs, grammar, model)  # fmt: skip
+                       logprobs, grammar, model, tools)  # fmt: skip
+
+
+def _tools(body: dict, prose_schema: dict | None) -> ToolUse | None:
+    """OpenAI's tools, tool_choice and parallel_tool_calls; None when no tools are given."""
+    from g3n.tool_calls import grammar
+
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    parallel = body.get("parallel_tool_calls", True)
+    if not isinstance(parallel, bool) and parallel is not None:
+        raise bad("'parallel_tool_calls' must be true or false", "parallel_tool_calls")
+    if tools is None or tools == []:
+        if choice not in (None, "none", "auto"):
+            raise bad("'tool_choice' needs 'tools'", "tool_choice")
+        return None
+    try:
+        funcs = functions(tools)
+    except G3nError as e:
+        raise bad(str(e), "tools") from None
+    if choice is None:
+        choice = "auto"
+    elif isinstance(choice, dict):
+        name = choice.get("function", {}).get("name") if isinstance(choice.get("function"), dict) else None
+        if choice.get("type") != "function" or name not in {f.name for f in funcs}:
+            raise bad("'tool_choice' must be none, auto, required or {'type': 'function', 'function': {'name': N}} "
+                      f"naming one of the tools, got {_shown(name or choice.get('type'))}", "tool_choice")  # fmt: skip
+        choice = name
+    elif choice not in ("none", "auto", "required"):
+        raise bad(f"'tool_choice' must be none, auto, required or a function, got {_shown(choice)}", "tool_choice")
+    callable_ = [f for f in funcs if f.name == choice] or funcs  # a named choice: that one only
+    kind = choice if choice in ("none", "auto") else "required"
+    try:
+        # a named function is called once; otherwise several calls at once unless parallel_tool_calls is false
+        text = grammar(callable_, kind, parallel is not False and choice in ("auto", "required"), prose_schema)
+    except G3nError as e:
+        raise bad(str(e), "tools") from None
+    return ToolUse(funcs, choice, parallel is not False, text)
 
 
 def merge_turns(messages: list[dict]) -> list[dict]:
@@ -164,14 +229,15 @@ def _joined(a, b):
     return a + b
 
 
-def _response_format(fmt) -> str | None:
+def _response_format(fmt) -> tuple[str | None, dict | None]:
     """OpenAI's response_format: text (None), json_object (any JSON object) or json_schema (a value
-    matching `json_schema.schema`, strict or not): the grammar the reply is decoded under."""
+    matching `json_schema.schema`, strict or not): the grammar the reply is decoded under, and its
+    JSON schema."""
     if fmt is None:
-        return None
+        return None, None
     kind = fmt.get("type") if isinstance(fmt, dict) else None
     if kind == "text":
-        return None
+        return None, None
     if kind not in ("json_object", "json_schema"):
         raise bad("'response_format' must be an object with 'type' text, json_object or json_schema",
                   "response_format")  # fmt: skip
@@ -185,10 +251,10 @@ def _response_format(fmt) -> str | None:
             raise bad("'response_format.json_schema.schema' must be a JSON schema object", "response_format")
         if not isinstance(spec.get("strict", False), bool) and spec.get("strict") is not None:
             raise bad("'response_format.json_schema.strict' must be true or false", "response_format")
-    from g3n.inference.grammar import json_grammar
+    from g3n.inference.grammar import ANY_OBJECT, json_grammar
 
     try:
-        return json_grammar(schema)
+        return json_grammar(schema), schema or ANY_OBJECT
     except G3nError as e:
         raise bad(f"'response_format': {e}", "response_format") from None
 
