@@ -14,7 +14,8 @@ profiles N batch-1 decode steps (GPU busy time and kernels a step, the top kerne
 `--second-process` then times a new process's first call (the compile cache's hit), with dynamo's
 own compile times; `--adapters N` times batch 8 with N random LoRA adapters (r 16 on the seven
 projections) served per row (adapters/row_lora.py), rows spread over them, against batch 8 on
-the base model.
+the base model; `--grammar` times batch 1 and 8 with every row under a JSON schema's grammar
+(a synthetic vocabulary of the model's size: no tokenizer on the GPU machine).
 """
 
 from __future__ import annotations
@@ -92,6 +93,62 @@ def adapters_row(model, prompts, n: int) -> dict:
     return out
 
 
+PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+          "tags": {"type": "array", "items": {"type": "string"}}}, "required": ["name", "age", "tags"]}  # fmt: skip
+
+
+def synthetic_vocabulary(size: int):
+    """llguidance's view of a `size`-token vocabulary shaped like Gemma's (the 256 bytes, then
+    pieces of 1-8 printable characters, a quarter with a leading space): the mask's cost without a
+    real tokenizer on the GPU machine. Id 1 ends a reply."""
+    import random
+
+    import llguidance as llg
+
+    from g3n.inference.grammar import Vocabulary
+
+    rng, chars = random.Random(0), [chr(c) for c in range(33, 127)]
+    tokens = [b"\xff<pad>", b"\xff<eos>"] + [bytes([b]) for b in range(256)]
+    while len(tokens) < size:
+        text = "".join(rng.choice(chars) for _ in range(rng.randint(1, 8)))
+        tokens.append((" " * (rng.random() < 0.25) + text).encode())
+
+    class Pieces:
+        eos_token_id, bos_token_id, special_token_ids = 1, None, [0, 1]
+
+        def __init__(self):
+            self.tokens = tokens
+
+        def __call__(self, data: bytes) -> list[int]:
+            return [2 + b for b in data]
+
+    lltok = llg.LLTokenizer(llg.TokenizerWrapper(Pieces()), n_vocab=size, eos_token=[1])
+    return Vocabulary(lltok, {b: 2 + b for b in range(256)})
+
+
+def grammar_row(model, prompts) -> dict:
+    """Batch 1 and batch 8 with every row under a JSON schema's grammar (GrammarProcessor, the
+    server's response_format path) against the same rows without."""
+    from g3n.inference.grammar import GrammarProcessor, json_grammar
+
+    vocab, grammar, out = synthetic_vocabulary(model.config.vocab_size), json_grammar(PERSON), {}
+    for rows in (1, len(prompts)):
+        for label in ("plain", "json schema"):
+            engine = Engine(model, rows)
+            for new in (16, 256):  # warm-up (captures), then timed
+                for p in prompts[:rows]:
+                    proc = GrammarProcessor(vocab, grammar, [1], new) if label != "plain" else None
+                    engine.add(Request(p[:-new] if new == 16 else p, SamplingParams(max_new_tokens=new),
+                                       frozenset({1}), processor=proc))  # fmt: skip
+                torch.cuda.synchronize()
+                start, produced = time.perf_counter(), 0
+                while engine.busy:
+                    produced += len(engine.step())
+            out[f"batch {rows}, {label}"] = {"tok_s": round(produced / (time.perf_counter() - start), 1),
+                                             "tokens": produced}  # fmt: skip
+    return out
+
+
 def profile(model, prompt, steps: int) -> None:
     """GPU busy time and kernel launches per decode step (batch 1), and the costliest kernels."""
     from torch.profiler import ProfilerActivity
@@ -130,6 +187,7 @@ def main():
     ap.add_argument("--second-process", action="store_true", help="then time a new process's first call")
     ap.add_argument("--first-only", action="store_true", help="only the batch-1 calls (the second process)")
     ap.add_argument("--adapters", type=int, default=0, help="then batch 8 with this many LoRA adapters per row")
+    ap.add_argument("--grammar", action="store_true", help="then batch 1 and 8 under a JSON schema's grammar")
     args = ap.parse_args()
     started = time.perf_counter()
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
@@ -169,6 +227,9 @@ def main():
                 fresh = [torch.randint(0, vocab, (512,), generator=g).tolist() for _ in range(8)]
                 for label, r in adapters_row(model, fresh, args.adapters).items():
                     rows[f"batch 8, {label}"] = r
+            if args.grammar and name == "default":
+                fresh = [torch.randint(0, vocab, (512,), generator=g).tolist() for _ in range(8)]
+                rows.update(grammar_row(model, fresh))
             for what, r in rows.items():
                 print(f"{size} {name:8s} {what:12s} {r}", flush=True)
         if args.second_process:
