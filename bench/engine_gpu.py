@@ -205,28 +205,34 @@ def main():
             # another prompt: the same one again would restore its kept prefix (shared-prefix reuse)
             other = [torch.randint(0, vocab, (512,), generator=g).tolist()]
             rows = {"second call": timed(model, other, 256, options)}
+            print(f"{size} {name:8s} second call  {rows['second call']}", flush=True)
             if args.first_only:
-                print(f"{size} {name:8s} second call  {rows['second call']}", flush=True)
                 print(torch._dynamo.utils.compile_times(), flush=True)
                 continue
             if args.profile and name == "default":
                 profile(model, prompt, args.profile)
             for chunk in args.chunks:
                 long = [torch.randint(0, vocab, (args.long,), generator=g).tolist()]
-                decode.PREFILL_CHUNK = chunk
+                saved = decode.PREFILL_CHUNK, decode.LONE_PREFILL_CHUNK
+                decode.PREFILL_CHUNK = decode.LONE_PREFILL_CHUNK = chunk
                 timed(model, long, 2, options)
                 rows[f"prompt {args.long}, chunk {chunk}"] = timed(model, long, 2, options)
-                decode.PREFILL_CHUNK = 512
+                print(f"{size} {name:8s} prompt {args.long}, chunk {chunk} {rows[f'prompt {args.long}, chunk {chunk}']}",
+                      flush=True)  # fmt: skip
+                decode.PREFILL_CHUNK, decode.LONE_PREFILL_CHUNK = saved
             long = [torch.randint(0, vocab, (args.long,), generator=g).tolist()]
             timed(model, long, 2, options)  # the longer cache's graphs
             rows[f"prompt {args.long}"] = timed(model, long, 2, options)
             batch = [torch.randint(0, vocab, (512,), generator=g).tolist() for _ in range(16)]
             timed(model, batch[8:], 16, options)
             rows["batch 8"] = timed(model, batch[:8], 256, options)
+            print(f"{size} {name:8s} prompt {args.long} {rows[f'prompt {args.long}']}; batch 8 {rows['batch 8']}",
+                  flush=True)  # fmt: skip
             if args.adapters and name == "default":
                 fresh = [torch.randint(0, vocab, (512,), generator=g).tolist() for _ in range(8)]
                 for label, r in adapters_row(model, fresh, args.adapters).items():
                     rows[f"batch 8, {label}"] = r
+                    print(f"{size} {name:8s} batch 8, {label} {r}", flush=True)
             if args.grammar and name == "default":
                 fresh = [torch.randint(0, vocab, (512,), generator=g).tolist() for _ in range(8)]
                 rows.update(grammar_row(model, fresh))
