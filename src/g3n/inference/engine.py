@@ -605,7 +605,7 @@ class Engine:
         row.embeds = None
         sampling = self.sampling.view(slice(slot, slot + 1))
         position = torch.tensor([len(prompt)], device=self.model.device)
-        drawn_from = logits if row.request.processor is None else self._processed(row, logits[0])[None]
+        drawn_from = logits if row.request.processor is None else self._processed([slot], logits)
         params = [row.request.params]
         tokens = sample_rows(drawn_from, sampling, position, candidate_cap(params), *self._kernels())
         out = StepOut(logits, tokens)
@@ -616,9 +616,17 @@ class Engine:
     def _kernels(self) -> tuple[bool, bool]:
         return self.gen.options.sample_kernels, self.gen.options.pdl
 
-    def _processed(self, row: _Row, logits: torch.Tensor) -> torch.Tensor:
-        generated = row.held[len(row.request.prompt) :] + ([] if row.next is None else [row.next])
-        return row.request.processor(generated, logits.float())
+    def _processed(self, slots: list[int], logits: torch.Tensor) -> torch.Tensor:
+        """The rows' `logits` (len(slots), vocab) rewritten by their processors; processors with
+        one `batched` function (GrammarProcessor's: masks computed in parallel) take all rows at once."""
+        procs = [self.rows[s].request.processor for s in slots]
+        generated = [self.rows[s].held[len(self.rows[s].request.prompt) :] for s in slots]
+        generated = [g + ([] if self.rows[s].next is None else [self.rows[s].next]) for g, s in zip(generated, slots)]
+        logits = logits.float()
+        batched = getattr(procs[0], "batched", None)
+        if batched is not None and all(getattr(p, "batched", None) is batched for p in procs):
+            return batched(procs, generated, logits)
+        return torch.stack([p(g, row) for p, g, row in zip(procs, generated, logits, strict=True)])
 
     def _launch(self, decoding: list[int]) -> _InFlight:
         """Queue a decode step of the `decoding` rows (fed their last drawn tokens)."""
@@ -639,15 +647,13 @@ class Engine:
             out = dataclasses.replace(out, tokens=out.tokens.clone())
             if out.logprobs is not None:
                 out.logprobs = out.logprobs.clone()
-            for s in processed:
-                row = self.rows[s]
-                logits = self._processed(row, out.logits[s])
-                sampling = self.sampling.view(slice(s, s + 1))
-                position = torch.tensor([len(row.held) + 1], device=self.model.device)
-                cap = candidate_cap([row.request.params])
-                out.tokens[s] = sample_rows(logits[None], sampling, position, cap, *self._kernels())[0]
-                if out.logprobs is not None:  # of the token drawn now, under the model's own distribution
-                    out.logprobs[s] = logprob_outputs(out.logits[s : s + 1], out.tokens[s : s + 1])[0][0]
+            at = torch.tensor(processed, device=self.model.device)
+            logits = self._processed(processed, out.logits[at])
+            positions = torch.tensor([len(self.rows[s].held) + 1 for s in processed], device=self.model.device)
+            cap = candidate_cap([self.rows[s].request.params for s in processed])
+            out.tokens[at] = sample_rows(logits, self.sampling.view(at), positions, cap, *self._kernels())
+            if out.logprobs is not None:  # of the tokens drawn now, under the model's own distribution
+                out.logprobs[at] = logprob_outputs(out.logits[at], out.tokens[at])[0]
         return _InFlight(decoding, [self.rows[s].handle for s in decoding], key, out, not processed)
 
     def _follow(self, prev: _InFlight) -> _InFlight | None:

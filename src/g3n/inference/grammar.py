@@ -18,6 +18,7 @@ import json
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from g3n.errors import G3nError
@@ -142,8 +143,6 @@ class GrammarProcessor:
         self.vocab, self.budget = vocab, budget
         self.end_ids = sorted(end_ids)
         self.words = (vocab.size + 31) // 32
-        self.bits = torch.empty(self.words, dtype=torch.int32)
-        self.shifts = torch.arange(32, dtype=torch.int32)
         self.consumed = 0
         self.closing: list[int] | None = None  # the forced tokens that close the value, once started
         self._closing_from = 0  # tokens generated when the closing started
@@ -151,23 +150,23 @@ class GrammarProcessor:
         self._next_check = 0  # how many tokens generated when the closing's length is next measured
 
     def __call__(self, generated: list[int], logits: torch.Tensor) -> torch.Tensor:
+        return mask_rows([self], [generated], logits[None])[0]
+
+    def _advance(self, generated: list[int]) -> list[int] | None:
+        """Consume the tokens generated since the last call; the only tokens allowed next when
+        that is decided without a mask (the closing's next token, the end), else None."""
         for t in generated[self.consumed :]:
             if t not in self.end_ids:
                 self.matcher.consume_token(t)
         self.consumed = len(generated)
         if self.matcher.is_error():
-            return self._only(self.end_ids, logits)
+            return self.end_ids
         if self.budget is not None and self.closing is None:
             self._plan(len(generated))
         if self.closing is not None:
             at = len(generated) - self._closing_from
-            return self._only(self.closing[at : at + 1] or self.end_ids, logits)
-        self.matcher.unsafe_compute_mask_ptr(self.bits.data_ptr(), self.words * 4)
-        bits, shifts = self.bits.to(logits.device), self.shifts.to(logits.device)
-        allowed = ((bits[:, None] >> shifts) & 1).flatten()[: logits.shape[-1]].bool()
-        if allowed.shape[0] < logits.shape[-1]:  # the model's rows past the tokenizer's ids
-            allowed = torch.cat([allowed, allowed.new_zeros(logits.shape[-1] - allowed.shape[0])])
-        return logits.masked_fill(~allowed, float("-inf"))
+            return self.closing[at : at + 1] or self.end_ids
+        return None
 
     def _plan(self, produced: int) -> None:
         """Start closing when the tokens left barely hold the shortest closing and the end token.
@@ -206,8 +205,36 @@ class GrammarProcessor:
             path += steps
         return path
 
-    @staticmethod
-    def _only(ids: list[int], logits: torch.Tensor) -> torch.Tensor:
-        allowed = torch.zeros(logits.shape[-1], dtype=torch.bool)
-        allowed[ids] = True
-        return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+
+_executor = None  # llguidance's thread pool, made at the first batch of masks
+
+
+def mask_rows(processors: list[GrammarProcessor], generated: list[list[int]], logits: torch.Tensor) -> torch.Tensor:
+    """`logits` (rows, vocab) with what each row's grammar forbids next at -inf. The rows' masks are
+    computed at once, in llguidance's threads, and go to the device in one copy: a batch of
+    grammar rows costs about one row's host time, not one per row (GrammarProcessor.batched)."""
+    global _executor
+    rows, words = len(processors), processors[0].words
+    bits = np.zeros((rows, words), dtype=np.uint32)
+    jobs = []
+    for i, (proc, tokens) in enumerate(zip(processors, generated, strict=True)):
+        only = proc._advance(tokens)
+        if only is None:
+            jobs.append((proc.matcher, i))
+        else:
+            for t in only:
+                bits[i, t // 32] |= np.uint32(1 << (t % 32))
+    if jobs:
+        if _executor is None:
+            _executor = _llguidance().LLExecutor()
+        _executor.unsafe_compute_mask_ptr(jobs, bits.ctypes.data, words * 4, rows)
+    packed = torch.from_numpy(bits.view(np.int32)).to(logits.device)
+    allowed = ((packed[:, :, None] >> _SHIFTS.to(logits.device)) & 1).reshape(rows, -1).bool()
+    vocab = logits.shape[-1]
+    if allowed.shape[1] < vocab:  # the model's rows past the tokenizer's ids
+        allowed = torch.cat([allowed, allowed.new_zeros(rows, vocab - allowed.shape[1])], dim=1)
+    return logits.masked_fill(~allowed[:, :vocab], float("-inf"))
+
+
+_SHIFTS = torch.arange(32, dtype=torch.int32)
+GrammarProcessor.batched = staticmethod(mask_rows)

@@ -187,7 +187,7 @@ class RowSampling:
         self.seen = torch.zeros(rows, vocab, dtype=torch.bool, device=device)
         self.counts = torch.zeros(rows, vocab, device=device)
 
-    def view(self, rows: slice) -> RowSampling:
+    def view(self, rows: slice | torch.Tensor) -> RowSampling:
         out = object.__new__(RowSampling)
         out.__dict__.update({k: v[rows] for k, v in self.__dict__.items()})
         return out
