@@ -104,15 +104,18 @@ VISION_ARCH = [
 ]
 
 
-def hf_multimodal_config(audio_tokens=8):
+def hf_multimodal_config(audio_tokens=8, image_tokens=4, text=None):
+    """`image_tokens` soft tokens per image (a square number: the MSFA's output side squared);
+    `text`: the decoder's Gemma3nTextConfig (default: the small hf_text_config one)."""
     import json
 
     from timm.models._efficientnet_builder import decode_arch_def
     from transformers import Gemma3nAudioConfig, Gemma3nConfig, Gemma3nVisionConfig
 
     block_args = json.loads(json.dumps(decode_arch_def(VISION_ARCH)))
+    side = round(image_tokens**0.5)
     vision = Gemma3nVisionConfig(
-        model_args={"block_args": block_args, "stem_size": 8, "msfa_output_resolution": 2},
+        model_args={"block_args": block_args, "stem_size": 8, "msfa_output_resolution": side},
         vocab_offset=768,
         vocab_size=8,
     )
@@ -124,12 +127,13 @@ def hf_multimodal_config(audio_tokens=8):
         vocab_offset=776,
         vocab_size=8,
     )
-    text = hf_text_config(vocab_size=784, vocab_size_per_layer_input=768, max_position_embeddings=512)
+    if text is None:
+        text = hf_text_config(vocab_size=784, vocab_size_per_layer_input=768, max_position_embeddings=512)
     return Gemma3nConfig(
         text_config=text.to_dict(),
         vision_config=vision.to_dict(),
         audio_config=audio.to_dict(),
-        vision_soft_tokens_per_image=4,
+        vision_soft_tokens_per_image=image_tokens,
         audio_soft_tokens_per_image=audio_tokens,
         boi_token_id=MM_IDS["boi"],
         eoi_token_id=MM_IDS["eoi"],
@@ -140,13 +144,28 @@ def hf_multimodal_config(audio_tokens=8):
     )
 
 
-def make_hf_multimodal(seed=0, scale=0.4):
-    """transformers' tiny multimodal model, random weights everywhere, float32."""
+def llama_cpp_text_config(**overrides):
+    """The shipped tiny model's decoder config (inside what llama.cpp's Gemma 3n graph hard-codes)
+    with the multimodal vocabulary: 768 pieces, then 8 vision and 8 audio ids."""
+    import json
+
+    from transformers import Gemma3nTextConfig
+
+    from g3n.checkpoint.names import TINY_DIR
+
+    raw = json.loads((TINY_DIR / "config.json").read_text())
+    raw.update({"vocab_size": 784, "vocab_size_per_layer_input": 768, **overrides})
+    return Gemma3nTextConfig(**{k: v for k, v in raw.items() if k not in ("architectures", "model_type")})
+
+
+def make_hf_multimodal(seed=0, scale=0.4, **config):
+    """transformers' tiny multimodal model, random weights everywhere, float32 (`config`: for
+    hf_multimodal_config)."""
     import copy
 
     from transformers import Gemma3nForConditionalGeneration
 
-    cfg = hf_multimodal_config()
+    cfg = hf_multimodal_config(**config)
     clean_args = copy.deepcopy(cfg.vision_config.model_args)
     torch.manual_seed(seed)
     model = Gemma3nForConditionalGeneration(cfg).float().eval()
@@ -154,8 +173,9 @@ def make_hf_multimodal(seed=0, scale=0.4):
     return randomize_(model, seed, scale)
 
 
-def save_hf_multimodal(model, out_dir):
-    """The model plus the tiny tokenizer (with the media tokens added) as a checkpoint directory."""
+def save_hf_multimodal(model, out_dir, image_size=64):
+    """The model plus the tiny tokenizer (with the media tokens added) as a checkpoint directory;
+    its image processor resizes to `image_size` squared."""
     import json
     import shutil
     from pathlib import Path
@@ -177,10 +197,11 @@ def save_hf_multimodal(model, out_dir):
     for key, content in names.items():
         tok_cfg["added_tokens_decoder"][str(MM_IDS[key])] = {"content": content, "special": True}
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=1))
-    # One preprocessor_config.json for both processors, as Google ships it (64 x 64 images here).
+    # One preprocessor_config.json for both processors, as Google ships it (64 x 64 images by default).
     from transformers import Gemma3nAudioFeatureExtractor, SiglipImageProcessor
 
-    images = SiglipImageProcessor(size={"height": 64, "width": 64}, do_normalize=False, resample=2)
+    size = {"height": image_size, "width": image_size}
+    images = SiglipImageProcessor(size=size, do_normalize=False, resample=2)
     merged = {**json.loads(Gemma3nAudioFeatureExtractor().to_json_string()), **json.loads(images.to_json_string())}
     (out_dir / "preprocessor_config.json").write_text(json.dumps(merged, indent=1))
     return out_dir

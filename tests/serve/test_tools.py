@@ -88,7 +88,11 @@ def test_required_and_named_calls_validate(client):
     out = client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, tool_choice=named, seed=4,
                                          max_tokens=200)  # fmt: skip
     calls = out.choices[0].message.tool_calls
-    assert out.choices[0].finish_reason == "tool_calls" and [c.function.name for c in calls] == ["now"] and json.loads(calls[0].function.arguments) == {}
+    assert (
+        out.choices[0].finish_reason == "tool_calls"
+        and [c.function.name for c in calls] == ["now"]
+        and json.loads(calls[0].function.arguments) == {}
+    )
 
 
 def test_auto_gives_text_or_calls_and_none_gives_text(client, token_of):

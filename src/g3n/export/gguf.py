@@ -33,20 +33,27 @@ DIRECT = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
 LLAMA_QUANTIZER = {"q4_0": "Q4_0", "q5_0": "Q5_0", "q4_k_m": "Q4_K_M", "q5_k_m": "Q5_K_M", "q6_k": "Q6_K"}
 QUANTS = (*DIRECT, *LLAMA_QUANTIZER, "dynamic")
 ARCH = "gemma3n"
-FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32, "dynamic": 2}  # llama_ftype (dynamic: mostly Q4_0)
+FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}  # llama_ftype
+
+# g3n's `dynamic` recipe: llama.cpp's Q5_K_M mixture with per-tensor overrides (first matching
+# pattern wins). The token table is also the output projection (tied), the most sensitive matrix
+# per byte, so it gets Q8_0; the per-layer table (2 B of E2B's 4.4 B weights) stays at Q6_K, above
+# the layers; every attention-value and FFN-down projection gets Q6_K (Q5_K_M gives it to half of
+# them). Tensors llama.cpp leaves unquantized (AltUp, Laurel, PLE projections) stay F16, and rows
+# too narrow for 256-wide K-quant blocks fall back to llama.cpp's usual substitutes.
+DYNAMIC_BASE = "Q5_K_M"
+DYNAMIC_OVERRIDES = (
+    (r"^token_embd\.weight$", "Q8_0"),
+    (r"^per_layer_token_embd\.weight$", "Q6_K"),
+    (r"\.(attn_v|ffn_down)\.weight$", "Q6_K"),
+)
 
 
-def dynamic_type(name: str) -> str:
-    """g3n's `dynamic` recipe: the token tables (the embedding is also the output projection, and
-    per_layer_token_embd feeds every layer) at Q8_0, the small AltUp/Laurel/PLE projections at F16,
-    attention values and FFN down projections at Q5_0, the other matrices at Q4_0."""
-    if name.startswith(("token_embd", "per_layer_token_embd")):
-        return "Q8_0"
-    if any(part in name for part in ("altup", "laurel", "per_layer_model_proj", ".inp_gate", ".proj.")):
-        return "F16"
-    if any(part in name for part in ("attn_v", "ffn_down")):
-        return "Q5_0"
-    return "Q4_0"
+def dynamic_type(name: str) -> str | None:
+    """The type the `dynamic` recipe asks for `name`, or None where llama.cpp's Q5_K_M rules decide."""
+    import re
+
+    return next((t for pattern, t in DYNAMIC_OVERRIDES if re.search(pattern, name)), None)
 
 
 ROWS_PER_CHUNK = 4096  # rows read, converted and written at a time: memory stays a few chunks
@@ -105,8 +112,7 @@ def _entries(tensors, cfg: TextConfig, quant: str, adapter=None) -> list[_Entry]
     entries = []
 
     def add(gname: str, shape, chunks):
-        requested = dynamic_type(gname) if quant == "dynamic" else DIRECT[quant]
-        entries.append(_Entry(gname, tuple(shape), _storage(tuple(shape), requested), chunks))
+        entries.append(_Entry(gname, tuple(shape), _storage(tuple(shape), DIRECT[quant]), chunks))
 
     def rows(name: str):
         def chunks():
@@ -267,9 +273,9 @@ def export_gguf(model: str, out: str | Path, adapter=None, quant: str = "f16", o
     import gguf
     import numpy as np
 
-    from g3n.adapters.merge import AdapterDeltas
     from g3n.checkpoint.atomic import check_export_target, write_atomic
     from g3n.checkpoint.names import resolve_model_dir
+    from g3n.export.mmproj import text_deltas
     from g3n.model.load import TextTensors
 
     quant = quant.lower()
@@ -285,7 +291,8 @@ def export_gguf(model: str, out: str | Path, adapter=None, quant: str = "f16", o
         raise G3nError(f"{model_dir}: llama.cpp cannot run this model: " + "; ".join(problems))
     tensors = TextTensors(model_dir)
     try:
-        adapter_deltas = AdapterDeltas(adapter) if adapter is not None else None
+        # a multimodal checkpoint takes adapters of its towers too (they go to the projector, mmproj.py)
+        adapter_deltas = text_deltas(model_dir, adapter)
         if adapter_deltas is not None:
             adapter_deltas.check(tensors.shapes, model_dir)
         make_parent(out)
@@ -294,7 +301,7 @@ def export_gguf(model: str, out: str | Path, adapter=None, quant: str = "f16", o
         raise
     cfg = tensors.config
 
-    direct = "f16" if quant in LLAMA_QUANTIZER else quant
+    direct = quant if quant in DIRECT else "f16"  # the rest are quantized by llama.cpp from an f16 file
 
     def write(path: Path) -> None:
         entries = _entries(tensors, cfg, direct, adapter_deltas)
@@ -312,8 +319,8 @@ def export_gguf(model: str, out: str | Path, adapter=None, quant: str = "f16", o
         w.close()
 
     try:
-        if quant in LLAMA_QUANTIZER:
-            write_atomic(out, lambda path: _llama_quantize(write, path, LLAMA_QUANTIZER[quant]))
+        if quant not in DIRECT:
+            write_atomic(out, lambda path: _llama_quantize(write, path, quant))
         else:
             write_atomic(out, write)
     finally:
@@ -331,18 +338,33 @@ def make_parent(out: Path) -> None:
         raise G3nError(f"{out.parent}: not a writable directory")
 
 
-def _llama_quantize(write_f16, path: Path, ftype: str) -> None:
+def _llama_quantize(write_f16, path: Path, quant: str) -> None:
     """Write an f16 GGUF beside `path`, then quantize it into `path` with llama.cpp."""
-    import ctypes
-
-    llama_cpp = import_llama_cpp(f"quant {ftype.lower()}")
+    llama_cpp = import_llama_cpp(f"quant {quant}")
     source = path.with_name(path.name + ".f16")
     try:
         write_f16(source)
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
-        params.nthread = os.cpu_count() or 1
-        if llama_cpp.llama_model_quantize(str(source).encode(), str(path).encode(), ctypes.byref(params)) != 0:
-            raise G3nError(f"llama.cpp could not quantize to {ftype.lower()}")
+        quantize_with_llama_cpp(llama_cpp, source, path, quant)
     finally:
         source.unlink(missing_ok=True)
+
+
+def quantize_with_llama_cpp(llama_cpp, source: Path, path: Path, quant: str) -> None:
+    """llama_model_quantize from `source` (f16) to `path`; `dynamic` passes its per-tensor overrides
+    as the NULL-terminated {pattern, ggml_type} array of llama_model_quantize_params.tt_overrides."""
+    import ctypes
+
+    import gguf
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(
+        llama_cpp, f"LLAMA_FTYPE_MOSTLY_{DYNAMIC_BASE if quant == 'dynamic' else LLAMA_QUANTIZER[quant]}"
+    )
+    params.nthread = os.cpu_count() or 1
+    if quant == "dynamic":
+        overrides = (llama_cpp.llama_model_tensor_override * (len(DYNAMIC_OVERRIDES) + 1))()
+        for o, (pattern, type_name) in zip(overrides, DYNAMIC_OVERRIDES):
+            o.pattern, o.type = pattern.encode(), int(gguf.GGMLQuantizationType[type_name])
+        params.tt_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(path).encode(), ctypes.byref(params)) != 0:
+        raise G3nError(f"llama.cpp could not quantize to {quant}")

@@ -39,14 +39,17 @@ def modelfile_path(gguf_path: Path, overwrite: bool = False) -> Path:
     return path
 
 
-def write_modelfile(gguf_path: Path, overwrite: bool = False) -> Path:
-    """An Ollama Modelfile beside the GGUF: FROM, Gemma's template, stop token, Google's sampling."""
+def write_modelfile(gguf_path: Path, overwrite: bool = False, projector: Path | None = None) -> Path:
+    """An Ollama Modelfile beside the GGUF: FROM, Gemma's template, stop token, Google's sampling.
+    A vision projector (mmproj GGUF) is a second FROM line: Ollama keeps a GGUF of architecture
+    `clip` as the model's projector."""
     from g3n.checkpoint.atomic import write_atomic
 
     path = modelfile_path(gguf_path, overwrite)
     text = (
         f"FROM ./{gguf_path.name}\n"
-        f'TEMPLATE """{OLLAMA_TEMPLATE}"""\n'
+        + (f"FROM ./{projector.name}\n" if projector is not None else "")
+        + f'TEMPLATE """{OLLAMA_TEMPLATE}"""\n'
         'PARAMETER stop "<end_of_turn>"\n'
         "PARAMETER temperature 1\nPARAMETER top_k 64\nPARAMETER top_p 0.95\nPARAMETER min_p 0\n"
     )
