@@ -177,6 +177,25 @@ def profile(model, prompt, steps: int) -> None:
         print(f"  {t / steps:8.1f} us/step {n / steps:5.1f}x  {name[:110]}", flush=True)
 
 
+def profile_prefill(model, vocab: int, length: int, chunk: int) -> None:
+    """Where a long prompt's prefill time goes: wall time per chunk and the costliest ops (CPU and
+    GPU), chunks of `chunk` tokens."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    g = torch.Generator().manual_seed(1)
+    saved = decode.PREFILL_CHUNK, decode.LONE_PREFILL_CHUNK
+    decode.PREFILL_CHUNK = decode.LONE_PREFILL_CHUNK = chunk
+    timed(model, [torch.randint(0, vocab, (length,), generator=g).tolist()], 2, DecodeOptions())
+    prompt = [torch.randint(0, vocab, (length,), generator=g).tolist()]
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        row = timed(model, prompt, 2, DecodeOptions())
+    decode.PREFILL_CHUNK, decode.LONE_PREFILL_CHUNK = saved
+    print(f"prefill profile: {length} tokens, chunk {chunk}: {row}", flush=True)
+    for key in ("self_cpu_time_total", "self_device_time_total"):
+        print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=70), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", nargs="+", default=["E2B"])
@@ -188,12 +207,17 @@ def main():
     ap.add_argument("--first-only", action="store_true", help="only the batch-1 calls (the second process)")
     ap.add_argument("--adapters", type=int, default=0, help="then batch 8 with this many LoRA adapters per row")
     ap.add_argument("--grammar", action="store_true", help="then batch 1 and 8 under a JSON schema's grammar")
+    ap.add_argument("--profile-prefill", type=int, default=0, metavar="CHUNK",
+                    help="only profile the long prompt's prefill in chunks of CHUNK tokens")  # fmt: skip
     args = ap.parse_args()
     started = time.perf_counter()
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     for size in args.sizes:
         model = build_g3n(size)
         vocab = model.config.vocab_size
+        if args.profile_prefill:
+            profile_prefill(model, vocab, args.long, args.profile_prefill)
+            continue
         for name in args.variants:
             options = VARIANTS[name]
             g = torch.Generator().manual_seed(0)
