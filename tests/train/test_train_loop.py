@@ -364,3 +364,32 @@ def test_model_path_is_relative_to_the_config_file(tmp_path, monkeypatch):
     for model in ("tiny", "google/gemma-3n-E2B-it"):
         (tmp_path / "cfg" / "c.yaml").write_text(f"model: {model}\n")
         assert load_train_config(tmp_path / "cfg" / "c.yaml").model == model
+
+
+def test_packed_rows_through_compiled_layers_keep_one_shape(tmp_path, monkeypatch):
+    """Packed batches run through compiled layers are all max_length wide and keep their segment
+    ids (rows of other widths, with or without several samples, made compiled layers recompile
+    mid-run: steps of seconds on a GPU); eager layers keep each batch as wide as its widest row."""
+    from g3n.train import loop, recompute
+
+    monkeypatch.setattr(recompute, "BACKEND", "aot_eager")
+    places = ["Aa", "Bbbbbbbbbbbbb", "Cc", "Ddddd dddd dddd", "E", "Ffff ff", "Gggggggggg g g g", "H", "Iiii", "Jjj"]
+    data = write_capitals_dataset(tmp_path, places)
+    shapes, collate = [], loop.collate
+
+    def spy(rows, *args):
+        batch = collate(rows, *args)
+        shapes.append((batch.ids.shape[1], batch.segments is not None, max(len(r[0]) for r in rows)))
+        return batch
+
+    monkeypatch.setattr(loop, "collate", spy)
+    for compiled in (True, False):
+        shapes.clear()
+        cfg = train_config(data, tmp_path / str(compiled), compile=compiled, max_length=128, max_steps=4)
+        train(cfg, progress=False)
+        widths = {width for width, _, _ in shapes}
+        if compiled:
+            assert widths == {128} and all(segments for _, segments, _ in shapes)
+        else:
+            assert all(width == widest for width, _, widest in shapes) and len(widths) > 1
+    torch._dynamo.reset()

@@ -70,22 +70,32 @@ def make_rows(examples: list[Example], cfg: TrainConfig) -> list[tuple]:
     return [(e.ids, e.labels, [0] * len(e.ids), e.media) for e in examples]
 
 
-def collate(rows, pad_id: int, processor=None) -> Batch:
+def collate(rows, pad_id: int, processor=None, packed_width: int | None = None) -> Batch:
     """Right-padded tensors; the rows' image/audio files read through `processor` (MediaProcessor).
 
     Right padding needs no attention mask: causal attention never looks ahead, so real tokens do
     not see the padding after them, and padding carries no labels. Segment ids are kept only when
-    a row packs several samples (full layers then build masks from them: model/text.py)."""
-    width = max(len(r[0]) for r in rows)
+    a row packs several samples (full layers then build masks from them: model/text.py).
+    `packed_width` (packing's max_length): every batch is that wide and keeps its segment ids, so
+    compiled layers see one shape and one kind of attention for the whole run (batches of varying
+    width, with or without segments, recompiled them mid-run)."""
+    width = packed_width or max(len(r[0]) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     segments = torch.full((len(rows), width), -1, dtype=torch.long)
     for i, (x, y, s, _) in enumerate(rows):  # padding is its own segment
         ids[i, : len(x)], labels[i, : len(y)], segments[i, : len(s)] = torch.tensor(x), torch.tensor(y), torch.tensor(s)
-    packed = any(len(set(r[2])) > 1 for r in rows)
+    packed = packed_width is not None or any(len(set(r[2])) > 1 for r in rows)
     files = [item for row in rows for item in row[3]]
     media = processor.load(files) if files else None
     return Batch(ids, labels, segments if packed else None, media)
+
+
+def packed_width(cfg: TrainConfig, model) -> int | None:
+    """The width every batch is padded to: max_length when packed rows run through compiled layers
+    (one shape, no recompiles), else None (each batch as wide as its widest row; eager layers
+    take any shape, and padding would only add work)."""
+    return cfg.max_length if cfg.packing and recompute.is_compiled(model.model) else None
 
 
 def stream_seed(purpose: str, *key: int) -> int:
@@ -157,7 +167,7 @@ def evaluate(model, rows, cfg: TrainConfig, pad_id: int, d: Dist | None = None, 
     batches = [rows[i : i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
     total, count = 0.0, 0
     for k in range(d.rank, math.ceil(len(batches) / d.world) * d.world, d.world):
-        b = collate(batches[k] if k < len(batches) else batches[0], pad_id, processor)
+        b = collate(batches[k] if k < len(batches) else batches[0], pad_id, processor, packed_width(cfg, model))
         n = int((b.labels[:, 1:] != IGNORE).sum()) if k < len(batches) else 0
         if n or d.fsdp:
             loss = causal_lm_loss(model, b.ids.to(model.device), b.labels, None, b.segments, media=b.media)
@@ -647,7 +657,8 @@ def _accumulate_gradients(run: _Run, chosen: list[int]) -> float:
     loss_sum = 0.0
     for micro in range(cfg.grad_accum):
         first = (micro * d.world + d.rank) * cfg.batch_size  # this process's share
-        b = collate([run.rows[i] for i in chosen[first : first + cfg.batch_size]], run.tok.pad_id, run.processor)
+        rows = [run.rows[i] for i in chosen[first : first + cfg.batch_size]]
+        b = collate(rows, run.tok.pad_id, run.processor, packed_width(cfg, run.model))
         n = int((b.labels[:, 1:] != IGNORE).sum())
         with distributed.accumulating(run.body, last=micro == cfg.grad_accum - 1):
             ids = b.ids.to(run.model.device)
