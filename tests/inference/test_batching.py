@@ -87,6 +87,29 @@ def test_hooks_logit_bias_logprobs_and_processor(model, tiny):
     assert all(t % 2 == 0 for t in evens[0])
 
 
+def test_processor_rows_batch_and_chain(model, tiny):
+    """A row with a processor beside a plain row: each draws what it draws alone, and the processor
+    sees, before each of its row's draws, exactly the tokens the row has produced (steps stay
+    queued ahead of the host's read; the row is drawn again once its last token is read)."""
+    tok = tiny[1]
+    seen = []
+
+    def only_even(generated, logits):
+        seen.append(list(generated))
+        return logits.masked_fill(torch.arange(logits.shape[-1]) % 2 == 1, float("-inf"))
+
+    hooked = Request(_prompt(tok, "Hi"), SamplingParams(seed=1, max_new_tokens=10), processor=only_even)
+    plain = Request(_prompt(tok, "What is the capital of France?"), SamplingParams(seed=2, max_new_tokens=10))
+    alone = [run_requests(Engine(model, 1), [r])[0] for r in (hooked, plain)]
+    seen.clear()
+    engine, followed = Engine(model, 2), []
+    follow = engine.gen.follow
+    engine.gen.follow = lambda *args: followed.append(1) or follow(*args)
+    assert run_requests(engine, [hooked, plain]) == alone
+    assert seen == [alone[0][:i] for i in range(10)] and all(t % 2 == 0 for t in alone[0])
+    assert len(followed) >= 6  # the steps after the first ones were queued ahead
+
+
 def test_bad_requests_are_refused_with_both_lengths(model):
     engine = Engine(model, 1)
     limit = model.config.max_position_embeddings

@@ -497,6 +497,8 @@ class Engine:
         if flight is not None:
             self._flight = self._follow(flight)  # queued before `flight`'s tokens are read
             out += self._collect(flight)
+            if self._flight is not None:
+                self._process(self._flight)
         if self._flight is None:
             decoding = [s for s, r in enumerate(self.rows) if r is not None and r.next is not None]
             if decoding:
@@ -642,30 +644,42 @@ class Engine:
         logprobs = any(self.rows[s].request.logprobs is not None for s in decoding)
         key = (rows, candidate_cap(params), logprobs)
         out = self.gen.step(tokens, positions, live, *key[1:], adapters=adapters)
-        processed = [s for s in decoding if self.rows[s].request.processor is not None]
-        if processed:  # draw these rows again from their rewritten logits, at the same numbers
-            out = dataclasses.replace(out, tokens=out.tokens.clone())
-            if out.logprobs is not None:
-                out.logprobs = out.logprobs.clone()
-            at = torch.tensor(processed, device=self.model.device)
-            logits = self._processed(processed, out.logits[at])
-            positions = torch.tensor([len(self.rows[s].held) + 1 for s in processed], device=self.model.device)
-            cap = candidate_cap([self.rows[s].request.params for s in processed])
-            out.tokens[at] = sample_rows(logits, self.sampling.view(at), positions, cap, *self._kernels())
-            if out.logprobs is not None:  # of the tokens drawn now, under the model's own distribution
-                out.logprobs[at] = logprob_outputs(out.logits[at], out.tokens[at])[0]
-        return _InFlight(decoding, [self.rows[s].handle for s in decoding], key, out, not processed)
+        flight = _InFlight(decoding, [self.rows[s].handle for s in decoding], key, out, self._hooked(decoding))
+        self._process(flight)  # the host holds every token these rows were fed: draw them again now
+        return flight
+
+    def _hooked(self, slots: list[int]) -> list[int]:
+        return [s for s in slots if self.rows[s].request.processor is not None]
+
+    def _process(self, flight: _InFlight) -> None:
+        """Draw `flight`'s rows with a processor again, at the same random numbers, from their
+        logits as the processors rewrite them (which needs every token the rows were fed on the
+        host: for a queued step, once the step before it has been read)."""
+        slots = [s for s in flight.pending if self.rows[s] is not None and self.rows[s].handle == flight.handle(s)]
+        flight.pending = []
+        if not slots:
+            return
+        at = torch.tensor(slots, device=self.model.device)
+        logits = self._processed(slots, flight.logits[at])
+        positions = torch.tensor([len(self.rows[s].held) + 1 for s in slots], device=self.model.device)
+        cap = candidate_cap([self.rows[s].request.params for s in slots])
+        flight.tokens[at] = sample_rows(logits, self.sampling.view(at), positions, cap, *self._kernels())
+        if flight.logprobs is not None:  # of the tokens drawn now, under the model's own distribution
+            flight.logprobs[at] = logprob_outputs(flight.logits[at], flight.tokens[at])[0]
+        flight.send_to_host()
 
     def _follow(self, prev: _InFlight) -> _InFlight | None:
         """Queue the step after `prev` before its tokens reach the host (on a GPU the host then
-        reads them while the step runs), when the same rows go on: nobody joined or left, no host
-        hook, and every row needs that step's token unless it stops."""
+        reads them while the step runs), when the same rows go on: nobody joined or left, and
+        every row needs that step's token unless it stops. Rows with a processor are drawn again
+        once `prev`'s tokens are read (Engine.step): their masks are computed while the step runs."""
         decoding = [s for s, r in enumerate(self.rows) if r is not None and r.next is not None]
         same = decoding == prev.slots and all(self.rows[s].handle == h for s, h in zip(decoding, prev.handles))
         room = all(self.rows[s].produced + 1 < self.rows[s].max_new for s in decoding)
-        if not (prev.chainable and same and room):
+        if not (same and room):
             return None
-        return _InFlight(prev.slots, prev.handles, prev.key, self.gen.follow(prev.tokens, prev.key), True)
+        out = self.gen.follow(prev.tokens, prev.key)
+        return _InFlight(prev.slots, prev.handles, prev.key, out, self._hooked(prev.slots))
 
     def _collect(self, flight: _InFlight) -> list[Token]:
         """The tokens of a queued step, for its rows still running (one host copy)."""
@@ -720,13 +734,22 @@ class _InFlight:
     its results, snapshotted (the graph's buffers are overwritten by the next step) and on their
     way to the host."""
 
-    def __init__(self, slots: list[int], handles: list[int], key, out: StepOut, chainable: bool):
-        self.slots, self.handles, self.key, self.chainable = slots, handles, key, chainable
+    def __init__(self, slots: list[int], handles: list[int], key, out: StepOut, pending: list[int]):
+        self.slots, self.handles, self.key = slots, handles, key
         self.tokens = out.tokens.clone()
         self.logprobs, self.top_ids, self.top_logprobs = (
             (None, None, None) if out.logprobs is None else
             (out.logprobs.clone(), out.top_ids.clone(), out.top_logprobs.clone())
         )  # fmt: skip
+        self.logits = out.logits  # a graph's buffer: read (Engine._process) before the next replay
+        self.pending = pending  # rows whose processors have yet to redraw their tokens
+        self.send_to_host()
+
+    def handle(self, slot: int) -> int:
+        return self.handles[self.slots.index(slot)]
+
+    def send_to_host(self) -> None:
+        """Start copying the tokens to the host (again, after a redraw)."""
         self._host, self._done = self.tokens, None
         if self.tokens.device.type == "cuda":
             self._host = torch.empty(self.tokens.shape, dtype=self.tokens.dtype, pin_memory=True)
