@@ -207,6 +207,7 @@ def main():
     ap.add_argument("--first-only", action="store_true", help="only the batch-1 calls (the second process)")
     ap.add_argument("--adapters", type=int, default=0, help="then batch 8 with this many LoRA adapters per row")
     ap.add_argument("--grammar", action="store_true", help="then batch 1 and 8 under a JSON schema's grammar")
+    ap.add_argument("--grammar-only", action="store_true", help="only the grammar rows")
     ap.add_argument("--profile-prefill", type=int, default=0, metavar="CHUNK",
                     help="only profile the long prompt's prefill in chunks of CHUNK tokens")  # fmt: skip
     args = ap.parse_args()
@@ -217,6 +218,12 @@ def main():
         vocab = model.config.vocab_size
         if args.profile_prefill:
             profile_prefill(model, vocab, args.long, args.profile_prefill)
+            continue
+        if args.grammar_only:
+            g = torch.Generator().manual_seed(0)
+            prompts = [torch.randint(0, vocab, (512,), generator=g).tolist() for _ in range(8)]
+            for what, r in grammar_row(model, prompts).items():
+                print(f"{size} {what} {r}", flush=True)
             continue
         for name in args.variants:
             options = VARIANTS[name]
