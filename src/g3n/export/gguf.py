@@ -275,7 +275,6 @@ def export_gguf(model: str, out: str | Path, adapter=None, quant: str = "f16", o
 
     from g3n.checkpoint.atomic import check_export_target, write_atomic
     from g3n.checkpoint.names import resolve_model_dir
-    from g3n.export.mmproj import text_deltas
     from g3n.model.load import TextTensors
 
     quant = quant.lower()
@@ -368,3 +367,45 @@ def quantize_with_llama_cpp(llama_cpp, source: Path, path: Path, quant: str) -> 
         params.tt_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
     if llama_cpp.llama_model_quantize(str(source).encode(), str(path).encode(), ctypes.byref(params)) != 0:
         raise G3nError(f"llama.cpp could not quantize to {quant}")
+
+
+def _shapes(index) -> dict[str, tuple[int, ...]]:
+    return {n: tuple(index.handle(f).get_slice(n).get_shape()) for n, f in index.file_of.items()}
+
+
+class MultimodalTextDeltas:
+    """The adapter's deltas for the text GGUF of a multimodal checkpoint: its decoder weights are
+    merged there, its tower weights (checked against the checkpoint too) belong to the projector."""
+
+    def __init__(self, model_dir: Path, adapter):
+        from g3n.adapters.merge import AdapterDeltas
+
+        self.dir = Path(model_dir)
+        self.deltas = AdapterDeltas(adapter, towers=True)
+
+    def check(self, text_shapes: dict, model_dir) -> None:
+        """Refuse an adapter of another model: decoder weights against the text shapes, tower
+        weights against the checkpoint's."""
+        from g3n.adapters.merge import LANGUAGE_PREFIX, _delta_name
+        from g3n.checkpoint.reader import TensorIndex
+
+        shapes = _shapes(TensorIndex(self.dir))
+        towers = {_delta_name(n): s for n, s in shapes.items() if not n.startswith(LANGUAGE_PREFIX)}
+        self.deltas.check({**towers, **text_shapes}, model_dir)
+
+    def merge(self, name: str, rows, start: int = 0):
+        return self.deltas.merge(name, rows, start)
+
+
+def text_deltas(model_dir: Path, adapter=None):
+    """What export_gguf merges into the text GGUF's rows: None without an adapter; for a multimodal
+    checkpoint MultimodalTextDeltas (tower adapters allowed), else the adapter's AdapterDeltas."""
+    from g3n.model.towers import multimodal_config
+
+    if adapter is None:
+        return None
+    if multimodal_config(model_dir) is not None:
+        return MultimodalTextDeltas(model_dir, adapter)
+    from g3n.adapters.merge import AdapterDeltas
+
+    return AdapterDeltas(adapter)

@@ -226,10 +226,6 @@ def _tower_deltas(adapter, model_dir: Path, shapes: dict):
     return deltas
 
 
-def _shapes(index) -> dict[str, tuple[int, ...]]:
-    return {n: tuple(index.handle(f).get_slice(n).get_shape()) for n, f in index.file_of.items()}
-
-
 def export_mmproj(model: str, out: str | Path, adapter=None, quant: str = "f16", overwrite: bool = False) -> Path:
     """Write the vision projector of multimodal `model` (with `adapter` merged, towers included) as
     one GGUF llama.cpp's libmtmd loads beside the model GGUF; `quant` f16 (default) or f32."""
@@ -239,7 +235,7 @@ def export_mmproj(model: str, out: str | Path, adapter=None, quant: str = "f16",
     from g3n.checkpoint.atomic import check_export_target, write_atomic
     from g3n.checkpoint.names import resolve_model_dir
     from g3n.checkpoint.reader import TensorIndex
-    from g3n.export.gguf import _Entry, _write_tensor_data, make_parent
+    from g3n.export.gguf import _Entry, _shapes, _write_tensor_data, make_parent
 
     quant = quant.lower()
     if quant not in TYPES:
@@ -312,44 +308,3 @@ def plan_mmproj(model: str, out: str | Path, wanted: bool | None, adapter=None, 
     path = mmproj_path(out)
     check_export_target(path, "gguf", overwrite, protect=(model_dir, adapter))
     return path
-
-
-# ---- the text GGUF of a multimodal checkpoint -----------------------------------------------------
-
-
-class MultimodalTextDeltas:
-    """The adapter's deltas for the text GGUF of a multimodal checkpoint: its decoder weights are
-    merged there, its tower weights (checked against the checkpoint too) belong to the projector."""
-
-    def __init__(self, model_dir: Path, adapter):
-        from g3n.adapters.merge import AdapterDeltas
-
-        self.dir = Path(model_dir)
-        self.deltas = AdapterDeltas(adapter, towers=True)
-
-    def check(self, text_shapes: dict, model_dir) -> None:
-        """Refuse an adapter of another model: decoder weights against the text shapes, tower
-        weights against the checkpoint's."""
-        from g3n.adapters.merge import LANGUAGE_PREFIX, _delta_name
-        from g3n.checkpoint.reader import TensorIndex
-
-        shapes = _shapes(TensorIndex(self.dir))
-        towers = {_delta_name(n): s for n, s in shapes.items() if not n.startswith(LANGUAGE_PREFIX)}
-        self.deltas.check({**towers, **text_shapes}, model_dir)
-
-    def merge(self, name: str, rows, start: int = 0):
-        return self.deltas.merge(name, rows, start)
-
-
-def text_deltas(model_dir: Path, adapter=None):
-    """What export_gguf merges into the text GGUF's rows: None without an adapter; for a multimodal
-    checkpoint MultimodalTextDeltas (tower adapters allowed), else the adapter's AdapterDeltas."""
-    from g3n.model.towers import multimodal_config
-
-    if adapter is None:
-        return None
-    if multimodal_config(model_dir) is not None:
-        return MultimodalTextDeltas(model_dir, adapter)
-    from g3n.adapters.merge import AdapterDeltas
-
-    return AdapterDeltas(adapter)
