@@ -97,7 +97,7 @@ def test_decode_roundtrip_and_specials(tok):
         ),
         (
             [{"role": "user", "content": "a"}, {"role": "system", "content": "s"}],
-            r"message 1: unknown role 'system' \(use user or assistant\)",
+            r"message 1: unknown role 'system' \(use user, assistant or tool\)",
         ),
     ],
 )
