@@ -369,10 +369,16 @@ def test_model_path_is_relative_to_the_config_file(tmp_path, monkeypatch):
 def test_packed_rows_through_compiled_layers_keep_one_shape(tmp_path, monkeypatch):
     """Packed batches run through compiled layers are all max_length wide and keep their segment
     ids (rows of other widths, with or without several samples, made compiled layers recompile
-    mid-run: steps of seconds on a GPU); eager layers keep each batch as wide as its widest row."""
+    mid-run: steps of seconds on a GPU); eager layers keep each batch as wide as its widest row.
+    The compiled code goes to the same disk cache as the engine's."""
+    from g3n.inference import compile_cache
     from g3n.train import loop, recompute
 
     monkeypatch.setattr(recompute, "BACKEND", "aot_eager")
+    monkeypatch.setattr(compile_cache, "_chosen", None)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "")  # both restored after the test
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
     places = ["Aa", "Bbbbbbbbbbbbb", "Cc", "Ddddd dddd dddd", "E", "Ffff ff", "Gggggggggg g g g", "H", "Iiii", "Jjj"]
     data = write_capitals_dataset(tmp_path, places)
     shapes, collate = [], loop.collate
@@ -390,6 +396,7 @@ def test_packed_rows_through_compiled_layers_keep_one_shape(tmp_path, monkeypatc
         widths = {width for width, _, _ in shapes}
         if compiled:
             assert widths == {128} and all(segments for _, segments, _ in shapes)
+            assert compile_cache._chosen == tmp_path / "cache" / "g3n" / "torch-compile"
         else:
             assert all(width == widest for width, _, widest in shapes) and len(widths) > 1
     torch._dynamo.reset()

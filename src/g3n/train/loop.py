@@ -428,9 +428,12 @@ def _make_trainable(cfg: TrainConfig, d: Dist, model, run_dtype: torch.dtype) ->
     # auto: one CUDA GPU, 16-bit weights; compiled 4-bit layers and compiled DDP/FSDP run only when
     # `compile: true` asks for them (their speed on a GPU is unverified)
     auto = model.device.type == "cuda" and not d.on and not cfg.load_in_4bit
-    runner = recompute.configure(
-        model.model, cfg.gradient_checkpointing, auto if cfg.compile == "auto" else cfg.compile
-    )
+    compiled = auto if cfg.compile == "auto" else cfg.compile
+    if compiled:  # the layers' one-off compile kept on disk, as the engine's is: paid once per machine
+        from g3n.inference import compile_cache
+
+        compile_cache.use()
+    runner = recompute.configure(model.model, cfg.gradient_checkpointing, compiled)
     model.train()
     return runner
 
@@ -546,7 +549,8 @@ def _print_summary(run: _Run, stats, compiled: bool) -> None:
     )
     layers = {True: "recomputed in backward", False: "kept", "offload": "recomputed in backward, inputs in CPU memory"}
     print(f"[g3n] layer activations {layers[cfg.gradient_checkpointing]}"
-          + ("; compiling the decoder layers (the first steps take 30-70 s longer)" if compiled else ""),
+          + ("; compiling the decoder layers (the first steps take 30-70 s longer, once per machine: the compiled "
+             "code is cached on disk)" if compiled else ""),
           flush=True)  # fmt: skip
     for problem in stats.skipped[:5]:
         print(f"[g3n] skipped: {problem}", flush=True)
