@@ -183,7 +183,8 @@ def _tools(body: dict, prose_schema: dict | None) -> ToolUse | None:
         choice = name
     elif choice not in ("none", "auto", "required"):
         raise bad(f"'tool_choice' must be none, auto, required or a function, got {_shown(choice)}", "tool_choice")
-    callable_ = [f for f in funcs if f.name == choice] or funcs  # a named choice: that one only
+    named = choice not in ("none", "auto", "required")
+    callable_ = [f for f in funcs if f.name == choice] if named else funcs  # a named choice: that one only
     kind = choice if choice in ("none", "auto") else "required"
     try:
         # a named function is called once; otherwise several calls at once unless parallel_tool_calls is false
