@@ -431,37 +431,14 @@ async def _sse(job: Job, reply: _Reply, include_usage: bool, calls: CallStream |
 
 
 async def _collect(job: Job, reply: _Reply, request: Request, calls: CallStream | None = None) -> dict:
-    """The whole reply (with tools, its calls as `tool_calls`); checks twice a second whether the
-    client is still there (and if not, cancels the job so its slot frees), also while pieces keep
-    arriving."""
-    pieces, logprobs = [], []
-    get = asyncio.ensure_future(job.events.get())
-    checked = time.monotonic()
-    try:
-        while True:
-            done, _ = await asyncio.wait({get}, timeout=0.5)
-            if time.monotonic() - checked >= 0.5:
-                checked = time.monotonic()
-                if await request.is_disconnected():
-                    return {}
-            if not done:
-                continue
-            event = get.result()
-            if event[0] == "text":
-                pieces.append(event[1])
-                logprobs += event[2] or []
-            elif event[0] == "done":
-                text, made = "".join(pieces), None
-                if calls is not None:
-                    calls.push(text)
-                    made = calls.finish()[1]
-                return reply.completion(
-                    None if made else text, _finish(event[1], made), event[2],
-                    logprobs if job.logprobs is not None else None, [c.openai() for c in made or []],
-                )  # fmt: skip
-            else:
-                raise _failure(event[1])
-            get = asyncio.ensure_future(job.events.get())
-    finally:
-        get.cancel()
-        job.cancel()
+    """The whole reply (with tools, its calls as `tool_calls`); {} when the client left."""
+    result = await job.whole(request)
+    if result is None:
+        return {}
+    text, logprobs, finish, count = result
+    made = None
+    if calls is not None:
+        calls.push(text)
+        made = calls.finish()[1]
+    return reply.completion(None if made else text, _finish(finish, made), count,
+                            logprobs if job.logprobs is not None else None, [c.openai() for c in made or []])  # fmt: skip

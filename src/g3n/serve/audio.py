@@ -18,7 +18,6 @@ import importlib.util
 import io
 import re
 import secrets
-import time
 
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -30,7 +29,7 @@ from g3n.errors import G3nError
 from g3n.inference.backends import check_modalities
 from g3n.inference.sampling import SamplingParams
 from g3n.media import read_audio
-from g3n.serve.errors import APIError, bad, busy, failure
+from g3n.serve.errors import APIError, bad, busy
 from g3n.serve.scheduler import Job, QueueFull
 
 FORM_PATHS = frozenset({"/v1/audio/transcriptions", "/v1/audio/translations"})
@@ -227,10 +226,10 @@ def audio_routes(engine, names: list[str], scheduler, max_tokens: int, max_promp
             scheduler.submit(job)
         except QueueFull as e:
             raise busy(str(e)) from None
-        result = await _collect(job, request)
+        result = await job.whole(request)
         if result is None:  # the client left
             return Response()
-        reply, count = result
+        reply, _, _, count = result
         out = translation_of(reply) if task == "translate" and language != TARGET else reply.strip()
         if fmt == "text":
             return PlainTextResponse(out)
@@ -245,31 +244,3 @@ def audio_routes(engine, names: list[str], scheduler, max_tokens: int, max_promp
         return await handle(request, "translate")
 
     return transcriptions, translations
-
-
-async def _collect(job: Job, request: Request) -> tuple[str, int] | None:
-    """(the reply's text, tokens generated), or None when the client left (checked twice a second;
-    its job is cancelled so its place frees)."""
-    pieces = []
-    get = asyncio.ensure_future(job.events.get())
-    checked = time.monotonic()
-    try:
-        while True:
-            done, _ = await asyncio.wait({get}, timeout=0.5)
-            if time.monotonic() - checked >= 0.5:
-                checked = time.monotonic()
-                if await request.is_disconnected():
-                    return None
-            if not done:
-                continue
-            event = get.result()
-            if event[0] == "text":
-                pieces.append(event[1])
-            elif event[0] == "done":
-                return "".join(pieces), event[2]
-            else:
-                raise failure(event[1])
-            get = asyncio.ensure_future(job.events.get())
-    finally:
-        get.cancel()
-        job.cancel()

@@ -113,6 +113,37 @@ class Job:
     def cancel(self) -> None:
         self.cancelled = True
 
+    async def whole(self, request) -> tuple[str, list, str, int] | None:
+        """(the reply's text, its logprobs entries, finish reason, tokens generated), or None when
+        the client left: checked twice a second, also while pieces keep arriving. The job is
+        cancelled on the way out, so a departed client's place frees at once."""
+        from g3n.serve.errors import failure
+
+        pieces, logprobs = [], []
+        get = asyncio.ensure_future(self.events.get())
+        checked = time.monotonic()
+        try:
+            while True:
+                done, _ = await asyncio.wait({get}, timeout=0.5)
+                if time.monotonic() - checked >= 0.5:
+                    checked = time.monotonic()
+                    if await request.is_disconnected():
+                        return None
+                if not done:
+                    continue
+                event = get.result()
+                if event[0] == "text":
+                    pieces.append(event[1])
+                    logprobs += event[2] or []
+                elif event[0] == "done":
+                    return "".join(pieces), logprobs, event[1], event[2]
+                else:
+                    raise failure(event[1])
+                get = asyncio.ensure_future(self.events.get())
+        finally:
+            get.cancel()
+            self.cancel()
+
     def emit(self, *event) -> None:
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
