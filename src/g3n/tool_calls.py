@@ -1,5 +1,5 @@
-"""Tool calls for Gemma 3n, which has no tool tokens: one prompt format, the grammar the calls are
-decoded under and the parser that reads them back.
+"""Tool calls for Gemma 3n, which has no tool tokens: one prompt format and the parser that reads
+the calls back (inference/grammar.py's `tool_grammar` is the grammar they are decoded under).
 
 The format is the JSON variant of Google's function-calling guide for Gemma (ai.google.dev/gemma/
 docs/capabilities/function-calling): the instructions and the functions' JSON definitions open the
@@ -31,7 +31,6 @@ PREAMBLE = (
     "You SHOULD NOT include any other text in the response if you call a function\n"
 )
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
-NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 
 
 def dumps(value) -> str:
@@ -159,51 +158,7 @@ def fold(messages: list[dict], tools=None) -> list[dict]:
     return with_tools(render_history(messages), functions(tools) if tools else [])
 
 
-# Decoding ------------------------------------------------------------------------------------
-
-# JSON inside the grammar as json.dumps writes it (inference/grammar.py's JSON_OPTIONS).
-_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-PROSE = r"/[^\[{\s][\s\S]*/"  # a reply that is not a call: anything not opening with { or [
-
-
-def call_schema(funcs: list[Function]) -> dict:
-    """One call of one of `funcs`: {"name": its name, "parameters": its arguments}."""
-    choices = [
-        {
-            "type": "object",
-            "properties": {"name": {"const": f.name}, "parameters": f.parameters or NO_PARAMETERS},
-            "required": ["name", "parameters"],
-            "additionalProperties": False,
-        }
-        for f in funcs
-    ]
-    return choices[0] if len(choices) == 1 else {"anyOf": choices}
-
-
-def grammar(funcs: list[Function], choice: str, parallel: bool, prose_schema: dict | None = None) -> str:
-    """llguidance's grammar for a reply under `choice`: "auto" (text, or calls), "required" (calls)
-    or "none" (text that is not a call); `funcs` are the functions it may call. `parallel`: a JSON
-    list of calls is allowed too. `prose_schema`: the text must be JSON of this schema
-    (response_format)."""
-    import llguidance as llg
-
-    def embedded(schema: dict) -> str:
-        return "%json " + dumps({**schema, "x-guidance": _LAYOUT})
-
-    one = call_schema(funcs) if funcs else None
-    rules = {}
-    if choice in ("auto", "none"):
-        rules["prose"] = embedded(prose_schema) if prose_schema is not None else PROSE
-    if choice in ("auto", "required") and one is not None:
-        rules["call"] = embedded(one)
-        if parallel:
-            rules["calls"] = embedded({"type": "array", "items": one, "minItems": 2})
-    lark = "start: " + " | ".join(rules) + "\n" + "".join(f"{name}: {rule}\n" for name, rule in rules.items())
-    text = llg.grammar_from("lark", lark)
-    failed, messages = llg.LLMatcher.validate_grammar_with_warnings(text)
-    if failed:
-        raise G3nError(f"the tools' parameter schemas cannot be used: {messages[0]}")
-    return text
+# Reading calls back -------------------------------------------------------------------------
 
 
 @dataclass

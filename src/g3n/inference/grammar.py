@@ -47,9 +47,40 @@ def json_grammar(schema: dict | None) -> str:
         grammar = llg.LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=JSON_OPTIONS)
     except (ValueError, TypeError) as e:
         raise G3nError(f"the JSON schema cannot be used: {e}") from None
-    failed, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar)
+    return _checked(grammar, "the JSON schema")
+
+
+NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
+PROSE = r"/[^\[{\s][\s\S]*/"  # a reply that is not a call: anything not opening with { or [
+
+
+def tool_grammar(funcs: list, choice: str, parallel: bool, prose_schema: dict | None = None) -> str:
+    """llguidance's grammar for a reply under a tool choice (tool_calls.py's format): "auto" (text,
+    or calls), "required" (calls) or "none" (text that is not a call); `funcs`
+    (tool_calls.Function) are the functions it may call. `parallel`: a JSON list of at least two
+    calls is allowed too. `prose_schema`: the text must be JSON of this schema (response_format)."""
+
+    def embedded(schema: dict) -> str:  # laid out as json.dumps writes JSON, as response_format's
+        return "%json " + json.dumps({**schema, "x-guidance": JSON_OPTIONS})
+
+    one = [{"type": "object", "properties": {"name": {"const": f.name}, "parameters": f.parameters or NO_PARAMETERS},
+            "required": ["name", "parameters"], "additionalProperties": False} for f in funcs]  # fmt: skip
+    call = one[0] if len(one) == 1 else {"anyOf": one}
+    rules = {}
+    if choice in ("auto", "none"):
+        rules["prose"] = embedded(prose_schema) if prose_schema is not None else PROSE
+    if choice in ("auto", "required") and one:
+        rules["call"] = embedded(call)
+        if parallel:
+            rules["calls"] = embedded({"type": "array", "items": call, "minItems": 2})
+    lark = "start: " + " | ".join(rules) + "\n" + "".join(f"{name}: {rule}\n" for name, rule in rules.items())
+    return _checked(_llguidance().grammar_from("lark", lark), "the tools' parameter schemas")
+
+
+def _checked(grammar: str, what: str) -> str:
+    failed, messages = _llguidance().LLMatcher.validate_grammar_with_warnings(grammar)
     if failed:
-        raise G3nError(f"the JSON schema cannot be used: {messages[0]}")
+        raise G3nError(f"{what} cannot be used: {messages[0]}")
     return grammar
 
 
@@ -126,6 +157,37 @@ CLOSING_ROOM = 16  # tokens of slack beyond the shortest closing, for a token th
 MAX_CLOSING = 4096  # a longer closing (a pattern the greedy choice cannot satisfy): none
 
 
+_executor = None  # llguidance's thread pool, made at the first batch of masks
+_SHIFTS = torch.arange(32, dtype=torch.int32)
+
+
+def mask_rows(processors: list[GrammarProcessor], generated: list[list[int]], logits: torch.Tensor) -> torch.Tensor:
+    """`logits` (rows, vocab) with what each row's grammar forbids next at -inf. The rows' masks are
+    computed at once, in llguidance's threads, and go to the device in one copy: a batch of
+    grammar rows costs about one row's host time, not one per row."""
+    global _executor
+    rows, words = len(processors), processors[0].words
+    bits = np.zeros((rows, words), dtype=np.uint32)
+    jobs = []
+    for i, (proc, tokens) in enumerate(zip(processors, generated, strict=True)):
+        only = proc._advance(tokens)
+        if only is None:
+            jobs.append((proc.matcher, i))
+        else:
+            for t in only:
+                bits[i, t // 32] |= np.uint32(1 << (t % 32))
+    if jobs:
+        if _executor is None:
+            _executor = _llguidance().LLExecutor()
+        _executor.unsafe_compute_mask_ptr(jobs, bits.ctypes.data, words * 4, rows)
+    packed = torch.from_numpy(bits.view(np.int32)).to(logits.device)
+    allowed = ((packed[:, :, None] >> _SHIFTS.to(logits.device)) & 1).reshape(rows, -1).bool()
+    vocab = logits.shape[-1]
+    if allowed.shape[1] < vocab:  # the model's rows past the tokenizer's ids
+        allowed = torch.cat([allowed, allowed.new_zeros(rows, vocab - allowed.shape[1])], dim=1)
+    return logits.masked_fill(~allowed[:, :vocab], float("-inf"))
+
+
 class GrammarProcessor:
     """A row's grammar: `processor(generated tokens, logits (vocab,))` -> logits with every token
     the grammar forbids next at -inf. It consumes the tokens generated since its last call.
@@ -148,6 +210,8 @@ class GrammarProcessor:
         self._closing_from = 0  # tokens generated when the closing started
         self.closed_early = False
         self._next_check = 0  # how many tokens generated when the closing's length is next measured
+
+    batched = staticmethod(mask_rows)  # the engine's hook for a step's grammar rows at once
 
     def __call__(self, generated: list[int], logits: torch.Tensor) -> torch.Tensor:
         return mask_rows([self], [generated], logits[None])[0]
@@ -204,37 +268,3 @@ class GrammarProcessor:
             m.consume_tokens(steps)
             path += steps
         return path
-
-
-_executor = None  # llguidance's thread pool, made at the first batch of masks
-
-
-def mask_rows(processors: list[GrammarProcessor], generated: list[list[int]], logits: torch.Tensor) -> torch.Tensor:
-    """`logits` (rows, vocab) with what each row's grammar forbids next at -inf. The rows' masks are
-    computed at once, in llguidance's threads, and go to the device in one copy: a batch of
-    grammar rows costs about one row's host time, not one per row (GrammarProcessor.batched)."""
-    global _executor
-    rows, words = len(processors), processors[0].words
-    bits = np.zeros((rows, words), dtype=np.uint32)
-    jobs = []
-    for i, (proc, tokens) in enumerate(zip(processors, generated, strict=True)):
-        only = proc._advance(tokens)
-        if only is None:
-            jobs.append((proc.matcher, i))
-        else:
-            for t in only:
-                bits[i, t // 32] |= np.uint32(1 << (t % 32))
-    if jobs:
-        if _executor is None:
-            _executor = _llguidance().LLExecutor()
-        _executor.unsafe_compute_mask_ptr(jobs, bits.ctypes.data, words * 4, rows)
-    packed = torch.from_numpy(bits.view(np.int32)).to(logits.device)
-    allowed = ((packed[:, :, None] >> _SHIFTS.to(logits.device)) & 1).reshape(rows, -1).bool()
-    vocab = logits.shape[-1]
-    if allowed.shape[1] < vocab:  # the model's rows past the tokenizer's ids
-        allowed = torch.cat([allowed, allowed.new_zeros(rows, vocab - allowed.shape[1])], dim=1)
-    return logits.masked_fill(~allowed[:, :vocab], float("-inf"))
-
-
-_SHIFTS = torch.arange(32, dtype=torch.int32)
-GrammarProcessor.batched = staticmethod(mask_rows)

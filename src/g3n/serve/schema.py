@@ -40,7 +40,6 @@ class ToolUse:
 
     functions: list[Function]
     choice: str  # "auto", "none", "required", or the one function's name
-    parallel: bool
     grammar: str  # the reply's grammar: text or calls as `choice` allows (with response_format's JSON)
 
     @property
@@ -159,7 +158,7 @@ def parse_chat_request(body: dict, model_name: str | list[str], max_tokens_defau
 
 def _tools(body: dict, prose_schema: dict | None) -> ToolUse | None:
     """OpenAI's tools, tool_choice and parallel_tool_calls; None when no tools are given."""
-    from g3n.tool_calls import grammar
+    from g3n.inference.grammar import tool_grammar
 
     tools, choice = body.get("tools"), body.get("tool_choice")
     parallel = body.get("parallel_tool_calls", True)
@@ -188,10 +187,10 @@ def _tools(body: dict, prose_schema: dict | None) -> ToolUse | None:
     kind = choice if choice in ("none", "auto") else "required"
     try:
         # a named function is called once; otherwise several calls at once unless parallel_tool_calls is false
-        text = grammar(callable_, kind, parallel is not False and choice in ("auto", "required"), prose_schema)
+        text = tool_grammar(callable_, kind, parallel is not False and choice in ("auto", "required"), prose_schema)
     except G3nError as e:
         raise bad(str(e), "tools") from None
-    return ToolUse(funcs, choice, parallel is not False, text)
+    return ToolUse(funcs, choice, text)
 
 
 def merge_turns(messages: list[dict]) -> list[dict]:
