@@ -174,16 +174,15 @@ class Call:
         return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
 
 
-_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"([A-Za-z0-9_-]{1,64})"\s*,\s*"parameters"\s*:\s*')
+_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"(' + NAME.pattern + r')"\s*,\s*"parameters"\s*:\s*')
+_CLOSE = re.compile(r"\s*\}")
 
 
 def parse_calls(text: str, names: set[str]) -> list[Call] | None:
     """The calls in a reply, or None when it is not a call of the given functions."""
-    calls, at = [], 0
     text = text.strip()
     listed = text.startswith("[")
-    if listed:
-        at = 1
+    calls, at = [], int(listed)
     while True:
         call = _parse_one(text, at, names)
         if call is None:
@@ -210,7 +209,7 @@ def _parse_one(text: str, at: int, names: set[str]) -> tuple[Call, int] | None:
         return None
     if not isinstance(value, dict):
         return None
-    close = re.compile(r"\s*\}").match(text, end)
+    close = _CLOSE.match(text, end)
     if close is None:
         return None
     return Call(head.group(1), text[head.end() : end]), close.end()
