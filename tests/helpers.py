@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
+
+# A 768-piece Gemma-style tokenizer and llama.cpp-shaped decoder config for random test models, independent of "tiny"
+TOKENIZER768 = Path(__file__).parent / "assets" / "tiny768"
 
 
 def hf_text_config(**overrides):
@@ -90,7 +94,7 @@ def widen_first_lora_a(adapter):
 
 
 # ---- multimodal -------------------------------------------------------------------------------
-# A tiny Gemma3nForConditionalGeneration: the tiny tokenizer's 768 pieces, then 8 vision and 8
+# A tiny Gemma3nForConditionalGeneration: TOKENIZER768's 768 pieces, then 8 vision and 8
 # audio ids (as the real model puts them past its 262144 pieces); a MobileNetV5 with small widths
 # (timm hard-codes its 2048 output features) giving 2 x 2 = 4 soft tokens per 64 x 64 image; a
 # 2-layer conformer. Image/audio marker ids mirror the real layout (eoi = vision offset, image
@@ -145,15 +149,13 @@ def hf_multimodal_config(audio_tokens=8, image_tokens=4, text=None):
 
 
 def llama_cpp_text_config(**overrides):
-    """The shipped tiny model's decoder config (inside what llama.cpp's Gemma 3n graph hard-codes)
-    with the multimodal vocabulary: 768 pieces, then 8 vision and 8 audio ids."""
+    """TOKENIZER768's decoder config (inside what llama.cpp's Gemma 3n graph hard-codes) with the
+    multimodal vocabulary: 768 pieces, then 8 vision and 8 audio ids."""
     import json
 
     from transformers import Gemma3nTextConfig
 
-    from g3n.checkpoint.names import TINY_DIR
-
-    raw = json.loads((TINY_DIR / "config.json").read_text())
+    raw = json.loads((TOKENIZER768 / "config.json").read_text())
     raw.update({"vocab_size": 784, "vocab_size_per_layer_input": 768, **overrides})
     return Gemma3nTextConfig(**{k: v for k, v in raw.items() if k not in ("architectures", "model_type")})
 
@@ -174,20 +176,16 @@ def make_hf_multimodal(seed=0, scale=0.4, **config):
 
 
 def save_hf_multimodal(model, out_dir, image_size=64):
-    """The model plus the tiny tokenizer (with the media tokens added) as a checkpoint directory;
-    its image processor resizes to `image_size` squared."""
+    """The model plus TOKENIZER768 (with the media tokens added) as a checkpoint directory; its
+    image processor resizes to `image_size` squared."""
     import json
     import shutil
-    from pathlib import Path
-
-    from g3n.checkpoint.names import resolve_model_dir
 
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
-    tiny = resolve_model_dir("tiny")
     for name in ("tokenizer.model", "special_tokens_map.json", "generation_config.json"):
-        shutil.copy(tiny / name, out_dir / name)
-    tok_cfg = json.loads((tiny / "tokenizer_config.json").read_text())
+        shutil.copy(TOKENIZER768 / name, out_dir / name)
+    tok_cfg = json.loads((TOKENIZER768 / "tokenizer_config.json").read_text())
     names = {
         "eoi": "<end_of_image>",
         "image": "<image_soft_token>",

@@ -113,12 +113,14 @@ def test_missing_tokenizer(tmp_path):
 
 def test_added_tokens_past_sentencepiece(tmp_path):
     """Tokens listed in tokenizer_config.json beyond SentencePiece's ids (Gemma 3n's image/audio
-    tokens) are matched in text and decoded by name."""
+    tokens) are matched in text and decoded by name (TOKENIZER768: 800 and 900 are past its pieces)."""
     import json
     import shutil
 
-    shutil.copy(TINY_DIR / "tokenizer.model", tmp_path)
-    config = json.loads((TINY_DIR / "tokenizer_config.json").read_text())
+    from helpers import TOKENIZER768
+
+    shutil.copy(TOKENIZER768 / "tokenizer.model", tmp_path)
+    config = json.loads((TOKENIZER768 / "tokenizer_config.json").read_text())
     config["added_tokens_decoder"]["800"] = {"content": "<image_soft_token>", "special": True}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     tok = Tokenizer.from_dir(tmp_path)

@@ -3,7 +3,7 @@ llama-cpp-python): it loads beside the model GGUF, its image embeddings match tr
 tower + multimodal embedder, an image chat's first greedy tokens are g3n's, tower adapters are
 merged; text-only checkpoints and towers llama.cpp cannot build are refused before writing.
 
-The checkpoint is tiny but inside what llama.cpp hard-codes: the shipped tiny decoder widened to
+The checkpoint is tiny but inside what llama.cpp hard-codes: TOKENIZER768's decoder widened to
 2048 (libmtmd takes the projector's input width, 2048 in every MobileNetV5, for the text model's),
 a four-stage MobileNetV5 giving 16 x 16 = 256 soft tokens for 256 x 256 images.
 """
@@ -51,7 +51,7 @@ def ckpt(tmp_path_factory):
             ids = torch.arange(embedder.vocab_offset, embedder.vocab_offset + embedder.vocab_size)
             table.weight[ids] = embedder(input_ids=ids[None])[0] / table.embed_scale
     d = save_hf_multimodal(hf, tmp_path_factory.mktemp("mm"), image_size=SIDE)
-    # libmtmd writes the image's start marker as text: name the tiny tokenizer's boi piece as Gemma's is named
+    # libmtmd writes the image's start marker as text: name TOKENIZER768's boi piece as Gemma's is named
     proto = pb.ModelProto()
     proto.ParseFromString((d / "tokenizer.model").read_bytes())
     proto.pieces[10].piece = "<start_of_image>"

@@ -11,15 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from g3n.checkpoint.names import TINY_DIR
 from g3n.errors import G3nError
 from g3n.matformer.plan import Plan, effective_parameters, load_plan, sub_config
 from g3n.matformer.slicer import slice_checkpoint
 from g3n.model.load import load_model
-from helpers import make_hf_model
+from helpers import TOKENIZER768, make_hf_model
 
 TOL = 1e-4
-E4B_SHAPE = {  # vocab of the shipped tokenizer, so the parent can read text
+E4B_SHAPE = {  # TOKENIZER768's vocab, so the parent can read text
     "num_hidden_layers": 35, "num_kv_shared_layers": 15, "intermediate_size": 64, "sliding_window": 8,
     "activation_sparsity_pattern": [0.95] * 10 + [0.0] * 25, "vocab_size": 768, "vocab_size_per_layer_input": 768,
 }  # fmt: skip
@@ -30,7 +29,7 @@ def parent(tmp_path_factory):
     hf = make_hf_model(seed=21, scale=0.15, attn_implementation="eager", **E4B_SHAPE)
     d = tmp_path_factory.mktemp("e4b_parent")
     hf.save_pretrained(d, max_shard_size="300KB")  # several shards
-    shutil.copy(TINY_DIR / "tokenizer.model", d)
+    shutil.copy(TOKENIZER768 / "tokenizer.model", d)
     return hf, d
 
 
@@ -64,7 +63,7 @@ def test_e2b_plan_gives_e2b_structure(parent, tmp_path):
     assert cfg["intermediate_size"] == [32] * 30
     assert cfg["activation_sparsity_pattern"] == [0.95] * 10 + [0.0] * 20
     assert cfg["layer_types"] == ["full_attention" if (i + 1) % 5 == 0 else "sliding_attention" for i in range(30)]
-    assert (result.out_dir / "tokenizer.model").read_bytes() == (TINY_DIR / "tokenizer.model").read_bytes()
+    assert (result.out_dir / "tokenizer.model").read_bytes() == (TOKENIZER768 / "tokenizer.model").read_bytes()
     assert (result.out_dir / "model.safetensors.index.json").is_file()
 
 
@@ -215,9 +214,10 @@ def test_llama_cpp_warning(parent, tmp_path):
     result = slice_checkpoint(parent[1], "E2B", tmp_path / "e2b")
     assert any("laurel_rank" in w for w in result.warnings)  # the tiny parent's own sizes
     tiny = load_model("tiny", device="cpu").config
+    widths = list(tiny.intermediate_size)
     assert llama_cpp_problems(tiny) == []
-    assert llama_cpp_problems(sub_config(tiny, Plan([256] * 25, [21]))) == []  # a shared layer: still 20
-    assert any("exactly 20" in p for p in llama_cpp_problems(sub_config(tiny, Plan([256] * 25, [3]))))
+    assert llama_cpp_problems(sub_config(tiny, Plan(widths, [21]))) == []  # a shared layer: still 20
+    assert any("exactly 20" in p for p in llama_cpp_problems(sub_config(tiny, Plan(widths, [3]))))
 
 
 def test_cli_slice_and_elastic_generate(parent, tmp_path, capsys):
@@ -374,11 +374,10 @@ def test_parent_config_with_a_bad_dimension(parent, tmp_path, field, value, mess
 
 
 def test_calibration_text_that_is_not_utf8_names_the_line(tmp_path):
-    from g3n.checkpoint.names import TINY_DIR
     from g3n.matformer.search import read_calibration
     from g3n.tokenizer import Tokenizer
 
-    tok = Tokenizer.from_dir(TINY_DIR)
+    tok = Tokenizer.from_dir(TOKENIZER768)
     path = tmp_path / "c.jsonl"
     path.write_bytes(b'{"text": "fine text"}\n{"text": "caf\xe9"}\n')
     with pytest.raises(G3nError, match=r"c.jsonl:2: not UTF-8 \(byte offset 13 in the line\)"):

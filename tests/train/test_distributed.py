@@ -44,15 +44,15 @@ def data(tmp_path_factory):
 
 
 def _small_model(d: Path) -> None:
-    """A 10-layer random model (tests/helpers.py) with the tiny model's tokenizer: fewer layers
-    than `tiny`, so fewer collectives per step under FSDP."""
+    """A 10-layer random model (tests/helpers.py) with TOKENIZER768: fewer layers than `tiny`, so
+    fewer collectives per step under FSDP."""
     import shutil
 
-    from helpers import make_hf_model
+    from helpers import TOKENIZER768, make_hf_model
 
     make_hf_model(vocab_size=768, vocab_size_per_layer_input=768).save_pretrained(d)
     for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy2(SRC / "g3n" / "assets" / "tiny" / name, d / name)
+        shutil.copy2(TOKENIZER768 / name, d / name)
 
 
 def _settings(data, out, **kw) -> dict:
