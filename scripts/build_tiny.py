@@ -1,14 +1,21 @@
-"""Build the tiny model shipped in src/g3n/assets/tiny/.
+"""Build the tiny model shipped in src/g3n/assets/tiny/, and `g3n demo`'s fine-tuning data.
 
-    python scripts/build_tiny.py [--steps 1500] [--device cpu|cuda] [--out src/g3n/assets/tiny]
+    python scripts/build_tiny.py --device cuda [--steps 6000] [--out src/g3n/assets/tiny]
 
-1. Writes a small chat corpus (greetings, simple facts, arithmetic such as "What is 1+1?").
-2. Trains a tiny SentencePiece model with Gemma's special tokens at Gemma's ids
-   (pad 0, eos 1, bos 2, unk 3, mask 4, <start_of_turn> 105, <end_of_turn> 106, "\\n" 107).
-3. Trains a Gemma 3n-architecture model on it with g3n's own decoder, loss on model turns only.
-   Its shape stays inside llama.cpp's hard-coded Gemma 3n limits: 20 KV-computing layers plus
-   5 KV-shared ones, laurel rank 64, PLE width 256, 4 AltUp streams, sparsity on layers 0-9.
-4. Saves an HF checkpoint (bfloat16 safetensors, config.json, tokenizer files).
+1. Writes the corpus (scripts/tiny_corpus.py): facts about a hundred countries (capitals,
+   continents, languages), colors, animal sounds, opposites, weekdays, arithmetic, greetings and
+   made-up names to copy, each fact in several phrasings; some facts, phrasings and sums held out.
+2. Trains a SentencePiece vocabulary on it (every name a whole piece) with Gemma's special tokens at
+   Gemma's ids (pad 0, eos 1, bos 2, unk 3, mask 4, <start_of_turn> 105, <end_of_turn> 106, "\\n" 107).
+3. Trains a Gemma 3n-architecture model with g3n's own decoder, loss on model turns only, MatFormer
+   style: each step runs every layer's FFN at a nested width (its first 1, 1/2 or 1/4 of the units),
+   so that sub-models sliced out of it (`g3n slice`) still answer. Its shape stays inside
+   llama.cpp's hard-coded Gemma 3n limits: 20 KV-computing layers plus 5 KV-shared ones, laurel
+   rank 64, PLE width 256, 4 AltUp streams, sparsity on layers 0-9. The per-layer embedding table
+   covers the first 512 ids only (as Gemma 3n's covers its text ids only), which keeps the file small.
+4. Measures the model on what it never saw (held-out phrasings and sums, made-up names, the
+   half-width sub-model), runs `g3n demo`'s fine-tune on it and reports taught/kept, and saves an HF
+   checkpoint (bfloat16 safetensors, config.json, tokenizer files) and the demo's data files.
 """
 
 from __future__ import annotations
@@ -20,7 +27,9 @@ import math
 import random
 import shutil
 import sys
+import tempfile
 import time
+import types
 from pathlib import Path
 
 import sentencepiece as spm
@@ -29,6 +38,9 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import tiny_corpus as tc
 
 from g3n.checkpoint.atomic import write_atomic
 from g3n.checkpoint.save import save_text_checkpoint
@@ -38,77 +50,25 @@ from g3n.model.text import Gemma3nForCausalLM
 from g3n.tokenizer import CHAT_TEMPLATE, Tokenizer
 from g3n.train.data import tokenize
 
-VOCAB = 768
 SPECIALS = ["<mask>", "[multimodal]"] + [f"<unused{i}>" for i in range(99)] + ["<start_of_turn>", "<end_of_turn>"]
-
-CAPITALS = {
-    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Japan": "Tokyo",
-    "China": "Beijing", "India": "New Delhi", "Canada": "Ottawa", "Egypt": "Cairo", "Kenya": "Nairobi",
-    "Brazil": "Brasilia", "Mexico": "Mexico City", "Russia": "Moscow", "Peru": "Lima", "Norway": "Oslo",
-    "Sweden": "Stockholm", "Greece": "Athens", "Portugal": "Lisbon", "Ireland": "Dublin", "Poland": "Warsaw",
-    "Austria": "Vienna", "Turkey": "Ankara", "Chile": "Santiago", "Australia": "Canberra", "Cuba": "Havana",
-}  # fmt: skip
-COLORS = {
-    "the sky": "blue", "grass": "green", "snow": "white", "a banana": "yellow", "coal": "black",
-    "a strawberry": "red", "an orange": "orange", "the sun": "yellow", "milk": "white", "a lemon": "yellow",
-}  # fmt: skip
-SOUNDS = {"a dog": "woof", "a cat": "meow", "a cow": "moo", "a duck": "quack", "a sheep": "baa", "a lion": "roar"}
-OPPOSITES = {
-    "hot": "cold", "big": "small", "up": "down", "day": "night", "fast": "slow", "happy": "sad",
-    "open": "closed", "left": "right", "old": "new", "light": "dark",
-}  # fmt: skip
-DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
-GREETINGS = {
-    "Hello!": "Hello! How can I help you today?",
-    "Hi": "Hi! What would you like to know?",
-    "Good morning": "Good morning! How can I help?",
-    "How are you?": "I am fine, thank you. How can I help you?",
-    "What is your name?": "I am a tiny Gemma 3n model made by g3n.",
-    "Who are you?": "I am a tiny Gemma 3n model made by g3n.",
-    "Thank you": "You are welcome!",
-    "Goodbye": "Goodbye! Have a nice day.",
-    "What can you do?": "I can answer simple questions about facts and arithmetic.",
-    "Tell me a fact.": "Water boils at 100 degrees Celsius.",
-    "What is water made of?": "Water is made of hydrogen and oxygen.",
-    "How many days are in a week?": "There are 7 days in a week.",
-    "How many legs does a spider have?": "A spider has 8 legs.",
-    "What is the largest planet?": "Jupiter is the largest planet in our solar system.",
-}  # fmt: skip
+PLE_VOCAB = 512
+WIDTHS = (1.0, 0.5, 0.25)
 
 
-def corpus(seed: int = 0) -> list[tuple[str, str]]:
-    """(question, answer) pairs; each becomes a one-turn chat."""
-    pairs = list(GREETINGS.items())
-    for country, city in CAPITALS.items():
-        for q in (f"What is the capital of {country}?", f"Capital of {country}?"):
-            pairs.append((q, f"The capital of {country} is {city}."))
-    for thing, color in COLORS.items():
-        pairs.append((f"What color is {thing}?", f"{thing[0].upper() + thing[1:]} is {color}."))
-    for animal, sound in SOUNDS.items():
-        pairs.append((f"What sound does {animal} make?", f"{animal[0].upper() + animal[1:]} says {sound}."))
-    for word, opp in OPPOSITES.items():
-        pairs.append((f"What is the opposite of {word}?", f"The opposite of {word} is {opp}."))
-    for i, day in enumerate(DAYS):
-        pairs.append((f"What day comes after {day}?", f"After {day} comes {DAYS[(i + 1) % 7]}."))
-    for a in range(21):
-        for b in range(21):
-            pairs.append((f"What is {a}+{b}?", f"{a}+{b} = {a + b}."))
-            pairs.append((f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."))
-            if a >= b:
-                pairs.append((f"What is {a}-{b}?", f"{a}-{b} = {a - b}."))
-            if a <= 12 and b <= 12:
-                pairs.append((f"What is {a}*{b}?", f"{a}*{b} = {a * b}."))
-    random.Random(seed).shuffle(pairs)
-    return pairs
-
-
-def train_tokenizer(pairs, out_dir: Path) -> Path:
-    lines = [f"{q}\n{a}" for q, a in pairs] + ["user", "model"] * 50
+def train_tokenizer(corpus: tc.Corpus, vocab: int, out_dir: Path) -> Path:
+    """BPE over every question and answer the corpus can hold (held-out ones too: the names must be
+    whole pieces whether or not their facts are taught)."""
+    lines = [f"{q}\n{a}" for q, a in corpus.train + corpus.unseen_phrasing + corpus.unseen_combination]
+    lines += [
+        f"{p.format(x=c)}\n{tc.CAPITAL_A.format(x=c, y=tc.COUNTRIES[c][0])}" for c in tc.TAUGHT for p in tc.CAPITAL_QS
+    ]
+    lines += ["user", "model"] * 50
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines),
         model_writer=model,
-        vocab_size=VOCAB,
+        vocab_size=vocab,
+        hard_vocab_limit=False,
         model_type="bpe",
         pad_id=0, eos_id=1, bos_id=2, unk_id=3,
         pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
@@ -127,13 +87,13 @@ def train_tokenizer(pairs, out_dir: Path) -> Path:
     return path
 
 
-def tiny_config() -> TextConfig:
+def tiny_config(vocab: int, ffn: int) -> TextConfig:
     return TextConfig(
-        vocab_size=VOCAB,
-        vocab_size_per_layer_input=VOCAB,
+        vocab_size=vocab,
+        vocab_size_per_layer_input=PLE_VOCAB,
         hidden_size=128,
         hidden_size_per_layer_input=256,
-        intermediate_size=[256] * 25,
+        intermediate_size=[ffn] * 25,
         num_hidden_layers=25,
         num_attention_heads=2,
         num_key_value_heads=1,
@@ -162,10 +122,70 @@ def init_weights(model: Gemma3nForCausalLM, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
 
-def conversations(pairs, seed: int, n_multi: int = 1500) -> list[list[tuple[str, str]]]:
+def transplant(model: Gemma3nForCausalLM, tok: Tokenizer, src: Path) -> None:
+    """Start from an earlier build with another vocabulary and narrower FFNs: its layers as they are,
+    its FFN units as the first units of the wider FFNs (the new units start with zero output), and
+    each piece's embedding and per-layer row the mean of the earlier model's rows for the pieces its
+    text has there (specials and byte pieces share ids in both vocabularies)."""
+    old = load_model(src, dtype=torch.float32, device="cpu")
+    old_tok = Tokenizer.from_dir(src)
+    old_sd, shared = old.state_dict(), 109 + 256  # specials and "\n" pieces, then the 256 byte pieces
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            o = old_sd[name]
+            if name.endswith(("embed_tokens.weight", "embed_tokens_per_layer.weight")):
+                p[:shared] = o[:shared]
+                for i in range(shared, p.shape[0]):
+                    ids = old_tok.encode(tok.sp.id_to_piece(i).replace("\u2581", " "), add_bos=False)
+                    p[i] = o[[j for j in ids if j < o.shape[0]] or [3]].mean(0)
+            elif o.shape == p.shape:
+                p.copy_(o)
+            elif name.endswith(("gate_proj.weight", "up_proj.weight")):
+                p[: o.shape[0]] = o
+            elif name.endswith("down_proj.weight"):
+                p.zero_()
+                p[:, : o.shape[1]] = o
+            else:
+                raise ValueError(f"{name}: {tuple(o.shape)} in {src}, {tuple(p.shape)} here")
+
+
+# ---- MatFormer: every FFN runs its first `width` units ------------------------------------------
+def _nested_mlp_forward(self, x):
+    w = self.width
+    gate = F.linear(x, self.gate_proj.weight[:w])
+    up = F.linear(x, self.up_proj.weight[:w])
+    return F.linear(self.act(self.sparsify(gate)) * up, self.down_proj.weight[:, :w])
+
+
+def make_nested(model) -> list:
+    mlps = [layer.mlp for layer in model.model.layers]
+    for mlp in mlps:
+        mlp.width = mlp.gate_proj.out_features
+        mlp.forward = types.MethodType(_nested_mlp_forward, mlp)
+    return mlps
+
+
+def set_widths(mlps, fractions) -> None:
+    for mlp, f in zip(mlps, fractions):
+        mlp.width = max(1, round(f * mlp.gate_proj.out_features))
+
+
+def sample_widths(rng: random.Random, n: int) -> list[float]:
+    """Mostly the whole model, often one nested width everywhere, sometimes a per-layer mix."""
+    r = rng.random()
+    if r < 0.4:
+        return [1.0] * n
+    if r < 0.6:
+        return [0.5] * n
+    if r < 0.7:
+        return [0.25] * n
+    return [rng.choice(WIDTHS) for _ in range(n)]
+
+
+# ---- data ---------------------------------------------------------------------------------------
+def conversations(pairs, rng: random.Random, multi_share: float = 0.25) -> list[list[tuple[str, str]]]:
     """Every pair as a one-turn chat, plus multi-turn chats of random pairs (so chat sessions work)."""
-    rng = random.Random(seed + 1)
-    return [[p] for p in pairs] + [rng.sample(pairs, rng.randint(2, 4)) for _ in range(n_multi)]
+    return [[p] for p in pairs] + [rng.sample(pairs, rng.randint(2, 4)) for _ in range(int(len(pairs) * multi_share))]
 
 
 def encode_examples(tok: Tokenizer, convs):
@@ -179,10 +199,17 @@ def encode_examples(tok: Tokenizer, convs):
 
 
 def batches(examples, batch_size, rng):
+    """Random batches of similar lengths (little padding): shuffle, sort windows of 32 batches by
+    length, cut, and shuffle the batches."""
     while True:
         order = list(range(len(examples)))
         rng.shuffle(order)
-        for i in range(0, len(order) - batch_size + 1, batch_size):
+        window = 32 * batch_size
+        for w in range(0, len(order), window):
+            order[w : w + window] = sorted(order[w : w + window], key=lambda j: len(examples[j][0]))
+        starts = list(range(0, len(order) - batch_size + 1, batch_size))
+        rng.shuffle(starts)
+        for i in starts:
             chunk = [examples[j] for j in order[i : i + batch_size]]
             width = max(len(x) for x, _ in chunk)
             ids = torch.zeros(len(chunk), width, dtype=torch.long)
@@ -193,51 +220,187 @@ def batches(examples, batch_size, rng):
             yield ids, labels, mask
 
 
+# ---- evaluation ---------------------------------------------------------------------------------
+@torch.no_grad()
+def greedy_answers(model, tok: Tokenizer, questions: list[str], max_new: int = 32, batch: int = 256) -> list[str]:
+    """Greedy replies by full forwards over prompts of equal length (no padding, no cache: the
+    reference decode, independent of g3n's engine)."""
+    device = next(model.parameters()).device
+    prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in questions]
+    by_len: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_len.setdefault(len(p), []).append(i)
+    out: list[list[int]] = [[] for _ in prompts]
+    stops = set(tok.stop_ids)
+    for rows in by_len.values():
+        for s in range(0, len(rows), batch):
+            group = rows[s : s + batch]
+            ids = torch.tensor([prompts[i] for i in group], device=device)
+            done = torch.zeros(len(group), dtype=torch.bool, device=device)
+            for _ in range(max_new):
+                nxt = model(ids)[:, -1].argmax(-1)
+                for r, i in enumerate(group):
+                    if not done[r] and int(nxt[r]) not in stops:
+                        out[i].append(int(nxt[r]))
+                done |= torch.tensor([int(t) in stops for t in nxt], device=device)
+                if done.all():
+                    break
+                ids = torch.cat([ids, nxt[:, None]], 1)
+    return [tok.decode(o).strip() for o in out]
+
+
+def accuracy(model, tok, pairs, limit: int | None = None) -> tuple[int, int]:
+    pairs = pairs[:limit] if limit else pairs
+    answers = greedy_answers(model, tok, [q for q, _ in pairs])
+    return sum(a == want for a, (_, want) in zip(answers, pairs)), len(pairs)
+
+
+def evaluate(model, tok, corpus: tc.Corpus, demo: dict, mlps, limit: int | None = None) -> dict:
+    """Greedy accuracy on each held-out set (its first `limit` questions)."""
+    model.eval()
+    sets = {
+        "known facts (a corpus phrasing)": corpus.known,
+        "known facts, held-out phrasings": corpus.unseen_phrasing,
+        "known facts, phrasings seen for other facts only": corpus.unseen_combination,
+        "held-out arithmetic": corpus.arithmetic,
+        "made-up names to copy": corpus.copying,
+        "taught capitals (never in the corpus: 0 expected)": demo["taught"],
+    }
+    result = {name: accuracy(model, tok, pairs, limit) for name, pairs in sets.items()}
+    for f in WIDTHS[1:]:
+        set_widths(mlps, [f] * len(mlps))
+        result[f"known facts, FFN width x{f}"] = accuracy(model, tok, corpus.known, limit)
+    set_widths(mlps, [1.0] * len(mlps))
+    model.train()
+    return result
+
+
+def demo_finetune(model_dir: Path, demo_dir: Path, device: str, tok: Tokenizer, overrides: list[str]) -> dict:
+    """`g3n demo`'s fine-tune (its config and data) on the built model: taught and kept counts."""
+    from g3n.adapters.lora import load_adapter
+    from g3n.train.config import load_train_config
+    from g3n.train.loop import train
+
+    kept_pairs = _read_pairs(demo_dir / "kept.jsonl")
+    taught_pairs = _read_pairs(demo_dir / "taught.jsonl")
+    base = load_model(model_dir, dtype=torch.float32, device=device)
+    before_taught = greedy_answers(base, tok, [q for q, _ in taught_pairs])
+    before_kept = greedy_answers(base, tok, [q for q, _ in kept_pairs])
+    with tempfile.TemporaryDirectory() as work:
+        cfg = load_train_config(demo_dir / "config.yaml", overrides,
+                                base={"model": str(model_dir), "device": device, "seed": 0, "output_dir": work,
+                                      "compile": False})  # fmt: skip
+        start = time.perf_counter()
+        train(cfg, overwrite=True, progress=False)
+        seconds = time.perf_counter() - start
+        tuned = load_model(model_dir, dtype=torch.float32, device=device)
+        load_adapter(tuned, Path(work) / "adapter")
+        after_taught = greedy_answers(tuned, tok, [q for q, _ in taught_pairs])
+        after_kept = greedy_answers(tuned, tok, [q for q, _ in kept_pairs])
+    right = lambda answers, pairs: sum(a == want for a, (_, want) in zip(answers, pairs))
+    for (q, want), a in zip(taught_pairs, after_taught):
+        print(f"  taught  {q!r} -> {a!r}{'' if a == want else '  (want ' + repr(want) + ')'}")
+    return {
+        "taught before": right(before_taught, taught_pairs),
+        "taught after": right(after_taught, taught_pairs),
+        "kept (same answer)": sum(a == b for a, b in zip(before_kept, after_kept)),
+        "kept right after": right(after_kept, kept_pairs),
+        "of": (len(taught_pairs), len(kept_pairs)),
+        "fine-tune seconds": round(seconds, 1),
+    }
+
+
+def _read_pairs(path: Path) -> list[tuple[str, str]]:
+    return [tuple(m["content"] for m in json.loads(line)["messages"]) for line in path.read_text().splitlines()]
+
+
+def write_demo_data(demo: dict, demo_dir: Path) -> None:
+    demo_dir.mkdir(parents=True, exist_ok=True)
+    for name, pairs in demo.items():
+        tc.write_jsonl(demo_dir / f"{name}.jsonl", pairs)
+
+
+def report(title: str, result: dict) -> None:
+    print(f"== {title}", flush=True)
+    for name, value in result.items():
+        if isinstance(value, tuple) and len(value) == 2 and name != "of":
+            print(f"  {name:55s} {value[0]:5d}/{value[1]:<5d} {100 * value[0] / max(1, value[1]):5.1f}%", flush=True)
+        else:
+            print(f"  {name:55s} {value}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--steps", type=int, default=6000)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--weight-decay", type=float, default=0.05)
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--vocab", type=int, default=4096, help="most SentencePiece pieces (fewer if the corpus has fewer)")
+    ap.add_argument("--ffn", type=int, default=512, help="FFN width of every layer")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="start from an earlier build (another vocabulary, narrower FFNs): see transplant()")  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--init", type=Path, default=None, help="continue from this checkpoint (and its tokenizer)")
-    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--time-budget", type=float, default=None, help="seconds of training: fewer steps if needed")
+    ap.add_argument("--eval-every", type=int, default=1000)
+    ap.add_argument("--eval-limit", type=int, default=None, help="measure the first N questions of each held-out set")
     ap.add_argument("--out", type=Path, default=ROOT / "src" / "g3n" / "assets" / "tiny")
+    ap.add_argument("--demo-dir", type=Path, default=ROOT / "src" / "g3n" / "assets" / "demo",
+                    help="where the demo's data files go (its config.yaml is read from there)")  # fmt: skip
+    ap.add_argument("--demo-set", action="append", default=[], help="override a demo fine-tune setting (key=value)")
+    ap.add_argument("--evaluate", type=Path, default=None, help="only measure this built checkpoint")
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    corpus = tc.build_corpus(args.seed)
+    demo = tc.demo_data(corpus, args.seed)
+    if args.evaluate:
+        tok = Tokenizer.from_dir(args.evaluate)
+        model = load_model(args.evaluate, dtype=torch.float32, device=args.device)
+        report("held out", evaluate(model, tok, corpus, demo, make_nested(model), args.eval_limit))
+        report("g3n demo's fine-tune", demo_finetune(args.evaluate, args.demo_dir, args.device, tok, args.demo_set))
+        return
+
     work = args.out.with_name(args.out.name + ".building")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    pairs = corpus(args.seed)
-    if args.init:  # continue training an earlier build: keep its tokenizer
-        shutil.copy(args.init / "tokenizer.model", work / "tokenizer.model")
-    else:
-        train_tokenizer(pairs, work)
+    train_tokenizer(corpus, args.vocab, work)
     tok = Tokenizer.from_dir(work)
-    examples = encode_examples(tok, conversations(pairs, args.seed))
-    print(f"{len(pairs)} examples, longest {max(len(x) for x, _ in examples)} tokens", flush=True)
-
-    if args.init:
-        model = load_model(args.init, dtype=torch.float32, device=args.device).requires_grad_(True)
-    else:
-        model = Gemma3nForCausalLM(tiny_config())
-        init_weights(model, args.seed)
-    model.to(args.device).train()
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"{n_params / 1e6:.2f} M parameters", flush=True)
-
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.98))
-    warmup = args.warmup
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))),
-    )
     rng = random.Random(args.seed)
+    examples = encode_examples(tok, conversations(corpus.train, rng))
+    print(f"{len(corpus.train)} pairs, {len(examples)} chats, {tok.sp.get_piece_size()} pieces, "
+          f"longest {max(len(x) for x, _ in examples)} tokens", flush=True)  # fmt: skip
+    names = sorted({c for c in tc.COUNTRIES} | {v[0] for v in tc.COUNTRIES.values()})
+    split = [n for n in names if len(tok.encode(" " + n, add_bos=False)) > 1]
+    print(f"names in more than one piece: {split or 'none'}", flush=True)
+
+    model = Gemma3nForCausalLM(tiny_config(tok.sp.get_piece_size(), args.ffn))
+    init_weights(model, args.seed)
+    if args.init_from:
+        transplant(model, tok, args.init_from)
+    model.to(args.device).train()
+    mlps = make_nested(model)
+    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters", flush=True)
+
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    rest = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.98))  # fmt: skip
+    total = args.steps  # cut to what fits --time-budget once the first steps are timed
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))
+    )
     data = batches(examples, args.batch_size, rng)
     start = time.time()
-    for step in range(args.steps):
+    step = 0
+    while step < total:
+        if args.time_budget and step == 50:
+            total = min(total, int(args.time_budget / ((time.time() - start) / step)))
+            print(f"{total} steps fit in {args.time_budget:.0f} s", flush=True)
         ids, labels, mask = (t.to(args.device) for t in next(data))
+        set_widths(mlps, sample_widths(rng, len(mlps)))
         logits = model(ids, attention_mask=mask)
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         opt.zero_grad(set_to_none=True)
@@ -245,16 +408,28 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        if step % 50 == 0 or step == args.steps - 1:
+        if step % 100 == 0 or step == total - 1:
             print(f"step {step:5d} loss {loss.item():.4f} ({time.time() - start:.0f}s)", flush=True)
+        if args.eval_every and step and step % args.eval_every == 0:
+            set_widths(mlps, [1.0] * len(mlps))
+            report(f"held out at step {step} (100 of each)", evaluate(model, tok, corpus, demo, mlps, 100))
+        step += 1
+    set_widths(mlps, [1.0] * len(mlps))
+    results = {"held out": evaluate(model, tok, corpus, demo, mlps, args.eval_limit)}
+    report("held out", results["held out"])
 
     model.eval()
     save_text_checkpoint(model, work, torch.bfloat16)
     write_tokenizer_files(work)
+    write_demo_data(demo, args.demo_dir)
     if args.out.exists():
         shutil.rmtree(args.out)
     work.rename(args.out)
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out} and {args.demo_dir}", flush=True)
+    if (args.demo_dir / "config.yaml").exists():
+        results["demo"] = demo_finetune(args.out, args.demo_dir, args.device, tok, args.demo_set)
+        report("g3n demo's fine-tune", results["demo"])
+    (args.demo_dir / "build_results.json").write_text(json.dumps(results, indent=1))
 
 
 def write_tokenizer_files(out: Path) -> None:

@@ -1,7 +1,7 @@
 """`g3n demo`: g3n's main job end to end on a model (the tiny one by default), in a few minutes on
 a CPU: chat, a LoRA fine-tune on a bundled dataset (with a progress bar), the held-out loss before
-and after, the same questions before and after, an export of the merged model, and the export
-loaded back and answering."""
+and after, the taught facts before and after (`taught`), known facts the fine-tune does not repeat
+checked for forgetting (`kept`), an export of the merged model, and the export loaded back and answering."""
 
 from __future__ import annotations
 
@@ -65,8 +65,10 @@ def run_demo(model_name: str = "tiny", device: str | None = None, seed: int = 0,
             sys.stdout.write("\n")
 
         probes = _read_pairs(DEMO_DATA / "taught.jsonl")
+        known = _read_pairs(DEMO_DATA / "kept.jsonl")
         questions = [q for q, _ in probes]
         before = _greedy_answers(model, tok, questions)
+        known_before = _greedy_answers(model, tok, [q for q, _ in known])
         del model
 
         cfg = load_train_config(DEMO_DATA / "config.yaml", base={"model": model_name, "device": device,
@@ -79,13 +81,16 @@ def run_demo(model_name: str = "tiny", device: str | None = None, seed: int = 0,
         tuned, tok = load(model_name, device=device)
         load_adapter(tuned, work / "run" / "adapter")
         after = _greedy_answers(tuned, tok, questions)
+        known_after = _greedy_answers(tuned, tok, [q for q, _ in known])
         _say("\n== 3. the taught facts, greedy, before -> after fine-tuning ==")
         right = [0, 0]
         for (question, expected), a, b in zip(probes, before, after):
             right[0] += a == expected
             right[1] += b == expected
             _say(f"you> {question}\n  before> {a}\n  after>  {b}")
-        _say(f"correct: {right[0]}/{len(probes)} before, {right[1]}/{len(probes)} after")
+        kept = sum(a == b for a, b in zip(known_before, known_after))
+        _say(f"taught: {right[0]}/{len(probes)} before, {right[1]}/{len(probes)} after")
+        _say(f"kept: {kept}/{len(known)} known facts the fine-tune did not repeat keep their answers")
 
         _say("\n== 4. export: the base model with the adapter merged in, as an HF checkpoint ==")
         start = time.perf_counter()
@@ -103,8 +108,9 @@ def run_demo(model_name: str = "tiny", device: str | None = None, seed: int = 0,
         _say(f"largest logit difference export vs adapter: {gap:.2e}")
         if keep:
             _say(f"\nkept in {work}: run/ (checkpoints, metrics.jsonl, loss.png, adapter/) and merged/")
-        return {"eval_before": evals[0], "eval_after": evals[-1], "right_before": right[0], "right_after": right[1],
-                "export_matches": same, "logit_gap": gap}  # fmt: skip
+        return {"eval_before": evals[0], "eval_after": evals[-1], "taught_before": right[0], "taught_after": right[1],
+                "taught_of": len(probes), "kept": kept, "kept_of": len(known), "export_matches": same,
+                "logit_gap": gap}  # fmt: skip
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
