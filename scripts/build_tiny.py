@@ -151,23 +151,34 @@ def transplant(model: Gemma3nForCausalLM, tok: Tokenizer, src: Path) -> None:
 
 # ---- MatFormer: every FFN runs its first `width` units ------------------------------------------
 def _nested_mlp_forward(self, x):
-    w = self.width
-    gate = F.linear(x, self.gate_proj.weight[:w])
-    up = F.linear(x, self.up_proj.weight[:w])
-    return F.linear(self.act(self.sparsify(gate)) * up, self.down_proj.weight[:, :w])
+    """The FFN on its first units only (`self.keep`: 1 for those, 0 past them), the sparse layers'
+    statistics taken over those units: what the sliced FFN computes. The units past them are masked,
+    not sliced, so that every width has one shape and a compiled step never recompiles for one."""
+    keep = self.keep
+    gate = F.linear(x, self.gate_proj.weight)
+    up = F.linear(x, self.up_proj.weight)
+    if self.std_multiplier is not None:
+        g, n = gate.float(), keep.sum()
+        mean = (g * keep).sum(-1, keepdim=True) / n
+        std = (((g - mean) * keep).square().sum(-1, keepdim=True) / n).sqrt()
+        gate = F.relu(g - (mean + std * self.std_multiplier)).to(gate.dtype)
+    return F.linear(self.act(gate) * up * keep.to(up.dtype), self.down_proj.weight)
 
 
 def make_nested(model) -> list:
     mlps = [layer.mlp for layer in model.model.layers]
     for mlp in mlps:
-        mlp.width = mlp.gate_proj.out_features
+        units = mlp.gate_proj.out_features
+        mlp.register_buffer("keep", torch.ones(units, device=mlp.gate_proj.weight.device), persistent=False)
         mlp.forward = types.MethodType(_nested_mlp_forward, mlp)
     return mlps
 
 
 def set_widths(mlps, fractions) -> None:
     for mlp, f in zip(mlps, fractions):
-        mlp.width = max(1, round(f * mlp.gate_proj.out_features))
+        units = mlp.keep.numel()
+        width = max(1, round(f * units))
+        mlp.keep.copy_(torch.arange(units, device=mlp.keep.device) < width)
 
 
 def sample_widths(rng: random.Random, n: int) -> list[float]:
@@ -342,6 +353,7 @@ def main() -> None:
     ap.add_argument("--init-from", type=Path, default=None,
                     help="start from an earlier build (another vocabulary, narrower FFNs): see transplant()")  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compile", action="store_true", help="run the layers through torch.compile (g3n's training way)")
     ap.add_argument("--time-budget", type=float, default=None, help="seconds of training: fewer steps if needed")
     ap.add_argument("--eval-every", type=int, default=1000)
     ap.add_argument("--eval-limit", type=int, default=None, help="measure the first N questions of each held-out set")
@@ -382,6 +394,10 @@ def main() -> None:
         transplant(model, tok, args.init_from)
     model.to(args.device).train()
     mlps = make_nested(model)
+    if args.compile:  # g3n's compiled training layers: one graph per kind of layer, shared by all
+        from g3n.train import recompute
+
+        recompute.configure(model.model, False, compiled=True)
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters", flush=True)
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]

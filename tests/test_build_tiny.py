@@ -56,4 +56,4 @@ def test_nested_widths_equal_the_sliced_sub_model(tmp_path):
     build_tiny.set_widths(build_tiny.make_nested(model.eval()), fractions)
     ids = torch.randint(0, 600, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert (model(ids) - child(ids)).abs().max().item() < 1e-5
+        assert (model(ids) - child(ids)).abs().max().item() < 1e-4  # float32 sums over masked units
