@@ -247,14 +247,14 @@ def greedy_answers(model, tok: Tokenizer, questions: list[str], max_new: int = 3
         for s in range(0, len(rows), batch):
             group = rows[s : s + batch]
             ids = torch.tensor([prompts[i] for i in group], device=device)
-            done = torch.zeros(len(group), dtype=torch.bool, device=device)
+            done = [False] * len(group)
             for _ in range(max_new):
                 nxt = model(ids)[:, -1].argmax(-1)
-                for r, i in enumerate(group):
-                    if not done[r] and int(nxt[r]) not in stops:
-                        out[i].append(int(nxt[r]))
-                done |= torch.tensor([int(t) in stops for t in nxt], device=device)
-                if done.all():
+                for r, (i, token) in enumerate(zip(group, nxt.tolist())):  # one copy to the host a step
+                    done[r] = done[r] or token in stops
+                    if not done[r]:
+                        out[i].append(token)
+                if all(done):
                     break
                 ids = torch.cat([ids, nxt[:, None]], 1)
     return [tok.decode(o).strip() for o in out]
@@ -267,8 +267,10 @@ def accuracy(model, tok, pairs, limit: int | None = None) -> tuple[int, int]:
 
 
 def evaluate(model, tok, corpus: tc.Corpus, demo: dict, mlps, limit: int | None = None) -> dict:
-    """Greedy accuracy on each held-out set (its first `limit` questions)."""
+    """Greedy accuracy on each held-out set (its first `limit` questions), the whole model and its
+    nested FFN widths; leaves the model at full width, training."""
     model.eval()
+    set_widths(mlps, [1.0] * len(mlps))
     sets = {
         "known facts (a corpus phrasing)": corpus.known,
         "known facts, held-out phrasings": corpus.unseen_phrasing,
@@ -289,11 +291,12 @@ def evaluate(model, tok, corpus: tc.Corpus, demo: dict, mlps, limit: int | None 
 def demo_finetune(model_dir: Path, demo_dir: Path, device: str, tok: Tokenizer, overrides: list[str]) -> dict:
     """`g3n demo`'s fine-tune (its config and data) on the built model: taught and kept counts."""
     from g3n.adapters.lora import load_adapter
+    from g3n.demo import read_pairs
     from g3n.train.config import load_train_config
     from g3n.train.loop import train
 
-    kept_pairs = _read_pairs(demo_dir / "kept.jsonl")
-    taught_pairs = _read_pairs(demo_dir / "taught.jsonl")
+    kept_pairs = read_pairs(demo_dir / "kept.jsonl")
+    taught_pairs = read_pairs(demo_dir / "taught.jsonl")
     base = load_model(model_dir, dtype=torch.float32, device=device)
     before_taught = greedy_answers(base, tok, [q for q, _ in taught_pairs])
     before_kept = greedy_answers(base, tok, [q for q, _ in kept_pairs])
@@ -319,10 +322,6 @@ def demo_finetune(model_dir: Path, demo_dir: Path, device: str, tok: Tokenizer, 
         "of": (len(taught_pairs), len(kept_pairs)),
         "fine-tune seconds": round(seconds, 1),
     }
-
-
-def _read_pairs(path: Path) -> list[tuple[str, str]]:
-    return [tuple(m["content"] for m in json.loads(line)["messages"]) for line in path.read_text().splitlines()]
 
 
 def write_demo_data(demo: dict, demo_dir: Path) -> None:
@@ -427,10 +426,8 @@ def main() -> None:
         if step % 100 == 0 or step == total - 1:
             print(f"step {step:5d} loss {loss.item():.4f} ({time.time() - start:.0f}s)", flush=True)
         if args.eval_every and step and step % args.eval_every == 0:
-            set_widths(mlps, [1.0] * len(mlps))
             report(f"held out at step {step} (100 of each)", evaluate(model, tok, corpus, demo, mlps, 100))
         step += 1
-    set_widths(mlps, [1.0] * len(mlps))
     results = {"held out": evaluate(model, tok, corpus, demo, mlps, args.eval_limit)}
     report("held out", results["held out"])
 

@@ -115,6 +115,13 @@ OPPOSITES = {
 OPPOSITE_QS = ["What is the opposite of {x}?", "What's the opposite of {x}?", "Opposite of {x}?",
                "Tell me the opposite of {x}."]  # fmt: skip
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+AFTER_QS = [
+    "What day comes after {x}?",
+    "Which day is after {x}?",
+    "What comes after {x}?",
+    "What is the day after {x}?",
+]
+BEFORE_QS = ["What day comes before {x}?", "Which day is before {x}?", "What is the day before {x}?"]
 GREETINGS = {
     "Hello!": "Hello! How can I help you today?",
     "Hello": "Hello! How can I help you today?",
@@ -175,11 +182,8 @@ def facts() -> list[Fact]:
     for word, opposite in OPPOSITES.items():
         out.append(Fact("opposite", word, f"The opposite of {word} is {opposite}.", OPPOSITE_QS))
     for i, day in enumerate(DAYS):
-        after = ["What day comes after {x}?", "Which day is after {x}?", "What comes after {x}?",
-                 "What is the day after {x}?"]  # fmt: skip
-        before = ["What day comes before {x}?", "Which day is before {x}?", "What is the day before {x}?"]
-        out.append(Fact("after", day, f"After {day} comes {DAYS[(i + 1) % 7]}.", after))
-        out.append(Fact("before", day, f"Before {day} comes {DAYS[(i - 1) % 7]}.", before))
+        out.append(Fact("after", day, f"After {day} comes {DAYS[(i + 1) % 7]}.", AFTER_QS))
+        out.append(Fact("before", day, f"Before {day} comes {DAYS[(i - 1) % 7]}.", BEFORE_QS))
     return out
 
 

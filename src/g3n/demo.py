@@ -31,7 +31,7 @@ def _greedy_answers(model, tok, questions: list[str]) -> list[str]:
     return [tok.decode(o).strip() for o in outs]
 
 
-def _read_pairs(path: Path) -> list[tuple[str, str]]:
+def read_pairs(path: Path) -> list[tuple[str, str]]:
     """(question, answer) of each one-turn chat record in a JSONL file."""
     pairs = []
     for line in path.read_text().splitlines():
@@ -64,11 +64,12 @@ def run_demo(model_name: str = "tiny", device: str | None = None, seed: int = 0,
                 sys.stdout.flush()
             sys.stdout.write("\n")
 
-        probes = _read_pairs(DEMO_DATA / "taught.jsonl")
-        known = _read_pairs(DEMO_DATA / "kept.jsonl")
+        probes = read_pairs(DEMO_DATA / "taught.jsonl")
+        known = read_pairs(DEMO_DATA / "kept.jsonl")
         questions = [q for q, _ in probes]
-        before = _greedy_answers(model, tok, questions)
-        known_before = _greedy_answers(model, tok, [q for q, _ in known])
+        asked = questions + [q for q, _ in known]  # one batch: the taught questions, then the known facts
+        answers = _greedy_answers(model, tok, asked)
+        before, known_before = answers[: len(questions)], answers[len(questions) :]
         del model
 
         cfg = load_train_config(DEMO_DATA / "config.yaml", base={"model": model_name, "device": device,
@@ -80,8 +81,8 @@ def run_demo(model_name: str = "tiny", device: str | None = None, seed: int = 0,
 
         tuned, tok = load(model_name, device=device)
         load_adapter(tuned, work / "run" / "adapter")
-        after = _greedy_answers(tuned, tok, questions)
-        known_after = _greedy_answers(tuned, tok, [q for q, _ in known])
+        answers = _greedy_answers(tuned, tok, asked)
+        after, known_after = answers[: len(questions)], answers[len(questions) :]
         _say("\n== 3. the taught facts, greedy, before -> after fine-tuning ==")
         right = [0, 0]
         for (question, expected), a, b in zip(probes, before, after):
